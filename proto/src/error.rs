@@ -1,0 +1,168 @@
+//! Stable error codes of the client protocol and their one mapping to gRPC.
+//!
+//! Services return `tonic::Status` built by [`status`]; the code travels in the
+//! `x-switchboard-error` metadata so the gateway can give clients the precise code
+//! (for example `not_member` rather than a generic `permission_denied`).
+
+use std::fmt;
+
+const ERROR_METADATA: &str = "x-switchboard-error";
+
+/// A stable, machine-readable error code. The string forms are part of the protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// The frame could not be decoded (bad JSON or protobuf).
+    BadFrame,
+    /// The frame decoded but names no known request.
+    UnknownFrame,
+    /// The frame is larger than the gateway accepts.
+    FrameTooLarge,
+    /// A message body is larger than the configured maximum.
+    BodyTooLarge,
+    /// A field is missing or has an invalid value.
+    InvalidRequest,
+    /// The token is missing, expired or invalid.
+    Unauthorized,
+    /// The caller is not a member of the conversation.
+    NotMember,
+    /// The caller is a member but lacks the role for this action.
+    Forbidden,
+    /// The conversation (or other object) does not exist.
+    NotFound,
+    /// Too many requests; slow down and retry later.
+    RateLimited,
+    /// A backend or service is unavailable; retry with backoff.
+    Unavailable,
+    /// The request did not complete in time; it may or may not have taken effect.
+    Timeout,
+    /// The server is shutting down; reconnect elsewhere.
+    Draining,
+    /// The client could not keep up with its events and was disconnected.
+    SlowConsumer,
+    /// An unexpected server error.
+    Internal,
+}
+
+impl ErrorCode {
+    pub const ALL: &'static [ErrorCode] = &[
+        ErrorCode::BadFrame,
+        ErrorCode::UnknownFrame,
+        ErrorCode::FrameTooLarge,
+        ErrorCode::BodyTooLarge,
+        ErrorCode::InvalidRequest,
+        ErrorCode::Unauthorized,
+        ErrorCode::NotMember,
+        ErrorCode::Forbidden,
+        ErrorCode::NotFound,
+        ErrorCode::RateLimited,
+        ErrorCode::Unavailable,
+        ErrorCode::Timeout,
+        ErrorCode::Draining,
+        ErrorCode::SlowConsumer,
+        ErrorCode::Internal,
+    ];
+
+    /// The protocol string of this code.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadFrame => "bad_frame",
+            ErrorCode::UnknownFrame => "unknown_frame",
+            ErrorCode::FrameTooLarge => "frame_too_large",
+            ErrorCode::BodyTooLarge => "body_too_large",
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::NotMember => "not_member",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::Draining => "draining",
+            ErrorCode::SlowConsumer => "slow_consumer",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// Parse a protocol string.
+    pub fn parse(s: &str) -> Option<ErrorCode> {
+        ErrorCode::ALL.iter().copied().find(|c| c.as_str() == s)
+    }
+
+    /// The gRPC status code this error travels as between services.
+    pub fn grpc_code(self) -> tonic::Code {
+        match self {
+            ErrorCode::BadFrame
+            | ErrorCode::UnknownFrame
+            | ErrorCode::FrameTooLarge
+            | ErrorCode::BodyTooLarge
+            | ErrorCode::InvalidRequest => tonic::Code::InvalidArgument,
+            ErrorCode::Unauthorized => tonic::Code::Unauthenticated,
+            ErrorCode::NotMember | ErrorCode::Forbidden => tonic::Code::PermissionDenied,
+            ErrorCode::NotFound => tonic::Code::NotFound,
+            ErrorCode::RateLimited | ErrorCode::SlowConsumer => tonic::Code::ResourceExhausted,
+            ErrorCode::Unavailable | ErrorCode::Draining => tonic::Code::Unavailable,
+            ErrorCode::Timeout => tonic::Code::DeadlineExceeded,
+            ErrorCode::Internal => tonic::Code::Internal,
+        }
+    }
+
+    /// The client code for a gRPC code that carried no explicit one.
+    pub fn from_grpc_code(code: tonic::Code) -> ErrorCode {
+        match code {
+            tonic::Code::InvalidArgument | tonic::Code::OutOfRange => ErrorCode::InvalidRequest,
+            tonic::Code::Unauthenticated => ErrorCode::Unauthorized,
+            tonic::Code::PermissionDenied => ErrorCode::Forbidden,
+            tonic::Code::NotFound => ErrorCode::NotFound,
+            tonic::Code::ResourceExhausted => ErrorCode::RateLimited,
+            tonic::Code::Unavailable | tonic::Code::Cancelled => ErrorCode::Unavailable,
+            tonic::Code::DeadlineExceeded => ErrorCode::Timeout,
+            _ => ErrorCode::Internal,
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A gRPC status carrying a client error code.
+pub fn status(code: ErrorCode, message: impl Into<String>) -> tonic::Status {
+    let mut status = tonic::Status::new(code.grpc_code(), message);
+    if let Ok(value) = code.as_str().parse() {
+        status.metadata_mut().insert(ERROR_METADATA, value);
+    }
+    status
+}
+
+/// The client error code of a gRPC status (explicit if set, else by gRPC code).
+pub fn status_error_code(status: &tonic::Status) -> ErrorCode {
+    status
+        .metadata()
+        .get(ERROR_METADATA)
+        .and_then(|v| v.to_str().ok())
+        .and_then(ErrorCode::parse)
+        .unwrap_or_else(|| ErrorCode::from_grpc_code(status.code()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_round_trip_through_strings_and_status() {
+        for code in ErrorCode::ALL {
+            assert_eq!(ErrorCode::parse(code.as_str()), Some(*code));
+            let st = status(*code, "x");
+            assert_eq!(status_error_code(&st), *code);
+            assert_eq!(st.code(), code.grpc_code());
+        }
+    }
+
+    #[test]
+    fn plain_status_maps_by_grpc_code() {
+        let st = tonic::Status::unavailable("down");
+        assert_eq!(status_error_code(&st), ErrorCode::Unavailable);
+    }
+}

@@ -1,0 +1,553 @@
+//! Switchboard's configuration: every setting of every service, its default and its
+//! meaning, in one place.
+//!
+//! Configuration comes from one TOML file plus environment overrides named
+//! `SWITCHBOARD_<SECTION>__<KEY>` (double underscore between section and key, for
+//! example `SWITCHBOARD_GATEWAY__LISTEN=0.0.0.0:9000`; top-level keys are
+//! `SWITCHBOARD_<KEY>`). Unknown keys are errors, and [`Config::validate`] runs before
+//! any port is bound. This crate only parses and checks; it reads no environment
+//! itself except through [`Config::load`]'s explicit `env` argument.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+mod settings;
+pub use settings::{describe_defaults, SETTINGS};
+
+/// The prefix of environment overrides.
+pub const ENV_PREFIX: &str = "SWITCHBOARD_";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config: {0}")]
+    Parse(String),
+    #[error("invalid setting `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+/// All settings. Sections belong to one service each, except the shared ones.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Directory for embedded backends' data and the generated development secret.
+    pub data_dir: PathBuf,
+    /// Development conveniences: the `/v1/dev/token` endpoint and the chat page.
+    pub dev_mode: bool,
+    pub log: LogConfig,
+    pub auth: AuthConfig,
+    pub cluster: ClusterConfig,
+    pub gateway: GatewayConfig,
+    pub presence: PresenceConfig,
+    pub routing: RoutingConfig,
+    pub storage: StorageConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./switchboard-data"),
+            dev_mode: false,
+            log: LogConfig::default(),
+            auth: AuthConfig::default(),
+            cluster: ClusterConfig::default(),
+            gateway: GatewayConfig::default(),
+            presence: PresenceConfig::default(),
+            routing: RoutingConfig::default(),
+            storage: StorageConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: String,
+    /// A tracing filter, for example `info` or `switchboard_gateway=debug,info`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// HS256 shared secret (prefer `hs256_secret_file`).
+    pub hs256_secret: String,
+    /// File holding the HS256 secret. In standalone, generated on first start when
+    /// no key is configured.
+    pub hs256_secret_file: String,
+    /// PEM public key file (RS256 or ES256).
+    pub public_key_file: String,
+    /// JWKS file with RS256/ES256 public keys selected by `kid`.
+    pub jwks_file: String,
+    /// Required `iss` claim; empty = not checked.
+    pub issuer: String,
+    /// Required `aud` claim; empty = not checked.
+    pub audience: String,
+    /// Allowed clock skew when checking `exp` and `nbf`, in seconds.
+    pub leeway_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            hs256_secret: String::new(),
+            hs256_secret_file: String::new(),
+            public_key_file: String::new(),
+            jwks_file: String::new(),
+            issuer: String::new(),
+            audience: String::new(),
+            leeway_secs: 30,
+        }
+    }
+}
+
+/// Where the services reach each other (gRPC URLs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub presence_url: String,
+    pub routing_url: String,
+    pub storage_url: String,
+    /// Timeout of one internal gRPC call, in milliseconds.
+    pub rpc_timeout_ms: u64,
+    /// Timeout of establishing a gRPC connection, in milliseconds.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            presence_url: "http://127.0.0.1:50052".into(),
+            routing_url: "http://127.0.0.1:50053".into(),
+            storage_url: "http://127.0.0.1:50054".into(),
+            rpc_timeout_ms: 5_000,
+            connect_timeout_ms: 2_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Client listener (WebSocket, health, metrics).
+    pub listen: String,
+    /// Internal gRPC listener (Deliver, Drain).
+    pub grpc_listen: String,
+    /// URL other services use to reach this gateway's gRPC; empty = derived from
+    /// `grpc_listen` (with 127.0.0.1 for an unspecified address).
+    pub advertise_url: String,
+    /// Admin listener (health, readiness, metrics).
+    pub admin_listen: String,
+    /// Maximum concurrent client connections.
+    pub max_connections: usize,
+    /// Largest client frame accepted, in bytes.
+    pub max_frame_bytes: usize,
+    /// WebSocket read buffer per connection, in bytes.
+    pub read_buffer_bytes: usize,
+    /// WebSocket write buffer per connection, in bytes.
+    pub write_buffer_bytes: usize,
+    /// Frames queued per connection before the client counts as slow.
+    pub outbound_queue: usize,
+    /// Interval of the batched presence heartbeat, in milliseconds.
+    pub heartbeat_interval_ms: u64,
+    /// Close a connection that sent nothing (not even a ping) for this long, in ms.
+    pub client_idle_timeout_ms: u64,
+    /// How long draining waits for clients to leave before closing them, in ms.
+    pub drain_deadline_ms: u64,
+    /// Sustained requests per second allowed per connection.
+    pub requests_per_second: u32,
+    /// Burst of requests allowed per connection above the sustained rate.
+    pub request_burst: u32,
+    /// Protocol violations tolerated on one connection before it is closed.
+    pub max_violations: u32,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            listen: "0.0.0.0:8080".into(),
+            grpc_listen: "127.0.0.1:50051".into(),
+            advertise_url: String::new(),
+            admin_listen: "127.0.0.1:9091".into(),
+            max_connections: 100_000,
+            max_frame_bytes: 128 * 1024,
+            read_buffer_bytes: 4 * 1024,
+            write_buffer_bytes: 4 * 1024,
+            outbound_queue: 256,
+            heartbeat_interval_ms: 10_000,
+            client_idle_timeout_ms: 90_000,
+            drain_deadline_ms: 10_000,
+            requests_per_second: 50,
+            request_burst: 100,
+            max_violations: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PresenceConfig {
+    pub grpc_listen: String,
+    pub admin_listen: String,
+    /// Session store: `memory`.
+    pub backend: String,
+    /// A session not heartbeated for this long goes offline, in milliseconds.
+    pub session_ttl_ms: u64,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        PresenceConfig {
+            grpc_listen: "127.0.0.1:50052".into(),
+            admin_listen: "127.0.0.1:9092".into(),
+            backend: "memory".into(),
+            session_ttl_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoutingConfig {
+    pub grpc_listen: String,
+    pub admin_listen: String,
+    /// Event log: `embedded` (durable in-process partitioned log under data_dir).
+    pub backend: String,
+    /// Number of log partitions (conversations are hashed onto them).
+    pub partitions: u32,
+    /// Largest message body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// Sustained messages per second allowed per user.
+    pub send_rate_per_user: u32,
+    /// Burst of messages allowed per user above the sustained rate.
+    pub send_burst_per_user: u32,
+    /// How long Send waits for the sequence number before acking without it, in ms.
+    pub sequence_wait_ms: u64,
+    /// Most events in one Deliver call to a gateway.
+    pub deliver_batch: usize,
+    /// Events queued per gateway before the partition owner waits.
+    pub deliver_queue: usize,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            grpc_listen: "127.0.0.1:50053".into(),
+            admin_listen: "127.0.0.1:9093".into(),
+            backend: "embedded".into(),
+            partitions: 16,
+            max_body_bytes: 64 * 1024,
+            send_rate_per_user: 50,
+            send_burst_per_user: 100,
+            sequence_wait_ms: 3_000,
+            deliver_batch: 256,
+            deliver_queue: 4_096,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    pub grpc_listen: String,
+    pub admin_listen: String,
+    /// History store: `sqlite`.
+    pub backend: String,
+    /// SQLite database file; empty = `<data_dir>/storage.sqlite3`.
+    pub sqlite_path: String,
+    /// How long a (sender, client_msg_id) pair stays deduplicated, in seconds.
+    pub dedupe_window_secs: u64,
+    /// Largest history page, in messages.
+    pub max_page: u32,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            grpc_listen: "127.0.0.1:50054".into(),
+            admin_listen: "127.0.0.1:9094".into(),
+            backend: "sqlite".into(),
+            sqlite_path: String::new(),
+            dedupe_window_secs: 24 * 3600,
+            max_page: 200,
+        }
+    }
+}
+
+impl Config {
+    /// Load from an optional TOML file, then apply `SWITCHBOARD_` overrides from `env`,
+    /// then validate.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let text = match file {
+            Some(path) => std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        Config::from_toml_and_env(&text, env)
+    }
+
+    /// Parse TOML text, apply overrides, validate.
+    pub fn from_toml_and_env(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        for (key, value) in env {
+            let Some(rest) = key.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            apply_override(&mut table, rest, &value)?;
+        }
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Check every setting that could fail later, so nothing fails after a port is bound.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn addr(key: &'static str, v: &str) -> Result<(), ConfigError> {
+            v.parse::<SocketAddr>()
+                .map(|_| ())
+                .map_err(|e| ConfigError::Invalid {
+                    key,
+                    reason: format!("`{v}` is not a socket address: {e}"),
+                })
+        }
+        fn url(key: &'static str, v: &str) -> Result<(), ConfigError> {
+            if v.starts_with("http://") || v.starts_with("https://") {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid {
+                    key,
+                    reason: format!("`{v}` is not an http(s) URL"),
+                })
+            }
+        }
+        fn positive(key: &'static str, v: u64) -> Result<(), ConfigError> {
+            if v == 0 {
+                Err(ConfigError::Invalid {
+                    key,
+                    reason: "must be greater than 0".into(),
+                })
+            } else {
+                Ok(())
+            }
+        }
+        fn one_of(key: &'static str, v: &str, allowed: &[&str]) -> Result<(), ConfigError> {
+            if allowed.contains(&v) {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid {
+                    key,
+                    reason: format!("`{v}` is not one of {allowed:?}"),
+                })
+            }
+        }
+        one_of("log.format", &self.log.format, &["text", "json"])?;
+        url("cluster.presence_url", &self.cluster.presence_url)?;
+        url("cluster.routing_url", &self.cluster.routing_url)?;
+        url("cluster.storage_url", &self.cluster.storage_url)?;
+        positive("cluster.rpc_timeout_ms", self.cluster.rpc_timeout_ms)?;
+        positive("cluster.connect_timeout_ms", self.cluster.connect_timeout_ms)?;
+
+        let g = &self.gateway;
+        addr("gateway.listen", &g.listen)?;
+        addr("gateway.grpc_listen", &g.grpc_listen)?;
+        addr("gateway.admin_listen", &g.admin_listen)?;
+        if !g.advertise_url.is_empty() {
+            url("gateway.advertise_url", &g.advertise_url)?;
+        }
+        positive("gateway.max_connections", g.max_connections as u64)?;
+        positive("gateway.read_buffer_bytes", g.read_buffer_bytes as u64)?;
+        positive("gateway.write_buffer_bytes", g.write_buffer_bytes as u64)?;
+        positive("gateway.outbound_queue", g.outbound_queue as u64)?;
+        positive("gateway.heartbeat_interval_ms", g.heartbeat_interval_ms)?;
+        positive("gateway.client_idle_timeout_ms", g.client_idle_timeout_ms)?;
+        positive("gateway.requests_per_second", g.requests_per_second as u64)?;
+        positive("gateway.max_violations", g.max_violations as u64)?;
+
+        let p = &self.presence;
+        addr("presence.grpc_listen", &p.grpc_listen)?;
+        addr("presence.admin_listen", &p.admin_listen)?;
+        one_of("presence.backend", &p.backend, &["memory"])?;
+        positive("presence.session_ttl_ms", p.session_ttl_ms)?;
+        if g.heartbeat_interval_ms >= p.session_ttl_ms {
+            return Err(ConfigError::Invalid {
+                key: "gateway.heartbeat_interval_ms",
+                reason: format!(
+                    "must be shorter than presence.session_ttl_ms ({})",
+                    p.session_ttl_ms
+                ),
+            });
+        }
+
+        let r = &self.routing;
+        addr("routing.grpc_listen", &r.grpc_listen)?;
+        addr("routing.admin_listen", &r.admin_listen)?;
+        one_of("routing.backend", &r.backend, &["embedded"])?;
+        positive("routing.partitions", r.partitions as u64)?;
+        positive("routing.max_body_bytes", r.max_body_bytes as u64)?;
+        positive("routing.send_rate_per_user", r.send_rate_per_user as u64)?;
+        positive("routing.deliver_batch", r.deliver_batch as u64)?;
+        positive("routing.deliver_queue", r.deliver_queue as u64)?;
+        // A body must fit in a frame with room for the envelope.
+        if r.max_body_bytes + 1024 > g.max_frame_bytes {
+            return Err(ConfigError::Invalid {
+                key: "routing.max_body_bytes",
+                reason: format!(
+                    "must be at least 1024 bytes below gateway.max_frame_bytes ({})",
+                    g.max_frame_bytes
+                ),
+            });
+        }
+
+        let s = &self.storage;
+        addr("storage.grpc_listen", &s.grpc_listen)?;
+        addr("storage.admin_listen", &s.admin_listen)?;
+        one_of("storage.backend", &s.backend, &["sqlite"])?;
+        positive("storage.dedupe_window_secs", s.dedupe_window_secs)?;
+        if s.max_page == 0 || s.max_page > 200 {
+            return Err(ConfigError::Invalid {
+                key: "storage.max_page",
+                reason: "must be between 1 and 200".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The SQLite file of the storage service.
+    pub fn sqlite_path(&self) -> PathBuf {
+        if self.storage.sqlite_path.is_empty() {
+            self.data_dir.join("storage.sqlite3")
+        } else {
+            PathBuf::from(&self.storage.sqlite_path)
+        }
+    }
+
+    /// The URL other services use to reach this gateway.
+    pub fn gateway_advertise_url(&self) -> String {
+        if !self.gateway.advertise_url.is_empty() {
+            return self.gateway.advertise_url.clone();
+        }
+        match self.gateway.grpc_listen.parse::<SocketAddr>() {
+            Ok(a) if a.ip().is_unspecified() => format!("http://127.0.0.1:{}", a.port()),
+            Ok(a) => format!("http://{a}"),
+            Err(_) => format!("http://{}", self.gateway.grpc_listen),
+        }
+    }
+}
+
+/// Set `rest` (`SECTION__KEY` or `KEY`) in the table to `raw`, parsed as a TOML value
+/// when it is one (numbers, booleans, arrays), else taken as a string.
+fn apply_override(table: &mut toml::Table, rest: &str, raw: &str) -> Result<(), ConfigError> {
+    let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+    if path.iter().any(|p| p.is_empty()) {
+        return Err(ConfigError::Parse(format!(
+            "bad environment override name {ENV_PREFIX}{rest}"
+        )));
+    }
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()));
+    let (last, sections) = path.split_last().expect("split produces at least one part");
+    let mut cursor = table;
+    for section in sections {
+        let entry = cursor
+            .entry(section.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cursor = entry.as_table_mut().ok_or_else(|| {
+            ConfigError::Parse(format!("{ENV_PREFIX}{rest}: `{section}` is not a section"))
+        })?;
+    }
+    cursor.insert(last.clone(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+        assert_eq!(Config::from_toml_and_env("", env(&[])).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn file_then_env_overrides() {
+        let c = Config::from_toml_and_env(
+            "[gateway]\nlisten = \"127.0.0.1:9000\"\nmax_connections = 5\n",
+            env(&[
+                ("SWITCHBOARD_GATEWAY__MAX_CONNECTIONS", "7"),
+                ("SWITCHBOARD_DEV_MODE", "true"),
+                ("SWITCHBOARD_DATA_DIR", "/tmp/x"),
+                ("OTHER_VAR", "ignored"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.gateway.listen, "127.0.0.1:9000");
+        assert_eq!(c.gateway.max_connections, 7);
+        assert!(c.dev_mode);
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        assert!(Config::from_toml_and_env("[gateway]\nlisen = \"x\"\n", env(&[])).is_err());
+        assert!(Config::from_toml_and_env("", env(&[("SWITCHBOARD_GATEWAY__NOPE", "1")])).is_err());
+    }
+
+    #[test]
+    fn invalid_values_name_the_setting() {
+        let e = Config::from_toml_and_env("[gateway]\nlisten = \"nowhere\"\n", env(&[]))
+            .unwrap_err();
+        assert!(e.to_string().contains("gateway.listen"), "{e}");
+        let e = Config::from_toml_and_env("[routing]\nmax_body_bytes = 1000000\n", env(&[]))
+            .unwrap_err();
+        assert!(e.to_string().contains("routing.max_body_bytes"), "{e}");
+        let e = Config::from_toml_and_env("[presence]\nbackend = \"etcd\"\n", env(&[]))
+            .unwrap_err();
+        assert!(e.to_string().contains("presence.backend"), "{e}");
+    }
+
+    #[test]
+    fn advertise_url_is_derived_from_grpc_listen() {
+        let mut c = Config::default();
+        c.gateway.grpc_listen = "0.0.0.0:6000".into();
+        assert_eq!(c.gateway_advertise_url(), "http://127.0.0.1:6000");
+        c.gateway.advertise_url = "http://gw-1:6000".into();
+        assert_eq!(c.gateway_advertise_url(), "http://gw-1:6000");
+    }
+}

@@ -1,0 +1,131 @@
+//! The meaning of every setting, for `switchboard config defaults` and the docs.
+//! A test checks that this list and the [`Config`](crate::Config) struct agree.
+
+use crate::Config;
+
+/// Every setting's dotted key and meaning.
+pub const SETTINGS: &[(&str, &str)] = &[
+    ("data_dir", "directory for embedded backends' data and the generated development secret"),
+    ("dev_mode", "serve the chat page and /v1/dev/token (standalone turns it on unless set)"),
+    ("log.format", "log format: text or json"),
+    ("log.level", "tracing filter, e.g. info or switchboard_gateway=debug,info"),
+    ("auth.hs256_secret", "HS256 shared secret (prefer hs256_secret_file)"),
+    ("auth.hs256_secret_file", "file holding the HS256 secret; standalone generates <data_dir>/jwt-secret when no key is set"),
+    ("auth.public_key_file", "PEM public key (RS256 or ES256) that verifies tokens"),
+    ("auth.jwks_file", "JWKS file of RS256/ES256 public keys, chosen by the token's kid"),
+    ("auth.issuer", "required iss claim; empty = not checked"),
+    ("auth.audience", "required aud claim; empty = not checked"),
+    ("auth.leeway_secs", "allowed clock skew for exp and nbf, seconds"),
+    ("cluster.presence_url", "gRPC URL of the presence service"),
+    ("cluster.routing_url", "gRPC URL of the routing service"),
+    ("cluster.storage_url", "gRPC URL of the storage service"),
+    ("cluster.rpc_timeout_ms", "timeout of one internal gRPC call, ms"),
+    ("cluster.connect_timeout_ms", "timeout of opening an internal gRPC connection, ms"),
+    ("gateway.listen", "client listener: WebSocket /v1/connect, /healthz, /readyz, /metrics"),
+    ("gateway.grpc_listen", "internal gRPC listener (Deliver, Drain, health)"),
+    ("gateway.advertise_url", "URL other services use for this gateway's gRPC; empty = from grpc_listen"),
+    ("gateway.admin_listen", "admin listener: /healthz, /readyz, /metrics"),
+    ("gateway.max_connections", "maximum concurrent client connections"),
+    ("gateway.max_frame_bytes", "largest client frame accepted, bytes"),
+    ("gateway.read_buffer_bytes", "WebSocket read buffer per connection, bytes"),
+    ("gateway.write_buffer_bytes", "WebSocket write buffer per connection, bytes"),
+    ("gateway.outbound_queue", "frames queued per connection before the client counts as slow"),
+    ("gateway.heartbeat_interval_ms", "interval of the batched presence heartbeat, ms (below presence.session_ttl_ms)"),
+    ("gateway.client_idle_timeout_ms", "close a connection silent for this long, ms"),
+    ("gateway.drain_deadline_ms", "how long draining waits for clients before closing them, ms"),
+    ("gateway.requests_per_second", "sustained requests per second per connection"),
+    ("gateway.request_burst", "request burst per connection above the sustained rate"),
+    ("gateway.max_violations", "protocol violations tolerated per connection before it is closed"),
+    ("presence.grpc_listen", "presence gRPC listener"),
+    ("presence.admin_listen", "presence admin listener: /healthz, /readyz, /metrics"),
+    ("presence.backend", "session store: memory"),
+    ("presence.session_ttl_ms", "a session not heartbeated for this long goes offline, ms"),
+    ("routing.grpc_listen", "routing gRPC listener"),
+    ("routing.admin_listen", "routing admin listener: /healthz, /readyz, /metrics"),
+    ("routing.backend", "event log: embedded (durable in-process partitioned log under data_dir)"),
+    ("routing.partitions", "number of log partitions conversations are hashed onto"),
+    ("routing.max_body_bytes", "largest message body accepted, bytes"),
+    ("routing.send_rate_per_user", "sustained messages per second per user"),
+    ("routing.send_burst_per_user", "message burst per user above the sustained rate"),
+    ("routing.sequence_wait_ms", "how long send waits for the sequence before acking without it, ms"),
+    ("routing.deliver_batch", "most events in one Deliver call to a gateway"),
+    ("routing.deliver_queue", "events queued per gateway before the partition owner waits"),
+    ("storage.grpc_listen", "storage gRPC listener"),
+    ("storage.admin_listen", "storage admin listener: /healthz, /readyz, /metrics"),
+    ("storage.backend", "history store: sqlite"),
+    ("storage.sqlite_path", "SQLite file; empty = <data_dir>/storage.sqlite3"),
+    ("storage.dedupe_window_secs", "how long (sender, client_msg_id) stays deduplicated, seconds"),
+    ("storage.max_page", "largest history page, messages (at most 200)"),
+];
+
+/// The default configuration as commented TOML: every setting, its default and meaning.
+pub fn describe_defaults() -> String {
+    let value = toml::Value::try_from(Config::default()).expect("the default config serializes");
+    let mut out = String::from(
+        "# Switchboard configuration: every setting with its default.\n\
+         # Override any key with SWITCHBOARD_<SECTION>__<KEY>, e.g. SWITCHBOARD_GATEWAY__LISTEN.\n",
+    );
+    let mut tables = Vec::new();
+    if let toml::Value::Table(root) = value {
+        for (key, v) in &root {
+            match v {
+                toml::Value::Table(t) => tables.push((key.clone(), t.clone())),
+                other => push_line(&mut out, key, key, other),
+            }
+        }
+        for (section, table) in tables {
+            out.push_str(&format!("\n[{section}]\n"));
+            for (key, v) in &table {
+                push_line(&mut out, &format!("{section}.{key}"), key, v);
+            }
+        }
+    }
+    out
+}
+
+fn push_line(out: &mut String, dotted: &str, key: &str, value: &toml::Value) {
+    let meaning = SETTINGS
+        .iter()
+        .find(|(k, _)| *k == dotted)
+        .map(|(_, m)| *m)
+        .unwrap_or("(undocumented)");
+    out.push_str(&format!("# {meaning}\n{key} = {value}\n"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> Vec<String> {
+        let value = toml::Value::try_from(Config::default()).unwrap();
+        let mut keys = Vec::new();
+        if let toml::Value::Table(root) = value {
+            for (k, v) in root {
+                match v {
+                    toml::Value::Table(t) => keys.extend(t.keys().map(|s| format!("{k}.{s}"))),
+                    _ => keys.push(k),
+                }
+            }
+        }
+        keys
+    }
+
+    #[test]
+    fn every_setting_is_documented_and_every_documented_setting_exists() {
+        let keys = keys();
+        for k in &keys {
+            assert!(SETTINGS.iter().any(|(s, _)| s == k), "undocumented setting {k}");
+        }
+        for (s, _) in SETTINGS {
+            assert!(keys.iter().any(|k| k == s), "documented setting {s} does not exist");
+        }
+    }
+
+    #[test]
+    fn described_defaults_parse_back_to_the_defaults() {
+        let text = describe_defaults();
+        assert!(!text.contains("(undocumented)"));
+        let parsed = Config::from_toml_and_env(&text, Vec::new()).unwrap();
+        assert_eq!(parsed, Config::default());
+    }
+}
