@@ -1,0 +1,1 @@
+//! Switchboard presence service (to be filled in).

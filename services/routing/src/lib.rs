@@ -1,0 +1,1 @@
+//! Switchboard routing service (to be filled in).

@@ -1,0 +1,1 @@
+//! Switchboard storage service (to be filled in).
