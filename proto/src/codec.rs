@@ -232,8 +232,8 @@ mod tests {
 
     #[test]
     fn unknown_request_is_unknown_frame_with_id() {
-        let e = decode_client_frame(&text(r#"{"id":"1","teleport":{}}"#), Encoding::Json)
-            .unwrap_err();
+        let e =
+            decode_client_frame(&text(r#"{"id":"1","teleport":{}}"#), Encoding::Json).unwrap_err();
         assert_eq!(e.code, ErrorCode::UnknownFrame);
         assert_eq!(e.id.as_deref(), Some("1"));
     }
@@ -269,7 +269,10 @@ mod tests {
         ];
         assert_eq!(all.len(), REQUEST_NAMES.len());
         for (req, name) in all.into_iter().zip(REQUEST_NAMES) {
-            let f = v1::ClientFrame { id: "x".into(), request: Some(req) };
+            let f = v1::ClientFrame {
+                id: "x".into(),
+                request: Some(req),
+            };
             let v: serde_json::Value = serde_json::to_value(&f).unwrap();
             assert!(v.get(*name).is_some(), "{name} missing in {v}");
         }

@@ -372,7 +372,10 @@ impl Config {
         url("cluster.routing_url", &self.cluster.routing_url)?;
         url("cluster.storage_url", &self.cluster.storage_url)?;
         positive("cluster.rpc_timeout_ms", self.cluster.rpc_timeout_ms)?;
-        positive("cluster.connect_timeout_ms", self.cluster.connect_timeout_ms)?;
+        positive(
+            "cluster.connect_timeout_ms",
+            self.cluster.connect_timeout_ms,
+        )?;
 
         let g = &self.gateway;
         addr("gateway.listen", &g.listen)?;
@@ -502,7 +505,10 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         Config::default().validate().unwrap();
-        assert_eq!(Config::from_toml_and_env("", env(&[])).unwrap(), Config::default());
+        assert_eq!(
+            Config::from_toml_and_env("", env(&[])).unwrap(),
+            Config::default()
+        );
     }
 
     #[test]
@@ -531,14 +537,14 @@ mod tests {
 
     #[test]
     fn invalid_values_name_the_setting() {
-        let e = Config::from_toml_and_env("[gateway]\nlisten = \"nowhere\"\n", env(&[]))
-            .unwrap_err();
+        let e =
+            Config::from_toml_and_env("[gateway]\nlisten = \"nowhere\"\n", env(&[])).unwrap_err();
         assert!(e.to_string().contains("gateway.listen"), "{e}");
         let e = Config::from_toml_and_env("[routing]\nmax_body_bytes = 1000000\n", env(&[]))
             .unwrap_err();
         assert!(e.to_string().contains("routing.max_body_bytes"), "{e}");
-        let e = Config::from_toml_and_env("[presence]\nbackend = \"etcd\"\n", env(&[]))
-            .unwrap_err();
+        let e =
+            Config::from_toml_and_env("[presence]\nbackend = \"etcd\"\n", env(&[])).unwrap_err();
         assert!(e.to_string().contains("presence.backend"), "{e}");
     }
 

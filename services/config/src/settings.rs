@@ -114,10 +114,16 @@ mod tests {
     fn every_setting_is_documented_and_every_documented_setting_exists() {
         let keys = keys();
         for k in &keys {
-            assert!(SETTINGS.iter().any(|(s, _)| s == k), "undocumented setting {k}");
+            assert!(
+                SETTINGS.iter().any(|(s, _)| s == k),
+                "undocumented setting {k}"
+            );
         }
         for (s, _) in SETTINGS {
-            assert!(keys.iter().any(|k| k == s), "documented setting {s} does not exist");
+            assert!(
+                keys.iter().any(|k| k == s),
+                "documented setting {s} does not exist"
+            );
         }
     }
 

@@ -31,11 +31,12 @@ pub fn channel(url: &str, cluster: &ClusterConfig) -> anyhow::Result<Channel> {
 /// Serve `routes` plus `grpc.health.v1.Health` on `listener` until `shutdown`.
 ///
 
-
 pub async fn serve(
     listener: TcpListener,
     routes: tonic::service::Routes,
-    health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     tonic::transport::Server::builder()

@@ -115,8 +115,8 @@ pub async fn bind(setting: &str, addr: &str) -> anyhow::Result<TcpListener> {
 /// Prometheus latency buckets from 100 µs to 10 s, in seconds.
 pub fn latency_buckets() -> Vec<f64> {
     vec![
-        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-        2.5, 5.0, 10.0,
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0,
     ]
 }
 
@@ -128,9 +128,11 @@ mod tests {
     async fn get_text(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         let code = out[9..12].parse().unwrap();
@@ -147,7 +149,12 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(serve_admin(listener, registry, readiness.clone(), shutdown.clone()));
+        let task = tokio::spawn(serve_admin(
+            listener,
+            registry,
+            readiness.clone(),
+            shutdown.clone(),
+        ));
 
         assert_eq!(get_text(addr, "/healthz").await.0, 200);
         assert_eq!(get_text(addr, "/readyz").await.0, 503);
