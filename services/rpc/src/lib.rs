@@ -29,8 +29,6 @@ pub fn channel(url: &str, cluster: &ClusterConfig) -> anyhow::Result<Channel> {
 }
 
 /// Serve `routes` plus `grpc.health.v1.Health` on `listener` until `shutdown`.
-///
-
 pub async fn serve(
     listener: TcpListener,
     routes: tonic::service::Routes,
