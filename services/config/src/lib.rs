@@ -307,13 +307,43 @@ impl Config {
         Config::from_toml_and_env(&text, env)
     }
 
+    /// Like [`Config::load`], but starting from `base` (TOML) instead of the built-in
+    /// defaults alone: the file and the environment still override it. Standalone uses
+    /// this to turn `dev_mode` on unless the operator set it.
+    pub fn load_with_base(
+        base: &str,
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let text = match file {
+            Some(path) => std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        let mut table: toml::Table =
+            toml::from_str(base).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let over: toml::Table =
+            toml::from_str(&text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        merge(&mut table, over);
+        Config::from_table_and_env(table, env)
+    }
+
     /// Parse TOML text, apply overrides, validate.
     pub fn from_toml_and_env(
         text: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let mut table: toml::Table =
+        let table: toml::Table =
             toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        Config::from_table_and_env(table, env)
+    }
+
+    fn from_table_and_env(
+        mut table: toml::Table,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
         for (key, value) in env {
             let Some(rest) = key.strip_prefix(ENV_PREFIX) else {
                 continue;
@@ -464,6 +494,18 @@ impl Config {
     }
 }
 
+/// Deep-merge `over` into `base` (tables merge, other values replace).
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(key, v);
+            }
+        }
+    }
+}
+
 /// Set `rest` (`SECTION__KEY` or `KEY`) in the table to `raw`, parsed as a TOML value
 /// when it is one (numbers, booleans, arrays), else taken as a string.
 fn apply_override(table: &mut toml::Table, rest: &str, raw: &str) -> Result<(), ConfigError> {
@@ -527,6 +569,28 @@ mod tests {
         assert_eq!(c.gateway.max_connections, 7);
         assert!(c.dev_mode);
         assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn base_is_overridden_by_file_and_env() {
+        let dir = tempfile_dir();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "[gateway]\nmax_connections = 9\n").unwrap();
+        let base = "dev_mode = true\n[gateway]\nmax_connections = 3\nmax_violations = 4\n";
+        let c = Config::load_with_base(base, Some(&file), env(&[])).unwrap();
+        assert!(c.dev_mode);
+        assert_eq!(c.gateway.max_connections, 9);
+        assert_eq!(c.gateway.max_violations, 4);
+        let c = Config::load_with_base(base, None, env(&[("SWITCHBOARD_DEV_MODE", "false")]))
+            .unwrap();
+        assert!(!c.dev_mode);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("sb-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
     }
 
     #[test]

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs Switchboard's whole test suite on a machine that has only the language
+# toolchains: installs what the tests need from the package registries, checks
+# formatting and lints, runs every Rust test (unit, gRPC, multi-process end-to-end),
+# then the headless-browser test of the chat page.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "installing test tools"
+if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" -eq 0 ]; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        sudo apt-get update -qq
+        sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    fi
+fi
+(cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo test"
+cargo test --workspace --locked
+
+step "browser test of the chat page"
+cargo build --locked -p switchboard
+SWITCHBOARD_BIN="$root/target/debug/switchboard" node --test tests/browser/
