@@ -1,0 +1,448 @@
+//! The storage service's behaviour over any [`HistoryStore`]: request validation,
+//! membership checks of reads, paging defaults, time, hot-read coalescing and the
+//! dedupe purger; plus the gRPC `Storage` server that exposes it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchboard_config::StorageConfig;
+use switchboard_proto::v1::storage_server::Storage;
+use switchboard_proto::{
+    AppendRequest, AppendResponse, ChangeMembersRequest, Conversation, ConversationListResult,
+    CreateConversationRequest, GetConversationRequest, HistoryResult, LastSeqRequest,
+    LastSeqResponse, ListConversationsRequest, LookupDedupeRequest, LookupDedupeResponse,
+    ReadMarker, SetReadMarkerRequest, StorageHistoryRequest, StorageSyncRequest, SyncResult,
+};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::coalesce::SingleFlight;
+use crate::error::{Result, StorageError};
+use crate::metrics::{Instrumented, StorageMetrics};
+use crate::rules;
+use crate::store::{
+    ConversationKind, Direction, HistoryStore, MemberAction, MemberChange, NewConversation,
+    PageQuery,
+};
+
+/// Milliseconds since the Unix epoch, from a clock the service is given (tests pass a
+/// manual one to move time across the dedupe window).
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+/// The wall clock.
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
+    })
+}
+
+/// How often expired dedupe keys are purged.
+pub const PURGE_INTERVAL: Duration = Duration::from_secs(60);
+/// Dedupe keys deleted per backend call while purging (keeps each write short).
+const PURGE_BATCH: u32 = 5_000;
+
+/// The settings the service logic needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceSettings {
+    /// How long a (sender, client_msg_id) pair stays deduplicated.
+    pub dedupe_window_ms: i64,
+    /// Largest history page.
+    pub max_page: u32,
+}
+
+impl ServiceSettings {
+    pub fn from_config(storage: &StorageConfig) -> Self {
+        ServiceSettings {
+            dedupe_window_ms: i64::try_from(storage.dedupe_window_secs.saturating_mul(1000))
+                .unwrap_or(i64::MAX),
+            max_page: storage.max_page,
+        }
+    }
+}
+
+type SharedPage = Result<Arc<HistoryResult>>;
+
+/// The storage service, transport-agnostic: proto requests in, proto replies or
+/// [`StorageError`] out.
+pub struct StorageService {
+    /// The backend, wrapped to record latency and errors.
+    store: Arc<dyn HistoryStore>,
+    settings: ServiceSettings,
+    clock: Clock,
+    metrics: StorageMetrics,
+    /// Running history page queries, shared by identical concurrent requests.
+    history_flights: SingleFlight<PageQuery, SharedPage>,
+}
+
+impl StorageService {
+    pub fn new(
+        store: Arc<dyn HistoryStore>,
+        settings: ServiceSettings,
+        clock: Clock,
+        metrics: StorageMetrics,
+    ) -> Self {
+        StorageService {
+            store: Arc::new(Instrumented::new(store, metrics.clone())),
+            settings,
+            clock,
+            metrics,
+            history_flights: SingleFlight::new(),
+        }
+    }
+
+    fn now_ms(&self) -> i64 {
+        (self.clock)()
+    }
+
+    fn dedupe_since_ms(&self) -> i64 {
+        self.now_ms().saturating_sub(self.settings.dedupe_window_ms)
+    }
+
+    /// Create a direct conversation (idempotent per pair) or a group (creator = owner).
+    pub async fn create_conversation(&self, req: CreateConversationRequest) -> Result<Conversation> {
+        rules::validate_id("creator_id", &req.creator_id)?;
+        let kind = ConversationKind::parse(&req.kind).ok_or_else(|| {
+            StorageError::InvalidRequest(format!(
+                "kind must be \"direct\" or \"group\", not {:?}",
+                req.kind
+            ))
+        })?;
+        let others: Vec<String> = rules::dedup_ids("members", &req.members)?
+            .into_iter()
+            .filter(|m| *m != req.creator_id)
+            .collect();
+        let (members, name) = match kind {
+            ConversationKind::Direct => {
+                if others.len() != 1 {
+                    return Err(StorageError::InvalidRequest(
+                        "a direct conversation needs exactly one other member".into(),
+                    ));
+                }
+                // A direct conversation has no name: both sides see the other's.
+                (vec![req.creator_id.clone(), others[0].clone()], String::new())
+            }
+            ConversationKind::Group => {
+                rules::validate_name(&req.name)?;
+                let mut members = Vec::with_capacity(others.len() + 1);
+                members.push(req.creator_id.clone());
+                members.extend(others);
+                rules::check_member_count(members.len())?;
+                (members, req.name)
+            }
+        };
+        self.store
+            .create_conversation(NewConversation {
+                conversation_id: uuid::Uuid::now_v7().to_string(),
+                kind,
+                creator_id: req.creator_id,
+                members,
+                name,
+                now_ms: self.now_ms(),
+            })
+            .await
+    }
+
+    /// A conversation with members; a non-empty `caller_id` must be a member.
+    pub async fn get_conversation(&self, req: GetConversationRequest) -> Result<Conversation> {
+        rules::validate_id("conversation_id", &req.conversation_id)?;
+        rules::validate_optional_id("caller_id", &req.caller_id)?;
+        let conv = self.store.get_conversation(&req.conversation_id).await?;
+        if !req.caller_id.is_empty() && !conv.members.iter().any(|m| *m == req.caller_id) {
+            return Err(StorageError::not_member(&req.conversation_id, &req.caller_id));
+        }
+        Ok(conv)
+    }
+
+    /// Add or remove members of a group (owner adds/removes, members may leave).
+    pub async fn change_members(&self, req: ChangeMembersRequest) -> Result<Conversation> {
+        rules::validate_id("conversation_id", &req.conversation_id)?;
+        rules::validate_id("actor_id", &req.actor_id)?;
+        let action = MemberAction::parse(&req.action).ok_or_else(|| {
+            StorageError::InvalidRequest(format!(
+                "action must be \"add\" or \"remove\", not {:?}",
+                req.action
+            ))
+        })?;
+        let user_ids = rules::dedup_ids("user_ids", &req.user_ids)?;
+        if user_ids.is_empty() {
+            return Err(StorageError::InvalidRequest("user_ids is required".into()));
+        }
+        rules::check_member_count(user_ids.len())?;
+        self.store
+            .change_members(MemberChange {
+                conversation_id: req.conversation_id,
+                actor_id: req.actor_id,
+                action,
+                user_ids,
+                now_ms: self.now_ms(),
+            })
+            .await
+    }
+
+    /// The user's conversations with `last_seq`, without members.
+    pub async fn list_conversations(
+        &self,
+        req: ListConversationsRequest,
+    ) -> Result<ConversationListResult> {
+        rules::validate_id("user_id", &req.user_id)?;
+        let conversations = self.store.list_conversations(&req.user_id).await?;
+        Ok(ConversationListResult { conversations })
+    }
+
+    pub async fn last_seq(&self, req: LastSeqRequest) -> Result<LastSeqResponse> {
+        rules::validate_id("conversation_id", &req.conversation_id)?;
+        let last_seq = self.store.last_seq(&req.conversation_id).await?;
+        Ok(LastSeqResponse { last_seq })
+    }
+
+    /// Persist a sequenced message (gapless), or return the stored one for a known
+    /// dedupe key. `message_id` and `sent_at_ms` are filled in when empty.
+    pub async fn append(&self, req: AppendRequest) -> Result<AppendResponse> {
+        let mut message = req
+            .message
+            .ok_or_else(|| StorageError::InvalidRequest("message is required".into()))?;
+        rules::validate_id("conversation_id", &message.conversation_id)?;
+        rules::validate_id("sender_id", &message.sender_id)?;
+        rules::validate_optional_id("client_msg_id", &message.client_msg_id)?;
+        rules::validate_optional_id("sender_device", &message.sender_device)?;
+        if message.seq == 0 || i64::try_from(message.seq).is_err() {
+            return Err(StorageError::InvalidRequest(format!(
+                "seq {} is out of range",
+                message.seq
+            )));
+        }
+        let now_ms = self.now_ms();
+        if message.message_id.is_empty() {
+            message.message_id = uuid::Uuid::now_v7().to_string();
+        }
+        if message.sent_at_ms == 0 {
+            message.sent_at_ms = now_ms;
+        }
+        let since = now_ms.saturating_sub(self.settings.dedupe_window_ms);
+        let appended = self.store.append(message, since, now_ms).await?;
+        if appended.duplicate {
+            tracing::debug!(
+                conversation_id = %appended.message.conversation_id,
+                seq = appended.message.seq,
+                "duplicate append answered from the dedupe key"
+            );
+        }
+        Ok(AppendResponse {
+            message: Some(appended.message),
+            duplicate: appended.duplicate,
+        })
+    }
+
+    pub async fn lookup_dedupe(&self, req: LookupDedupeRequest) -> Result<LookupDedupeResponse> {
+        rules::validate_id("sender_id", &req.sender_id)?;
+        rules::validate_id("client_msg_id", &req.client_msg_id)?;
+        let message = self
+            .store
+            .lookup_dedupe(&req.sender_id, &req.client_msg_id, self.dedupe_since_ms())
+            .await?;
+        Ok(LookupDedupeResponse { message })
+    }
+
+    /// A history page for a member. Identical concurrent pages share one backend
+    /// query; the membership check runs for each caller. An unknown conversation
+    /// answers `not_member` (existence is not revealed to non-members).
+    pub async fn history(&self, req: StorageHistoryRequest) -> Result<HistoryResult> {
+        rules::validate_id("user_id", &req.user_id)?;
+        let page = req
+            .request
+            .ok_or_else(|| StorageError::InvalidRequest("request is required".into()))?;
+        rules::validate_id("conversation_id", &page.conversation_id)?;
+        let direction = match page.direction.as_str() {
+            "" | "backward" => Direction::Backward,
+            "forward" => Direction::Forward,
+            other => {
+                return Err(StorageError::InvalidRequest(format!(
+                    "direction must be \"backward\" or \"forward\", not {other:?}"
+                )))
+            }
+        };
+        let query = PageQuery {
+            conversation_id: page.conversation_id,
+            from_seq: page.from_seq,
+            direction,
+            limit: rules::history_limit(page.limit, self.settings.max_page),
+        };
+        if !self
+            .store
+            .is_member(&query.conversation_id, &req.user_id)
+            .await?
+        {
+            return Err(StorageError::not_member(&query.conversation_id, &req.user_id));
+        }
+        let store = Arc::clone(&self.store);
+        let (page, coalesced) = self
+            .history_flights
+            .run(query.clone(), || async move {
+                store.history_page(&query).await.map(Arc::new)
+            })
+            .await;
+        if coalesced {
+            self.metrics.coalesced_reads.inc();
+        }
+        page.map(|p| HistoryResult::clone(&p))
+    }
+
+    /// What a user missed: changed and unknown conversations with their messages after
+    /// the client's cursors. Cursors of conversations the user is not in are ignored.
+    pub async fn sync(&self, req: StorageSyncRequest) -> Result<SyncResult> {
+        rules::validate_id("user_id", &req.user_id)?;
+        let sync = req.request.unwrap_or_default();
+        let mut cursors = HashMap::with_capacity(sync.cursors.len());
+        for cursor in sync.cursors {
+            let seq = cursors.entry(cursor.conversation_id).or_insert(0);
+            *seq = cursor.last_seq.max(*seq);
+        }
+        let limit = rules::sync_limit(sync.limit_per_conversation);
+        self.store.sync(&req.user_id, &cursors, limit).await
+    }
+
+    /// Raise a member's read marker (clamped to `last_seq`, never lowered).
+    pub async fn set_read_marker(&self, req: SetReadMarkerRequest) -> Result<ReadMarker> {
+        rules::validate_id("conversation_id", &req.conversation_id)?;
+        rules::validate_id("user_id", &req.user_id)?;
+        self.store
+            .set_read_marker(&req.conversation_id, &req.user_id, req.seq, self.now_ms())
+            .await
+    }
+
+    /// Delete every dedupe key older than the window; returns how many.
+    pub async fn purge_expired_dedupe(&self) -> Result<u64> {
+        let before = self.dedupe_since_ms();
+        let mut total = 0;
+        loop {
+            let deleted = self.store.purge_dedupe(before, PURGE_BATCH).await?;
+            total += deleted;
+            self.metrics.dedupe_purged.inc_by(deleted);
+            if deleted < u64::from(PURGE_BATCH) {
+                return Ok(total);
+            }
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn history_participants(&self, query: &PageQuery) -> usize {
+        self.history_flights.participants(query)
+    }
+}
+
+/// Purge expired dedupe keys every `every` until `stop` is cancelled.
+pub fn spawn_dedupe_purger(
+    service: Arc<StorageService>,
+    every: Duration,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            // A purge in progress finishes its current batch before the stop is seen.
+            match service.purge_expired_dedupe().await {
+                Ok(0) => {}
+                Ok(purged) => tracing::debug!(purged, "expired dedupe keys purged"),
+                Err(e) => tracing::warn!(error = %e, "dedupe purge failed"),
+            }
+        }
+    })
+}
+
+/// The gRPC face of [`StorageService`].
+#[derive(Clone)]
+pub struct StorageGrpc {
+    service: Arc<StorageService>,
+}
+
+impl StorageGrpc {
+    pub fn new(service: Arc<StorageService>) -> Self {
+        StorageGrpc { service }
+    }
+}
+
+fn reply<T>(result: Result<T>) -> std::result::Result<Response<T>, Status> {
+    result.map(Response::new).map_err(Status::from)
+}
+
+#[tonic::async_trait]
+impl Storage for StorageGrpc {
+    async fn create_conversation(
+        &self,
+        request: Request<CreateConversationRequest>,
+    ) -> std::result::Result<Response<Conversation>, Status> {
+        reply(self.service.create_conversation(request.into_inner()).await)
+    }
+
+    async fn get_conversation(
+        &self,
+        request: Request<GetConversationRequest>,
+    ) -> std::result::Result<Response<Conversation>, Status> {
+        reply(self.service.get_conversation(request.into_inner()).await)
+    }
+
+    async fn change_members(
+        &self,
+        request: Request<ChangeMembersRequest>,
+    ) -> std::result::Result<Response<Conversation>, Status> {
+        reply(self.service.change_members(request.into_inner()).await)
+    }
+
+    async fn list_conversations(
+        &self,
+        request: Request<ListConversationsRequest>,
+    ) -> std::result::Result<Response<ConversationListResult>, Status> {
+        reply(self.service.list_conversations(request.into_inner()).await)
+    }
+
+    async fn last_seq(
+        &self,
+        request: Request<LastSeqRequest>,
+    ) -> std::result::Result<Response<LastSeqResponse>, Status> {
+        reply(self.service.last_seq(request.into_inner()).await)
+    }
+
+    async fn append(
+        &self,
+        request: Request<AppendRequest>,
+    ) -> std::result::Result<Response<AppendResponse>, Status> {
+        reply(self.service.append(request.into_inner()).await)
+    }
+
+    async fn lookup_dedupe(
+        &self,
+        request: Request<LookupDedupeRequest>,
+    ) -> std::result::Result<Response<LookupDedupeResponse>, Status> {
+        reply(self.service.lookup_dedupe(request.into_inner()).await)
+    }
+
+    async fn history(
+        &self,
+        request: Request<StorageHistoryRequest>,
+    ) -> std::result::Result<Response<HistoryResult>, Status> {
+        reply(self.service.history(request.into_inner()).await)
+    }
+
+    async fn sync(
+        &self,
+        request: Request<StorageSyncRequest>,
+    ) -> std::result::Result<Response<SyncResult>, Status> {
+        reply(self.service.sync(request.into_inner()).await)
+    }
+
+    async fn set_read_marker(
+        &self,
+        request: Request<SetReadMarkerRequest>,
+    ) -> std::result::Result<Response<ReadMarker>, Status> {
+        reply(self.service.set_read_marker(request.into_inner()).await)
+    }
+}

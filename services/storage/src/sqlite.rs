@@ -1,0 +1,887 @@
+//! The embedded history store: SQLite (rusqlite, bundled) in WAL mode on local disk.
+//!
+//! Threads: SQLite calls block, so they never run on the async runtime. One writer
+//! thread owns the only read-write connection (SQLite allows one writer at a time
+//! anyway, and a single writer makes every read-check-write transaction, such as the
+//! gapless append, trivially serial). [`READER_THREADS`] threads share one queue of
+//! read jobs, each with its own read-only connection; in WAL mode readers never block
+//! the writer and see every transaction committed before they start. Both queues are
+//! bounded ([`QUEUE_DEPTH`] jobs): a caller waits for room rather than piling up work.
+//!
+//! Durability: `journal_mode=WAL` with `synchronous=NORMAL`. A commit appends its pages
+//! to the `-wal` file with `write()` before `COMMIT` returns; `fsync` happens at
+//! checkpoints only. A killed process (even `kill -9`) leaves those writes in the
+//! kernel's page cache, which reaches the disk regardless, and the next open replays
+//! the WAL, so every acknowledged transaction survives the crash of the process. Only a
+//! power loss or kernel crash can lose the last transactions (never corrupting the
+//! file); `synchronous=FULL` would cover that at the price of an fsync per commit.
+//!
+//! Schema: versioned migrations ([`MIGRATIONS`], applied in order inside transactions
+//! and recorded in `schema_version`); a file written by a newer version is refused.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior};
+use switchboard_proto::{Conversation, HistoryResult, Message, ReadMarker, SyncResult};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{Result, StorageError};
+use crate::rules;
+use crate::store::{
+    Appended, ConversationKind, Direction, HistoryStore, MemberAction, MemberChange,
+    NewConversation, PageQuery,
+};
+
+/// Read-only connections (and threads) serving reads.
+pub const READER_THREADS: usize = 4;
+/// Jobs waiting per queue (writer, readers) before callers wait for room.
+pub const QUEUE_DEPTH: usize = 1024;
+/// How long a connection waits for a lock held by another connection (for example a
+/// checkpoint, or a second process opening the file) before failing with `unavailable`.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Schema migrations, in order; migration `i` brings the schema to version `i + 1`.
+/// Never edit a released migration: append a new one.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: conversations, members, messages, dedupe keys, read markers.
+    r#"
+    CREATE TABLE conversations (
+        conversation_id TEXT PRIMARY KEY,
+        kind            TEXT NOT NULL,
+        name            TEXT NOT NULL,
+        owner_id        TEXT NOT NULL,
+        -- sorted member pair of a direct conversation (one per pair); NULL for groups
+        direct_key      TEXT UNIQUE,
+        last_seq        INTEGER NOT NULL,
+        created_at_ms   INTEGER NOT NULL,
+        updated_at_ms   INTEGER NOT NULL
+    );
+    CREATE TABLE members (
+        conversation_id TEXT NOT NULL,
+        user_id         TEXT NOT NULL,
+        role            TEXT NOT NULL,
+        joined_at_ms    INTEGER NOT NULL,
+        PRIMARY KEY (conversation_id, user_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX members_by_user ON members (user_id, conversation_id);
+    CREATE TABLE messages (
+        conversation_id TEXT NOT NULL,
+        seq             INTEGER NOT NULL,
+        message_id      TEXT NOT NULL,
+        sender_id       TEXT NOT NULL,
+        sender_device   TEXT NOT NULL,
+        client_msg_id   TEXT NOT NULL,
+        body            TEXT NOT NULL,
+        content_type    TEXT NOT NULL,
+        sent_at_ms      INTEGER NOT NULL,
+        PRIMARY KEY (conversation_id, seq)
+    ) WITHOUT ROWID;
+    CREATE TABLE dedupe_keys (
+        sender_id       TEXT NOT NULL,
+        client_msg_id   TEXT NOT NULL,
+        conversation_id TEXT NOT NULL,
+        seq             INTEGER NOT NULL,
+        created_at_ms   INTEGER NOT NULL,
+        PRIMARY KEY (sender_id, client_msg_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX dedupe_keys_by_age ON dedupe_keys (created_at_ms);
+    CREATE TABLE read_markers (
+        conversation_id TEXT NOT NULL,
+        user_id         TEXT NOT NULL,
+        seq             INTEGER NOT NULL,
+        at_ms           INTEGER NOT NULL,
+        PRIMARY KEY (conversation_id, user_id)
+    ) WITHOUT ROWID;
+    "#,
+];
+
+const ROLE_OWNER: &str = "owner";
+const ROLE_MEMBER: &str = "member";
+/// Separates the two ids of a direct pair key; ids never contain control characters.
+const PAIR_SEPARATOR: char = '\u{1f}';
+
+const CONVERSATION_COLUMNS: &str =
+    "conversation_id, kind, name, owner_id, last_seq, created_at_ms, updated_at_ms";
+const MESSAGE_COLUMNS: &str = "conversation_id, seq, message_id, sender_id, sender_device, \
+     client_msg_id, body, content_type, sent_at_ms";
+
+/// A failure inside a job: a database error or a storage rule.
+enum Fail {
+    Db(rusqlite::Error),
+    Store(StorageError),
+}
+
+impl From<rusqlite::Error> for Fail {
+    fn from(e: rusqlite::Error) -> Self {
+        Fail::Db(e)
+    }
+}
+
+impl From<StorageError> for Fail {
+    fn from(e: StorageError) -> Self {
+        Fail::Store(e)
+    }
+}
+
+impl From<Fail> for StorageError {
+    fn from(f: Fail) -> Self {
+        match f {
+            Fail::Store(e) => e,
+            Fail::Db(e) => match e.sqlite_error_code() {
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+                    StorageError::Unavailable(e.to_string())
+                }
+                _ => StorageError::Internal(format!("sqlite: {e}")),
+            },
+        }
+    }
+}
+
+type DbResult<T> = std::result::Result<T, Fail>;
+type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// Threads that own connections and run jobs from one bounded queue.
+struct Workers {
+    jobs_tx: mpsc::Sender<Job>,
+}
+
+impl Workers {
+    fn spawn(name: &str, connections: Vec<Connection>) -> std::io::Result<Workers> {
+        let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(QUEUE_DEPTH);
+        // A std mutex is right here: it only hands the next job to one of the threads;
+        // it is held by a plain thread while it waits for a job, never by async code.
+        let jobs_rx = Arc::new(Mutex::new(jobs_rx));
+        for (i, mut conn) in connections.into_iter().enumerate() {
+            let jobs_rx = Arc::clone(&jobs_rx);
+            std::thread::Builder::new()
+                .name(format!("sqlite-{name}-{i}"))
+                .spawn(move || loop {
+                    let job = jobs_rx
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .blocking_recv();
+                    let Some(job) = job else {
+                        // Every sender is gone: the store was dropped. Closing the
+                        // connection here checkpoints the WAL when it is the last one.
+                        break;
+                    };
+                    // A panicking job drops its reply sender (the caller sees an
+                    // internal error) and rolls back its transaction; the thread lives on.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        job(&mut conn)
+                    }));
+                })?;
+        }
+        Ok(Workers { jobs_tx })
+    }
+
+    async fn call<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> DbResult<T> + Send + 'static,
+    {
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let _ = reply_tx.send(f(conn).map_err(StorageError::from));
+        });
+        self.jobs_tx
+            .send(job)
+            .await
+            .map_err(|_| StorageError::Unavailable("history store is closed".into()))?;
+        reply_rx
+            .await
+            .map_err(|_| StorageError::Internal("history store job failed".into()))?
+    }
+}
+
+/// The SQLite history store. Cheap to share behind an `Arc`; dropping the last
+/// reference lets its threads finish queued jobs and close their connections.
+pub struct SqliteStore {
+    writer: Workers,
+    readers: Workers,
+}
+
+impl SqliteStore {
+    /// Open (creating if needed) the database at `path`, creating its parent
+    /// directory, and migrate it. Blocking: call from a blocking context.
+    pub fn open(path: &Path) -> anyhow::Result<SqliteStore> {
+        if let Some(parent) = path.parent() {
+            if !parent.as_os_str().is_empty() {
+                std::fs::create_dir_all(parent).map_err(|e| {
+                    anyhow::anyhow!("cannot create directory {}: {e}", parent.display())
+                })?;
+            }
+        }
+        let context = |e: rusqlite::Error| anyhow::anyhow!("sqlite {}: {e}", path.display());
+        let mut writer = Connection::open(path).map_err(context)?;
+        writer.busy_timeout(BUSY_TIMEOUT).map_err(context)?;
+        let mode: String = writer
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(context)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            anyhow::bail!("sqlite {}: cannot enable WAL (mode {mode})", path.display());
+        }
+        writer
+            .execute_batch("PRAGMA synchronous=NORMAL;")
+            .map_err(context)?;
+        let version = migrate(&mut writer, now_ms()).map_err(|e| match e {
+            Fail::Db(e) => context(e),
+            Fail::Store(e) => anyhow::anyhow!("sqlite {}: {e}", path.display()),
+        })?;
+        tracing::info!(path = %path.display(), schema_version = version, "history store opened");
+
+        let mut readers = Vec::with_capacity(READER_THREADS);
+        for _ in 0..READER_THREADS {
+            let reader = Connection::open_with_flags(
+                path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(context)?;
+            reader.busy_timeout(BUSY_TIMEOUT).map_err(context)?;
+            readers.push(reader);
+        }
+        Ok(SqliteStore {
+            writer: Workers::spawn("writer", vec![writer])?,
+            readers: Workers::spawn("reader", readers)?,
+        })
+    }
+}
+
+/// Apply the migrations the file lacks; returns the schema version.
+fn migrate(conn: &mut Connection, now_ms: i64) -> DbResult<u32> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_version (
+             version       INTEGER PRIMARY KEY,
+             applied_at_ms INTEGER NOT NULL
+         );",
+    )?;
+    let current: u32 = conn.query_row(
+        "SELECT COALESCE(MAX(version), 0) FROM schema_version",
+        [],
+        |r| r.get(0),
+    )?;
+    let known = MIGRATIONS.len() as u32;
+    if current > known {
+        return Err(StorageError::Internal(format!(
+            "schema version {current} is newer than this build knows ({known})"
+        ))
+        .into());
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let version = i as u32 + 1;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute_batch(sql)?;
+        tx.execute(
+            "INSERT INTO schema_version (version, applied_at_ms) VALUES (?1, ?2)",
+            params![version, now_ms],
+        )?;
+        tx.commit()?;
+        tracing::info!(schema_version = version, "history store migrated");
+    }
+    Ok(known)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Sequences are stored as SQLite integers (i64); the service rejects larger ones.
+fn seq_param(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
+fn conversation_from_row(row: &Row<'_>) -> rusqlite::Result<Conversation> {
+    Ok(Conversation {
+        conversation_id: row.get(0)?,
+        kind: row.get(1)?,
+        name: row.get(2)?,
+        owner_id: row.get(3)?,
+        members: Vec::new(),
+        last_seq: row.get::<_, i64>(4)? as u64,
+        created_at_ms: row.get(5)?,
+        updated_at_ms: row.get(6)?,
+    })
+}
+
+fn message_from_row(row: &Row<'_>) -> rusqlite::Result<Message> {
+    Ok(Message {
+        conversation_id: row.get(0)?,
+        seq: row.get::<_, i64>(1)? as u64,
+        message_id: row.get(2)?,
+        sender_id: row.get(3)?,
+        sender_device: row.get(4)?,
+        client_msg_id: row.get(5)?,
+        body: row.get(6)?,
+        content_type: row.get(7)?,
+        sent_at_ms: row.get(8)?,
+    })
+}
+
+fn load_conversation(conn: &Connection, id: &str) -> DbResult<Option<Conversation>> {
+    let conv = conn
+        .prepare_cached(&format!(
+            "SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE conversation_id = ?1"
+        ))?
+        .query_row([id], conversation_from_row)
+        .optional()?;
+    Ok(conv)
+}
+
+fn load_members(conn: &Connection, id: &str) -> DbResult<Vec<String>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT user_id FROM members WHERE conversation_id = ?1 ORDER BY user_id",
+    )?;
+    let members = stmt
+        .query_map([id], |r| r.get(0))?
+        .collect::<rusqlite::Result<Vec<String>>>()?;
+    Ok(members)
+}
+
+fn load_conversation_with_members(conn: &Connection, id: &str) -> DbResult<Conversation> {
+    let mut conv =
+        load_conversation(conn, id)?.ok_or_else(|| StorageError::NotFound(id.to_owned()))?;
+    conv.members = load_members(conn, id)?;
+    Ok(conv)
+}
+
+fn member_exists(conn: &Connection, id: &str, user_id: &str) -> DbResult<bool> {
+    let found = conn
+        .prepare_cached("SELECT 1 FROM members WHERE conversation_id = ?1 AND user_id = ?2")?
+        .query_row([id, user_id], |_| Ok(()))
+        .optional()?;
+    Ok(found.is_some())
+}
+
+fn load_message(conn: &Connection, id: &str, seq: i64) -> DbResult<Option<Message>> {
+    let msg = conn
+        .prepare_cached(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ?1 AND seq = ?2"
+        ))?
+        .query_row(params![id, seq], message_from_row)
+        .optional()?;
+    Ok(msg)
+}
+
+/// The message a live dedupe key points at.
+fn dedupe_hit(
+    conn: &Connection,
+    sender_id: &str,
+    client_msg_id: &str,
+    since_ms: i64,
+) -> DbResult<Option<Message>> {
+    let key: Option<(String, i64, i64)> = conn
+        .prepare_cached(
+            "SELECT conversation_id, seq, created_at_ms FROM dedupe_keys
+             WHERE sender_id = ?1 AND client_msg_id = ?2",
+        )?
+        .query_row([sender_id, client_msg_id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .optional()?;
+    match key {
+        Some((conversation_id, seq, created_at_ms)) if created_at_ms >= since_ms => {
+            let msg = load_message(conn, &conversation_id, seq)?.ok_or_else(|| {
+                StorageError::Internal(format!(
+                    "dedupe key points at missing message {conversation_id}/{seq}"
+                ))
+            })?;
+            Ok(Some(msg))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Messages with `seq > after`, ascending, at most `limit + 1` (to tell whether more remain).
+fn messages_after(conn: &Connection, id: &str, after: i64, limit: u32) -> DbResult<Vec<Message>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {MESSAGE_COLUMNS} FROM messages
+         WHERE conversation_id = ?1 AND seq > ?2 ORDER BY seq ASC LIMIT ?3"
+    ))?;
+    let rows = stmt
+        .query_map(params![id, after, i64::from(limit) + 1], message_from_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
+/// Messages with `seq < before`, newest first, at most `limit + 1`.
+fn messages_before(conn: &Connection, id: &str, before: i64, limit: u32) -> DbResult<Vec<Message>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {MESSAGE_COLUMNS} FROM messages
+         WHERE conversation_id = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3"
+    ))?;
+    let rows = stmt
+        .query_map(params![id, before, i64::from(limit) + 1], message_from_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
+fn direct_key(members: &[String]) -> String {
+    let mut pair: Vec<&str> = members.iter().map(String::as_str).collect();
+    pair.sort_unstable();
+    pair.join(&PAIR_SEPARATOR.to_string())
+}
+
+#[async_trait]
+impl HistoryStore for SqliteStore {
+    async fn create_conversation(&self, new: NewConversation) -> Result<Conversation> {
+        self.writer
+            .call(move |conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let (owner_id, pair) = match new.kind {
+                    ConversationKind::Direct => (String::new(), Some(direct_key(&new.members))),
+                    ConversationKind::Group => (new.creator_id.clone(), None),
+                };
+                if let Some(pair) = &pair {
+                    let existing: Option<String> = tx
+                        .prepare_cached(
+                            "SELECT conversation_id FROM conversations WHERE direct_key = ?1",
+                        )?
+                        .query_row([pair], |r| r.get(0))
+                        .optional()?;
+                    if let Some(id) = existing {
+                        let conv = load_conversation_with_members(&tx, &id)?;
+                        tx.commit()?;
+                        return Ok(conv);
+                    }
+                }
+                tx.execute(
+                    "INSERT INTO conversations (conversation_id, kind, name, owner_id, direct_key,
+                         last_seq, created_at_ms, updated_at_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?6)",
+                    params![
+                        new.conversation_id,
+                        new.kind.as_str(),
+                        new.name,
+                        owner_id,
+                        pair,
+                        new.now_ms
+                    ],
+                )?;
+                {
+                    let mut insert = tx.prepare_cached(
+                        "INSERT OR IGNORE INTO members (conversation_id, user_id, role, joined_at_ms)
+                         VALUES (?1, ?2, ?3, ?4)",
+                    )?;
+                    for user in &new.members {
+                        let role = if *user == owner_id { ROLE_OWNER } else { ROLE_MEMBER };
+                        insert.execute(params![new.conversation_id, user, role, new.now_ms])?;
+                    }
+                }
+                let conv = load_conversation_with_members(&tx, &new.conversation_id)?;
+                tx.commit()?;
+                Ok(conv)
+            })
+            .await
+    }
+
+    async fn get_conversation(&self, conversation_id: &str) -> Result<Conversation> {
+        let id = conversation_id.to_owned();
+        self.readers
+            .call(move |conn| {
+                let tx = conn.transaction()?;
+                let conv = load_conversation_with_members(&tx, &id)?;
+                tx.commit()?;
+                Ok(conv)
+            })
+            .await
+    }
+
+    async fn is_member(&self, conversation_id: &str, user_id: &str) -> Result<bool> {
+        let (id, user) = (conversation_id.to_owned(), user_id.to_owned());
+        self.readers
+            .call(move |conn| member_exists(conn, &id, &user))
+            .await
+    }
+
+    async fn change_members(&self, change: MemberChange) -> Result<Conversation> {
+        self.writer
+            .call(move |conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let id = &change.conversation_id;
+                let conv = load_conversation(&tx, id)?
+                    .ok_or_else(|| StorageError::NotFound(id.clone()))?;
+                let kind = ConversationKind::parse(&conv.kind).ok_or_else(|| {
+                    StorageError::Internal(format!("conversation {id} has kind {}", conv.kind))
+                })?;
+                let actor_is_member = member_exists(&tx, id, &change.actor_id)?;
+                rules::authorize_member_change(
+                    id,
+                    kind,
+                    &conv.owner_id,
+                    &change.actor_id,
+                    actor_is_member,
+                    change.action,
+                    &change.user_ids,
+                )?;
+                let mut changed = 0usize;
+                match change.action {
+                    MemberAction::Add => {
+                        let count: i64 = tx.query_row(
+                            "SELECT COUNT(*) FROM members WHERE conversation_id = ?1",
+                            [id],
+                            |r| r.get(0),
+                        )?;
+                        let mut insert = tx.prepare_cached(
+                            "INSERT OR IGNORE INTO members (conversation_id, user_id, role, joined_at_ms)
+                             VALUES (?1, ?2, ?3, ?4)",
+                        )?;
+                        for user in &change.user_ids {
+                            changed +=
+                                insert.execute(params![id, user, ROLE_MEMBER, change.now_ms])?;
+                        }
+                        rules::check_member_count(count as usize + changed)?;
+                    }
+                    MemberAction::Remove => {
+                        let mut delete = tx.prepare_cached(
+                            "DELETE FROM members WHERE conversation_id = ?1 AND user_id = ?2",
+                        )?;
+                        for user in &change.user_ids {
+                            changed += delete.execute(params![id, user])?;
+                        }
+                    }
+                }
+                if changed > 0 {
+                    tx.execute(
+                        "UPDATE conversations SET updated_at_ms = ?2 WHERE conversation_id = ?1",
+                        params![id, change.now_ms],
+                    )?;
+                }
+                let conv = load_conversation_with_members(&tx, id)?;
+                // An error above (for example the member cap) drops `tx`: rolled back.
+                tx.commit()?;
+                Ok(conv)
+            })
+            .await
+    }
+
+    async fn list_conversations(&self, user_id: &str) -> Result<Vec<Conversation>> {
+        let user = user_id.to_owned();
+        self.readers
+            .call(move |conn| {
+                let mut stmt = conn.prepare_cached(
+                    "SELECT c.conversation_id, c.kind, c.name, c.owner_id, c.last_seq,
+                            c.created_at_ms, c.updated_at_ms
+                     FROM members m JOIN conversations c ON c.conversation_id = m.conversation_id
+                     WHERE m.user_id = ?1
+                     ORDER BY c.updated_at_ms DESC, c.conversation_id",
+                )?;
+                let convs = stmt
+                    .query_map([user], conversation_from_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                Ok(convs)
+            })
+            .await
+    }
+
+    async fn last_seq(&self, conversation_id: &str) -> Result<u64> {
+        let id = conversation_id.to_owned();
+        self.readers
+            .call(move |conn| {
+                let seq: Option<i64> = conn
+                    .prepare_cached("SELECT last_seq FROM conversations WHERE conversation_id = ?1")?
+                    .query_row([&id], |r| r.get(0))
+                    .optional()?;
+                let seq = seq.ok_or(StorageError::NotFound(id))?;
+                Ok(seq as u64)
+            })
+            .await
+    }
+
+    async fn append(
+        &self,
+        message: Message,
+        dedupe_since_ms: i64,
+        now_ms: i64,
+    ) -> Result<Appended> {
+        self.writer
+            .call(move |conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                if !message.client_msg_id.is_empty() {
+                    if let Some(stored) = dedupe_hit(
+                        &tx,
+                        &message.sender_id,
+                        &message.client_msg_id,
+                        dedupe_since_ms,
+                    )? {
+                        tx.commit()?;
+                        return Ok(Appended {
+                            message: stored,
+                            duplicate: true,
+                        });
+                    }
+                }
+                let id = &message.conversation_id;
+                let last: Option<i64> = tx
+                    .prepare_cached("SELECT last_seq FROM conversations WHERE conversation_id = ?1")?
+                    .query_row([id], |r| r.get(0))
+                    .optional()?;
+                let last = last.ok_or_else(|| StorageError::NotFound(id.clone()))? as u64;
+                if message.seq != last + 1 {
+                    return Err(StorageError::SequenceConflict {
+                        conversation_id: id.clone(),
+                        expected: last + 1,
+                        got: message.seq,
+                    }
+                    .into());
+                }
+                let seq = seq_param(message.seq);
+                tx.prepare_cached(
+                    "INSERT INTO messages (conversation_id, seq, message_id, sender_id,
+                         sender_device, client_msg_id, body, content_type, sent_at_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )?
+                .execute(params![
+                    id,
+                    seq,
+                    message.message_id,
+                    message.sender_id,
+                    message.sender_device,
+                    message.client_msg_id,
+                    message.body,
+                    message.content_type,
+                    message.sent_at_ms
+                ])?;
+                if !message.client_msg_id.is_empty() {
+                    // Replaces an expired key of the same pair, if any.
+                    tx.prepare_cached(
+                        "INSERT OR REPLACE INTO dedupe_keys
+                             (sender_id, client_msg_id, conversation_id, seq, created_at_ms)
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )?
+                    .execute(params![
+                        message.sender_id,
+                        message.client_msg_id,
+                        id,
+                        seq,
+                        now_ms
+                    ])?;
+                }
+                tx.prepare_cached(
+                    "UPDATE conversations SET last_seq = ?2, updated_at_ms = ?3
+                     WHERE conversation_id = ?1",
+                )?
+                .execute(params![id, seq, now_ms])?;
+                tx.commit()?;
+                Ok(Appended {
+                    message,
+                    duplicate: false,
+                })
+            })
+            .await
+    }
+
+    async fn lookup_dedupe(
+        &self,
+        sender_id: &str,
+        client_msg_id: &str,
+        since_ms: i64,
+    ) -> Result<Option<Message>> {
+        let (sender, client_msg_id) = (sender_id.to_owned(), client_msg_id.to_owned());
+        self.readers
+            .call(move |conn| {
+                let tx = conn.transaction()?;
+                let hit = dedupe_hit(&tx, &sender, &client_msg_id, since_ms)?;
+                tx.commit()?;
+                Ok(hit)
+            })
+            .await
+    }
+
+    async fn history_page(&self, query: &PageQuery) -> Result<HistoryResult> {
+        let query = query.clone();
+        self.readers
+            .call(move |conn| {
+                let id = &query.conversation_id;
+                let limit = query.limit as usize;
+                let (mut messages, has_more) = match query.direction {
+                    Direction::Forward => {
+                        let mut rows =
+                            messages_after(conn, id, seq_param(query.from_seq), query.limit)?;
+                        let more = rows.len() > limit;
+                        rows.truncate(limit);
+                        (rows, more)
+                    }
+                    Direction::Backward => {
+                        let before = if query.from_seq == 0 {
+                            i64::MAX
+                        } else {
+                            seq_param(query.from_seq)
+                        };
+                        let mut rows = messages_before(conn, id, before, query.limit)?;
+                        let more = rows.len() > limit;
+                        rows.truncate(limit);
+                        (rows, more)
+                    }
+                };
+                if query.direction == Direction::Backward {
+                    messages.reverse();
+                }
+                Ok(HistoryResult {
+                    conversation_id: query.conversation_id,
+                    messages,
+                    has_more,
+                })
+            })
+            .await
+    }
+
+    async fn sync(
+        &self,
+        user_id: &str,
+        cursors: &HashMap<String, u64>,
+        limit: u32,
+    ) -> Result<SyncResult> {
+        let user = user_id.to_owned();
+        let cursors = cursors.clone();
+        self.readers
+            .call(move |conn| {
+                // One read transaction: a consistent snapshot of every conversation.
+                let tx = conn.transaction()?;
+                let mut stmt = tx.prepare_cached(
+                    "SELECT c.conversation_id, c.kind, c.name, c.owner_id, c.last_seq,
+                            c.created_at_ms, c.updated_at_ms
+                     FROM members m JOIN conversations c ON c.conversation_id = m.conversation_id
+                     WHERE m.user_id = ?1
+                     ORDER BY c.updated_at_ms DESC, c.conversation_id",
+                )?;
+                let convs = stmt
+                    .query_map([&user], conversation_from_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                drop(stmt);
+                let mut result = SyncResult::default();
+                for mut conv in convs {
+                    let cursor = cursors.get(&conv.conversation_id).copied();
+                    if matches!(cursor, Some(c) if conv.last_seq <= c) {
+                        continue;
+                    }
+                    let after = seq_param(cursor.unwrap_or(0));
+                    let mut messages = messages_after(&tx, &conv.conversation_id, after, limit)?;
+                    if messages.len() > limit as usize {
+                        messages.truncate(limit as usize);
+                        result.truncated.push(conv.conversation_id.clone());
+                    }
+                    conv.members = load_members(&tx, &conv.conversation_id)?;
+                    result.messages.extend(messages);
+                    result.conversations.push(conv);
+                }
+                tx.commit()?;
+                Ok(result)
+            })
+            .await
+    }
+
+    async fn set_read_marker(
+        &self,
+        conversation_id: &str,
+        user_id: &str,
+        seq: u64,
+        now_ms: i64,
+    ) -> Result<ReadMarker> {
+        let (id, user) = (conversation_id.to_owned(), user_id.to_owned());
+        self.writer
+            .call(move |conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let conv =
+                    load_conversation(&tx, &id)?.ok_or_else(|| StorageError::NotFound(id.clone()))?;
+                if !member_exists(&tx, &id, &user)? {
+                    return Err(StorageError::not_member(&id, &user).into());
+                }
+                let wanted = seq.min(conv.last_seq);
+                let stored: Option<(i64, i64)> = tx
+                    .prepare_cached(
+                        "SELECT seq, at_ms FROM read_markers
+                         WHERE conversation_id = ?1 AND user_id = ?2",
+                    )?
+                    .query_row([&id, &user], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?;
+                let marker = match stored {
+                    Some((stored_seq, at_ms)) if stored_seq as u64 >= wanted => ReadMarker {
+                        conversation_id: id,
+                        user_id: user,
+                        seq: stored_seq as u64,
+                        at_ms,
+                    },
+                    _ => {
+                        tx.prepare_cached(
+                            "INSERT OR REPLACE INTO read_markers (conversation_id, user_id, seq, at_ms)
+                             VALUES (?1, ?2, ?3, ?4)",
+                        )?
+                        .execute(params![id, user, seq_param(wanted), now_ms])?;
+                        ReadMarker {
+                            conversation_id: id,
+                            user_id: user,
+                            seq: wanted,
+                            at_ms: now_ms,
+                        }
+                    }
+                };
+                tx.commit()?;
+                Ok(marker)
+            })
+            .await
+    }
+
+    async fn purge_dedupe(&self, before_ms: i64, max_rows: u32) -> Result<u64> {
+        self.writer
+            .call(move |conn| {
+                let deleted = conn
+                    .prepare_cached(
+                        "DELETE FROM dedupe_keys WHERE (sender_id, client_msg_id) IN (
+                             SELECT sender_id, client_msg_id FROM dedupe_keys
+                             WHERE created_at_ms < ?1 LIMIT ?2)",
+                    )?
+                    .execute(params![before_ms, i64::from(max_rows)])?;
+                Ok(deleted as u64)
+            })
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_recorded_and_reopening_is_a_no_op() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nested/dir/db.sqlite3");
+        drop(SqliteStore::open(&path).unwrap());
+        drop(SqliteStore::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        let versions: Vec<u32> = conn
+            .prepare("SELECT version FROM schema_version ORDER BY version")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(versions, (1..=MIGRATIONS.len() as u32).collect::<Vec<_>>());
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite3");
+        drop(SqliteStore::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        conn.execute(
+            "INSERT INTO schema_version (version, applied_at_ms) VALUES (?1, 0)",
+            [MIGRATIONS.len() as u32 + 1],
+        )
+        .unwrap();
+        drop(conn);
+        let err = SqliteStore::open(&path).err().expect("newer schema refused");
+        assert!(err.to_string().contains("newer"), "{err}");
+    }
+}
