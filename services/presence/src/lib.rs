@@ -1,1 +1,209 @@
-//! Switchboard presence service (to be filled in).
+//! Switchboard presence service: who is online, on which gateway, and who wants to know.
+//!
+//! It owns, through the session store ([`SessionStore`], picked by [`build_store`] from
+//! `presence.backend`):
+//! - live sessions (session id, user, device, the gateway's advertised gRPC URL), their
+//!   status (`online`/`away`) and their TTL: a session not heartbeated for
+//!   `presence.session_ttl_ms` expires, so a crashed gateway's users go offline by
+//!   themselves (a sweeper task runs every `ttl/4`, clamped to 10 ms..1 s);
+//! - each user's aggregated presence: the most available device wins
+//!   (`online` > `away`), no live session is `offline`; `last_seen_ms` is the last
+//!   register, heartbeat or unregister of any of the user's sessions, kept after they
+//!   go offline for [`store::LAST_SEEN_RETENTION`] (30 days) and for at most
+//!   [`store::MAX_OFFLINE_LAST_SEEN`] users (oldest forgotten first);
+//! - the route table (user -> gateways with a live session of theirs);
+//! - presence watches (watched user -> gateway -> watcher ids). A watch lives while the
+//!   watcher has a session on that gateway; at most [`store::MAX_WATCHED_PER_WATCHER`]
+//!   users per watcher and gateway.
+//!
+//! When a user's aggregated status changes (register, unregister, expiry, set status,
+//! dropped gateway), the service sends a `presence` event through `Gateway.Deliver` to
+//! every gateway holding watchers of that user, with the watchers as recipients. This
+//! happens off the request path through bounded queues that drop (and count) when full:
+//! presence is ephemeral. See [`notifier`].
+//!
+//! It does not own: client connections or the client protocol (gateway), who may
+//! watch whom (the gateway decides before calling `Watch`), conversations or the
+//! interest index for group fan-out (not built yet), message delivery (routing).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::Registry;
+use switchboard_config::Config;
+use switchboard_proto::v1::presence_server::PresenceServer;
+use switchboard_rpc::ChannelPool;
+use switchboard_telemetry::Readiness;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+mod error;
+mod metrics;
+pub mod notifier;
+mod service;
+pub mod store;
+
+pub use error::PresenceError;
+pub use service::{MAX_HEARTBEAT_SESSIONS, MAX_ID_BYTES, MAX_URL_BYTES, MAX_USERS_PER_REQUEST};
+pub use store::{build_store, Clock, MemorySessionStore, SessionStatus, SessionStore};
+
+use metrics::Metrics;
+use notifier::{Notifications, NOTIFY_QUEUE};
+use service::PresenceService;
+
+/// Run the presence service: bind `presence.grpc_listen` and `presence.admin_listen`,
+/// build the store from config, and serve until `shutdown` is cancelled.
+pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let store = build_store(&config.presence)?;
+    let grpc =
+        switchboard_telemetry::bind("presence.grpc_listen", &config.presence.grpc_listen).await?;
+    let admin =
+        switchboard_telemetry::bind("presence.admin_listen", &config.presence.admin_listen).await?;
+    serve(config, grpc, admin, store, shutdown).await
+}
+
+/// Serve presence on already bound listeners with the given store, until `shutdown`
+/// is cancelled. In-flight requests finish first; then the sweeper and the notifier
+/// stop (a `Deliver` call in flight completes, queued presence events are dropped).
+pub async fn serve(
+    config: Arc<Config>,
+    grpc: TcpListener,
+    admin: TcpListener,
+    store: Arc<dyn SessionStore>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let grpc_addr = grpc.local_addr()?;
+    let admin_addr = admin.local_addr()?;
+    let registry = Registry::new();
+    let metrics = Metrics::register(&registry)?;
+    let readiness = Readiness::new();
+
+    // Workers stop after the gRPC server has finished its in-flight requests, so those
+    // can still queue their notifications; `admin_stop` also stops admin if gRPC fails.
+    let workers = CancellationToken::new();
+    let admin_stop = shutdown.child_token();
+
+    let admin_task = tokio::spawn(switchboard_telemetry::serve_admin(
+        admin,
+        registry,
+        readiness.clone(),
+        admin_stop.clone(),
+    ));
+
+    let pool = ChannelPool::new(config.cluster.clone());
+    let (notifications, notify_rx) = Notifications::new(NOTIFY_QUEUE, metrics.clone());
+    let notifier_task = tokio::spawn(notifier::run_notifier(
+        notify_rx,
+        store.clone(),
+        pool.clone(),
+        metrics.clone(),
+        workers.clone(),
+    ));
+    let sweep_every = sweep_interval(Duration::from_millis(config.presence.session_ttl_ms));
+    let sweeper_task = tokio::spawn(run_sweeper(
+        store.clone(),
+        notifications.clone(),
+        metrics.clone(),
+        sweep_every,
+        workers.clone(),
+    ));
+
+    let (health_reporter, health_service) = switchboard_rpc::health();
+    health_reporter
+        .set_serving::<PresenceServer<PresenceService>>()
+        .await;
+    let routes = tonic::service::Routes::new(PresenceServer::new(PresenceService::new(
+        store,
+        notifications,
+        pool,
+        metrics,
+    )));
+    readiness.set(true);
+    tracing::info!(
+        grpc = %grpc_addr,
+        admin = %admin_addr,
+        backend = %config.presence.backend,
+        session_ttl_ms = config.presence.session_ttl_ms,
+        "presence serving"
+    );
+
+    let served = switchboard_rpc::serve(grpc, routes, health_service, shutdown.clone()).await;
+    readiness.set(false);
+    workers.cancel();
+    admin_stop.cancel();
+    for (name, task) in [("sweeper", sweeper_task), ("notifier", notifier_task)] {
+        if let Err(e) = task.await {
+            tracing::error!(task = name, error = %e, "presence task failed");
+        }
+    }
+    let admin_result = admin_task
+        .await
+        .map_err(|e| anyhow::anyhow!("admin server task failed: {e}"))?;
+    served?;
+    admin_result?;
+    tracing::info!("presence stopped");
+    Ok(())
+}
+
+/// How often expiry runs: a quarter of the TTL (a session lives at most ttl * 1.25
+/// without heartbeats), at least every second and at most every 10 ms.
+fn sweep_interval(ttl: Duration) -> Duration {
+    (ttl / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
+}
+
+/// Expire sessions, publish the resulting changes and refresh the gauges, every
+/// `every`, until `shutdown`.
+async fn run_sweeper(
+    store: Arc<dyn SessionStore>,
+    notifications: Notifications,
+    metrics: Metrics,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match store.expire(store.now_ms()).await {
+            Ok(changed) => {
+                metrics.expired_offline.inc_by(changed.len() as u64);
+                for presence in changed {
+                    notifications.publish(presence);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "session expiry failed"),
+        }
+        match store.stats().await {
+            Ok(stats) => {
+                metrics.sessions.set(stats.sessions as i64);
+                metrics.online_users.set(stats.online_users as i64);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read session store stats"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sweep_interval_is_a_quarter_of_the_ttl_within_bounds() {
+        assert_eq!(
+            sweep_interval(Duration::from_secs(30)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            sweep_interval(Duration::from_millis(400)),
+            Duration::from_millis(100)
+        );
+        assert_eq!(
+            sweep_interval(Duration::from_millis(1)),
+            Duration::from_millis(10)
+        );
+    }
+}

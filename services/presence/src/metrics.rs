@@ -1,0 +1,94 @@
+//! The presence service's Prometheus metrics.
+
+use prometheus::{
+    exponential_buckets, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, Opts, Registry,
+};
+
+/// Why a presence event did not reach a gateway (label `reason` of
+/// `presence_events_dropped_total`).
+pub(crate) const DROP_QUEUE_FULL: &str = "queue_full";
+pub(crate) const DROP_GATEWAY_QUEUE_FULL: &str = "gateway_queue_full";
+pub(crate) const DROP_DELIVER_FAILED: &str = "deliver_failed";
+pub(crate) const DROP_LOOKUP_FAILED: &str = "lookup_failed";
+
+/// Metric handles, registered once in the service's registry.
+#[derive(Clone)]
+pub(crate) struct Metrics {
+    /// Live sessions (refreshed by the sweeper).
+    pub sessions: IntGauge,
+    /// Users with at least one live session (refreshed by the sweeper).
+    pub online_users: IntGauge,
+    /// Presence events accepted by a gateway's `Deliver` (one per event and gateway).
+    pub events_sent: IntCounter,
+    /// Presence events given up, by reason.
+    pub events_dropped: IntCounterVec,
+    /// Failed `Deliver` calls to gateways.
+    pub deliver_failures: IntCounter,
+    /// Sessions per `Heartbeat` call.
+    pub heartbeat_sessions: Histogram,
+    /// Heartbeated sessions the store did not know (expired or never registered).
+    pub heartbeat_unknown: IntCounter,
+    /// Users whose aggregated status changed because sessions expired by TTL.
+    pub expired_offline: IntCounter,
+    /// Latency of each gRPC method, by method.
+    pub rpc_seconds: HistogramVec,
+}
+
+impl Metrics {
+    pub fn register(registry: &Registry) -> anyhow::Result<Metrics> {
+        let metrics = Metrics {
+            sessions: IntGauge::new("presence_sessions", "live sessions")?,
+            online_users: IntGauge::new(
+                "presence_online_users",
+                "users with at least one live session",
+            )?,
+            events_sent: IntCounter::new(
+                "presence_events_sent_total",
+                "presence events accepted by a gateway (one per event and gateway)",
+            )?,
+            events_dropped: IntCounterVec::new(
+                Opts::new(
+                    "presence_events_dropped_total",
+                    "presence events given up (presence is ephemeral), by reason",
+                ),
+                &["reason"],
+            )?,
+            deliver_failures: IntCounter::new(
+                "presence_deliver_failures_total",
+                "failed Deliver calls to gateways",
+            )?,
+            heartbeat_sessions: Histogram::with_opts(
+                HistogramOpts::new("presence_heartbeat_sessions", "sessions per Heartbeat call")
+                    .buckets(exponential_buckets(1.0, 4.0, 10)?),
+            )?,
+            heartbeat_unknown: IntCounter::new(
+                "presence_heartbeat_unknown_sessions_total",
+                "heartbeated sessions that were not live (the gateway registers them again)",
+            )?,
+            expired_offline: IntCounter::new(
+                "presence_expired_users_total",
+                "users whose presence changed because sessions expired by TTL",
+            )?,
+            rpc_seconds: HistogramVec::new(
+                HistogramOpts::new("presence_rpc_seconds", "latency of presence gRPC methods")
+                    .buckets(switchboard_telemetry::latency_buckets()),
+                &["method"],
+            )?,
+        };
+        registry.register(Box::new(metrics.sessions.clone()))?;
+        registry.register(Box::new(metrics.online_users.clone()))?;
+        registry.register(Box::new(metrics.events_sent.clone()))?;
+        registry.register(Box::new(metrics.events_dropped.clone()))?;
+        registry.register(Box::new(metrics.deliver_failures.clone()))?;
+        registry.register(Box::new(metrics.heartbeat_sessions.clone()))?;
+        registry.register(Box::new(metrics.heartbeat_unknown.clone()))?;
+        registry.register(Box::new(metrics.expired_offline.clone()))?;
+        registry.register(Box::new(metrics.rpc_seconds.clone()))?;
+        Ok(metrics)
+    }
+
+    pub fn dropped(&self, reason: &str, n: u64) {
+        self.events_dropped.with_label_values(&[reason]).inc_by(n);
+    }
+}

@@ -1,0 +1,278 @@
+//! The `Presence` gRPC service: input validation, the store call, and queueing
+//! presence-change notifications. No presence logic lives here; the store owns it.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use switchboard_proto::v1::presence_server::Presence;
+use switchboard_proto::v1::{
+    DropGatewayRequest, DropGatewayResponse, HeartbeatRequest, HeartbeatResponse, QueryRequest,
+    QueryResponse, RegisterSessionRequest, RegisterSessionResponse, RouteRequest, RouteResponse,
+    SetStatusRequest, SetStatusResponse, UnregisterSessionRequest, UnregisterSessionResponse,
+    WatchRequest,
+};
+use switchboard_rpc::ChannelPool;
+use tonic::{Request, Response, Status};
+
+use crate::error::PresenceError;
+use crate::metrics::Metrics;
+use crate::notifier::Notifications;
+use crate::store::{NewSession, SessionStatus, SessionStore};
+
+/// Longest id (session, user, device) accepted, in bytes.
+pub const MAX_ID_BYTES: usize = 256;
+/// Longest gateway URL accepted, in bytes.
+pub const MAX_URL_BYTES: usize = 512;
+/// Most users in one Query, Route or Watch.
+pub const MAX_USERS_PER_REQUEST: usize = 10_000;
+/// Most sessions in one Heartbeat (gateways with more split the batch).
+pub const MAX_HEARTBEAT_SESSIONS: usize = 100_000;
+
+/// Handlers of `switchboard.v1.Presence`.
+pub(crate) struct PresenceService {
+    /// Where all presence state lives.
+    store: Arc<dyn SessionStore>,
+    /// Queue of presence changes to tell watchers about.
+    notifications: Notifications,
+    /// Channels to gateways; a dropped gateway's channel is forgotten.
+    gateways: ChannelPool,
+    metrics: Metrics,
+}
+
+impl PresenceService {
+    pub fn new(
+        store: Arc<dyn SessionStore>,
+        notifications: Notifications,
+        gateways: ChannelPool,
+        metrics: Metrics,
+    ) -> Self {
+        PresenceService {
+            store,
+            notifications,
+            gateways,
+            metrics,
+        }
+    }
+
+    fn timer(&self, method: &str) -> RpcTimer {
+        RpcTimer {
+            histogram: self.metrics.rpc_seconds.with_label_values(&[method]),
+            start: Instant::now(),
+        }
+    }
+}
+
+/// Observes a method's latency when dropped (on every return path).
+struct RpcTimer {
+    histogram: prometheus::Histogram,
+    start: Instant,
+}
+
+impl Drop for RpcTimer {
+    fn drop(&mut self) {
+        self.histogram.observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> PresenceError {
+    PresenceError::InvalidRequest(msg.into())
+}
+
+fn check_id(field: &str, value: &str) -> Result<(), PresenceError> {
+    if value.is_empty() {
+        return Err(invalid(format!("{field} is required")));
+    }
+    check_len(field, value, MAX_ID_BYTES)
+}
+
+fn check_len(field: &str, value: &str, max: usize) -> Result<(), PresenceError> {
+    if value.len() > max {
+        return Err(invalid(format!("{field} is longer than {max} bytes")));
+    }
+    Ok(())
+}
+
+fn check_gateway_url(value: &str) -> Result<(), PresenceError> {
+    if value.is_empty() {
+        return Err(invalid("gateway_addr is required"));
+    }
+    check_len("gateway_addr", value, MAX_URL_BYTES)?;
+    if !(value.starts_with("http://") || value.starts_with("https://")) {
+        return Err(invalid("gateway_addr must be an http(s) URL"));
+    }
+    Ok(())
+}
+
+fn check_ids(field: &str, values: &[String], max: usize) -> Result<(), PresenceError> {
+    if values.len() > max {
+        return Err(invalid(format!("{field} has more than {max} entries")));
+    }
+    values.iter().try_for_each(|v| check_id(field, v))
+}
+
+#[tonic::async_trait]
+impl Presence for PresenceService {
+    async fn register_session(
+        &self,
+        request: Request<RegisterSessionRequest>,
+    ) -> Result<Response<RegisterSessionResponse>, Status> {
+        let _timer = self.timer("register_session");
+        let session = request
+            .into_inner()
+            .session
+            .ok_or_else(|| invalid("session is required"))?;
+        check_id("session_id", &session.session_id)?;
+        check_id("user_id", &session.user_id)?;
+        check_len("device_id", &session.device_id, MAX_ID_BYTES)?;
+        check_gateway_url(&session.gateway_addr)?;
+        let update = self
+            .store
+            .register(NewSession {
+                session_id: session.session_id,
+                user_id: session.user_id,
+                device_id: session.device_id,
+                gateway_url: session.gateway_addr,
+            })
+            .await?;
+        if update.changed {
+            self.notifications.publish(update.presence.clone());
+        }
+        Ok(Response::new(RegisterSessionResponse {
+            presence: Some(update.presence),
+        }))
+    }
+
+    async fn unregister_session(
+        &self,
+        request: Request<UnregisterSessionRequest>,
+    ) -> Result<Response<UnregisterSessionResponse>, Status> {
+        let _timer = self.timer("unregister_session");
+        let session_id = request.into_inner().session_id;
+        check_id("session_id", &session_id)?;
+        if let Some(update) = self.store.unregister(&session_id).await? {
+            if update.changed {
+                self.notifications.publish(update.presence);
+            }
+        }
+        Ok(Response::new(UnregisterSessionResponse {}))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let _timer = self.timer("heartbeat");
+        let req = request.into_inner();
+        check_gateway_url(&req.gateway_addr)?;
+        check_ids("session_ids", &req.session_ids, MAX_HEARTBEAT_SESSIONS)?;
+        self.metrics
+            .heartbeat_sessions
+            .observe(req.session_ids.len() as f64);
+        let unknown = self
+            .store
+            .heartbeat(&req.gateway_addr, &req.session_ids)
+            .await?;
+        self.metrics.heartbeat_unknown.inc_by(unknown.len() as u64);
+        Ok(Response::new(HeartbeatResponse {
+            unknown_session_ids: unknown,
+        }))
+    }
+
+    async fn set_status(
+        &self,
+        request: Request<SetStatusRequest>,
+    ) -> Result<Response<SetStatusResponse>, Status> {
+        let _timer = self.timer("set_status");
+        let req = request.into_inner();
+        check_id("session_id", &req.session_id)?;
+        let status = SessionStatus::parse(&req.status)
+            .ok_or_else(|| invalid("status must be `online` or `away`"))?;
+        let update = self.store.set_status(&req.session_id, status).await?;
+        if update.changed {
+            self.notifications.publish(update.presence.clone());
+        }
+        Ok(Response::new(SetStatusResponse {
+            presence: Some(update.presence),
+        }))
+    }
+
+    async fn query(
+        &self,
+        request: Request<QueryRequest>,
+    ) -> Result<Response<QueryResponse>, Status> {
+        let _timer = self.timer("query");
+        let req = request.into_inner();
+        check_ids("user_ids", &req.user_ids, MAX_USERS_PER_REQUEST)?;
+        let users = self.store.query(&req.user_ids).await?;
+        Ok(Response::new(QueryResponse { users }))
+    }
+
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<QueryResponse>, Status> {
+        let _timer = self.timer("watch");
+        let req = request.into_inner();
+        check_gateway_url(&req.gateway_addr)?;
+        check_id("watcher_id", &req.watcher_id)?;
+        check_ids("user_ids", &req.user_ids, MAX_USERS_PER_REQUEST)?;
+        self.store
+            .watch(&req.gateway_addr, &req.watcher_id, &req.user_ids)
+            .await?;
+        let users = self.store.query(&req.user_ids).await?;
+        Ok(Response::new(QueryResponse { users }))
+    }
+
+    async fn route(
+        &self,
+        request: Request<RouteRequest>,
+    ) -> Result<Response<RouteResponse>, Status> {
+        let _timer = self.timer("route");
+        let req = request.into_inner();
+        check_ids("user_ids", &req.user_ids, MAX_USERS_PER_REQUEST)?;
+        let routes = self.store.route(&req.user_ids).await?;
+        Ok(Response::new(RouteResponse { routes }))
+    }
+
+    async fn drop_gateway(
+        &self,
+        request: Request<DropGatewayRequest>,
+    ) -> Result<Response<DropGatewayResponse>, Status> {
+        let _timer = self.timer("drop_gateway");
+        let gateway_url = request.into_inner().gateway_addr;
+        check_gateway_url(&gateway_url)?;
+        let outcome = self.store.drop_gateway(&gateway_url).await?;
+        self.gateways.remove(&gateway_url);
+        tracing::info!(
+            gateway = %gateway_url,
+            sessions = outcome.sessions,
+            changed_users = outcome.changed.len(),
+            "gateway dropped"
+        );
+        for presence in outcome.changed {
+            self.notifications.publish(presence);
+        }
+        Ok(Response::new(DropGatewayResponse {
+            sessions: outcome.sessions,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_and_urls_are_validated() {
+        assert!(check_id("user_id", "").is_err());
+        assert!(check_id("user_id", &"x".repeat(MAX_ID_BYTES)).is_ok());
+        assert!(check_id("user_id", &"x".repeat(MAX_ID_BYTES + 1)).is_err());
+        assert!(check_gateway_url("http://10.0.0.1:50051").is_ok());
+        assert!(check_gateway_url("https://gw.example").is_ok());
+        assert!(check_gateway_url("").is_err());
+        assert!(check_gateway_url("10.0.0.1:50051").is_err());
+        assert!(check_ids("user_ids", &["a".into(), String::new()], 10).is_err());
+        assert!(check_ids("user_ids", &["a".into(), "b".into()], 1).is_err());
+        assert!(check_ids("user_ids", &[], 1).is_ok());
+    }
+}

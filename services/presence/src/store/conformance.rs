@@ -1,0 +1,620 @@
+//! The conformance suite every [`SessionStore`] backend passes.
+//!
+//! Each check is a generic async fn taking a factory `ttl -> store`; the
+//! [`session_store_suite!`](crate::session_store_suite) macro turns them into tests for
+//! one backend. Tests run on paused tokio time: a backend must take "now" from
+//! [`Clock`](super::Clock) (tokio's clock) so that `tokio::time::advance` drives TTLs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchboard_proto::v1::{GatewayRoute, UserPresence};
+
+use super::{
+    GatewayWatchers, NewSession, SessionStatus, SessionStore, StoreStats, MAX_WATCHED_PER_WATCHER,
+    STATUS_AWAY, STATUS_OFFLINE, STATUS_ONLINE,
+};
+use crate::error::PresenceError;
+
+/// Session TTL used by the suite.
+pub const TTL: Duration = Duration::from_secs(30);
+
+/// Generate one `#[tokio::test]` per conformance check for the backend built by
+/// `$factory` (an expression of type `Fn(Duration) -> Arc<dyn SessionStore>`).
+#[macro_export]
+#[doc(hidden)]
+macro_rules! session_store_suite {
+    ($factory:expr) => {
+        $crate::session_store_suite!(@tests $factory;
+            register_makes_user_online,
+            unregister_makes_user_offline_and_keeps_last_seen,
+            heartbeat_reports_unknown_and_foreign_sessions,
+            heartbeat_updates_last_seen,
+            sessions_expire_after_ttl_without_heartbeat,
+            status_aggregates_across_devices,
+            set_status_of_unknown_session_is_not_found,
+            reregister_keeps_status_and_moves_gateway,
+            session_id_of_another_user_is_rejected,
+            query_reports_unknown_users_offline_once_each,
+            route_groups_users_by_gateway,
+            watch_requires_a_session_of_the_watcher_on_that_gateway,
+            watches_are_dropped_with_the_watchers_last_session_on_a_gateway,
+            watches_are_dropped_when_the_watcher_expires,
+            watch_cap_rejects_without_adding,
+            drop_gateway_removes_its_sessions_and_watches,
+            stats_count_sessions_and_online_users,
+        );
+    };
+    (@tests $factory:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(start_paused = true)]
+            async fn $name() {
+                let factory = $factory;
+                $crate::store::conformance::$name(
+                    |ttl| -> std::sync::Arc<dyn $crate::store::SessionStore> { factory(ttl) },
+                )
+                .await;
+            }
+        )*
+    };
+}
+
+fn session(session_id: &str, user_id: &str, gateway_url: &str) -> NewSession {
+    NewSession {
+        session_id: session_id.into(),
+        user_id: user_id.into(),
+        device_id: format!("device-of-{session_id}"),
+        gateway_url: gateway_url.into(),
+    }
+}
+
+fn ids(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+async fn presence(store: &dyn SessionStore, user: &str) -> UserPresence {
+    store
+        .query(&ids(&[user]))
+        .await
+        .expect("query")
+        .pop()
+        .expect("one entry per user")
+}
+
+async fn advance_ms(ms: u64) {
+    tokio::time::advance(Duration::from_millis(ms)).await;
+}
+
+const GW1: &str = "http://gw1:50051";
+const GW2: &str = "http://gw2:50051";
+
+pub async fn register_makes_user_online<F: Fn(Duration) -> Arc<dyn SessionStore>>(factory: F) {
+    let store = factory(TTL);
+    let now = store.now_ms();
+    let update = store.register(session("s1", "alice", GW1)).await.unwrap();
+    assert!(update.changed);
+    assert_eq!(update.presence.user_id, "alice");
+    assert_eq!(update.presence.status, STATUS_ONLINE);
+    assert_eq!(update.presence.sessions, 1);
+    assert_eq!(update.presence.last_seen_ms, now);
+    assert_eq!(presence(&*store, "alice").await, update.presence);
+
+    let second = store.register(session("s2", "alice", GW2)).await.unwrap();
+    assert!(
+        !second.changed,
+        "a second device does not change the status"
+    );
+    assert_eq!(second.presence.sessions, 2);
+}
+
+pub async fn unregister_makes_user_offline_and_keeps_last_seen<
+    F: Fn(Duration) -> Arc<dyn SessionStore>,
+>(
+    factory: F,
+) {
+    let store = factory(TTL);
+    store.register(session("s1", "alice", GW1)).await.unwrap();
+    advance_ms(5_000).await;
+    let closed_at = store.now_ms();
+    let update = store.unregister("s1").await.unwrap().expect("was live");
+    assert!(update.changed);
+    assert_eq!(update.presence.status, STATUS_OFFLINE);
+    assert_eq!(update.presence.sessions, 0);
+    assert_eq!(update.presence.last_seen_ms, closed_at);
+
+    advance_ms(60_000).await;
+    store.expire(store.now_ms()).await.unwrap();
+    let later = presence(&*store, "alice").await;
+    assert_eq!(later.status, STATUS_OFFLINE);
+    assert_eq!(
+        later.last_seen_ms, closed_at,
+        "last seen survives going offline"
+    );
+
+    assert_eq!(store.unregister("s1").await.unwrap(), None, "idempotent");
+    assert_eq!(store.unregister("never").await.unwrap(), None);
+}
+
+pub async fn heartbeat_reports_unknown_and_foreign_sessions<
+    F: Fn(Duration) -> Arc<dyn SessionStore>,
+>(
+    factory: F,
+) {
+    let store = factory(TTL);
+    store.register(session("s1", "alice", GW1)).await.unwrap();
+    store.register(session("s2", "bob", GW2)).await.unwrap();
+    let unknown = store
+        .heartbeat(GW1, &ids(&["s1", "ghost", "s2"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        unknown,
+        ids(&["ghost", "s2"]),
+        "s2 lives on another gateway"
+    );
+    assert!(store.heartbeat(GW1, &[]).await.unwrap().is_empty());
+
+    // A batch larger than one internal chunk.
+    let many: Vec<String> = (0..1500).map(|i| format!("x{i}")).collect();
+    for id in many.iter().step_by(2) {
+        store.register(session(id, "carol", GW1)).await.unwrap();
+    }
+    let unknown = store.heartbeat(GW1, &many).await.unwrap();
+    let expected: Vec<String> = many.iter().skip(1).step_by(2).cloned().collect();
+    assert_eq!(unknown, expected);
+}
+
+pub async fn heartbeat_updates_last_seen<F: Fn(Duration) -> Arc<dyn SessionStore>>(factory: F) {
+    let store = factory(TTL);
+    store.register(session("s1", "alice", GW1)).await.unwrap();
+    advance_ms(10_000).await;
+    let beat_at = store.now_ms();
+    store.heartbeat(GW1, &ids(&["s1"])).await.unwrap();
+    assert_eq!(presence(&*store, "alice").await.last_seen_ms, beat_at);
+
+    // Expiry keeps the last time the session was seen alive, not the expiry time.
+    advance_ms(TTL.as_millis() as u64).await;
+    let changed = store.expire(store.now_ms()).await.unwrap();
+    assert_eq!(changed.len(), 1);
+    assert_eq!(changed[0].status, STATUS_OFFLINE);
+    assert_eq!(changed[0].last_seen_ms, beat_at);
+    assert_eq!(presence(&*store, "alice").await.last_seen_ms, beat_at);
+}
+
+pub async fn sessions_expire_after_ttl_without_heartbeat<
+    F: Fn(Duration) -> Arc<dyn SessionStore>,
+>(
+    factory: F,
+) {
+    let store = factory(TTL);
+    store.register(session("s1", "alice", GW1)).await.unwrap();
+    store.register(session("s2", "bob", GW1)).await.unwrap();
+
+    advance_ms(20_000).await;
+    assert!(store
+        .heartbeat(GW1, &ids(&["s1"]))
+        .await
+        .unwrap()
+        .is_empty());
+    advance_ms(9_999).await;
+    assert!(
+        store.expire(store.now_ms()).await.unwrap().is_empty(),
+        "nothing is due before the TTL"
+    );
+
+    advance_ms(1).await; // bob's session is now TTL old; alice's was heartbeated
+    let changed = store.expire(store.now_ms()).await.unwrap();
+    assert_eq!(changed.len(), 1);
+    assert_eq!(changed[0].user_id, "bob");
+    assert_eq!(changed[0].status, STATUS_OFFLINE);
+    assert_eq!(presence(&*store, "alice").await.status, STATUS_ONLINE);
+    assert_eq!(
+        store.heartbeat(GW1, &ids(&["s2"])).await.unwrap(),
+        ids(&["s2"])
+    );
+
+    advance_ms(20_000).await; // alice's deadline: heartbeat at 20 s + TTL
+    let changed = store.expire(store.now_ms()).await.unwrap();
+    assert_eq!(changed.len(), 1);
+    assert_eq!(changed[0].user_id, "alice");
+    assert!(store.expire(store.now_ms()).await.unwrap().is_empty());
+    assert!(store
+        .route(&ids(&["alice", "bob"]))
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+pub async fn status_aggregates_across_devices<F: Fn(Duration) -> Arc<dyn SessionStore>>(
+    factory: F,
+) {
+    let store = factory(TTL);
+    store
+        .register(session("phone", "alice", GW1))
+        .await
+        .unwrap();
+    store
+        .register(session("laptop", "alice", GW2))
+        .await
+        .unwrap();
+
+    let u = store
+        .set_status("phone", SessionStatus::Away)
+        .await
+        .unwrap();
+    assert_eq!(
+        (u.presence.status.as_str(), u.changed),
+        (STATUS_ONLINE, false)
+    );
+    let u = store
+        .set_status("laptop", SessionStatus::Away)
+        .await
+        .unwrap();
+    assert_eq!((u.presence.status.as_str(), u.changed), (STATUS_AWAY, true));
+    assert_eq!(u.presence.sessions, 2);
+    let u = store
+        .set_status("laptop", SessionStatus::Away)
+        .await
+        .unwrap();
+    assert!(!u.changed, "same status again is no change");
+    let u = store
+        .set_status("phone", SessionStatus::Online)
+        .await
+        .unwrap();
+    assert_eq!(
+        (u.presence.status.as_str(), u.changed),
+        (STATUS_ONLINE, true)
+    );
+
+    let u = store.unregister("phone").await.unwrap().unwrap();
+    assert_eq!((u.presence.status.as_str(), u.changed), (STATUS_AWAY, true));
+    assert_eq!(u.presence.sessions, 1);
+    let u = store.unregister("laptop").await.unwrap().unwrap();
+    assert_eq!(
+        (u.presence.status.as_str(), u.changed),
+        (STATUS_OFFLINE, true)
+    );
+
+    // Expiry of several devices at once reports the user once, with the final status.
+    store.register(session("a", "bob", GW1)).await.unwrap();
+    store.register(session("b", "bob", GW1)).await.unwrap();
+    store.set_status("b", SessionStatus::Away).await.unwrap();
+    advance_ms(TTL.as_millis() as u64).await;
+    let changed = store.expire(store.now_ms()).await.unwrap();
+    assert_eq!(changed.len(), 1);
+    assert_eq!(changed[0].status, STATUS_OFFLINE);
+}
+
+pub async fn set_status_of_unknown_session_is_not_found<
+    F: Fn(Duration) -> Arc<dyn SessionStore>,
+>(
+    factory: F,
+) {
+    let store = factory(TTL);
+    let err = store
+        .set_status("ghost", SessionStatus::Away)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PresenceError::NotFound(_)), "{err:?}");
+}
+
+pub async fn reregister_keeps_status_and_moves_gateway<F: Fn(Duration) -> Arc<dyn SessionStore>>(
+    factory: F,
+) {
+    let store = factory(TTL);
+    store.register(session("s1", "alice", GW1)).await.unwrap();
+    store.set_status("s1", SessionStatus::Away).await.unwrap();
+    advance_ms(20_000).await;
+    let u = store.register(session("s1", "alice", GW1)).await.unwrap();
+    assert_eq!(
+        (u.presence.status.as_str(), u.changed),
+        (STATUS_AWAY, false)
+    );
+    assert_eq!(u.presence.sessions, 1);
+
+    // Re-registering refreshed the deadline.
+    advance_ms(20_000).await;
+    assert!(store.expire(store.now_ms()).await.unwrap().is_empty());
+
+    let u = store.register(session("s1", "alice", GW2)).await.unwrap();
+    assert_eq!(u.presence.sessions, 1);
+    assert_eq!(
+        store.route(&ids(&["alice"])).await.unwrap(),
+        vec![GatewayRoute {
+            gateway_addr: GW2.into(),
+            user_ids: ids(&["alice"]),
+        }]
+    );
+    assert_eq!(
+        store.heartbeat(GW1, &ids(&["s1"])).await.unwrap(),
+        ids(&["s1"])
+    );
+    assert!(store
+        .heartbeat(GW2, &ids(&["s1"]))
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+pub async fn session_id_of_another_user_is_rejected<F: Fn(Duration) -> Arc<dyn SessionStore>>(
+    factory: F,
+) {
+    let store = factory(TTL);
+    store.register(session("s1", "alice", GW1)).await.unwrap();
+    let err = store
+        .register(session("s1", "mallory", GW1))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PresenceError::InvalidRequest(_)), "{err:?}");
+    assert_eq!(presence(&*store, "mallory").await.status, STATUS_OFFLINE);
+    assert_eq!(presence(&*store, "alice").await.sessions, 1);
+}
+
+pub async fn query_reports_unknown_users_offline_once_each<
+    F: Fn(Duration) -> Arc<dyn SessionStore>,
+>(
+    factory: F,
+) {
+    let store = factory(TTL);
+    store.register(session("s1", "alice", GW1)).await.unwrap();
+    let got = store
+        .query(&ids(&["nobody", "alice", "nobody"]))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 2);
+    assert_eq!(
+        got[0],
+        UserPresence {
+            user_id: "nobody".into(),
+            status: STATUS_OFFLINE.into(),
+            last_seen_ms: 0,
+            sessions: 0,
+        }
+    );
+    assert_eq!(got[1].user_id, "alice");
+    assert_eq!(got[1].status, STATUS_ONLINE);
+}
+
+pub async fn route_groups_users_by_gateway<F: Fn(Duration) -> Arc<dyn SessionStore>>(factory: F) {
+    let store = factory(TTL);
+    store.register(session("a1", "alice", GW1)).await.unwrap();
+    store.register(session("a2", "alice", GW2)).await.unwrap();
+    store.register(session("b1", "bob", GW1)).await.unwrap();
+    store.register(session("c1", "carol", GW2)).await.unwrap();
+    store.register(session("c2", "carol", GW2)).await.unwrap();
+    let routes = store
+        .route(&ids(&["carol", "alice", "bob", "dave", "alice"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        routes,
+        vec![
+            GatewayRoute {
+                gateway_addr: GW1.into(),
+                user_ids: ids(&["alice", "bob"]),
+            },
+            GatewayRoute {
+                gateway_addr: GW2.into(),
+                user_ids: ids(&["carol", "alice"]),
+            },
+        ]
+    );
+}
+
+pub async fn watch_requires_a_session_of_the_watcher_on_that_gateway<
+    F: Fn(Duration) -> Arc<dyn SessionStore>,
+>(
+    factory: F,
+) {
+    let store = factory(TTL);
+    let err = store.watch(GW1, "alice", &ids(&["bob"])).await.unwrap_err();
+    assert!(matches!(err, PresenceError::NotFound(_)), "{err:?}");
+    store.register(session("s1", "alice", GW2)).await.unwrap();
+    let err = store.watch(GW1, "alice", &ids(&["bob"])).await.unwrap_err();
+    assert!(matches!(err, PresenceError::NotFound(_)), "{err:?}");
+    assert!(store.watchers_of("bob").await.unwrap().is_empty());
+
+    store
+        .watch(GW2, "alice", &ids(&["bob", "bob"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.watchers_of("bob").await.unwrap(),
+        vec![GatewayWatchers {
+            gateway_url: GW2.into(),
+            watcher_ids: ids(&["alice"]),
+        }]
+    );
+}
+
+pub async fn watches_are_dropped_with_the_watchers_last_session_on_a_gateway<
+    F: Fn(Duration) -> Arc<dyn SessionStore>,
+>(
+    factory: F,
+) {
+    let store = factory(TTL);
+    store.register(session("a1", "alice", GW1)).await.unwrap();
+    store.register(session("a2", "alice", GW1)).await.unwrap();
+    store.register(session("a3", "alice", GW2)).await.unwrap();
+    store.register(session("c1", "carol", GW1)).await.unwrap();
+    store.watch(GW1, "alice", &ids(&["bob"])).await.unwrap();
+    store.watch(GW2, "alice", &ids(&["bob"])).await.unwrap();
+    store.watch(GW1, "carol", &ids(&["bob"])).await.unwrap();
+    assert_eq!(
+        store.watchers_of("bob").await.unwrap(),
+        vec![
+            GatewayWatchers {
+                gateway_url: GW1.into(),
+                watcher_ids: ids(&["alice", "carol"]),
+            },
+            GatewayWatchers {
+                gateway_url: GW2.into(),
+                watcher_ids: ids(&["alice"]),
+            },
+        ]
+    );
+
+    // Refreshing a session on the same gateway keeps its watches.
+    store.register(session("a1", "alice", GW1)).await.unwrap();
+    store.unregister("a1").await.unwrap();
+    assert_eq!(
+        store.watchers_of("bob").await.unwrap().len(),
+        2,
+        "a2 still on GW1"
+    );
+    store.unregister("a2").await.unwrap();
+    assert_eq!(
+        store.watchers_of("bob").await.unwrap(),
+        vec![
+            GatewayWatchers {
+                gateway_url: GW1.into(),
+                watcher_ids: ids(&["carol"]),
+            },
+            GatewayWatchers {
+                gateway_url: GW2.into(),
+                watcher_ids: ids(&["alice"]),
+            },
+        ]
+    );
+
+    // Moving the last session off a gateway drops the watches held through it.
+    store.register(session("c1", "carol", GW2)).await.unwrap();
+    store.unregister("a3").await.unwrap();
+    assert!(store.watchers_of("bob").await.unwrap().is_empty());
+}
+
+pub async fn watches_are_dropped_when_the_watcher_expires<
+    F: Fn(Duration) -> Arc<dyn SessionStore>,
+>(
+    factory: F,
+) {
+    let store = factory(TTL);
+    store.register(session("a1", "alice", GW1)).await.unwrap();
+    store
+        .watch(GW1, "alice", &ids(&["bob", "carol"]))
+        .await
+        .unwrap();
+    assert_eq!(store.watchers_of("carol").await.unwrap().len(), 1);
+    advance_ms(TTL.as_millis() as u64).await;
+    store.expire(store.now_ms()).await.unwrap();
+    assert!(store.watchers_of("bob").await.unwrap().is_empty());
+    assert!(store.watchers_of("carol").await.unwrap().is_empty());
+
+    // A new session starts with no watches, and the cap starts from zero again.
+    store.register(session("a2", "alice", GW1)).await.unwrap();
+    assert!(store.watchers_of("bob").await.unwrap().is_empty());
+    let many: Vec<String> = (0..MAX_WATCHED_PER_WATCHER)
+        .map(|i| format!("u{i}"))
+        .collect();
+    store.watch(GW1, "alice", &many).await.unwrap();
+}
+
+pub async fn watch_cap_rejects_without_adding<F: Fn(Duration) -> Arc<dyn SessionStore>>(
+    factory: F,
+) {
+    let store = factory(TTL);
+    store.register(session("a1", "alice", GW1)).await.unwrap();
+    let many: Vec<String> = (0..MAX_WATCHED_PER_WATCHER)
+        .map(|i| format!("u{i}"))
+        .collect();
+    store.watch(GW1, "alice", &many[..10]).await.unwrap();
+    store.watch(GW1, "alice", &many).await.unwrap();
+    store
+        .watch(GW1, "alice", &ids(&["u0", "u1"]))
+        .await
+        .expect("re-watching watched users adds nothing");
+
+    let err = store
+        .watch(GW1, "alice", &ids(&["u0", "extra"]))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PresenceError::InvalidRequest(_)), "{err:?}");
+    assert!(store.watchers_of("extra").await.unwrap().is_empty());
+
+    // The cap is per watcher and gateway.
+    store.register(session("c1", "carol", GW1)).await.unwrap();
+    store.watch(GW1, "carol", &ids(&["extra"])).await.unwrap();
+}
+
+pub async fn drop_gateway_removes_its_sessions_and_watches<
+    F: Fn(Duration) -> Arc<dyn SessionStore>,
+>(
+    factory: F,
+) {
+    let store = factory(TTL);
+    store.register(session("a1", "alice", GW1)).await.unwrap();
+    store.register(session("a2", "alice", GW2)).await.unwrap();
+    store.register(session("b1", "bob", GW1)).await.unwrap();
+    store.register(session("c1", "carol", GW1)).await.unwrap();
+    store.register(session("e1", "erin", GW2)).await.unwrap();
+    store.watch(GW1, "carol", &ids(&["alice"])).await.unwrap();
+    store.watch(GW2, "erin", &ids(&["bob"])).await.unwrap();
+    for i in 0..1200 {
+        store
+            .register(session(&format!("m{i}"), &format!("many{}", i % 7), GW1))
+            .await
+            .unwrap();
+    }
+    advance_ms(1_000).await;
+    let dropped_at = store.now_ms();
+
+    let outcome = store.drop_gateway(GW1).await.unwrap();
+    assert_eq!(outcome.sessions, 1203);
+    let mut changed: Vec<&str> = outcome.changed.iter().map(|p| p.user_id.as_str()).collect();
+    changed.sort();
+    let mut expected = vec!["bob", "carol"];
+    let many: Vec<String> = (0..7).map(|i| format!("many{i}")).collect();
+    expected.extend(many.iter().map(String::as_str));
+    expected.sort();
+    assert_eq!(changed, expected, "alice stays online on GW2");
+    for p in &outcome.changed {
+        assert_eq!(p.status, STATUS_OFFLINE);
+        assert_eq!(p.last_seen_ms, dropped_at);
+    }
+
+    assert!(store.watchers_of("alice").await.unwrap().is_empty());
+    assert_eq!(
+        store.watchers_of("bob").await.unwrap(),
+        vec![GatewayWatchers {
+            gateway_url: GW2.into(),
+            watcher_ids: ids(&["erin"]),
+        }]
+    );
+    assert_eq!(
+        store.route(&ids(&["alice", "bob"])).await.unwrap(),
+        vec![GatewayRoute {
+            gateway_addr: GW2.into(),
+            user_ids: ids(&["alice"]),
+        }]
+    );
+    assert_eq!(store.drop_gateway(GW1).await.unwrap().sessions, 0);
+    assert_eq!(
+        store.heartbeat(GW1, &ids(&["b1"])).await.unwrap(),
+        ids(&["b1"])
+    );
+}
+
+pub async fn stats_count_sessions_and_online_users<F: Fn(Duration) -> Arc<dyn SessionStore>>(
+    factory: F,
+) {
+    let store = factory(TTL);
+    assert_eq!(store.stats().await.unwrap(), StoreStats::default());
+    store.register(session("a1", "alice", GW1)).await.unwrap();
+    store.register(session("a2", "alice", GW2)).await.unwrap();
+    store.register(session("b1", "bob", GW1)).await.unwrap();
+    assert_eq!(
+        store.stats().await.unwrap(),
+        StoreStats {
+            sessions: 3,
+            online_users: 2,
+        }
+    );
+    store.unregister("b1").await.unwrap();
+    assert_eq!(
+        store.stats().await.unwrap(),
+        StoreStats {
+            sessions: 2,
+            online_users: 1,
+        }
+    );
+}
