@@ -845,8 +845,76 @@ impl HistoryStore for SqliteStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::conformance::{Harness, StoreFactory};
+
+    /// A SQLite file in a temporary directory; every `open` opens the same file.
+    pub(crate) struct SqliteFactory {
+        dir: tempfile::TempDir,
+    }
+
+    impl SqliteFactory {
+        pub(crate) fn new() -> Self {
+            SqliteFactory {
+                dir: tempfile::tempdir().expect("temporary directory"),
+            }
+        }
+
+        fn path(&self) -> std::path::PathBuf {
+            self.dir.path().join("storage.sqlite3")
+        }
+    }
+
+    #[async_trait]
+    impl StoreFactory for SqliteFactory {
+        async fn open(&self) -> Arc<dyn HistoryStore> {
+            let path = self.path();
+            let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path))
+                .await
+                .expect("open task")
+                .expect("open sqlite store");
+            Arc::new(store)
+        }
+    }
+
+    mod conformance {
+        crate::conformance::history_store_conformance!(super::SqliteFactory::new);
+    }
+
+    /// `kill -9` leaves the database and its WAL as they were when the last commit
+    /// returned (no close, no checkpoint). Copying both files while the store is still
+    /// open gives exactly that state; opening the copy must recover every appended
+    /// message.
+    #[tokio::test]
+    async fn acknowledged_appends_survive_a_killed_process() {
+        let factory = SqliteFactory::new();
+        let h = Harness::open(&factory, 200).await;
+        let id = h.direct("alice", "bob").await.conversation_id;
+        h.fill(&id, "alice", 20).await;
+
+        let crashed = tempfile::tempdir().unwrap();
+        let copy = crashed.path().join("storage.sqlite3");
+        let wal = factory.path().with_extension("sqlite3-wal");
+        assert!(
+            std::fs::metadata(&wal).map(|m| m.len() > 0).unwrap_or(false),
+            "commits are in the WAL, not yet checkpointed"
+        );
+        std::fs::copy(factory.path(), &copy).unwrap();
+        std::fs::copy(&wal, copy.with_extension("sqlite3-wal")).unwrap();
+
+        let path = copy.clone();
+        let reopened = tokio::task::spawn_blocking(move || SqliteStore::open(&path))
+            .await
+            .unwrap()
+            .unwrap();
+        let after = Harness::over(Arc::new(reopened), 200);
+        assert_eq!(after.last_seq(&id).await, 20);
+        let page = after.history("bob", &id, 0, "", 0).await.unwrap();
+        assert_eq!(page.messages.len(), 20);
+        assert!(after.append(&id, 21, "alice", &format!("{id}-m20")).await.unwrap().duplicate);
+        drop(h);
+    }
 
     #[test]
     fn migrations_are_recorded_and_reopening_is_a_no_op() {
