@@ -1,1 +1,343 @@
-//! Switchboard gateway service (to be filled in).
+//! Switchboard gateway: terminates client WebSocket connections, verifies their
+//! tokens, speaks the client protocol (JSON or protobuf frames), keeps one bounded
+//! outbound queue per connection, calls presence, routing and storage over gRPC, and
+//! serves the internal `Gateway` gRPC service whose `Deliver` pushes events to its
+//! local sessions.
+//!
+//! It owns no durable state: sessions live in presence, messages in routing and
+//! storage. It does not decide who receives an event (routing does) nor check
+//! membership (the backends do); it only filters what reaches each local connection
+//! (excluded session, presence watches, duplicate sequences, slow consumers).
+
+mod connection;
+mod deliver;
+mod error;
+mod http;
+mod metrics;
+mod requests;
+mod sessions;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use switchboard_auth::{Signer, Verifier};
+use switchboard_config::Config;
+use switchboard_proto::v1;
+use switchboard_telemetry::Readiness;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+pub use connection::{close_code, MAX_PENDING_REQUESTS};
+
+use metrics::Metrics;
+use requests::Peers;
+use sessions::{ConnectionSlots, Session, SessionRegistry};
+
+/// Session ids per `Presence.Heartbeat` call.
+const HEARTBEAT_CHUNK: usize = 1_000;
+/// After the drain deadline, how long closing connections get to finish.
+const CLOSE_GRACE: Duration = Duration::from_secs(3);
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// State shared by the HTTP handlers, the connection tasks and the gRPC service.
+pub(crate) struct Shared {
+    pub config: Arc<Config>,
+    pub verifier: Verifier,
+    /// Mints development tokens; present only in dev mode.
+    pub signer: Option<Signer>,
+    pub peers: Peers,
+    pub sessions: SessionRegistry,
+    pub slots: Arc<ConnectionSlots>,
+    pub metrics: Metrics,
+    pub readiness: Readiness,
+    /// The URL presence hands to routing for `Deliver` calls to this gateway.
+    pub advertise_url: String,
+    /// Cancelled when draining starts: upgrades are refused, sessions get `goaway`.
+    pub draining: CancellationToken,
+    /// Cancelled at the drain deadline: remaining sessions close with 1001.
+    pub closing: CancellationToken,
+    /// Cancelled when draining has finished (all sessions gone, presence told).
+    pub drained: CancellationToken,
+    /// The deadline of the drain in progress, in ms.
+    drain_deadline_ms: AtomicU64,
+}
+
+impl Shared {
+    /// Register a session with presence.
+    pub(crate) async fn register(&self, session: &Session) -> Result<(), tonic::Status> {
+        self.peers
+            .presence
+            .clone()
+            .register_session(v1::RegisterSessionRequest {
+                session: Some(v1::SessionInfo {
+                    session_id: session.session_id.to_string(),
+                    user_id: session.user_id.to_string(),
+                    device_id: session.device_id.to_string(),
+                    gateway_addr: self.advertise_url.clone(),
+                }),
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub(crate) fn drain_deadline_ms(&self) -> u64 {
+        self.drain_deadline_ms.load(Ordering::SeqCst)
+    }
+
+    /// Start draining (once; later calls do nothing): not ready, no new connections,
+    /// `goaway` to every session, then close what is left at the deadline and tell
+    /// presence to forget this gateway.
+    pub(crate) fn start_drain(self: &Arc<Self>, deadline_ms: u64) {
+        if self.draining.is_cancelled() {
+            return;
+        }
+        self.drain_deadline_ms.store(deadline_ms, Ordering::SeqCst);
+        self.readiness.set(false);
+        self.draining.cancel();
+        let shared = self.clone();
+        tokio::spawn(async move {
+            let open = shared.slots.open();
+            info!(connections = open, deadline_ms, "draining");
+            let deadline = Duration::from_millis(deadline_ms);
+            if tokio::time::timeout(deadline, shared.slots.all_closed())
+                .await
+                .is_err()
+            {
+                info!(
+                    connections = shared.slots.open(),
+                    "drain deadline passed, closing the rest"
+                );
+            }
+            shared.closing.cancel();
+            if tokio::time::timeout(CLOSE_GRACE, shared.slots.all_closed())
+                .await
+                .is_err()
+            {
+                warn!(
+                    connections = shared.slots.open(),
+                    "connections still open after close"
+                );
+            }
+            let dropped = shared
+                .peers
+                .presence
+                .clone()
+                .drop_gateway(v1::DropGatewayRequest {
+                    gateway_addr: shared.advertise_url.clone(),
+                })
+                .await;
+            if let Err(status) = dropped {
+                warn!(error = %status.message(), "cannot tell presence this gateway is gone");
+            }
+            shared.drained.cancel();
+        });
+    }
+}
+
+/// The three listeners of a gateway.
+pub struct Listeners {
+    /// Client connections (`gateway.listen`).
+    pub http: TcpListener,
+    /// Internal gRPC (`gateway.grpc_listen`).
+    pub grpc: TcpListener,
+    /// Health, readiness and metrics (`gateway.admin_listen`).
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Bind the addresses of `config.gateway`.
+    pub async fn bind(config: &Config) -> anyhow::Result<Listeners> {
+        let g = &config.gateway;
+        Ok(Listeners {
+            http: switchboard_telemetry::bind("gateway.listen", &g.listen).await?,
+            grpc: switchboard_telemetry::bind("gateway.grpc_listen", &g.grpc_listen).await?,
+            admin: switchboard_telemetry::bind("gateway.admin_listen", &g.admin_listen).await?,
+        })
+    }
+}
+
+/// A gateway built from configuration, ready to serve on its listeners.
+pub struct Gateway {
+    shared: Arc<Shared>,
+    registry: prometheus::Registry,
+}
+
+impl Gateway {
+    /// Build from configuration: token verifier (and in dev mode the signer), peer
+    /// channels (lazy) and metrics. Fails on bad auth settings, before any port is bound.
+    pub fn new(config: Arc<Config>) -> anyhow::Result<Gateway> {
+        let verifier = Verifier::from_config(&config.auth)
+            .map_err(|e| anyhow::anyhow!("gateway auth: {e}"))?;
+        let signer = if config.dev_mode {
+            Some(
+                Signer::from_config(&config.auth)
+                    .map_err(|e| anyhow::anyhow!("dev_mode token signer: {e}"))?,
+            )
+        } else {
+            None
+        };
+        let registry = prometheus::Registry::new();
+        let metrics = Metrics::new(&registry)?;
+        let shared = Arc::new(Shared {
+            verifier,
+            signer,
+            peers: Peers::from_config(&config)?,
+            sessions: SessionRegistry::default(),
+            slots: ConnectionSlots::new(
+                config.gateway.max_connections,
+                metrics.connections.clone(),
+            ),
+            metrics,
+            readiness: Readiness::new(),
+            advertise_url: config.gateway_advertise_url(),
+            draining: CancellationToken::new(),
+            closing: CancellationToken::new(),
+            drained: CancellationToken::new(),
+            drain_deadline_ms: AtomicU64::new(config.gateway.drain_deadline_ms),
+            config,
+        });
+        Ok(Gateway { shared, registry })
+    }
+
+    /// Serve until `shutdown` is cancelled, then drain (goaway, wait up to
+    /// `gateway.drain_deadline_ms`, close the rest with 1001, presence DropGateway)
+    /// and stop the servers.
+    pub async fn serve(
+        self,
+        listeners: Listeners,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let shared = self.shared;
+        let stop = CancellationToken::new();
+        info!(
+            listen = %listeners.http.local_addr()?,
+            grpc = %listeners.grpc.local_addr()?,
+            admin = %listeners.admin.local_addr()?,
+            advertise_url = %shared.advertise_url,
+            "gateway listening"
+        );
+
+        let (reporter, health) = switchboard_rpc::health();
+        reporter
+            .set_serving::<v1::gateway_server::GatewayServer<deliver::GatewayService>>()
+            .await;
+        let routes = tonic::service::Routes::new(v1::gateway_server::GatewayServer::new(
+            deliver::GatewayService {
+                shared: shared.clone(),
+            },
+        ));
+        // The three servers; any of them stopping before shutdown is a failure.
+        let mut servers = tokio::task::JoinSet::new();
+        servers.spawn(switchboard_rpc::serve(
+            listeners.grpc,
+            routes,
+            health,
+            stop.clone(),
+        ));
+        servers.spawn(switchboard_telemetry::serve_admin(
+            listeners.admin,
+            self.registry.clone(),
+            shared.readiness.clone(),
+            stop.clone(),
+        ));
+        let app = http::router(shared.clone(), self.registry, shared.readiness.clone());
+        let http_stop = stop.clone();
+        servers.spawn(async move {
+            axum::serve(listeners.http, app)
+                .with_graceful_shutdown(async move { http_stop.cancelled().await })
+                .await
+                .map_err(|e| anyhow::anyhow!("client listener failed: {e}"))
+        });
+        let heartbeat = tokio::spawn(heartbeat(shared.clone(), shared.drained.clone()));
+        shared.readiness.set(true);
+
+        let mut failure: Option<anyhow::Error> = None;
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            Some(ended) = servers.join_next() => {
+                let e = match ended {
+                    Ok(Ok(())) => anyhow::anyhow!("a gateway server stopped unexpectedly"),
+                    Ok(Err(e)) => e,
+                    Err(e) => anyhow::anyhow!("a gateway server panicked: {e}"),
+                };
+                warn!(error = %e, "gateway server stopped, draining");
+                failure = Some(e);
+            }
+        }
+        shared.start_drain(shared.config.gateway.drain_deadline_ms);
+        shared.drained.cancelled().await;
+        stop.cancel();
+        let _ = heartbeat.await;
+        while let Some(ended) = servers.join_next().await {
+            match ended {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failure = failure.or(Some(e)),
+                Err(e) => {
+                    failure = failure.or(Some(anyhow::anyhow!("gateway server panicked: {e}")))
+                }
+            }
+        }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        info!("gateway stopped");
+        Ok(())
+    }
+}
+
+/// Run the gateway until `shutdown` is cancelled (used by `switchboard gateway` and
+/// `switchboard standalone`).
+pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let gateway = Gateway::new(config.clone())?;
+    let listeners = Listeners::bind(&config).await?;
+    gateway.serve(listeners, shutdown).await
+}
+
+/// Keep this gateway's sessions alive in presence: every `heartbeat_interval_ms`, one
+/// `Heartbeat` call per chunk of session ids; sessions presence no longer knows
+/// (expired, for example after a presence restart) are registered again.
+async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
+    let period = Duration::from_millis(shared.config.gateway.heartbeat_interval_ms);
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let ids = shared.sessions.session_ids();
+        for chunk in ids.chunks(HEARTBEAT_CHUNK) {
+            let request = v1::HeartbeatRequest {
+                gateway_addr: shared.advertise_url.clone(),
+                session_ids: chunk.iter().map(|id| id.to_string()).collect(),
+            };
+            let unknown = match shared.peers.presence.clone().heartbeat(request).await {
+                Ok(response) => response.into_inner().unknown_session_ids,
+                Err(status) => {
+                    warn!(error = %status.message(), sessions = chunk.len(), "heartbeat failed");
+                    continue;
+                }
+            };
+            for id in unknown {
+                let Some(session) = shared.sessions.get(&id) else {
+                    continue;
+                };
+                match shared.register(&session).await {
+                    Ok(()) => debug!(session_id = %id, "session registered again"),
+                    Err(status) => {
+                        warn!(session_id = %id, error = %status.message(), "re-register failed")
+                    }
+                }
+            }
+        }
+    }
+}

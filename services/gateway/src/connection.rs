@@ -1,0 +1,517 @@
+//! One client connection: a single task that `select!`s over the socket, the session's
+//! outbound queue, the in-flight request, drain signals and the idle timer.
+//!
+//! Requests are processed one at a time in arrival order. This keeps one client's
+//! sends in order (a client's later message never overtakes an earlier one), while
+//! events keep flowing to the client during a request: the in-flight request is just
+//! one more future polled by the loop, and its ack is written when it completes. Up to
+//! [`MAX_PENDING_REQUESTS`] decoded requests wait behind it; beyond that the loop stops
+//! reading the socket, which pushes back on the client through TCP.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
+use futures::future::BoxFuture;
+use futures::SinkExt;
+use switchboard_proto::codec::{decode_client_frame, Payload};
+use switchboard_proto::v1::{self, ack, server_frame::Event, ServerFrame};
+use switchboard_proto::ErrorCode;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, info};
+
+use crate::sessions::{OutFrame, Session, SlotGuard};
+use crate::Shared;
+
+/// Close codes the gateway uses (besides 1000 when the client closes first).
+pub mod close_code {
+    /// The gateway is shutting down (after `goaway` and the drain deadline).
+    pub const GOING_AWAY: u16 = 1001;
+    /// Too many protocol violations on this connection.
+    pub const POLICY_VIOLATION: u16 = 1008;
+    /// A frame above the hard size cap; the stream cannot be resumed after it.
+    pub const MESSAGE_TOO_BIG: u16 = 1009;
+    /// The client did not read its events fast enough; it must reconnect and `sync`.
+    pub const SLOW_CONSUMER: u16 = 4000;
+    /// The client sent nothing (not even a ping) for `gateway.client_idle_timeout_ms`.
+    pub const IDLE_TIMEOUT: u16 = 4001;
+}
+
+/// Decoded requests waiting behind the in-flight one.
+pub const MAX_PENDING_REQUESTS: usize = 16;
+/// Outbound frames written before one flush.
+const WRITE_BATCH: usize = 32;
+/// A write that makes no progress for this long ends the connection.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long closing waits for the client's close reply.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Codes that count as protocol violations toward `gateway.max_violations`.
+fn is_violation(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::BadFrame
+            | ErrorCode::UnknownFrame
+            | ErrorCode::FrameTooLarge
+            | ErrorCode::RateLimited
+            | ErrorCode::NotMember
+    )
+}
+
+/// The hard cap on a WebSocket message: a bit above `max_frame_bytes`, so that a
+/// slightly oversized frame can still be read and answered with `frame_too_large`
+/// while the connection stays usable. Anything larger closes with 1009.
+pub(crate) fn hard_frame_cap(max_frame_bytes: usize) -> usize {
+    max_frame_bytes + (max_frame_bytes / 8).max(4096)
+}
+
+/// Why the loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The client closed or the socket failed: nothing more to send.
+    Gone,
+    SlowConsumer,
+    Shutdown,
+    Idle,
+    Violations,
+    TooBig,
+}
+
+/// The connection's session, released when the connection ends (or never starts:
+/// the guard is dropped with the upgrade callback when the upgrade fails).
+pub(crate) struct SessionGuard {
+    pub shared: Arc<Shared>,
+    pub session: Arc<Session>,
+    pub _slot: SlotGuard,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.shared.sessions.remove(&self.session.session_id);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mut presence = self.shared.peers.presence.clone();
+        let session_id = self.session.session_id.to_string();
+        // Bounded by the channel's RPC timeout; if it fails the session expires by TTL.
+        runtime.spawn(async move {
+            if let Err(status) = presence
+                .unregister_session(v1::UnregisterSessionRequest {
+                    session_id: session_id.clone(),
+                })
+                .await
+            {
+                debug!(%session_id, error = %status.message(), "unregister failed");
+            }
+        });
+    }
+}
+
+/// A token bucket: `rate` tokens per second, at most `burst` saved up.
+pub(crate) struct TokenBucket {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub(crate) fn new(rate: u32, burst: u32, now: Instant) -> Self {
+        let burst = f64::from(burst.max(1));
+        TokenBucket {
+            tokens: burst,
+            rate: f64::from(rate),
+            burst,
+            last: now,
+        }
+    }
+
+    pub(crate) fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The state of one connection's loop.
+struct Connection {
+    shared: Arc<Shared>,
+    session: Arc<Session>,
+    socket: WebSocket,
+    limiter: TokenBucket,
+    violations: u32,
+}
+
+fn server_frame(event: Event) -> ServerFrame {
+    ServerFrame { event: Some(event) }
+}
+
+fn error_frame(code: ErrorCode, message: impl Into<String>) -> ServerFrame {
+    server_frame(Event::Error(v1::ErrorEvent {
+        code: code.as_str().to_owned(),
+        message: message.into(),
+    }))
+}
+
+/// The reply to a frame that was rejected: an ack when its id is known, else `error`.
+fn rejection(id: Option<String>, code: ErrorCode, message: String) -> ServerFrame {
+    let error = v1::ErrorEvent {
+        code: code.as_str().to_owned(),
+        message,
+    };
+    match id {
+        Some(id) => server_frame(Event::Ack(v1::Ack {
+            id,
+            result: Some(ack::Result::Error(error)),
+        })),
+        None => server_frame(Event::Error(error)),
+    }
+}
+
+async fn next_ack(inflight: &mut Option<BoxFuture<'static, v1::Ack>>) -> v1::Ack {
+    match inflight {
+        Some(request) => request.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Serve one upgraded connection until it ends.
+pub(crate) async fn serve(
+    socket: WebSocket,
+    guard: SessionGuard,
+    mut outbound_rx: mpsc::Receiver<Arc<OutFrame>>,
+) {
+    let shared = guard.shared.clone();
+    let session = guard.session.clone();
+    let config = &shared.config.gateway;
+    let mut conn = Connection {
+        shared: shared.clone(),
+        session: session.clone(),
+        socket,
+        limiter: TokenBucket::new(
+            config.requests_per_second,
+            config.request_burst,
+            Instant::now(),
+        ),
+        violations: 0,
+    };
+    debug!(session_id = %session.session_id, user_id = %session.user_id, "connected");
+
+    let welcome = server_frame(Event::Welcome(v1::Welcome {
+        user_id: session.user_id.to_string(),
+        device_id: session.device_id.to_string(),
+        session_id: session.session_id.to_string(),
+        max_body_bytes: u32::try_from(shared.config.routing.max_body_bytes).unwrap_or(u32::MAX),
+        server_time_ms: crate::now_ms(),
+        heartbeat_interval_ms: u32::try_from(config.heartbeat_interval_ms).unwrap_or(u32::MAX),
+    }));
+    let end = match conn.write(&welcome).await {
+        Ok(()) => conn.run(&mut outbound_rx).await,
+        Err(end) => end,
+    };
+    // Frames still queued are dropped: account for them in the depth gauge.
+    outbound_rx.close();
+    while outbound_rx.try_recv().is_ok() {
+        shared.metrics.outbound_queued.dec();
+    }
+    debug!(session_id = %session.session_id, ?end, "connection ended");
+    conn.finish(end).await;
+    drop(guard);
+}
+
+impl Connection {
+    async fn run(&mut self, outbound_rx: &mut mpsc::Receiver<Arc<OutFrame>>) -> End {
+        let shared = self.shared.clone();
+        let session = self.session.clone();
+        let idle_timeout = Duration::from_millis(shared.config.gateway.client_idle_timeout_ms);
+        let idle = tokio::time::sleep(idle_timeout);
+        tokio::pin!(idle);
+        let mut inflight: Option<BoxFuture<'static, v1::Ack>> = None;
+        let mut pending: VecDeque<Box<v1::ClientFrame>> = VecDeque::new();
+        let mut goaway_sent = false;
+        let mut batch: Vec<Arc<OutFrame>> = Vec::new();
+
+        loop {
+            tokio::select! {
+                biased;
+                () = session.slow_marked() => return End::SlowConsumer,
+                () = shared.closing.cancelled() => return End::Shutdown,
+                () = shared.draining.cancelled(), if !goaway_sent => {
+                    goaway_sent = true;
+                    let deadline = shared.drain_deadline_ms();
+                    let goaway = server_frame(Event::Goaway(v1::GoAway {
+                        reason: "shutdown".into(),
+                        reconnect_after_ms: u32::try_from(deadline).unwrap_or(u32::MAX),
+                    }));
+                    if let Err(end) = self.write(&goaway).await {
+                        return end;
+                    }
+                }
+                ack = next_ack(&mut inflight) => {
+                    inflight = None;
+                    idle.as_mut().reset(Instant::now() + idle_timeout);
+                    let code = match &ack.result {
+                        Some(ack::Result::Error(e)) => ErrorCode::parse(&e.code),
+                        _ => None,
+                    };
+                    if let Err(end) = self.write(&server_frame(Event::Ack(ack))).await {
+                        return end;
+                    }
+                    if let Some(code) = code {
+                        if self.violation(code) {
+                            return End::Violations;
+                        }
+                    }
+                    if let Some(next) = pending.pop_front() {
+                        inflight = Some(self.start(*next));
+                    }
+                }
+                Some(first) = outbound_rx.recv() => {
+                    batch.push(first);
+                    while batch.len() < WRITE_BATCH {
+                        match outbound_rx.try_recv() {
+                            Ok(frame) => batch.push(frame),
+                            Err(_) => break,
+                        }
+                    }
+                    shared.metrics.outbound_queued.sub(batch.len() as i64);
+                    let result = self.write_batch(&batch).await;
+                    batch.clear();
+                    if let Err(end) = result {
+                        return end;
+                    }
+                }
+                incoming = self.socket.recv(), if pending.len() < MAX_PENDING_REQUESTS => {
+                    let payload = match incoming {
+                        None => return End::Gone,
+                        Some(Err(e)) => return if is_too_large(e) { End::TooBig } else { End::Gone },
+                        Some(Ok(message)) => {
+                            // Any frame, control frames included, shows the client is alive.
+                            idle.as_mut().reset(Instant::now() + idle_timeout);
+                            match message {
+                                WsMessage::Text(text) => Payload::Text(text.as_str().to_owned()),
+                                WsMessage::Binary(bytes) => Payload::Binary(bytes.to_vec()),
+                                // Pings are answered by the WebSocket layer itself.
+                                WsMessage::Ping(_) | WsMessage::Pong(_) => continue,
+                                WsMessage::Close(_) => return End::Gone,
+                            }
+                        }
+                    };
+                    match self.accept(payload) {
+                        Ok(frame) => {
+                            if inflight.is_none() {
+                                inflight = Some(self.start(frame));
+                            } else {
+                                pending.push_back(Box::new(frame));
+                            }
+                        }
+                        Err((reply, code)) => {
+                            if let Err(end) = self.write(&reply).await {
+                                return end;
+                            }
+                            if self.violation(code) {
+                                return End::Violations;
+                            }
+                        }
+                    }
+                }
+                () = &mut idle => return End::Idle,
+            }
+        }
+    }
+
+    fn start(&self, frame: v1::ClientFrame) -> BoxFuture<'static, v1::Ack> {
+        Box::pin(crate::requests::handle(
+            self.shared.clone(),
+            self.session.clone(),
+            frame,
+        ))
+    }
+
+    /// Check one data frame: size, decoding, rate. Returns the request to run or the
+    /// reply to send instead (with its error code).
+    fn accept(&mut self, payload: Payload) -> Result<v1::ClientFrame, (ServerFrame, ErrorCode)> {
+        let metrics = &self.shared.metrics;
+        let max = self.shared.config.gateway.max_frame_bytes;
+        if payload.len() > max {
+            metrics.frames_in.with_label_values(&["too_large"]).inc();
+            let code = ErrorCode::FrameTooLarge;
+            return Err((
+                rejection(None, code, format!("frame is larger than {max} bytes")),
+                code,
+            ));
+        }
+        let frame = match decode_client_frame(&payload, self.session.encoding) {
+            Ok(frame) => frame,
+            Err(e) => {
+                metrics.frames_in.with_label_values(&["invalid"]).inc();
+                return Err((rejection(e.id, e.code, e.message), e.code));
+            }
+        };
+        metrics
+            .frames_in
+            .with_label_values(&[request_name(&frame)])
+            .inc();
+        if !self.limiter.take(Instant::now()) {
+            let code = ErrorCode::RateLimited;
+            return Err((
+                rejection(
+                    Some(frame.id),
+                    code,
+                    "too many requests, slow down".to_owned(),
+                ),
+                code,
+            ));
+        }
+        Ok(frame)
+    }
+
+    /// Count a violation; true when the connection must close.
+    fn violation(&mut self, code: ErrorCode) -> bool {
+        if !is_violation(code) {
+            return false;
+        }
+        self.shared
+            .metrics
+            .violations
+            .with_label_values(&[code.as_str()])
+            .inc();
+        self.violations += 1;
+        self.violations >= self.shared.config.gateway.max_violations
+    }
+
+    async fn write(&mut self, frame: &ServerFrame) -> Result<(), End> {
+        let frame = Arc::new(OutFrame::encode(frame, self.session.encoding));
+        self.write_batch(std::slice::from_ref(&frame)).await
+    }
+
+    /// Write frames and flush, unless the session turns slow, the gateway closes, or
+    /// the client stops reading for [`WRITE_TIMEOUT`].
+    async fn write_batch(&mut self, frames: &[Arc<OutFrame>]) -> Result<(), End> {
+        let shared = &self.shared;
+        let session = &self.session;
+        let socket = &mut self.socket;
+        let write = async {
+            for frame in frames {
+                socket.feed(frame.message.clone()).await?;
+                shared
+                    .metrics
+                    .frames_out
+                    .with_label_values(&[frame.kind.as_str()])
+                    .inc();
+            }
+            socket.flush().await
+        };
+        tokio::select! {
+            result = write => result.map_err(|_| End::Gone),
+            () = session.slow_marked() => Err(End::SlowConsumer),
+            () = shared.closing.cancelled() => Err(End::Shutdown),
+            () = tokio::time::sleep(WRITE_TIMEOUT) => {
+                info!(session_id = %session.session_id, "write timed out");
+                Err(End::Gone)
+            }
+        }
+    }
+
+    /// Say goodbye the way `end` requires, bounded in time.
+    async fn finish(mut self, end: End) {
+        let (code, reason) = match end {
+            End::Gone => return,
+            End::SlowConsumer => {
+                let error = error_frame(
+                    ErrorCode::SlowConsumer,
+                    "events were not read fast enough; reconnect and sync",
+                );
+                let frame = OutFrame::encode(&error, self.session.encoding);
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.socket.send(frame.message)).await;
+                (close_code::SLOW_CONSUMER, "slow_consumer")
+            }
+            End::Shutdown => (close_code::GOING_AWAY, "shutdown"),
+            End::Idle => (close_code::IDLE_TIMEOUT, "idle_timeout"),
+            End::Violations => (close_code::POLICY_VIOLATION, "too many protocol violations"),
+            End::TooBig => (close_code::MESSAGE_TOO_BIG, "frame too large"),
+        };
+        let close = WsMessage::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        }));
+        let socket = &mut self.socket;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            if socket.send(close).await.is_err() {
+                return;
+            }
+            // Read until the client's close reply, so unread input does not turn the
+            // TCP close into a reset that could discard our close frame at the client.
+            while let Some(Ok(_)) = socket.recv().await {}
+        })
+        .await;
+    }
+}
+
+/// The metrics label of a request.
+fn request_name(frame: &v1::ClientFrame) -> &'static str {
+    use v1::client_frame::Request as R;
+    match &frame.request {
+        Some(R::Send(_)) => "send",
+        Some(R::History(_)) => "history",
+        Some(R::Sync(_)) => "sync",
+        Some(R::Read(_)) => "read",
+        Some(R::Typing(_)) => "typing",
+        Some(R::PresenceSet(_)) => "presence_set",
+        Some(R::PresenceWatch(_)) => "presence_watch",
+        Some(R::ConversationCreate(_)) => "conversation_create",
+        Some(R::ConversationMembers(_)) => "conversation_members",
+        Some(R::ConversationList(_)) => "conversation_list",
+        Some(R::Ping(_)) => "ping",
+        None => "invalid",
+    }
+}
+
+/// Whether a read error is the WebSocket layer refusing a message above the hard cap.
+fn is_too_large(error: axum::Error) -> bool {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    error
+        .into_inner()
+        .downcast_ref::<WsError>()
+        .is_some_and(|e| matches!(e, WsError::Capacity(_)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_bucket_allows_the_burst_then_the_rate() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(2, 3, start);
+        assert!((0..3).all(|_| bucket.take(start)));
+        assert!(!bucket.take(start));
+        let later = start + Duration::from_millis(500);
+        assert!(bucket.take(later));
+        assert!(!bucket.take(later));
+        let much_later = later + Duration::from_secs(60);
+        assert_eq!((0..10).filter(|_| bucket.take(much_later)).count(), 3);
+    }
+
+    #[test]
+    fn hard_cap_leaves_room_above_the_frame_limit() {
+        assert_eq!(hard_frame_cap(128 * 1024), 128 * 1024 + 16 * 1024);
+        assert_eq!(hard_frame_cap(8 * 1024), 8 * 1024 + 4096);
+    }
+
+    #[test]
+    fn violations_are_client_faults_only() {
+        assert!(is_violation(ErrorCode::BadFrame));
+        assert!(is_violation(ErrorCode::NotMember));
+        assert!(!is_violation(ErrorCode::Unavailable));
+        assert!(!is_violation(ErrorCode::InvalidRequest));
+    }
+}

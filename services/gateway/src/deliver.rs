@@ -1,0 +1,173 @@
+//! The internal `Gateway` gRPC service: `Deliver` pushes events into local sessions'
+//! outbound queues, `Drain` starts draining.
+
+use std::sync::Arc;
+
+use switchboard_proto::codec::Encoding;
+use switchboard_proto::v1::{
+    self, gateway_server::Gateway, server_frame::Event, DeliverRequest, DeliverResponse,
+    DrainRequest, DrainResponse,
+};
+use tokio::sync::mpsc::error::TrySendError;
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use crate::sessions::{lock, FrameKind, OutFrame, Session};
+use crate::Shared;
+
+pub(crate) struct GatewayService {
+    pub shared: Arc<Shared>,
+}
+
+#[tonic::async_trait]
+impl Gateway for GatewayService {
+    async fn deliver(
+        &self,
+        request: Request<DeliverRequest>,
+    ) -> Result<Response<DeliverResponse>, Status> {
+        Ok(Response::new(deliver(&self.shared, request.into_inner())))
+    }
+
+    async fn drain(
+        &self,
+        request: Request<DrainRequest>,
+    ) -> Result<Response<DrainResponse>, Status> {
+        let deadline_ms = match request.into_inner().deadline_ms {
+            0 => self.shared.config.gateway.drain_deadline_ms,
+            ms => u64::from(ms),
+        };
+        let sessions = self.shared.sessions.len();
+        info!(sessions, deadline_ms, "drain requested");
+        self.shared.start_drain(deadline_ms);
+        Ok(Response::new(DrainResponse {
+            sessions: u32::try_from(sessions).unwrap_or(u32::MAX),
+        }))
+    }
+}
+
+/// Each event encoded at most once per encoding, on first use.
+#[derive(Default)]
+struct Encoded {
+    json: Option<Arc<OutFrame>>,
+    proto: Option<Arc<OutFrame>>,
+}
+
+impl Encoded {
+    fn get(&mut self, frame: &v1::ServerFrame, encoding: Encoding) -> Arc<OutFrame> {
+        let slot = match encoding {
+            Encoding::Json => &mut self.json,
+            Encoding::Proto => &mut self.proto,
+        };
+        slot.get_or_insert_with(|| Arc::new(OutFrame::encode(frame, encoding)))
+            .clone()
+    }
+}
+
+/// Enqueue each delivery for the local sessions of its recipients. Never waits: a full
+/// queue drops an ephemeral event or disconnects the session as a slow consumer.
+pub(crate) fn deliver(shared: &Shared, request: DeliverRequest) -> DeliverResponse {
+    let mut delivered: u32 = 0;
+    let mut absent = Vec::new();
+    let mut targets: Vec<Arc<Session>> = Vec::new();
+    for delivery in request.deliveries {
+        let Some(frame) = delivery.event else {
+            continue;
+        };
+        let kind = FrameKind::of(&frame);
+        // Only events travel through Deliver; anything else is a caller bug.
+        if !matches!(
+            kind,
+            FrameKind::Message
+                | FrameKind::Receipt
+                | FrameKind::Typing
+                | FrameKind::Presence
+                | FrameKind::Conversation
+        ) {
+            continue;
+        }
+        targets.clear();
+        for user in &delivery.recipients {
+            if !shared.sessions.sessions_of(user, &mut targets) && !absent.contains(user) {
+                absent.push(user.clone());
+            }
+        }
+        // The same user listed twice must not get the event twice.
+        targets.sort_by(|a, b| a.session_id.cmp(&b.session_id));
+        targets.dedup_by(|a, b| a.session_id == b.session_id);
+        let (message_key, presence_user) = match &frame.event {
+            Some(Event::Message(m)) => (
+                m.message
+                    .as_ref()
+                    .map(|m| (m.conversation_id.as_str(), m.seq, m.sent_at_ms)),
+                None,
+            ),
+            Some(Event::Presence(p)) => (
+                None,
+                Some(p.presence.as_ref().map_or("", |p| p.user_id.as_str())),
+            ),
+            _ => (None, None),
+        };
+        let mut encoded = Encoded::default();
+        for session in &targets {
+            if *session.session_id == *delivery.exclude_session_id || session.is_slow() {
+                continue;
+            }
+            let mut state = lock(&session.delivery);
+            if let Some(user) = presence_user {
+                if !state.watched.contains(user) {
+                    continue;
+                }
+            }
+            if let Some((conversation, seq, _)) = message_key {
+                let last = state.last_seq.get(conversation).copied().unwrap_or(0);
+                // seq 0 is a message not sequenced yet; it cannot be deduplicated.
+                if seq != 0 && seq <= last {
+                    continue;
+                }
+            }
+            match session
+                .outbound_tx
+                .try_send(encoded.get(&frame, session.encoding))
+            {
+                Ok(()) => {
+                    delivered += 1;
+                    shared.metrics.outbound_queued.inc();
+                    if let Some((conversation, seq, sent_at_ms)) = message_key {
+                        if seq != 0 {
+                            state.last_seq.insert(conversation.to_owned(), seq);
+                        }
+                        shared.metrics.messages_delivered.inc();
+                        let latency_ms = crate::now_ms().saturating_sub(sent_at_ms).max(0);
+                        shared
+                            .metrics
+                            .send_to_deliver
+                            .observe(latency_ms as f64 / 1000.0);
+                    }
+                }
+                Err(TrySendError::Full(_)) if kind.is_ephemeral() => {
+                    shared
+                        .metrics
+                        .events_dropped
+                        .with_label_values(&[kind.as_str()])
+                        .inc();
+                }
+                Err(TrySendError::Full(_)) => {
+                    drop(state);
+                    if session.mark_slow() {
+                        // Out of the registry now, so later deliveries skip it at once.
+                        shared.sessions.remove(&session.session_id);
+                        shared.metrics.slow_consumer_disconnects.inc();
+                        info!(
+                            session_id = %session.session_id,
+                            user_id = %session.user_id,
+                            "slow consumer, closing"
+                        );
+                    }
+                }
+                // The connection is ending; its session leaves the registry soon.
+                Err(TrySendError::Closed(_)) => {}
+            }
+        }
+    }
+    DeliverResponse { delivered, absent }
+}

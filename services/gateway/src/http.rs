@@ -1,0 +1,330 @@
+//! The client HTTP listener: the WebSocket upgrade at `/v1/connect`, health and
+//! metrics, and in dev mode the chat page and the token endpoint.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use switchboard_proto::codec::Encoding;
+use tracing::{debug, warn};
+
+use crate::connection::{self, hard_frame_cap, SessionGuard};
+use crate::sessions::Session;
+use crate::Shared;
+
+/// The development chat page (plain HTML and JavaScript, no build step).
+const CHAT_PAGE: &str = include_str!("../assets/chat.html");
+/// Lifetime of development tokens.
+const DEV_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Longest device id, in bytes.
+pub(crate) const MAX_DEVICE_BYTES: usize = 64;
+
+pub(crate) fn router(
+    shared: Arc<Shared>,
+    registry: prometheus::Registry,
+    readiness: switchboard_telemetry::Readiness,
+) -> Router {
+    let mut routes = Router::new().route("/v1/connect", get(connect));
+    if shared.config.dev_mode {
+        routes = routes
+            .route("/", get(|| async { Html(CHAT_PAGE) }))
+            .route("/v1/dev/token", get(dev_token));
+    }
+    routes
+        .with_state(shared)
+        .merge(switchboard_telemetry::admin_router(registry, readiness))
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ConnectParams {
+    token: Option<String>,
+    device: Option<String>,
+}
+
+/// A refused upgrade: `{"error": code, "message": reason}`.
+fn refuse(
+    shared: &Shared,
+    status: StatusCode,
+    label: &str,
+    code: &str,
+    message: String,
+) -> Response {
+    shared
+        .metrics
+        .connections_rejected
+        .with_label_values(&[label])
+        .inc();
+    (
+        status,
+        Json(serde_json::json!({ "error": code, "message": message })),
+    )
+        .into_response()
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// The encoding for the offered subprotocols: the first known one in the client's
+/// order; JSON when none is offered; `Err` when only unknown ones are.
+fn choose_encoding(headers: &HeaderMap) -> Result<Option<Encoding>, String> {
+    let offered: Vec<&str> = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
+    if offered.is_empty() {
+        return Ok(None);
+    }
+    offered
+        .iter()
+        .find_map(|p| Encoding::from_subprotocol(p))
+        .map(Some)
+        .ok_or_else(|| {
+            format!(
+                "no supported subprotocol offered (supported: {}, {})",
+                Encoding::Json.subprotocol(),
+                Encoding::Proto.subprotocol()
+            )
+        })
+}
+
+fn validate_device(device: &str) -> Result<(), String> {
+    if device.is_empty() || device.len() > MAX_DEVICE_BYTES {
+        return Err(format!("device must be 1 to {MAX_DEVICE_BYTES} bytes"));
+    }
+    if !device
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+    {
+        return Err("device may hold only letters, digits and - _ . :".into());
+    }
+    Ok(())
+}
+
+async fn connect(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    query: Result<Query<ConnectParams>, QueryRejection>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let params = match query {
+        Ok(Query(params)) => params,
+        Err(e) => {
+            return refuse(
+                &shared,
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "invalid_request",
+                e.body_text(),
+            )
+        }
+    };
+    let token = bearer(&headers).or(params.token.as_deref());
+    let claims = match token {
+        None => Err("missing token".to_owned()),
+        Some(token) => shared.verifier.verify(token).map_err(|e| e.to_string()),
+    };
+    let claims = match claims {
+        Ok(claims) => claims,
+        Err(reason) => {
+            return refuse(
+                &shared,
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "unauthorized",
+                reason,
+            )
+        }
+    };
+    let encoding = match choose_encoding(&headers) {
+        Ok(encoding) => encoding,
+        Err(reason) => {
+            return refuse(
+                &shared,
+                StatusCode::BAD_REQUEST,
+                "bad_subprotocol",
+                "invalid_request",
+                reason,
+            )
+        }
+    };
+    let device = params.device.unwrap_or_else(|| "default".to_owned());
+    if let Err(reason) = validate_device(&device) {
+        return refuse(
+            &shared,
+            StatusCode::BAD_REQUEST,
+            "bad_device",
+            "invalid_request",
+            reason,
+        );
+    }
+    if shared.draining.is_cancelled() {
+        return refuse(
+            &shared,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "draining",
+            "the gateway is shutting down; connect to another one".into(),
+        );
+    }
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let Some(slot) = shared.slots.try_acquire() else {
+        return refuse(
+            &shared,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "at_capacity",
+            "unavailable",
+            "the gateway is at its connection limit".into(),
+        );
+    };
+
+    let config = &shared.config.gateway;
+    let session_id: Arc<str> = uuid::Uuid::new_v4().to_string().into();
+    let (session, outbound_rx) = Session::new(
+        session_id,
+        claims.sub.into(),
+        device.into(),
+        encoding.unwrap_or(Encoding::Json),
+        config.outbound_queue,
+    );
+    // Local first: an event routed to the session right after presence knows it
+    // finds it here and waits in its queue until the connection task starts.
+    shared.sessions.insert(session.clone());
+    let guard = SessionGuard {
+        shared: shared.clone(),
+        session: session.clone(),
+        _slot: slot,
+    };
+    if let Err(status) = shared.register(&session).await {
+        warn!(error = %status.message(), "cannot register session with presence");
+        drop(guard);
+        return refuse(
+            &shared,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "unavailable",
+            "presence is unavailable, retry later".into(),
+        );
+    }
+    debug!(session_id = %session.session_id, user_id = %session.user_id, "upgrading");
+
+    let hard_cap = hard_frame_cap(config.max_frame_bytes);
+    let mut upgrade = upgrade
+        .read_buffer_size(config.read_buffer_bytes)
+        .write_buffer_size(config.write_buffer_bytes)
+        .max_message_size(hard_cap)
+        .max_frame_size(hard_cap);
+    if let Some(encoding) = encoding {
+        upgrade = upgrade.protocols([encoding.subprotocol()]);
+    }
+    // If the upgrade fails, the callback is dropped with the guard, which releases
+    // the session.
+    upgrade.on_upgrade(move |socket| connection::serve(socket, guard, outbound_rx))
+}
+
+#[derive(Debug, Deserialize)]
+struct DevTokenParams {
+    user: Option<String>,
+}
+
+async fn dev_token(
+    State(shared): State<Arc<Shared>>,
+    query: Result<Query<DevTokenParams>, QueryRejection>,
+) -> Response {
+    let bad = |message: String| {
+        (
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({ "error": "invalid_request", "message": message })),
+        )
+            .into_response()
+    };
+    let user = match query {
+        Ok(Query(DevTokenParams { user: Some(user) })) => user,
+        Ok(_) => return bad("`user` is required".into()),
+        Err(e) => return bad(e.body_text()),
+    };
+    if let Err(e) = switchboard_auth::validate_user_id(&user) {
+        return bad(e.to_string());
+    }
+    let Some(signer) = &shared.signer else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({ "error": "not_found", "message": "dev mode is off" })),
+        )
+            .into_response();
+    };
+    match signer.sign(&user, DEV_TOKEN_TTL) {
+        Ok(token) => Json(serde_json::json!({ "token": token, "user_id": user })).into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(serde_json::json!({ "error": "internal", "message": e.to_string() })),
+        )
+            .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(protocols: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for p in protocols {
+            h.append(header::SEC_WEBSOCKET_PROTOCOL, p.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn subprotocol_choice_follows_the_client_order() {
+        assert_eq!(choose_encoding(&headers(&[])), Ok(None));
+        assert_eq!(
+            choose_encoding(&headers(&[
+                "foo, switchboard.v1.proto, switchboard.v1.json"
+            ])),
+            Ok(Some(Encoding::Proto))
+        );
+        assert_eq!(
+            choose_encoding(&headers(&["switchboard.v1.json"])),
+            Ok(Some(Encoding::Json))
+        );
+        assert!(choose_encoding(&headers(&["graphql-ws"])).is_err());
+    }
+
+    #[test]
+    fn device_ids_are_validated() {
+        assert!(validate_device("phone-1").is_ok());
+        assert!(validate_device("").is_err());
+        assert!(validate_device("a b").is_err());
+        assert!(validate_device(&"x".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn bearer_tokens_are_read_from_the_header() {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, "Bearer abc".parse().unwrap());
+        assert_eq!(bearer(&h), Some("abc"));
+        h.insert(header::AUTHORIZATION, "Basic abc".parse().unwrap());
+        assert_eq!(bearer(&h), None);
+    }
+}

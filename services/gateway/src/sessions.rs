@@ -1,0 +1,340 @@
+//! The local sessions of this gateway: who is connected, their bounded outbound
+//! queues, and the per-session delivery state (watched users, last delivered sequence).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use axum::extract::ws::Message as WsMessage;
+use switchboard_proto::codec::{encode, Encoding, Payload};
+use switchboard_proto::v1::{server_frame::Event, ServerFrame};
+use tokio::sync::{mpsc, watch, Notify};
+
+/// Lock a std mutex, ignoring poisoning: every critical section here is a few map
+/// operations that leave the data consistent even if a panic interrupted them.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The type of a server frame, for metrics and for the slow-consumer policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FrameKind {
+    Welcome,
+    Ack,
+    Message,
+    Receipt,
+    Typing,
+    Presence,
+    Conversation,
+    GoAway,
+    Error,
+    Empty,
+}
+
+impl FrameKind {
+    pub(crate) fn of(frame: &ServerFrame) -> FrameKind {
+        match &frame.event {
+            Some(Event::Welcome(_)) => FrameKind::Welcome,
+            Some(Event::Ack(_)) => FrameKind::Ack,
+            Some(Event::Message(_)) => FrameKind::Message,
+            Some(Event::Receipt(_)) => FrameKind::Receipt,
+            Some(Event::Typing(_)) => FrameKind::Typing,
+            Some(Event::Presence(_)) => FrameKind::Presence,
+            Some(Event::Conversation(_)) => FrameKind::Conversation,
+            Some(Event::Goaway(_)) => FrameKind::GoAway,
+            Some(Event::Error(_)) => FrameKind::Error,
+            None => FrameKind::Empty,
+        }
+    }
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            FrameKind::Welcome => "welcome",
+            FrameKind::Ack => "ack",
+            FrameKind::Message => "message",
+            FrameKind::Receipt => "receipt",
+            FrameKind::Typing => "typing",
+            FrameKind::Presence => "presence",
+            FrameKind::Conversation => "conversation",
+            FrameKind::GoAway => "goaway",
+            FrameKind::Error => "error",
+            FrameKind::Empty => "empty",
+        }
+    }
+
+    /// Ephemeral events may be dropped for a slow client; losing any other event
+    /// would break the delivery contract, so the client is disconnected instead.
+    pub(crate) fn is_ephemeral(self) -> bool {
+        matches!(
+            self,
+            FrameKind::Typing | FrameKind::Presence | FrameKind::Receipt
+        )
+    }
+}
+
+/// A server frame encoded for one encoding. Shared (`Arc`) by every session of that
+/// encoding that receives it, so a fan-out encodes each event at most twice.
+#[derive(Debug)]
+pub(crate) struct OutFrame {
+    pub kind: FrameKind,
+    pub message: WsMessage,
+}
+
+impl OutFrame {
+    pub(crate) fn encode(frame: &ServerFrame, encoding: Encoding) -> OutFrame {
+        let message = match encode(frame, encoding) {
+            Payload::Text(text) => WsMessage::Text(text.into()),
+            Payload::Binary(bytes) => WsMessage::Binary(bytes.into()),
+        };
+        OutFrame {
+            kind: FrameKind::of(frame),
+            message,
+        }
+    }
+}
+
+/// What the delivery path remembers per session.
+#[derive(Default)]
+pub(crate) struct DeliveryState {
+    /// Users whose presence events this session asked for (presence_watch).
+    pub watched: HashSet<String>,
+    /// Highest message sequence enqueued per conversation: a session never gets the
+    /// same sequence twice on one connection. Holds only conversations that had
+    /// traffic during this connection.
+    pub last_seq: HashMap<String, u64>,
+}
+
+/// One connected client (one WebSocket).
+pub(crate) struct Session {
+    pub session_id: Arc<str>,
+    pub user_id: Arc<str>,
+    pub device_id: Arc<str>,
+    pub encoding: Encoding,
+    /// Bounded queue of events for the connection task. Items are `Arc`s (8 bytes), so
+    /// the queue's first block is small for an idle connection.
+    pub outbound_tx: mpsc::Sender<Arc<OutFrame>>,
+    /// Delivery state, locked only for map operations and a `try_send` (never across
+    /// an await), so the check "seq not yet delivered" and the enqueue are atomic.
+    pub delivery: Mutex<DeliveryState>,
+    /// Set once when the session must close because its queue overflowed.
+    slow: AtomicBool,
+    /// Wakes the connection task when `slow` is set.
+    slow_notify: Notify,
+}
+
+impl Session {
+    pub(crate) fn new(
+        session_id: Arc<str>,
+        user_id: Arc<str>,
+        device_id: Arc<str>,
+        encoding: Encoding,
+        queue: usize,
+    ) -> (Arc<Session>, mpsc::Receiver<Arc<OutFrame>>) {
+        let (outbound_tx, outbound_rx) = mpsc::channel(queue);
+        let session = Arc::new(Session {
+            session_id,
+            user_id,
+            device_id,
+            encoding,
+            outbound_tx,
+            delivery: Mutex::new(DeliveryState::default()),
+            slow: AtomicBool::new(false),
+            slow_notify: Notify::new(),
+        });
+        (session, outbound_rx)
+    }
+
+    /// Mark the session as a slow consumer. Returns true the first time.
+    pub(crate) fn mark_slow(&self) -> bool {
+        let first = !self.slow.swap(true, Ordering::SeqCst);
+        if first {
+            // notify_one stores a permit when nobody waits, so the wakeup is not lost.
+            self.slow_notify.notify_one();
+        }
+        first
+    }
+
+    pub(crate) fn is_slow(&self) -> bool {
+        self.slow.load(Ordering::SeqCst)
+    }
+
+    /// Completes when the session was marked slow.
+    pub(crate) async fn slow_marked(&self) {
+        if self.is_slow() {
+            return;
+        }
+        self.slow_notify.notified().await;
+    }
+}
+
+/// Every session on this gateway, by id and by user.
+#[derive(Default)]
+pub(crate) struct SessionRegistry {
+    inner: Mutex<RegistryInner>,
+}
+
+#[derive(Default)]
+struct RegistryInner {
+    by_id: HashMap<Arc<str>, Arc<Session>>,
+    /// A user's sessions on this gateway (usually one or two devices).
+    by_user: HashMap<Arc<str>, Vec<Arc<Session>>>,
+}
+
+impl SessionRegistry {
+    pub(crate) fn insert(&self, session: Arc<Session>) {
+        let mut inner = lock(&self.inner);
+        inner
+            .by_user
+            .entry(session.user_id.clone())
+            .or_default()
+            .push(session.clone());
+        inner.by_id.insert(session.session_id.clone(), session);
+    }
+
+    /// Remove a session; false when it was not (or no longer) registered.
+    pub(crate) fn remove(&self, session_id: &str) -> bool {
+        let mut inner = lock(&self.inner);
+        let Some(session) = inner.by_id.remove(session_id) else {
+            return false;
+        };
+        if let Some(list) = inner.by_user.get_mut(&session.user_id) {
+            list.retain(|s| &*s.session_id != session_id);
+            if list.is_empty() {
+                inner.by_user.remove(&session.user_id);
+            }
+        }
+        true
+    }
+
+    pub(crate) fn get(&self, session_id: &str) -> Option<Arc<Session>> {
+        lock(&self.inner).by_id.get(session_id).cloned()
+    }
+
+    /// The sessions of `user`, appended to `out`; false when the user has none here.
+    pub(crate) fn sessions_of(&self, user: &str, out: &mut Vec<Arc<Session>>) -> bool {
+        match lock(&self.inner).by_user.get(user) {
+            Some(list) => {
+                out.extend(list.iter().cloned());
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub(crate) fn session_ids(&self) -> Vec<Arc<str>> {
+        lock(&self.inner).by_id.keys().cloned().collect()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        lock(&self.inner).by_id.len()
+    }
+}
+
+/// Counts open connections (from the accepted upgrade request to the end of the
+/// connection task) against `gateway.max_connections`, and lets draining wait for zero.
+pub(crate) struct ConnectionSlots {
+    open: watch::Sender<usize>,
+    max: usize,
+    gauge: prometheus::IntGauge,
+}
+
+impl ConnectionSlots {
+    pub(crate) fn new(max: usize, gauge: prometheus::IntGauge) -> Arc<ConnectionSlots> {
+        Arc::new(ConnectionSlots {
+            open: watch::Sender::new(0),
+            max,
+            gauge,
+        })
+    }
+
+    /// Take a slot, or None at capacity.
+    pub(crate) fn try_acquire(self: &Arc<Self>) -> Option<SlotGuard> {
+        let max = self.max;
+        let taken = self.open.send_if_modified(|n| {
+            if *n >= max {
+                false
+            } else {
+                *n += 1;
+                true
+            }
+        });
+        taken.then(|| {
+            self.gauge.inc();
+            SlotGuard(self.clone())
+        })
+    }
+
+    pub(crate) fn open(&self) -> usize {
+        *self.open.borrow()
+    }
+
+    /// Completes when no connection is open.
+    pub(crate) async fn all_closed(&self) {
+        let mut rx = self.open.subscribe();
+        // The sender lives as long as `self`, so wait_for cannot fail here.
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+}
+
+/// One open connection's slot, released on drop.
+pub(crate) struct SlotGuard(Arc<ConnectionSlots>);
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.0.open.send_modify(|n| *n = n.saturating_sub(1));
+        self.0.gauge.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(id: &str, user: &str) -> Arc<Session> {
+        Session::new(id.into(), user.into(), "d".into(), Encoding::Json, 4).0
+    }
+
+    #[test]
+    fn registry_indexes_by_user_and_forgets_removed_sessions() {
+        let reg = SessionRegistry::default();
+        reg.insert(session("s1", "alice"));
+        reg.insert(session("s2", "alice"));
+        reg.insert(session("s3", "bob"));
+        let mut out = Vec::new();
+        assert!(reg.sessions_of("alice", &mut out));
+        assert_eq!(out.len(), 2);
+        assert!(reg.remove("s1"));
+        assert!(!reg.remove("s1"));
+        assert!(reg.remove("s2"));
+        out.clear();
+        assert!(!reg.sessions_of("alice", &mut out));
+        assert_eq!(reg.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn slots_cap_connections_and_report_when_all_closed() {
+        let gauge = prometheus::IntGauge::new("g", "g").unwrap();
+        let slots = ConnectionSlots::new(2, gauge.clone());
+        let a = slots.try_acquire().unwrap();
+        let b = slots.try_acquire().unwrap();
+        assert!(slots.try_acquire().is_none());
+        assert_eq!(gauge.get(), 2);
+        drop(a);
+        assert_eq!(slots.open(), 1);
+        let waiter = {
+            let slots = slots.clone();
+            tokio::spawn(async move { slots.all_closed().await })
+        };
+        drop(b);
+        waiter.await.unwrap();
+        assert_eq!(gauge.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn slow_mark_wakes_a_later_waiter() {
+        let s = session("s", "u");
+        assert!(s.mark_slow());
+        assert!(!s.mark_slow());
+        s.slow_marked().await;
+    }
+}
