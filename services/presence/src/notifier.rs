@@ -4,7 +4,10 @@
 //! never waits: it puts the change on a bounded queue ([`NOTIFY_QUEUE`]) or drops it and
 //! counts the drop (presence is ephemeral; a watcher catches up on its next change or
 //! query). One notifier task takes changes in order, looks up the user's watchers per
-//! gateway, and hands one `Delivery` per gateway to that gateway's outbox.
+//! gateway, reads the user's presence as it is at that moment (so racing handlers
+//! cannot leave watchers with a stale final status; a quick flip may instead be sent
+//! twice with the same, current value), and hands one `Delivery` per gateway to that
+//! gateway's outbox.
 //!
 //! Each gateway has its own outbox task with a bounded queue ([`OUTBOX_QUEUE`]) that
 //! sends batches of up to [`DELIVER_BATCH`] deliveries per `Gateway.Deliver` call, one
@@ -96,10 +99,23 @@ pub(crate) async fn run_notifier(
             },
         };
         let watchers = match store.watchers_of(&presence.user_id).await {
+            Ok(w) if w.is_empty() => continue,
             Ok(w) => w,
             Err(e) => {
                 metrics.dropped(DROP_LOOKUP_FAILED, 1);
                 tracing::warn!(user_id = %presence.user_id, error = %e, "cannot look up presence watchers");
+                continue;
+            }
+        };
+        // Send the presence as it is now, not as it was when the change was queued:
+        // handlers racing on one user may queue their changes out of order, but the
+        // last event processed then still carries the user's final presence.
+        let presence = match store.query(std::slice::from_ref(&presence.user_id)).await {
+            Ok(mut now) if now.len() == 1 => now.remove(0),
+            Ok(_) => presence,
+            Err(e) => {
+                metrics.dropped(DROP_LOOKUP_FAILED, 1);
+                tracing::warn!(user_id = %presence.user_id, error = %e, "cannot read presence to notify");
                 continue;
             }
         };

@@ -499,10 +499,8 @@ impl SessionStore for MemorySessionStore {
                     let Some(user_id) = st.sessions.get(&id).map(|s| s.user_id.clone()) else {
                         continue;
                     };
-                    if !befores.contains_key(&user_id) {
-                        let before = st.status_of(&user_id);
-                        befores.insert(user_id, before);
-                    }
+                    let before = st.status_of(&user_id);
+                    befores.entry(user_id).or_insert(before);
                     if st.remove_session(&id, Some(now)).is_some() {
                         removed += 1;
                     }
@@ -540,10 +538,8 @@ impl SessionStore for MemorySessionStore {
                     let Some(user_id) = st.sessions.get(&id).map(|s| s.user_id.clone()) else {
                         continue;
                     };
-                    if !befores.contains_key(&user_id) {
-                        let before = st.status_of(&user_id);
-                        befores.insert(user_id, before);
-                    }
+                    let before = st.status_of(&user_id);
+                    befores.entry(user_id).or_insert(before);
                     if let Some(session) = st.remove_session(&id, None) {
                         tracing::debug!(
                             session_id = %id,

@@ -1,0 +1,402 @@
+//! The presence service over real gRPC on 127.0.0.1, with a fake gateway that records
+//! the `Deliver` calls presence makes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchboard_config::Config;
+use switchboard_presence::{build_store, serve};
+use switchboard_proto::v1::gateway_server::{Gateway, GatewayServer};
+use switchboard_proto::v1::presence_client::PresenceClient;
+use switchboard_proto::v1::{
+    server_frame, DeliverRequest, DeliverResponse, DrainRequest, DrainResponse, DropGatewayRequest,
+    HeartbeatRequest, QueryRequest, RegisterSessionRequest, SessionInfo, SetStatusRequest,
+    UserPresence, WatchRequest,
+};
+use switchboard_proto::{status_error_code, ErrorCode};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+/// How long a test waits for an expected event before failing.
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A gateway that forwards every `Deliver` request to the test.
+struct FakeGateway {
+    delivered_tx: mpsc::Sender<DeliverRequest>,
+}
+
+#[tonic::async_trait]
+impl Gateway for FakeGateway {
+    async fn deliver(
+        &self,
+        request: Request<DeliverRequest>,
+    ) -> Result<Response<DeliverResponse>, Status> {
+        let req = request.into_inner();
+        let delivered = req.deliveries.len() as u32;
+        self.delivered_tx
+            .send(req)
+            .await
+            .map_err(|_| Status::internal("test stopped listening"))?;
+        Ok(Response::new(DeliverResponse {
+            delivered,
+            absent: Vec::new(),
+        }))
+    }
+
+    async fn drain(&self, _: Request<DrainRequest>) -> Result<Response<DrainResponse>, Status> {
+        Ok(Response::new(DrainResponse { sessions: 0 }))
+    }
+}
+
+struct Harness {
+    client: PresenceClient<Channel>,
+    /// URL of the fake gateway (where watchers sit).
+    gateway_url: String,
+    delivered_rx: mpsc::Receiver<DeliverRequest>,
+    admin_addr: SocketAddr,
+    shutdown: CancellationToken,
+    presence_task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+async fn start(session_ttl_ms: u64) -> Harness {
+    let shutdown = CancellationToken::new();
+
+    let gateway_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gateway_url = format!("http://{}", gateway_listener.local_addr().unwrap());
+    let (delivered_tx, delivered_rx) = mpsc::channel(64);
+    let (_reporter, health) = switchboard_rpc::health();
+    tokio::spawn(switchboard_rpc::serve(
+        gateway_listener,
+        tonic::service::Routes::new(GatewayServer::new(FakeGateway { delivered_tx })),
+        health,
+        shutdown.clone(),
+    ));
+
+    let mut config = Config::default();
+    config.presence.session_ttl_ms = session_ttl_ms;
+    config.gateway.heartbeat_interval_ms = session_ttl_ms / 10;
+    config.validate().unwrap();
+    let config = Arc::new(config);
+    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc_addr = grpc.local_addr().unwrap();
+    let admin_addr = admin.local_addr().unwrap();
+    let store = build_store(&config.presence).unwrap();
+    let presence_task = tokio::spawn(serve(config, grpc, admin, store, shutdown.clone()));
+
+    let client = PresenceClient::connect(format!("http://{grpc_addr}"))
+        .await
+        .unwrap();
+    Harness {
+        client,
+        gateway_url,
+        delivered_rx,
+        admin_addr,
+        shutdown,
+        presence_task,
+    }
+}
+
+impl Harness {
+    async fn register(
+        &mut self,
+        session_id: &str,
+        user_id: &str,
+        gateway_url: &str,
+    ) -> UserPresence {
+        self.client
+            .register_session(RegisterSessionRequest {
+                session: Some(SessionInfo {
+                    session_id: session_id.into(),
+                    user_id: user_id.into(),
+                    device_id: "device".into(),
+                    gateway_addr: gateway_url.into(),
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .presence
+            .unwrap()
+    }
+
+    /// The next Deliver call the fake gateway got, as (recipients, presence) pairs.
+    async fn next_delivery(&mut self) -> Vec<(Vec<String>, UserPresence)> {
+        let req = tokio::time::timeout(WAIT, self.delivered_rx.recv())
+            .await
+            .expect("a Deliver call in time")
+            .expect("fake gateway running");
+        req.deliveries
+            .into_iter()
+            .map(|d| {
+                let event = d.event.and_then(|f| f.event);
+                let Some(server_frame::Event::Presence(p)) = event else {
+                    panic!("not a presence event: {event:?}");
+                };
+                (d.recipients, p.presence.expect("presence set"))
+            })
+            .collect()
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.presence_task.await.unwrap().unwrap();
+    }
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test]
+async fn watcher_hears_when_a_user_connects_and_when_the_session_expires() {
+    const TTL_MS: u64 = 1_000;
+    let mut h = start(TTL_MS).await;
+    let gw = h.gateway_url.clone();
+    // Alice sits on another gateway: events go to where the watcher is.
+    let alice_gw = "http://127.0.0.1:9".to_string();
+
+    h.register("w1", "watcher", &gw).await;
+    let now = h
+        .client
+        .watch(WatchRequest {
+            gateway_addr: gw.clone(),
+            watcher_id: "watcher".into(),
+            user_ids: vec!["alice".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(now.users.len(), 1);
+    assert_eq!(now.users[0].status, "offline");
+
+    let registered = h.register("a1", "alice", &alice_gw).await;
+    assert_eq!(registered.status, "online");
+    let online = h.next_delivery().await;
+    assert_eq!(online.len(), 1);
+    assert_eq!(online[0].0, vec!["watcher".to_string()]);
+    assert_eq!(online[0].1.user_id, "alice");
+    assert_eq!(online[0].1.status, "online");
+    assert_eq!(online[0].1.sessions, 1);
+
+    // Keep the watcher's session alive (its watches live only as long as it does)
+    // and let alice's session expire; the offline event is the signal we wait for.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let offline = loop {
+        tokio::select! {
+            req = h.delivered_rx.recv() => break req.expect("fake gateway running"),
+            _ = tokio::time::sleep(Duration::from_millis(TTL_MS / 10)) => {
+                assert!(tokio::time::Instant::now() < deadline, "no offline event in time");
+                let unknown = h
+                    .client
+                    .heartbeat(HeartbeatRequest {
+                        gateway_addr: gw.clone(),
+                        session_ids: vec!["w1".into()],
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .unknown_session_ids;
+                assert!(unknown.is_empty(), "the watcher's session must stay alive");
+            }
+        }
+    };
+    assert_eq!(offline.deliveries.len(), 1);
+    assert_eq!(
+        offline.deliveries[0].recipients,
+        vec!["watcher".to_string()]
+    );
+    let Some(server_frame::Event::Presence(event)) =
+        offline.deliveries[0].event.clone().and_then(|f| f.event)
+    else {
+        panic!("not a presence event");
+    };
+    let p = event.presence.unwrap();
+    assert_eq!(
+        (p.user_id.as_str(), p.status.as_str(), p.sessions),
+        ("alice", "offline", 0)
+    );
+    assert_eq!(p.last_seen_ms, registered.last_seen_ms);
+
+    let query = h
+        .client
+        .query(QueryRequest {
+            user_ids: vec!["alice".into(), "watcher".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(query.users[0].status, "offline");
+    assert_eq!(query.users[1].status, "online");
+
+    let metrics = http_get(h.admin_addr, "/metrics").await;
+    for name in [
+        "presence_sessions",
+        "presence_online_users",
+        "presence_events_sent_total",
+        "presence_heartbeat_sessions_count",
+        "presence_expired_users_total 1",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
+    }
+    assert!(http_get(h.admin_addr, "/readyz")
+        .await
+        .starts_with("HTTP/1.1 200"));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn status_changes_and_dropped_gateways_notify_watchers() {
+    let mut h = start(30_000).await;
+    let gw = h.gateway_url.clone();
+    let other_gw = "http://127.0.0.1:9".to_string();
+
+    h.register("w1", "watcher", &gw).await;
+    h.register("w2", "second", &gw).await;
+    for watcher in ["watcher", "second"] {
+        h.client
+            .watch(WatchRequest {
+                gateway_addr: gw.clone(),
+                watcher_id: watcher.into(),
+                user_ids: vec!["bob".into()],
+            })
+            .await
+            .unwrap();
+    }
+
+    // Each change is awaited before the next: the notifier sends a user's presence as
+    // it is when it gets to the change, so only then is each status observable.
+    let expect = |deliveries: Vec<(Vec<String>, UserPresence)>, status: &str| {
+        assert_eq!(deliveries.len(), 1, "{deliveries:?}");
+        let (recipients, p) = &deliveries[0];
+        assert_eq!(
+            recipients,
+            &vec!["second".to_string(), "watcher".to_string()]
+        );
+        assert_eq!((p.user_id.as_str(), p.status.as_str()), ("bob", status));
+    };
+    h.register("b1", "bob", &other_gw).await;
+    expect(h.next_delivery().await, "online");
+
+    // A second device changes nothing visible: no event.
+    h.register("b2", "bob", &other_gw).await;
+    h.client
+        .set_status(SetStatusRequest {
+            session_id: "b1".into(),
+            status: "away".into(),
+        })
+        .await
+        .unwrap();
+    h.client
+        .set_status(SetStatusRequest {
+            session_id: "b2".into(),
+            status: "away".into(),
+        })
+        .await
+        .unwrap();
+    let away = h.next_delivery().await;
+    assert_eq!(away[0].1.sessions, 2);
+    expect(away, "away");
+
+    let dropped = h
+        .client
+        .drop_gateway(DropGatewayRequest {
+            gateway_addr: other_gw.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(dropped.sessions, 2);
+    expect(h.next_delivery().await, "offline");
+    assert!(
+        h.delivered_rx.try_recv().is_err(),
+        "one event per change of the aggregated status"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_requests_get_stable_error_codes() {
+    let mut h = start(30_000).await;
+    let gw = h.gateway_url.clone();
+
+    let err = h
+        .client
+        .register_session(RegisterSessionRequest {
+            session: Some(SessionInfo {
+                session_id: "s1".into(),
+                user_id: String::new(),
+                device_id: String::new(),
+                gateway_addr: gw.clone(),
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status_error_code(&err), ErrorCode::InvalidRequest);
+
+    let err = h
+        .client
+        .set_status(SetStatusRequest {
+            session_id: "ghost".into(),
+            status: "away".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status_error_code(&err), ErrorCode::NotFound);
+
+    h.register("s1", "alice", &gw).await;
+    let err = h
+        .client
+        .set_status(SetStatusRequest {
+            session_id: "s1".into(),
+            status: "busy".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status_error_code(&err), ErrorCode::InvalidRequest);
+
+    let err = h
+        .client
+        .heartbeat(HeartbeatRequest {
+            gateway_addr: "not a url".into(),
+            session_ids: vec!["s1".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status_error_code(&err), ErrorCode::InvalidRequest);
+
+    let too_many: Vec<String> = (0..1001).map(|i| format!("u{i}")).collect();
+    let err = h
+        .client
+        .watch(WatchRequest {
+            gateway_addr: gw.clone(),
+            watcher_id: "alice".into(),
+            user_ids: too_many,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status_error_code(&err), ErrorCode::InvalidRequest);
+
+    let err = h
+        .client
+        .watch(WatchRequest {
+            gateway_addr: gw.clone(),
+            watcher_id: "nobody-here".into(),
+            user_ids: vec!["alice".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status_error_code(&err), ErrorCode::NotFound);
+    h.stop().await;
+}
