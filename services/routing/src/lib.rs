@@ -1,1 +1,161 @@
-//! Switchboard routing service (to be filled in).
+//! Switchboard routing service: the owner of the event log.
+//!
+//! It validates sends (size, rate, membership), appends them durably to the
+//! conversation's partition of the [`eventlog::EventLog`], and, as the owner of that
+//! partition, assigns each conversation's gapless sequence, has storage persist the
+//! message and fans it out to the gateways of the online members (one `Deliver`
+//! batch per gateway). Ephemeral events (typing, receipts, conversation changes) go
+//! through `Publish` and never touch the log or storage.
+//!
+//! It does not store history (storage does), know where sessions are (presence
+//! does), or talk to clients (gateways do).
+//!
+//! Send's reply: an error means the message was not accepted (nothing durable, or a
+//! validation failure); `SendResult` means it is durable in the log. `seq` is its
+//! sequence when the partition owner sequenced it within `routing.sequence_wait_ms`,
+//! else 0 (it then arrives as a `message` event). `duplicate` is true when the
+//! message was already accepted under the same (sender, client_msg_id); the reply
+//! then carries the original message id, sequence and time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchboard_config::Config;
+use switchboard_proto::v1::presence_client::PresenceClient;
+use switchboard_proto::v1::routing_server::RoutingServer;
+use switchboard_proto::v1::storage_client::StorageClient;
+use switchboard_rpc::ChannelPool;
+use switchboard_telemetry::Readiness;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+mod error;
+pub mod eventlog;
+mod fanout;
+mod limiter;
+mod members;
+mod metrics;
+mod node;
+mod owner;
+mod service;
+mod waiters;
+
+#[cfg(test)]
+mod tests;
+
+pub use error::RoutingError;
+pub use eventlog::{partition_for, EventLog, LogError, LogRecord, NewRecord};
+pub use service::RoutingService;
+
+/// How long members stay cached (see `members` for the trade-off).
+const MEMBER_TTL: Duration = Duration::from_secs(2);
+const MAX_CACHED_MEMBER_LISTS: usize = 50_000;
+/// How long queued deliveries may drain at shutdown.
+const FANOUT_DRAIN: Duration = Duration::from_secs(2);
+
+/// Run the routing service on `routing.grpc_listen` and `routing.admin_listen` until
+/// `shutdown` is cancelled.
+pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let grpc =
+        switchboard_telemetry::bind("routing.grpc_listen", &config.routing.grpc_listen).await?;
+    let admin =
+        switchboard_telemetry::bind("routing.admin_listen", &config.routing.admin_listen).await?;
+    serve(config, grpc, admin, shutdown).await
+}
+
+/// Run the routing service on listeners bound by the caller (tests, or a process
+/// that binds every port before starting anything).
+///
+/// Shutdown order: readiness goes false and new sends are refused; the gRPC server
+/// finishes in-flight calls (each bounded by `routing.sequence_wait_ms` plus the RPC
+/// timeout) while the partition owners keep sequencing; then the owners finish the
+/// record in hand and commit; queued deliveries drain briefly; the log is closed.
+pub async fn serve(
+    config: Arc<Config>,
+    grpc_listener: TcpListener,
+    admin_listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let registry = prometheus::Registry::new();
+    let metrics = Arc::new(metrics::Metrics::new(&registry)?);
+    let readiness = Readiness::new();
+    let admin = tokio::spawn(switchboard_telemetry::serve_admin(
+        admin_listener,
+        registry,
+        readiness.clone(),
+        shutdown.clone(),
+    ));
+
+    let log = eventlog::open(&config).await?;
+    let storage = StorageClient::new(switchboard_rpc::channel(
+        &config.cluster.storage_url,
+        &config.cluster,
+    )?);
+    let presence = PresenceClient::new(switchboard_rpc::channel(
+        &config.cluster.presence_url,
+        &config.cluster,
+    )?);
+    let fanout = fanout::Fanout::new(
+        ChannelPool::new(config.cluster.clone()),
+        fanout::FanoutOptions {
+            queue: config.routing.deliver_queue,
+            batch: config.routing.deliver_batch,
+        },
+        metrics.clone(),
+    );
+    let node = Arc::new(node::Node {
+        members: members::MemberCache::new(storage.clone(), MEMBER_TTL, MAX_CACHED_MEMBER_LISTS),
+        health: node::Health::new(readiness.clone(), log.partitions()),
+        waiters: Default::default(),
+        config: config.clone(),
+        log,
+        storage,
+        presence,
+        fanout,
+        metrics,
+    });
+
+    let owners_stop = CancellationToken::new();
+    let owners = tokio::spawn(owner::supervise(node.clone(), owners_stop.clone()));
+
+    let (health_reporter, health_service) = switchboard_rpc::health();
+    health_reporter
+        .set_serving::<RoutingServer<RoutingService>>()
+        .await;
+    let routes = tonic::service::Routes::new(RoutingServer::new(RoutingService::new(
+        node.clone(),
+        shutdown.clone(),
+    )));
+    node.health.set_serving(true);
+    tracing::info!(
+        grpc = %config.routing.grpc_listen,
+        partitions = node.log.partitions(),
+        backend = %config.routing.backend,
+        "routing serving"
+    );
+
+    let not_ready = {
+        let node = node.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            node.health.set_serving(false);
+        })
+    };
+    let served =
+        switchboard_rpc::serve(grpc_listener, routes, health_service, shutdown.clone()).await;
+    // Also reached when the server failed on its own: stop everything the same way.
+    shutdown.cancel();
+    let _ = not_ready.await;
+    owners_stop.cancel();
+    let _ = owners.await;
+    node.fanout.shutdown(FANOUT_DRAIN).await;
+    node.log.close().await;
+    match admin.await {
+        Ok(Err(e)) => tracing::warn!(error = %e, "admin server failed"),
+        Err(e) => tracing::warn!(error = %e, "admin server task failed"),
+        Ok(Ok(())) => {}
+    }
+    tracing::info!("routing stopped");
+    served
+}

@@ -1,0 +1,699 @@
+//! The embedded event log: a durable partitioned log in one SQLite file
+//! (`<data_dir>/eventlog.sqlite3`), for one routing process that owns every partition.
+//!
+//! On disk (WAL journal, `synchronous=FULL`, so a committed transaction survives a
+//! crash of the process and of the machine):
+//!
+//! - `records(part, log_offset, key, value, timestamp_ms)`, primary key
+//!   `(part, log_offset)`: the records still held.
+//! - `partitions(part, next_offset, committed_offset)`: per partition the offset the
+//!   next append gets and the owner's committed offset. `next_offset` is written in
+//!   the same transaction as the records, so it survives trimming everything.
+//! - `meta(key, value)`: the partition count the file was created with.
+//!
+//! One writer thread owns the write connection. Appends and commits are sent to it
+//! over a bounded channel; it takes everything queued (up to `max_batch`), writes it
+//! in one transaction, and only after the commit completes every caller and publishes
+//! the new end offsets (group commit: one fsync serves many concurrent sends).
+//! Consumers wait on a per-partition `watch` of the end offset instead of polling
+//! the file. Records below the committed offset are deleted by the writer at most
+//! every `trim_interval`, so the file stays bounded by what is not yet consumed.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{EventLog, LogError, LogRecord, NewRecord};
+
+/// Tuning of the embedded log.
+#[derive(Debug, Clone)]
+pub struct EmbeddedLogOptions {
+    /// Least time between two trims of consumed records.
+    pub trim_interval: Duration,
+    /// Most commands written in one transaction.
+    pub max_batch: usize,
+    /// Commands queued for the writer before appenders wait.
+    pub queue: usize,
+}
+
+impl Default for EmbeddedLogOptions {
+    fn default() -> Self {
+        EmbeddedLogOptions {
+            trim_interval: Duration::from_secs(30),
+            max_batch: 1024,
+            queue: 8192,
+        }
+    }
+}
+
+/// Readers kept open for reuse; more may exist briefly under concurrency.
+const IDLE_READERS: usize = 4;
+
+/// The embedded partitioned log. See the module documentation.
+pub struct EmbeddedLog {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// The database file, for opening readers.
+    path: PathBuf,
+    partitions: u32,
+    /// Commands to the writer thread (bounded: appenders wait when it falls behind).
+    writer_tx: mpsc::Sender<Command>,
+    /// Per partition, the end offset (next offset to be written), published after
+    /// each commit; consumers wait on it.
+    ends: Arc<Vec<watch::Sender<u64>>>,
+    /// Idle read connections. A std mutex: only taken for a push or pop, never
+    /// across an await, and only on blocking threads.
+    readers: Mutex<Vec<Connection>>,
+    /// This process owns every partition, always.
+    assignment: watch::Sender<Vec<u32>>,
+    /// The writer thread, joined by `close`.
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+enum Command {
+    Append {
+        partition: u32,
+        record: NewRecord,
+        reply: oneshot::Sender<Result<u64, LogError>>,
+    },
+    Commit {
+        partition: u32,
+        next_offset: u64,
+        reply: oneshot::Sender<Result<(), LogError>>,
+    },
+    Trim {
+        reply: oneshot::Sender<Result<u64, LogError>>,
+    },
+    Close {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+fn sql_err(e: rusqlite::Error) -> LogError {
+    LogError::Unavailable(e.to_string())
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    Ok(())
+}
+
+impl EmbeddedLog {
+    /// Open (or create) the log at `path` with `partitions` partitions. Blocking: call
+    /// from a blocking context.
+    ///
+    /// Changing the partition count of an existing log is refused while any
+    /// partition holds records that were not consumed, because their conversations
+    /// would then be sequenced by two owners.
+    pub fn open(
+        path: &Path,
+        partitions: u32,
+        options: EmbeddedLogOptions,
+    ) -> Result<EmbeddedLog, LogError> {
+        if partitions == 0 {
+            return Err(LogError::Unavailable(
+                "the log needs at least one partition".into(),
+            ));
+        }
+        if let Some(dir) = path.parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    LogError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+                })?;
+            }
+        }
+        let mut conn = Connection::open(path).map_err(sql_err)?;
+        configure(&conn).map_err(sql_err)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS records (
+                 part INTEGER NOT NULL,
+                 log_offset INTEGER NOT NULL,
+                 key BLOB NOT NULL,
+                 value BLOB NOT NULL,
+                 timestamp_ms INTEGER NOT NULL,
+                 PRIMARY KEY (part, log_offset));
+             CREATE TABLE IF NOT EXISTS partitions (
+                 part INTEGER PRIMARY KEY,
+                 next_offset INTEGER NOT NULL,
+                 committed_offset INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);",
+        )
+        .map_err(sql_err)?;
+        let next = init_partitions(&mut conn, partitions)?;
+
+        let ends: Arc<Vec<watch::Sender<u64>>> =
+            Arc::new(next.iter().map(|n| watch::Sender::new(*n)).collect());
+        let queue = options.queue.max(1);
+        let (writer_tx, writer_rx) = mpsc::channel(queue);
+        let writer = {
+            let ends = ends.clone();
+            std::thread::Builder::new()
+                .name("eventlog-writer".into())
+                .spawn(move || Writer::new(conn, ends, next, options).run(writer_rx))
+                .map_err(|e| LogError::Unavailable(format!("cannot start writer: {e}")))?
+        };
+        Ok(EmbeddedLog {
+            inner: Arc::new(Inner {
+                path: path.to_owned(),
+                partitions,
+                writer_tx,
+                ends,
+                readers: Mutex::new(Vec::new()),
+                assignment: watch::Sender::new((0..partitions).collect()),
+                writer: Mutex::new(Some(writer)),
+            }),
+        })
+    }
+
+    fn check_partition(&self, partition: u32) -> Result<(), LogError> {
+        if partition < self.inner.partitions {
+            Ok(())
+        } else {
+            Err(LogError::NoSuchPartition {
+                partition,
+                partitions: self.inner.partitions,
+            })
+        }
+    }
+
+    async fn request<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, LogError>>) -> Command,
+    ) -> Result<T, LogError> {
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .writer_tx
+            .send(make(reply))
+            .await
+            .map_err(|_| LogError::Closed)?;
+        rx.await.map_err(|_| LogError::Closed)?
+    }
+
+    /// Run `f` with a read connection on a blocking thread.
+    async fn with_reader<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, LogError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let pooled = inner
+                .readers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop();
+            let conn = match pooled {
+                Some(c) => c,
+                None => {
+                    let c = Connection::open(&inner.path).map_err(sql_err)?;
+                    c.busy_timeout(Duration::from_secs(5)).map_err(sql_err)?;
+                    c
+                }
+            };
+            let result = f(&conn).map_err(sql_err);
+            let mut idle = inner.readers.lock().unwrap_or_else(|p| p.into_inner());
+            if idle.len() < IDLE_READERS {
+                idle.push(conn);
+            }
+            result
+        })
+        .await
+        .map_err(|e| LogError::Unavailable(format!("log reader failed: {e}")))?
+    }
+}
+
+/// Make sure `partitions` has one row per partition and return the end offsets.
+fn init_partitions(conn: &mut Connection, partitions: u32) -> Result<Vec<u64>, LogError> {
+    init_partitions_sql(conn, partitions).map_err(sql_err)?
+}
+
+/// `Ok(Err(..))` when the file's partition count cannot change now.
+fn init_partitions_sql(
+    conn: &mut Connection,
+    partitions: u32,
+) -> rusqlite::Result<Result<Vec<u64>, LogError>> {
+    let tx = conn.transaction()?;
+    let stored: Option<i64> = tx
+        .query_row("SELECT value FROM meta WHERE key = 'partitions'", [], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    if let Some(stored) = stored {
+        if stored != i64::from(partitions) {
+            let pending: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM partitions WHERE committed_offset < next_offset",
+                [],
+                |r| r.get(0),
+            )?;
+            if pending > 0 {
+                return Ok(Err(LogError::Unavailable(format!(
+                    "the event log has {stored} partitions with unconsumed records; \
+                     it cannot be reopened with {partitions} until they are consumed"
+                ))));
+            }
+            tx.execute("DELETE FROM partitions WHERE part >= ?1", [partitions])?;
+            tx.execute("DELETE FROM records WHERE part >= ?1", [partitions])?;
+        }
+    }
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES ('partitions', ?1)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        [partitions],
+    )?;
+    let mut next = Vec::with_capacity(partitions as usize);
+    for p in 0..partitions {
+        tx.execute(
+            "INSERT OR IGNORE INTO partitions (part, next_offset, committed_offset) VALUES (?1, 0, 0)",
+            [p],
+        )?;
+        let n: i64 = tx.query_row(
+            "SELECT next_offset FROM partitions WHERE part = ?1",
+            [p],
+            |r| r.get(0),
+        )?;
+        next.push(n as u64);
+    }
+    tx.commit()?;
+    Ok(Ok(next))
+}
+
+/// The writer thread's state.
+struct Writer {
+    conn: Connection,
+    ends: Arc<Vec<watch::Sender<u64>>>,
+    /// End offset per partition as of the last committed transaction.
+    next: Vec<u64>,
+    options: EmbeddedLogOptions,
+    last_trim: Instant,
+}
+
+impl Writer {
+    fn new(
+        conn: Connection,
+        ends: Arc<Vec<watch::Sender<u64>>>,
+        next: Vec<u64>,
+        options: EmbeddedLogOptions,
+    ) -> Writer {
+        Writer {
+            conn,
+            ends,
+            next,
+            options,
+            last_trim: Instant::now(),
+        }
+    }
+
+    fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let max_batch = self.options.max_batch.max(1);
+        while let Some(first) = rx.blocking_recv() {
+            let mut batch = vec![first];
+            while batch.len() < max_batch {
+                match rx.try_recv() {
+                    Ok(cmd) => batch.push(cmd),
+                    Err(_) => break,
+                }
+            }
+            if let Some(close) = self.write_batch(batch) {
+                let _ = close.send(());
+                return;
+            }
+        }
+    }
+
+    /// Write one batch; returns the reply of a close request, if the batch had one.
+    fn write_batch(&mut self, batch: Vec<Command>) -> Option<oneshot::Sender<()>> {
+        let mut appends = Vec::new();
+        let mut commits = Vec::new();
+        let mut trims = Vec::new();
+        let mut close = None;
+        for cmd in batch {
+            match cmd {
+                Command::Append {
+                    partition,
+                    record,
+                    reply,
+                } => appends.push((partition, record, reply)),
+                Command::Commit {
+                    partition,
+                    next_offset,
+                    reply,
+                } => commits.push((partition, next_offset, reply)),
+                Command::Trim { reply } => trims.push(reply),
+                Command::Close { reply } => close = Some(reply),
+            }
+        }
+
+        let mut next = self.next.clone();
+        let mut offsets = Vec::with_capacity(appends.len());
+        for (partition, _, _) in &appends {
+            let slot = &mut next[*partition as usize];
+            offsets.push(*slot);
+            *slot += 1;
+        }
+        // Commits beyond the end (including this batch's appends) are refused alone.
+        let mut valid_commits = Vec::with_capacity(commits.len());
+        for (partition, offset, reply) in commits {
+            let end = next[partition as usize];
+            if offset > end {
+                let _ = reply.send(Err(LogError::OffsetOutOfRange {
+                    partition,
+                    offset,
+                    end,
+                }));
+            } else {
+                valid_commits.push((partition, offset, reply));
+            }
+        }
+
+        if !appends.is_empty() || !valid_commits.is_empty() {
+            let written = self.write_transaction(&appends, &offsets, &valid_commits, &next);
+            match written {
+                Ok(()) => {
+                    self.next = next;
+                    for (p, end) in self.next.iter().enumerate() {
+                        self.ends[p].send_if_modified(|current| {
+                            let changed = *current != *end;
+                            *current = *end;
+                            changed
+                        });
+                    }
+                    for ((_, _, reply), offset) in appends.into_iter().zip(offsets) {
+                        let _ = reply.send(Ok(offset));
+                    }
+                    for (_, _, reply) in valid_commits {
+                        let _ = reply.send(Ok(()));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "event log write failed");
+                    let err = sql_err(e);
+                    for (_, _, reply) in appends {
+                        let _ = reply.send(Err(err.clone()));
+                    }
+                    for (_, _, reply) in valid_commits {
+                        let _ = reply.send(Err(err.clone()));
+                    }
+                }
+            }
+        }
+
+        let due = self.last_trim.elapsed() >= self.options.trim_interval;
+        if !trims.is_empty() || due {
+            let trimmed = self.trim().map_err(sql_err);
+            if let Err(e) = &trimmed {
+                tracing::warn!(error = %e, "event log trim failed");
+            }
+            for reply in trims {
+                let _ = reply.send(trimmed.clone());
+            }
+        }
+        close
+    }
+
+    fn write_transaction(
+        &mut self,
+        appends: &[(u32, NewRecord, oneshot::Sender<Result<u64, LogError>>)],
+        offsets: &[u64],
+        commits: &[(u32, u64, oneshot::Sender<Result<(), LogError>>)],
+        next: &[u64],
+    ) -> rusqlite::Result<()> {
+        let ts = now_ms();
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO records (part, log_offset, key, value, timestamp_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for ((partition, record, _), offset) in appends.iter().zip(offsets) {
+                insert.execute(params![
+                    partition,
+                    *offset as i64,
+                    record.key,
+                    record.value,
+                    ts
+                ])?;
+            }
+            let mut set_next =
+                tx.prepare_cached("UPDATE partitions SET next_offset = ?2 WHERE part = ?1")?;
+            for (p, end) in next.iter().enumerate() {
+                if *end != self.next[p] {
+                    set_next.execute(params![p as i64, *end as i64])?;
+                }
+            }
+            let mut set_committed =
+                tx.prepare_cached("UPDATE partitions SET committed_offset = ?2 WHERE part = ?1")?;
+            for (partition, offset, _) in commits {
+                set_committed.execute(params![partition, *offset as i64])?;
+            }
+        }
+        tx.commit()
+    }
+
+    fn trim(&mut self) -> rusqlite::Result<u64> {
+        self.last_trim = Instant::now();
+        let removed = self.conn.execute(
+            "DELETE FROM records WHERE log_offset < (
+                 SELECT committed_offset FROM partitions WHERE partitions.part = records.part)",
+            [],
+        )?;
+        if removed > 0 {
+            tracing::debug!(removed, "event log trimmed");
+        }
+        Ok(removed as u64)
+    }
+}
+
+#[async_trait]
+impl EventLog for EmbeddedLog {
+    fn partitions(&self) -> u32 {
+        self.inner.partitions
+    }
+
+    fn assignment(&self) -> watch::Receiver<Vec<u32>> {
+        self.inner.assignment.subscribe()
+    }
+
+    async fn append(&self, partition: u32, record: NewRecord) -> Result<u64, LogError> {
+        self.check_partition(partition)?;
+        self.request(|reply| Command::Append {
+            partition,
+            record,
+            reply,
+        })
+        .await
+    }
+
+    async fn poll(
+        &self,
+        partition: u32,
+        from: u64,
+        max: usize,
+        max_wait: Duration,
+    ) -> Result<Vec<LogRecord>, LogError> {
+        self.check_partition(partition)?;
+        let mut end_rx = self.inner.ends[partition as usize].subscribe();
+        let deadline = tokio::time::Instant::now() + max_wait;
+        loop {
+            let end = *end_rx.borrow_and_update();
+            if end > from {
+                break;
+            }
+            tokio::select! {
+                changed = end_rx.changed() => {
+                    if changed.is_err() {
+                        return Err(LogError::Closed);
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => return Ok(Vec::new()),
+            }
+        }
+        let limit = max.max(1) as i64;
+        self.with_reader(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT log_offset, key, value, timestamp_ms FROM records
+                 WHERE part = ?1 AND log_offset >= ?2 ORDER BY log_offset LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(params![partition, from as i64, limit], |row| {
+                Ok(LogRecord {
+                    partition,
+                    offset: row.get::<_, i64>(0)? as u64,
+                    key: row.get(1)?,
+                    value: row.get(2)?,
+                    timestamp_ms: row.get(3)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn commit(&self, partition: u32, next_offset: u64) -> Result<(), LogError> {
+        self.check_partition(partition)?;
+        self.request(|reply| Command::Commit {
+            partition,
+            next_offset,
+            reply,
+        })
+        .await
+    }
+
+    async fn committed(&self, partition: u32) -> Result<u64, LogError> {
+        self.check_partition(partition)?;
+        self.with_reader(move |conn| {
+            conn.query_row(
+                "SELECT committed_offset FROM partitions WHERE part = ?1",
+                [partition],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|v| v as u64)
+        })
+        .await
+    }
+
+    async fn end_offset(&self, partition: u32) -> Result<u64, LogError> {
+        self.check_partition(partition)?;
+        Ok(*self.inner.ends[partition as usize].borrow())
+    }
+
+    async fn trim(&self) -> Result<u64, LogError> {
+        self.request(|reply| Command::Trim { reply }).await
+    }
+
+    async fn close(&self) {
+        let (reply, done) = oneshot::channel();
+        if self
+            .inner
+            .writer_tx
+            .send(Command::Close { reply })
+            .await
+            .is_ok()
+        {
+            let _ = done.await;
+        }
+        let handle = self
+            .inner
+            .writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+        self.inner
+            .readers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path, options: EmbeddedLogOptions) -> EmbeddedLog {
+        EmbeddedLog::open(&dir.join("eventlog.sqlite3"), 4, options).expect("open log")
+    }
+
+    async fn open_log(dir: PathBuf) -> Arc<dyn EventLog> {
+        Arc::new(open(&dir, EmbeddedLogOptions::default()))
+    }
+
+    crate::event_log_conformance_suite!(open_log);
+
+    fn record(i: u32) -> NewRecord {
+        NewRecord {
+            key: b"k".to_vec(),
+            value: i.to_be_bytes().to_vec(),
+        }
+    }
+
+    fn count_rows(dir: &Path) -> i64 {
+        let conn = Connection::open(dir.join("eventlog.sqlite3")).unwrap();
+        conn.query_row("SELECT COUNT(*) FROM records", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn trim_deletes_consumed_records_from_disk_and_keeps_the_end_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), EmbeddedLogOptions::default());
+        for i in 0..10 {
+            log.append(1, record(i)).await.unwrap();
+        }
+        log.commit(1, 10).await.unwrap();
+        assert_eq!(log.trim().await.unwrap(), 10);
+        assert_eq!(count_rows(dir.path()), 0);
+        log.close().await;
+
+        // Everything was trimmed, yet offsets continue where they were.
+        let log = open(dir.path(), EmbeddedLogOptions::default());
+        assert_eq!(log.end_offset(1).await.unwrap(), 10);
+        assert_eq!(log.append(1, record(10)).await.unwrap(), 10);
+        log.close().await;
+    }
+
+    #[tokio::test]
+    async fn trim_runs_by_itself_when_due() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(
+            dir.path(),
+            EmbeddedLogOptions {
+                trim_interval: Duration::ZERO,
+                ..EmbeddedLogOptions::default()
+            },
+        );
+        for i in 0..5 {
+            log.append(0, record(i)).await.unwrap();
+        }
+        // The commit's batch is followed by a due trim, before the commit returns.
+        log.commit(0, 3).await.unwrap();
+        assert_eq!(count_rows(dir.path()), 2);
+        log.close().await;
+    }
+
+    #[tokio::test]
+    async fn changing_partitions_with_unconsumed_records_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("eventlog.sqlite3");
+        let log = EmbeddedLog::open(&path, 4, EmbeddedLogOptions::default()).unwrap();
+        log.append(3, record(0)).await.unwrap();
+        log.close().await;
+        assert!(EmbeddedLog::open(&path, 8, EmbeddedLogOptions::default()).is_err());
+
+        let log = EmbeddedLog::open(&path, 4, EmbeddedLogOptions::default()).unwrap();
+        log.commit(3, 1).await.unwrap();
+        log.close().await;
+        let log = EmbeddedLog::open(&path, 2, EmbeddedLogOptions::default()).unwrap();
+        assert_eq!(log.partitions(), 2);
+        assert!(log.append(3, record(1)).await.is_err());
+        log.close().await;
+    }
+
+    #[tokio::test]
+    async fn closed_log_fails_fast() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), EmbeddedLogOptions::default());
+        log.close().await;
+        assert!(matches!(
+            log.append(0, record(0)).await,
+            Err(LogError::Closed)
+        ));
+    }
+}

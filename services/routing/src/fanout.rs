@@ -1,0 +1,355 @@
+//! Fan-out to gateways: one bounded, ordered queue per gateway, drained by one
+//! sender task that batches deliveries into `Deliver` calls.
+//!
+//! Every push into a queue happens under the queue map's lock (with `try_send`), so
+//! removing an idle queue (also under the lock, only when it is empty) can never
+//! lose a delivery, and a gateway's deliveries keep the order they were queued in.
+//!
+//! Sequenced messages wait for room when a queue is full (backpressure on the
+//! partition owner); ephemeral events are dropped and counted instead. A `Deliver`
+//! that still fails after a few retries drops its batch and the rest of that
+//! gateway's queue: the clients behind it see a gap in the sequence (or reconnect)
+//! and recover the messages with `sync`/`history`, which is the contract for
+//! anything not delivered live.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prost::Message as _;
+use switchboard_proto::v1::gateway_client::GatewayClient;
+use switchboard_proto::v1::{DeliverRequest, Delivery};
+use switchboard_rpc::ChannelPool;
+use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+/// Attempts of one Deliver batch before it is dropped.
+const DELIVER_ATTEMPTS: u32 = 3;
+/// Backoff before the first retry; doubles each time.
+const DELIVER_BACKOFF: Duration = Duration::from_millis(50);
+/// A queue with nothing to send for this long is removed with its task.
+const IDLE_QUEUE: Duration = Duration::from_secs(60);
+/// Encoded size a batch stops growing at, well below gRPC's 4 MiB default limit.
+const MAX_BATCH_BYTES: usize = 2 * 1024 * 1024;
+
+/// Limits of the gateway queues.
+#[derive(Debug, Clone)]
+pub(crate) struct FanoutOptions {
+    /// Deliveries queued per gateway.
+    pub queue: usize,
+    /// Most deliveries per Deliver call.
+    pub batch: usize,
+}
+
+#[derive(Clone)]
+pub(crate) struct Fanout {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: ChannelPool,
+    options: FanoutOptions,
+    metrics: Arc<Metrics>,
+    /// Queues by gateway URL. A std mutex: only map operations and `try_send`.
+    queues: Mutex<HashMap<String, Queue>>,
+    /// Tells queue generations apart, so a task removes only its own entry.
+    generation: AtomicU64,
+    /// Stop taking deliveries and let the tasks finish what is queued.
+    closing: CancellationToken,
+    /// Give up on in-flight Deliver calls (the drain deadline passed).
+    abort: CancellationToken,
+    /// Each sender task holds a clone; `shutdown` waits for all of them to be gone.
+    /// Taken (None) once shutting down so no new task starts.
+    done_tx: Mutex<Option<mpsc::Sender<()>>>,
+    done_rx: tokio::sync::Mutex<mpsc::Receiver<()>>,
+}
+
+struct Queue {
+    tx: mpsc::Sender<Delivery>,
+    generation: u64,
+}
+
+impl Fanout {
+    pub fn new(pool: ChannelPool, options: FanoutOptions, metrics: Arc<Metrics>) -> Fanout {
+        // Nothing is ever sent on this channel; it only tracks live sender tasks.
+        let (done_tx, done_rx) = mpsc::channel(1);
+        Fanout {
+            inner: Arc::new(Inner {
+                pool,
+                options: FanoutOptions {
+                    queue: options.queue.max(1),
+                    batch: options.batch.max(1),
+                },
+                metrics,
+                queues: Mutex::new(HashMap::new()),
+                generation: AtomicU64::new(0),
+                closing: CancellationToken::new(),
+                abort: CancellationToken::new(),
+                done_tx: Mutex::new(Some(done_tx)),
+                done_rx: tokio::sync::Mutex::new(done_rx),
+            }),
+        }
+    }
+
+    /// Queue a delivery of a sequenced message, waiting while the queue is full.
+    pub async fn enqueue_ordered(&self, gateway: &str, mut delivery: Delivery) {
+        loop {
+            match self.inner.try_enqueue(gateway, delivery) {
+                Ok(()) => return,
+                Err(Enqueue::Full(d, tx)) => {
+                    delivery = d;
+                    // Wait for room outside the lock, then push again under it. A
+                    // closed queue (failed gateway) is replaced on the next attempt.
+                    tokio::select! {
+                        permit = tx.reserve() => drop(permit),
+                        _ = self.inner.closing.cancelled() => {}
+                    }
+                }
+                Err(Enqueue::Closed) => {
+                    self.inner.dropped("shutdown", 1);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Queue an ephemeral delivery; false (and counted) if the queue is full.
+    pub fn enqueue_ephemeral(&self, gateway: &str, delivery: Delivery) -> bool {
+        match self.inner.try_enqueue(gateway, delivery) {
+            Ok(()) => true,
+            Err(Enqueue::Full(..)) => {
+                self.inner.dropped("queue_full", 1);
+                false
+            }
+            Err(Enqueue::Closed) => {
+                self.inner.dropped("shutdown", 1);
+                false
+            }
+        }
+    }
+
+    /// Stop taking deliveries, let the queues drain for up to `deadline`, then
+    /// abandon what is left.
+    pub async fn shutdown(&self, deadline: Duration) {
+        self.inner.closing.cancel();
+        self.inner
+            .done_tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let mut done_rx = self.inner.done_rx.lock().await;
+        if tokio::time::timeout(deadline, done_rx.recv())
+            .await
+            .is_err()
+        {
+            self.inner.abort.cancel();
+            let _ = done_rx.recv().await;
+        }
+    }
+}
+
+/// Why a delivery was not queued.
+enum Enqueue {
+    /// The queue is full: the delivery back, and the queue to wait on.
+    Full(Delivery, mpsc::Sender<Delivery>),
+    /// Shutting down.
+    Closed,
+}
+
+impl Inner {
+    fn try_enqueue(self: &Arc<Self>, gateway: &str, delivery: Delivery) -> Result<(), Enqueue> {
+        let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        let mut delivery = delivery;
+        // At most two rounds: a closed queue is replaced once by a fresh one.
+        for _ in 0..2 {
+            if !queues.contains_key(gateway) {
+                let Some(queue) = self.spawn_queue(gateway) else {
+                    return Err(Enqueue::Closed);
+                };
+                queues.insert(gateway.to_owned(), queue);
+            }
+            let queue = queues.get(gateway).expect("inserted above");
+            match queue.tx.try_send(delivery) {
+                Ok(()) => {
+                    self.set_depth(gateway, &queue.tx);
+                    return Ok(());
+                }
+                Err(TrySendError::Full(d)) => {
+                    return Err(Enqueue::Full(d, queue.tx.clone()));
+                }
+                Err(TrySendError::Closed(d)) => {
+                    delivery = d;
+                    queues.remove(gateway);
+                }
+            }
+        }
+        drop(delivery);
+        Err(Enqueue::Closed)
+    }
+
+    /// A new queue and its sender task; None once shutting down.
+    fn spawn_queue(self: &Arc<Self>, gateway: &str) -> Option<Queue> {
+        if self.closing.is_cancelled() {
+            return None;
+        }
+        let done = self
+            .done_tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        let (tx, rx) = mpsc::channel(self.options.queue);
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+        let inner = self.clone();
+        let url = gateway.to_owned();
+        tokio::spawn(async move {
+            inner.run_sender(url, generation, rx).await;
+            drop(done);
+        });
+        Some(Queue { tx, generation })
+    }
+
+    fn set_depth(&self, gateway: &str, tx: &mpsc::Sender<Delivery>) {
+        let depth = tx.max_capacity() - tx.capacity();
+        self.metrics
+            .gateway_queue_depth
+            .with_label_values(&[gateway])
+            .set(depth as i64);
+    }
+
+    fn dropped(&self, reason: &str, n: usize) {
+        self.metrics
+            .deliveries_dropped
+            .with_label_values(&[reason])
+            .inc_by(n as u64);
+    }
+
+    /// Remove this task's queue from the map. With `only_if_empty`, only when
+    /// nothing is queued (checked under the lock every push takes).
+    fn remove_queue(
+        &self,
+        gateway: &str,
+        generation: u64,
+        rx: &mpsc::Receiver<Delivery>,
+        only_if_empty: bool,
+    ) -> bool {
+        let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        if only_if_empty && !rx.is_empty() {
+            return false;
+        }
+        if queues
+            .get(gateway)
+            .is_some_and(|q| q.generation == generation)
+        {
+            queues.remove(gateway);
+            let _ = self
+                .metrics
+                .gateway_queue_depth
+                .remove_label_values(&[gateway]);
+        }
+        true
+    }
+
+    async fn run_sender(&self, url: String, generation: u64, mut rx: mpsc::Receiver<Delivery>) {
+        let mut client = match self.pool.get(&url) {
+            Ok(channel) => GatewayClient::new(channel),
+            Err(e) => {
+                tracing::warn!(gateway = %url, error = %e, "cannot reach gateway");
+                self.remove_queue(&url, generation, &rx, false);
+                rx.close();
+                let mut n = 0;
+                while rx.try_recv().is_ok() {
+                    n += 1;
+                }
+                self.dropped("deliver_failed", n);
+                return;
+            }
+        };
+        loop {
+            let first = tokio::select! {
+                biased;
+                d = rx.recv() => d,
+                _ = self.closing.cancelled(), if rx.is_empty() => None,
+                _ = tokio::time::sleep(IDLE_QUEUE) => {
+                    if self.remove_queue(&url, generation, &rx, true) {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let Some(first) = first else {
+                self.remove_queue(&url, generation, &rx, false);
+                return;
+            };
+            let mut size = first.encoded_len();
+            let mut batch = vec![first];
+            while batch.len() < self.options.batch && size < MAX_BATCH_BYTES {
+                match rx.try_recv() {
+                    Ok(d) => {
+                        size += d.encoded_len();
+                        batch.push(d);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.metrics
+                .gateway_queue_depth
+                .with_label_values(&[url.as_str()])
+                .set(rx.len() as i64);
+            if !self.deliver(&mut client, &url, batch).await {
+                // Give up on this gateway for now: drop what is queued and let the
+                // next event open a fresh queue (and connection).
+                self.remove_queue(&url, generation, &rx, false);
+                self.pool.remove(&url);
+                rx.close();
+                let mut n = 0;
+                while rx.try_recv().is_ok() {
+                    n += 1;
+                }
+                self.dropped("deliver_failed", n);
+                return;
+            }
+        }
+    }
+
+    /// One batch with retries; false if it was dropped.
+    async fn deliver(
+        &self,
+        client: &mut GatewayClient<tonic::transport::Channel>,
+        url: &str,
+        batch: Vec<Delivery>,
+    ) -> bool {
+        let n = batch.len();
+        let request = DeliverRequest { deliveries: batch };
+        let mut backoff = DELIVER_BACKOFF;
+        for attempt in 1..=DELIVER_ATTEMPTS {
+            self.metrics.deliver_calls.inc();
+            let call = client.deliver(request.clone());
+            let result = tokio::select! {
+                r = call => r,
+                _ = self.abort.cancelled() => {
+                    self.dropped("shutdown", n);
+                    return false;
+                }
+            };
+            match result {
+                Ok(_) => return true,
+                Err(status) => {
+                    self.metrics.deliver_failures.inc();
+                    tracing::warn!(gateway = %url, attempt, code = ?status.code(), error = %status.message(), "deliver failed");
+                    if attempt < DELIVER_ATTEMPTS {
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = self.abort.cancelled() => {}
+                        }
+                        backoff *= 2;
+                    }
+                }
+            }
+        }
+        self.dropped("deliver_failed", n);
+        false
+    }
+}

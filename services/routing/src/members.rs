@@ -1,0 +1,120 @@
+//! Conversation members, read from storage and cached briefly.
+//!
+//! Trade-off of the TTL: every send and every fan-out needs the member list, and
+//! asking storage each time would put one storage read on every message. With a
+//! short TTL (2 s by default) a membership change can take up to that long to be
+//! seen here: a removed member may still send and receive live events for up to
+//! the TTL, and a newly added member may miss live events for that long (they get
+//! the messages from history/sync). Conversation-change events published through
+//! routing invalidate the entry at once, which closes the window in the common case.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use switchboard_proto::v1::storage_client::StorageClient;
+use switchboard_proto::v1::GetConversationRequest;
+use switchboard_proto::ErrorCode;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+use crate::error::RoutingError;
+
+/// The members of a conversation, sorted (for `contains`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Members(Vec<String>);
+
+impl Members {
+    pub fn new(mut members: Vec<String>) -> Members {
+        members.sort();
+        members.dedup();
+        Members(members)
+    }
+
+    pub fn contains(&self, user: &str) -> bool {
+        self.0.binary_search_by(|m| m.as_str().cmp(user)).is_ok()
+    }
+
+    pub fn as_slice(&self) -> &[String] {
+        &self.0
+    }
+}
+
+/// Members by conversation with a TTL, bounded by `max_entries`.
+pub(crate) struct MemberCache {
+    storage: StorageClient<Channel>,
+    ttl: Duration,
+    max_entries: usize,
+    /// A std mutex: lookups and inserts only, never held across the storage call.
+    entries: Mutex<HashMap<String, (Arc<Members>, Instant)>>,
+}
+
+impl MemberCache {
+    pub fn new(storage: StorageClient<Channel>, ttl: Duration, max_entries: usize) -> MemberCache {
+        MemberCache {
+            storage,
+            ttl,
+            max_entries: max_entries.max(1),
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The members of `conversation_id` (not_found if it does not exist).
+    pub async fn get(&self, conversation_id: &str) -> Result<Arc<Members>, RoutingError> {
+        let now = Instant::now();
+        if let Some((members, fetched)) = self.lock().get(conversation_id) {
+            if now.saturating_duration_since(*fetched) < self.ttl {
+                return Ok(members.clone());
+            }
+        }
+        let reply = self
+            .storage
+            .clone()
+            .get_conversation(GetConversationRequest {
+                conversation_id: conversation_id.to_owned(),
+                caller_id: String::new(),
+            })
+            .await;
+        let conversation = match reply {
+            Ok(r) => r.into_inner(),
+            Err(st) if switchboard_proto::status_error_code(&st) == ErrorCode::NotFound => {
+                self.invalidate(conversation_id);
+                return Err(RoutingError::NotFound(conversation_id.to_owned()));
+            }
+            Err(st) => return Err(RoutingError::peer("storage GetConversation", &st)),
+        };
+        let members = Arc::new(Members::new(conversation.members));
+        let mut entries = self.lock();
+        if entries.len() >= self.max_entries && !entries.contains_key(conversation_id) {
+            let ttl = self.ttl;
+            entries.retain(|_, (_, fetched)| now.saturating_duration_since(*fetched) < ttl);
+            if entries.len() >= self.max_entries {
+                entries.clear();
+            }
+        }
+        entries.insert(conversation_id.to_owned(), (members.clone(), now));
+        Ok(members)
+    }
+
+    /// Forget a conversation's members (they changed).
+    pub fn invalidate(&self, conversation_id: &str) {
+        self.lock().remove(conversation_id);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Arc<Members>, Instant)>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_contains_after_sorting() {
+        let m = Members::new(vec!["c".into(), "a".into(), "b".into(), "a".into()]);
+        assert_eq!(m.as_slice(), &["a", "b", "c"]);
+        assert!(m.contains("b"));
+        assert!(!m.contains("d"));
+    }
+}

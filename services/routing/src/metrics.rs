@@ -1,0 +1,125 @@
+//! The routing service's Prometheus metrics.
+
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
+use switchboard_telemetry::latency_buckets;
+
+/// Every metric of the service, registered in the registry served on the admin port.
+pub(crate) struct Metrics {
+    /// Sends acked, by whether they were retries of an accepted message.
+    pub sends_accepted: IntCounterVec,
+    /// Sends refused, by client error code.
+    pub sends_rejected: IntCounterVec,
+    /// Time to append a record durably to the event log.
+    pub log_append_seconds: Histogram,
+    /// Messages given a new sequence and persisted.
+    pub messages_sequenced: IntCounter,
+    /// Records that mapped to an already stored message (retries, replays).
+    pub duplicates_sequenced: IntCounter,
+    /// Time of one storage Append call.
+    pub storage_append_seconds: Histogram,
+    /// Storage Append calls that failed (and were retried).
+    pub storage_append_failures: IntCounter,
+    /// Send calls that stopped waiting for their sequence (acked with seq 0).
+    pub sequence_wait_timeouts: IntCounter,
+    /// Deliver calls made to gateways.
+    pub deliver_calls: IntCounter,
+    /// Deliver calls that failed.
+    pub deliver_failures: IntCounter,
+    /// Deliveries dropped, by reason (`deliver_failed`, `queue_full`, `shutdown`).
+    pub deliveries_dropped: IntCounterVec,
+    /// Presence Route failures during fan-out (the event reached no gateway live).
+    pub route_failures: IntCounter,
+    /// Deliveries queued per gateway.
+    pub gateway_queue_depth: IntGaugeVec,
+    /// Ephemeral events published.
+    pub published: IntCounter,
+}
+
+impl Metrics {
+    pub fn new(registry: &Registry) -> anyhow::Result<Metrics> {
+        let histogram = |name: &str, help: &str| {
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(latency_buckets()))
+        };
+        let m = Metrics {
+            sends_accepted: IntCounterVec::new(
+                Opts::new("routing_sends_accepted_total", "sends acked as durable"),
+                &["duplicate"],
+            )?,
+            sends_rejected: IntCounterVec::new(
+                Opts::new(
+                    "routing_sends_rejected_total",
+                    "sends refused, by error code",
+                ),
+                &["code"],
+            )?,
+            log_append_seconds: histogram(
+                "routing_log_append_seconds",
+                "time to append a record durably to the event log",
+            )?,
+            messages_sequenced: IntCounter::new(
+                "routing_messages_sequenced_total",
+                "messages given a new sequence and persisted",
+            )?,
+            duplicates_sequenced: IntCounter::new(
+                "routing_duplicate_records_total",
+                "records that mapped to an already stored message",
+            )?,
+            storage_append_seconds: histogram(
+                "routing_storage_append_seconds",
+                "time of one storage Append call",
+            )?,
+            storage_append_failures: IntCounter::new(
+                "routing_storage_append_failures_total",
+                "storage Append calls that failed and were retried",
+            )?,
+            sequence_wait_timeouts: IntCounter::new(
+                "routing_sequence_wait_timeouts_total",
+                "sends acked without their sequence because sequencing took too long",
+            )?,
+            deliver_calls: IntCounter::new(
+                "routing_deliver_calls_total",
+                "Deliver calls made to gateways",
+            )?,
+            deliver_failures: IntCounter::new(
+                "routing_deliver_failures_total",
+                "Deliver calls that failed",
+            )?,
+            deliveries_dropped: IntCounterVec::new(
+                Opts::new(
+                    "routing_deliveries_dropped_total",
+                    "deliveries dropped, by reason",
+                ),
+                &["reason"],
+            )?,
+            route_failures: IntCounter::new(
+                "routing_route_failures_total",
+                "presence Route failures during fan-out",
+            )?,
+            gateway_queue_depth: IntGaugeVec::new(
+                Opts::new(
+                    "routing_gateway_queue_depth",
+                    "deliveries queued per gateway",
+                ),
+                &["gateway"],
+            )?,
+            published: IntCounter::new("routing_published_total", "ephemeral events published")?,
+        };
+        registry.register(Box::new(m.sends_accepted.clone()))?;
+        registry.register(Box::new(m.sends_rejected.clone()))?;
+        registry.register(Box::new(m.log_append_seconds.clone()))?;
+        registry.register(Box::new(m.messages_sequenced.clone()))?;
+        registry.register(Box::new(m.duplicates_sequenced.clone()))?;
+        registry.register(Box::new(m.storage_append_seconds.clone()))?;
+        registry.register(Box::new(m.storage_append_failures.clone()))?;
+        registry.register(Box::new(m.sequence_wait_timeouts.clone()))?;
+        registry.register(Box::new(m.deliver_calls.clone()))?;
+        registry.register(Box::new(m.deliver_failures.clone()))?;
+        registry.register(Box::new(m.deliveries_dropped.clone()))?;
+        registry.register(Box::new(m.route_failures.clone()))?;
+        registry.register(Box::new(m.gateway_queue_depth.clone()))?;
+        registry.register(Box::new(m.published.clone()))?;
+        Ok(m)
+    }
+}

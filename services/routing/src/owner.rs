@@ -1,0 +1,311 @@
+//! Partition owners: the one place a conversation's sequence is assigned.
+//!
+//! One task per owned partition reads the log in offset order from the committed
+//! offset and, for each record: takes the conversation's next sequence (cached,
+//! initialised from storage `LastSeq` on first touch), has storage persist the
+//! message (`Append`, retried with capped backoff forever, so no record is ever
+//! skipped and the sequence stays gapless), wakes the send waiting for it, and fans
+//! it out. Offsets are committed only after storage has persisted the records
+//! below them, every [`COMMIT_EVERY`] records or [`COMMIT_INTERVAL`]. Replaying
+//! records after a crash is safe: `Append` dedupes by (sender, client_msg_id) and
+//! returns the stored message, and gateways drop sequences a session already has.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message as _;
+use switchboard_proto::v1::{AppendRequest, LastSeqRequest, Message};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::eventlog::LogRecord;
+use crate::node::Node;
+
+const COMMIT_EVERY: u64 = 256;
+const COMMIT_INTERVAL: Duration = Duration::from_millis(20);
+const POLL_MAX: usize = 256;
+const POLL_WAIT: Duration = Duration::from_millis(500);
+const BACKOFF_START: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Conversations whose next sequence one owner keeps in memory. Past this the
+/// cache is cleared; entries reload from storage, which holds every sequence this
+/// owner assigned (the cache is only updated after storage persisted).
+const MAX_CACHED_CONVERSATIONS: usize = 100_000;
+
+/// The owner was told to stop before finishing the record in hand.
+struct Stopped;
+
+/// Own the partitions the log assigns to this process until `stop`.
+pub(crate) async fn supervise(node: Arc<Node>, stop: CancellationToken) {
+    let mut assignment = node.log.assignment();
+    let mut owners: HashMap<u32, (CancellationToken, tokio::task::JoinHandle<()>)> = HashMap::new();
+    loop {
+        let wanted: HashSet<u32> = assignment.borrow_and_update().iter().copied().collect();
+        let revoked: Vec<u32> = owners
+            .keys()
+            .filter(|p| !wanted.contains(p))
+            .copied()
+            .collect();
+        for partition in revoked {
+            if let Some((token, handle)) = owners.remove(&partition) {
+                token.cancel();
+                let _ = handle.await;
+                tracing::info!(partition, "partition released");
+            }
+        }
+        for partition in wanted {
+            owners.entry(partition).or_insert_with(|| {
+                let token = stop.child_token();
+                let handle = tokio::spawn(run_owner(node.clone(), partition, None, token.clone()));
+                (token, handle)
+            });
+        }
+        tokio::select! {
+            changed = assignment.changed() => {
+                if changed.is_err() {
+                    // The assignment can no longer change: keep what we own.
+                    stop.cancelled().await;
+                    break;
+                }
+            }
+            _ = stop.cancelled() => break,
+        }
+    }
+    for (_, (token, handle)) in owners {
+        token.cancel();
+        let _ = handle.await;
+    }
+}
+
+/// Own one partition: sequence, persist and fan out its records from `start` (or
+/// the committed offset) until `stop`, then commit and return.
+pub(crate) async fn run_owner(
+    node: Arc<Node>,
+    partition: u32,
+    start: Option<u64>,
+    stop: CancellationToken,
+) {
+    let mut owner = Owner {
+        node,
+        partition,
+        seqs: HashMap::new(),
+        stop,
+    };
+    let Ok(mut position) = owner.start_position(start).await else {
+        return;
+    };
+    tracing::info!(partition, offset = position, "partition owner started");
+    let mut committed = position;
+    let mut last_commit = Instant::now();
+    'records: while !owner.stop.is_cancelled() {
+        let polled = tokio::select! {
+            r = owner.node.log.poll(partition, position, POLL_MAX, POLL_WAIT) => r,
+            _ = owner.stop.cancelled() => break,
+        };
+        let records = match polled {
+            Ok(records) => records,
+            Err(e) => {
+                tracing::warn!(partition, error = %e, "event log read failed");
+                if owner.sleep(BACKOFF_START * 4).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+        };
+        let idle = records.is_empty();
+        for record in records {
+            if owner.stop.is_cancelled() {
+                break 'records;
+            }
+            let next = record.offset + 1;
+            if owner.process(record).await.is_err() {
+                break 'records;
+            }
+            position = next;
+            if position - committed >= COMMIT_EVERY || last_commit.elapsed() >= COMMIT_INTERVAL {
+                owner.commit(position, &mut committed).await;
+                last_commit = Instant::now();
+            }
+        }
+        if idle && position > committed {
+            owner.commit(position, &mut committed).await;
+            last_commit = Instant::now();
+        }
+    }
+    if position > committed {
+        owner.commit(position, &mut committed).await;
+    }
+    tracing::info!(partition, offset = position, "partition owner stopped");
+}
+
+struct Owner {
+    node: Arc<Node>,
+    partition: u32,
+    /// Last assigned sequence per conversation of this partition.
+    seqs: HashMap<String, u64>,
+    stop: CancellationToken,
+}
+
+impl Owner {
+    async fn start_position(&self, start: Option<u64>) -> Result<u64, Stopped> {
+        if let Some(offset) = start {
+            return Ok(offset);
+        }
+        let mut backoff = BACKOFF_START;
+        loop {
+            match self.node.log.committed(self.partition).await {
+                Ok(offset) => return Ok(offset),
+                Err(e) => {
+                    tracing::warn!(partition = self.partition, error = %e, "cannot read committed offset");
+                    self.sleep(backoff).await?;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    async fn sleep(&self, d: Duration) -> Result<(), Stopped> {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => Ok(()),
+            _ = self.stop.cancelled() => Err(Stopped),
+        }
+    }
+
+    async fn commit(&self, position: u64, committed: &mut u64) {
+        match self.node.log.commit(self.partition, position).await {
+            Ok(()) => *committed = position,
+            // Not fatal: the next commit covers it; a crash before it only replays.
+            Err(e) => {
+                tracing::warn!(partition = self.partition, offset = position, error = %e, "commit failed")
+            }
+        }
+    }
+
+    async fn process(&mut self, record: LogRecord) -> Result<(), Stopped> {
+        let message = match Message::decode(record.value.as_slice()) {
+            Ok(m) if !m.conversation_id.is_empty() => m,
+            other => {
+                // Only this service writes records; this is corruption, and no
+                // retry can make it a message.
+                tracing::error!(
+                    partition = self.partition,
+                    offset = record.offset,
+                    decoded = other.is_ok(),
+                    "undecodable record skipped"
+                );
+                return Ok(());
+            }
+        };
+        let stored = self.persist(message).await?;
+        // The sender is waiting for this; its other devices can be a moment later.
+        self.node.waiters.complete(&stored);
+        self.node.fan_out_message(&stored).await;
+        Ok(())
+    }
+
+    /// Assign the next sequence and have storage persist the message; returns the
+    /// stored message (the earlier one if this was a duplicate).
+    async fn persist(&mut self, message: Message) -> Result<Message, Stopped> {
+        let conversation_id = message.conversation_id.clone();
+        let mut backoff = BACKOFF_START;
+        loop {
+            let last = match self.seqs.get(&conversation_id) {
+                Some(last) => *last,
+                None => self.load_last_seq(&conversation_id).await?,
+            };
+            let mut candidate = message.clone();
+            candidate.seq = last + 1;
+            let started = Instant::now();
+            let reply = self
+                .node
+                .storage
+                .clone()
+                .append(AppendRequest {
+                    message: Some(candidate),
+                })
+                .await;
+            self.node
+                .metrics
+                .storage_append_seconds
+                .observe(started.elapsed().as_secs_f64());
+            match reply.map(|r| r.into_inner()) {
+                Ok(reply) => {
+                    let Some(stored) = reply.message else {
+                        tracing::error!(conversation_id = %conversation_id, "storage append returned no message");
+                        self.sleep(backoff).await?;
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                        continue;
+                    };
+                    self.node.health.set_failing(self.partition, false);
+                    if reply.duplicate {
+                        // A retry or a replay: it keeps its stored sequence and the
+                        // conversation's sequence does not advance.
+                        self.node.metrics.duplicates_sequenced.inc();
+                    } else {
+                        if self.seqs.len() >= MAX_CACHED_CONVERSATIONS {
+                            self.seqs.clear();
+                        }
+                        self.seqs.insert(conversation_id.clone(), stored.seq);
+                        self.node.metrics.messages_sequenced.inc();
+                        tracing::debug!(conversation_id = %conversation_id, seq = stored.seq, "message sequenced");
+                    }
+                    return Ok(stored);
+                }
+                Err(status) if is_sequence_conflict(&status) => {
+                    // Someone else wrote this sequence: our cache is stale.
+                    tracing::warn!(conversation_id = %conversation_id, seq = last + 1, "sequence conflict; reloading last sequence");
+                    self.seqs.remove(&conversation_id);
+                    self.sleep(BACKOFF_START).await?;
+                }
+                Err(status) => {
+                    self.node.metrics.storage_append_failures.inc();
+                    self.node.health.set_failing(self.partition, true);
+                    tracing::warn!(partition = self.partition, conversation_id = %conversation_id, code = ?status.code(), error = %status.message(), "storage append failed; retrying");
+                    self.sleep(backoff).await?;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    async fn load_last_seq(&mut self, conversation_id: &str) -> Result<u64, Stopped> {
+        let mut backoff = BACKOFF_START;
+        loop {
+            let reply = self
+                .node
+                .storage
+                .clone()
+                .last_seq(LastSeqRequest {
+                    conversation_id: conversation_id.to_owned(),
+                })
+                .await;
+            match reply {
+                Ok(r) => {
+                    let last = r.into_inner().last_seq;
+                    if self.seqs.len() >= MAX_CACHED_CONVERSATIONS {
+                        self.seqs.clear();
+                    }
+                    self.seqs.insert(conversation_id.to_owned(), last);
+                    return Ok(last);
+                }
+                Err(status) => {
+                    self.node.health.set_failing(self.partition, true);
+                    tracing::warn!(partition = self.partition, conversation_id, error = %status.message(), "storage last_seq failed; retrying");
+                    self.sleep(backoff).await?;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+}
+
+/// Whether storage refused an Append because the sequence is taken by another
+/// message (a second writer). Storage reports it as `already_exists`, or as
+/// `failed_precondition`/`aborted` (the codes a compare-and-set failure maps to).
+fn is_sequence_conflict(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::AlreadyExists | tonic::Code::FailedPrecondition | tonic::Code::Aborted
+    )
+}

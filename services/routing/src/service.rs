@@ -1,0 +1,289 @@
+//! The `Routing` gRPC service: Send (validate, rate-limit, authorize, dedupe,
+//! append durably, wait briefly for the sequence) and Publish (ephemeral fan-out).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prost::Message as _;
+use switchboard_proto::v1::routing_server::Routing;
+use switchboard_proto::v1::server_frame::Event;
+use switchboard_proto::v1::{
+    Delivery, LookupDedupeRequest, Message, PublishRequest, PublishResponse, RouteSendRequest,
+    SendResult,
+};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::error::RoutingError;
+use crate::eventlog::{partition_for, NewRecord};
+use crate::limiter::RateLimiter;
+use crate::node::Node;
+
+/// Longest conversation id and client message id, in bytes.
+const MAX_ID_BYTES: usize = 128;
+/// Most sends handled at once; beyond it sends fail fast with `unavailable`. This
+/// also bounds the waiter map.
+const MAX_INFLIGHT_SENDS: usize = 16_384;
+/// Users tracked by the rate limiter.
+const MAX_RATE_LIMITED_USERS: usize = 100_000;
+/// Most explicit recipients of one Publish.
+const MAX_PUBLISH_USERS: usize = 10_000;
+const DEFAULT_CONTENT_TYPE: &str = "text/plain";
+
+/// The gRPC service. Cloning is not needed: tonic wraps it in an `Arc`.
+pub struct RoutingService {
+    node: Arc<Node>,
+    limiter: RateLimiter,
+    inflight: Semaphore,
+    /// Cancelled when the service starts shutting down: new sends are refused.
+    draining: CancellationToken,
+}
+
+impl RoutingService {
+    pub(crate) fn new(node: Arc<Node>, draining: CancellationToken) -> RoutingService {
+        let r = &node.config.routing;
+        RoutingService {
+            limiter: RateLimiter::new(
+                r.send_rate_per_user,
+                r.send_burst_per_user,
+                MAX_RATE_LIMITED_USERS,
+            ),
+            inflight: Semaphore::new(MAX_INFLIGHT_SENDS),
+            draining,
+            node,
+        }
+    }
+
+    async fn send(&self, req: RouteSendRequest) -> Result<SendResult, RoutingError> {
+        if self.draining.is_cancelled() {
+            return Err(RoutingError::Draining);
+        }
+        let limits = &self.node.config.routing;
+        validate_id("sender_id", &req.sender_id)?;
+        validate_id("conversation_id", &req.conversation_id)?;
+        validate_id("client_msg_id", &req.client_msg_id)?;
+        if req.body.len() > limits.max_body_bytes {
+            return Err(RoutingError::BodyTooLarge {
+                size: req.body.len(),
+                limit: limits.max_body_bytes,
+            });
+        }
+        if req.content_type.len() > MAX_ID_BYTES {
+            return Err(RoutingError::InvalidRequest(format!(
+                "content_type is longer than {MAX_ID_BYTES} bytes"
+            )));
+        }
+        if !self.limiter.try_acquire(&req.sender_id, Instant::now()) {
+            return Err(RoutingError::RateLimited);
+        }
+        let _permit = self
+            .inflight
+            .try_acquire()
+            .map_err(|_| RoutingError::Unavailable("routing is overloaded; retry".into()))?;
+
+        let members = self.node.members.get(&req.conversation_id).await?;
+        if !members.contains(&req.sender_id) {
+            return Err(RoutingError::NotMember(req.conversation_id));
+        }
+
+        // Fast path for retries of a message that is already stored.
+        let known = self
+            .node
+            .storage
+            .clone()
+            .lookup_dedupe(LookupDedupeRequest {
+                sender_id: req.sender_id.clone(),
+                client_msg_id: req.client_msg_id.clone(),
+            })
+            .await
+            .map_err(|st| RoutingError::peer("storage LookupDedupe", &st))?
+            .into_inner()
+            .message;
+        if let Some(stored) = known {
+            return Ok(result_of(&stored, true));
+        }
+
+        let message = Message {
+            conversation_id: req.conversation_id,
+            seq: 0,
+            message_id: uuid::Uuid::now_v7().to_string(),
+            sender_id: req.sender_id,
+            sender_device: req.sender_device,
+            client_msg_id: req.client_msg_id,
+            body: req.body,
+            content_type: if req.content_type.is_empty() {
+                DEFAULT_CONTENT_TYPE.to_owned()
+            } else {
+                req.content_type
+            },
+            sent_at_ms: now_ms(),
+        };
+        let partition = partition_for(&message.conversation_id, self.node.log.partitions());
+        // Register before appending so the owner cannot complete before we listen.
+        let mut waiter = self
+            .node
+            .waiters
+            .register(&message.sender_id, &message.client_msg_id);
+        let record = NewRecord {
+            key: message.conversation_id.as_bytes().to_vec(),
+            value: message.encode_to_vec(),
+        };
+        let append_timeout = Duration::from_millis(self.node.config.cluster.rpc_timeout_ms);
+        let started = Instant::now();
+        match tokio::time::timeout(append_timeout, self.node.log.append(partition, record)).await {
+            Ok(Ok(offset)) => {
+                self.node
+                    .metrics
+                    .log_append_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                tracing::debug!(conversation_id = %message.conversation_id, partition, offset, "message appended");
+            }
+            Ok(Err(e)) => return Err(RoutingError::Unavailable(e.to_string())),
+            Err(_) => {
+                return Err(RoutingError::Unavailable(
+                    "the event log did not confirm the append in time; retry".into(),
+                ))
+            }
+        }
+
+        // Durable from here on: whatever happens next, the answer is "accepted".
+        let wait = Duration::from_millis(limits.sequence_wait_ms);
+        match tokio::time::timeout(wait, &mut waiter.rx).await {
+            Ok(Ok(stored)) => {
+                let duplicate = stored.message_id != message.message_id;
+                Ok(result_of(&stored, duplicate))
+            }
+            _ => {
+                self.node.metrics.sequence_wait_timeouts.inc();
+                Ok(result_of(&message, false))
+            }
+        }
+    }
+
+    async fn publish(&self, req: PublishRequest) -> Result<PublishResponse, RoutingError> {
+        let event = req
+            .event
+            .ok_or_else(|| RoutingError::InvalidRequest("event is required".into()))?;
+        if req.user_ids.len() > MAX_PUBLISH_USERS {
+            return Err(RoutingError::InvalidRequest(format!(
+                "at most {MAX_PUBLISH_USERS} user_ids"
+            )));
+        }
+        if !req.conversation_id.is_empty() {
+            validate_id("conversation_id", &req.conversation_id)?;
+            if matches!(event.event, Some(Event::Conversation(_))) {
+                // Membership changed: fan this and later events out to the new set.
+                self.node.members.invalidate(&req.conversation_id);
+            }
+        }
+        let members = if req.conversation_id.is_empty() {
+            None
+        } else if !req.actor_id.is_empty() || req.user_ids.is_empty() {
+            Some(self.node.members.get(&req.conversation_id).await?)
+        } else {
+            None
+        };
+        if !req.actor_id.is_empty() {
+            if let Some(members) = &members {
+                if !members.contains(&req.actor_id) {
+                    return Err(RoutingError::NotMember(req.conversation_id));
+                }
+            }
+        }
+        let recipients: Vec<String> = if !req.user_ids.is_empty() {
+            req.user_ids
+        } else if let Some(members) = &members {
+            members.as_slice().to_vec()
+        } else {
+            return Err(RoutingError::InvalidRequest(
+                "conversation_id or user_ids is required".into(),
+            ));
+        };
+        let routes = self.node.route(&recipients).await?;
+        let mut gateways = 0;
+        for route in routes {
+            if route.user_ids.is_empty() {
+                continue;
+            }
+            let delivery = Delivery {
+                event: Some(event.clone()),
+                recipients: route.user_ids,
+                exclude_session_id: req.exclude_session_id.clone(),
+            };
+            if self
+                .node
+                .fanout
+                .enqueue_ephemeral(&route.gateway_addr, delivery)
+            {
+                gateways += 1;
+            }
+        }
+        self.node.metrics.published.inc();
+        Ok(PublishResponse { gateways })
+    }
+}
+
+#[tonic::async_trait]
+impl Routing for RoutingService {
+    async fn send(
+        &self,
+        request: Request<RouteSendRequest>,
+    ) -> Result<Response<SendResult>, Status> {
+        let metrics = &self.node.metrics;
+        match RoutingService::send(self, request.into_inner()).await {
+            Ok(result) => {
+                let duplicate = if result.duplicate { "true" } else { "false" };
+                metrics.sends_accepted.with_label_values(&[duplicate]).inc();
+                Ok(Response::new(result))
+            }
+            Err(e) => {
+                metrics
+                    .sends_rejected
+                    .with_label_values(&[e.code().as_str()])
+                    .inc();
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn publish(
+        &self,
+        request: Request<PublishRequest>,
+    ) -> Result<Response<PublishResponse>, Status> {
+        RoutingService::publish(self, request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(Into::into)
+    }
+}
+
+fn validate_id(field: &str, value: &str) -> Result<(), RoutingError> {
+    if value.is_empty() {
+        return Err(RoutingError::InvalidRequest(format!("{field} is required")));
+    }
+    if value.len() > MAX_ID_BYTES {
+        return Err(RoutingError::InvalidRequest(format!(
+            "{field} is longer than {MAX_ID_BYTES} bytes"
+        )));
+    }
+    Ok(())
+}
+
+fn result_of(message: &Message, duplicate: bool) -> SendResult {
+    SendResult {
+        conversation_id: message.conversation_id.clone(),
+        message_id: message.message_id.clone(),
+        seq: message.seq,
+        duplicate,
+        sent_at_ms: message.sent_at_ms,
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
