@@ -221,8 +221,14 @@ pub(crate) async fn direct_conversations_are_one_per_pair(factory: &dyn StoreFac
     assert_eq!(ab.members, ["alice", "bob"]);
     assert_eq!(ab.last_seq, 0);
     assert!(uuid::Uuid::parse_str(&ab.conversation_id).is_ok());
-    assert_eq!(h.direct("alice", "bob").await.conversation_id, ab.conversation_id);
-    assert_eq!(h.direct("bob", "alice").await.conversation_id, ab.conversation_id);
+    assert_eq!(
+        h.direct("alice", "bob").await.conversation_id,
+        ab.conversation_id
+    );
+    assert_eq!(
+        h.direct("bob", "alice").await.conversation_id,
+        ab.conversation_id
+    );
     // Listing the creator too is the same pair.
     let again = h
         .svc
@@ -235,7 +241,10 @@ pub(crate) async fn direct_conversations_are_one_per_pair(factory: &dyn StoreFac
         .await
         .unwrap();
     assert_eq!(again.conversation_id, ab.conversation_id);
-    assert_ne!(h.direct("alice", "carol").await.conversation_id, ab.conversation_id);
+    assert_ne!(
+        h.direct("alice", "carol").await.conversation_id,
+        ab.conversation_id
+    );
 
     for members in [vec![], vec!["alice"], vec!["bob", "carol"]] {
         let err = h
@@ -273,7 +282,9 @@ pub(crate) async fn direct_conversations_are_one_per_pair(factory: &dyn StoreFac
 
 pub(crate) async fn groups_have_an_owner_and_member_rules(factory: &dyn StoreFactory) {
     let h = Harness::open(factory, 200).await;
-    let g = h.group("olga", &["bob", "alice", "bob", "olga"], "team").await;
+    let g = h
+        .group("olga", &["bob", "alice", "bob", "olga"], "team")
+        .await;
     let id = g.conversation_id.as_str();
     assert_eq!(g.kind, "group");
     assert_eq!(g.name, "team");
@@ -281,33 +292,113 @@ pub(crate) async fn groups_have_an_owner_and_member_rules(factory: &dyn StoreFac
     assert_eq!(g.members, ["alice", "bob", "olga"]);
 
     // Only the owner adds.
-    assert_eq!(code(h.change(id, "bob", "add", &["carol"]).await), ErrorCode::Forbidden);
-    let added = h.change(id, "olga", "add", &["carol", "dan", "alice"]).await.unwrap();
+    assert_eq!(
+        code(h.change(id, "bob", "add", &["carol"]).await),
+        ErrorCode::Forbidden
+    );
+    let added = h
+        .change(id, "olga", "add", &["carol", "dan", "alice"])
+        .await
+        .unwrap();
     assert_eq!(added.members, ["alice", "bob", "carol", "dan", "olga"]);
     // Members remove only themselves; nobody removes the owner.
-    assert_eq!(code(h.change(id, "bob", "remove", &["carol"]).await), ErrorCode::Forbidden);
-    assert_eq!(code(h.change(id, "olga", "remove", &["olga"]).await), ErrorCode::Forbidden);
-    assert_eq!(code(h.change(id, "bob", "remove", &["olga"]).await), ErrorCode::Forbidden);
+    assert_eq!(
+        code(h.change(id, "bob", "remove", &["carol"]).await),
+        ErrorCode::Forbidden
+    );
+    assert_eq!(
+        code(h.change(id, "olga", "remove", &["olga"]).await),
+        ErrorCode::Forbidden
+    );
+    assert_eq!(
+        code(h.change(id, "bob", "remove", &["olga"]).await),
+        ErrorCode::Forbidden
+    );
     let left = h.change(id, "bob", "remove", &["bob"]).await.unwrap();
     assert_eq!(left.members, ["alice", "carol", "dan", "olga"]);
     let removed = h.change(id, "olga", "remove", &["dan"]).await.unwrap();
     assert_eq!(removed.members, ["alice", "carol", "olga"]);
     // Former and never members act as non-members.
-    assert_eq!(code(h.change(id, "bob", "remove", &["bob"]).await), ErrorCode::NotMember);
-    assert_eq!(code(h.change(id, "zed", "add", &["zed"]).await), ErrorCode::NotMember);
-    assert_eq!(h.get(id, "").await.unwrap().members, ["alice", "carol", "olga"]);
+    assert_eq!(
+        code(h.change(id, "bob", "remove", &["bob"]).await),
+        ErrorCode::NotMember
+    );
+    assert_eq!(
+        code(h.change(id, "zed", "add", &["zed"]).await),
+        ErrorCode::NotMember
+    );
+    assert_eq!(
+        h.get(id, "").await.unwrap().members,
+        ["alice", "carol", "olga"]
+    );
 
-    assert_eq!(code(h.change(id, "olga", "promote", &["alice"]).await), ErrorCode::InvalidRequest);
-    assert_eq!(code(h.change(id, "olga", "add", &[]).await), ErrorCode::InvalidRequest);
-    assert_eq!(code(h.change("nope", "olga", "add", &["x"]).await), ErrorCode::NotFound);
+    assert_eq!(
+        code(h.change(id, "olga", "promote", &["alice"]).await),
+        ErrorCode::InvalidRequest
+    );
+    assert_eq!(
+        code(h.change(id, "olga", "add", &[]).await),
+        ErrorCode::InvalidRequest
+    );
+    assert_eq!(
+        code(h.change("nope", "olga", "add", &["x"]).await),
+        ErrorCode::NotFound
+    );
     let direct = h.direct("alice", "bob").await;
     assert_eq!(
-        code(h.change(&direct.conversation_id, "alice", "add", &["carol"]).await),
+        code(
+            h.change(&direct.conversation_id, "alice", "add", &["carol"])
+                .await
+        ),
         ErrorCode::Forbidden
     );
     // A group without a name, of the creator alone.
     let solo = h.group("sam", &[], "").await;
-    assert_eq!((solo.name.as_str(), solo.members.as_slice()), ("", &["sam".to_string()][..]));
+    assert_eq!(
+        (solo.name.as_str(), solo.members.as_slice()),
+        ("", &["sam".to_string()][..])
+    );
+}
+
+pub(crate) async fn member_count_is_capped(factory: &dyn StoreFactory) {
+    use crate::rules::MAX_MEMBERS;
+    let h = Harness::open(factory, 200).await;
+    let others: Vec<String> = (0..MAX_MEMBERS).map(|i| format!("u{i}")).collect();
+    let too_many = h
+        .svc
+        .create_conversation(CreateConversationRequest {
+            creator_id: "olga".into(),
+            kind: "group".into(),
+            members: others.clone(),
+            name: String::new(),
+        })
+        .await;
+    assert_eq!(code(too_many), ErrorCode::InvalidRequest);
+    let full = h
+        .svc
+        .create_conversation(CreateConversationRequest {
+            creator_id: "olga".into(),
+            kind: "group".into(),
+            members: others[..MAX_MEMBERS - 1].to_vec(),
+            name: String::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(full.members.len(), MAX_MEMBERS);
+    let id = full.conversation_id.as_str();
+    assert_eq!(
+        code(h.change(id, "olga", "add", &["late"]).await),
+        ErrorCode::InvalidRequest
+    );
+    assert_eq!(
+        h.get(id, "").await.unwrap().members.len(),
+        MAX_MEMBERS,
+        "nothing added"
+    );
+    assert_eq!(code(h.get(id, "late").await), ErrorCode::NotMember);
+    // Adding someone already in is not growth.
+    let same = h.change(id, "olga", "add", &["u0"]).await.unwrap();
+    assert_eq!(same.members.len(), MAX_MEMBERS);
 }
 
 pub(crate) async fn reads_require_membership(factory: &dyn StoreFactory) {
@@ -320,11 +411,23 @@ pub(crate) async fn reads_require_membership(factory: &dyn StoreFactory) {
     assert_eq!(h.get(id, "").await.unwrap().last_seq, 2);
     assert_eq!(code(h.get(id, "eve").await), ErrorCode::NotMember);
     assert_eq!(code(h.get("no-such", "").await), ErrorCode::NotFound);
-    assert_eq!(code(h.history("eve", id, 0, "", 0).await), ErrorCode::NotMember);
-    assert_eq!(code(h.history("eve", "no-such", 0, "", 0).await), ErrorCode::NotMember);
+    assert_eq!(
+        code(h.history("eve", id, 0, "", 0).await),
+        ErrorCode::NotMember
+    );
+    assert_eq!(
+        code(h.history("eve", "no-such", 0, "", 0).await),
+        ErrorCode::NotMember
+    );
     assert_eq!(code(h.read(id, "eve", 1).await), ErrorCode::NotMember);
-    assert_eq!(code(h.read("no-such", "alice", 1).await), ErrorCode::NotFound);
-    assert_eq!(h.history("bob", id, 0, "", 0).await.unwrap().messages.len(), 2);
+    assert_eq!(
+        code(h.read("no-such", "alice", 1).await),
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        h.history("bob", id, 0, "", 0).await.unwrap().messages.len(),
+        2
+    );
 
     let g = h.group("carol", &["alice"], "g").await;
     let list = |user: &'static str| {
@@ -344,7 +447,10 @@ pub(crate) async fn reads_require_membership(factory: &dyn StoreFactory) {
     let mut want = vec![id, g.conversation_id.as_str()];
     want.sort_unstable();
     assert_eq!(ids, want);
-    assert!(alice.iter().all(|c| c.members.is_empty()), "lists carry no members");
+    assert!(
+        alice.iter().all(|c| c.members.is_empty()),
+        "lists carry no members"
+    );
     let listed_ab = alice.iter().find(|c| c.conversation_id == id).unwrap();
     assert_eq!(listed_ab.last_seq, 2);
     assert_eq!(list("bob").await.len(), 1);
@@ -366,7 +472,10 @@ pub(crate) async fn appends_are_gapless_and_deduplicated(factory: &dyn StoreFact
     assert_eq!(gap.code(), ErrorCode::Internal);
     assert!(gap.to_string().contains("expected seq 2, got 3"), "{gap}");
     let replay = h.append(&id, 1, "alice", "c1b").await.unwrap_err();
-    assert!(replay.to_string().contains("expected seq 2, got 1"), "{replay}");
+    assert!(
+        replay.to_string().contains("expected seq 2, got 1"),
+        "{replay}"
+    );
 
     // A retry with the same (sender, client_msg_id) returns the original, writes nothing.
     let dup = h.append(&id, 2, "alice", "c1").await.unwrap();
@@ -387,9 +496,18 @@ pub(crate) async fn appends_are_gapless_and_deduplicated(factory: &dyn StoreFact
     assert_eq!(seqs(&page.messages), [1, 2, 3, 4]);
     assert_eq!(page.messages[1].sender_id, "bob");
 
-    assert_eq!(code(h.append("no-such", 1, "alice", "x").await), ErrorCode::NotFound);
-    assert_eq!(code(h.append(&id, 0, "alice", "x").await), ErrorCode::InvalidRequest);
-    assert_eq!(code(h.append(&id, 5, "", "x").await), ErrorCode::InvalidRequest);
+    assert_eq!(
+        code(h.append("no-such", 1, "alice", "x").await),
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        code(h.append(&id, 0, "alice", "x").await),
+        ErrorCode::InvalidRequest
+    );
+    assert_eq!(
+        code(h.append(&id, 5, "", "x").await),
+        ErrorCode::InvalidRequest
+    );
     let missing = h.svc.append(AppendRequest { message: None }).await;
     assert_eq!(code(missing), ErrorCode::InvalidRequest);
     let conv = h.get(&id, "").await.unwrap();
@@ -410,7 +528,10 @@ pub(crate) async fn stored_data_survives_reopening(factory: &dyn StoreFactory) {
     assert_eq!((conv.name.as_str(), conv.members.len()), ("durable", 2));
     let page = h.history("olga", &id, 0, "", 0).await.unwrap();
     assert_eq!(seqs(&page.messages), [1, 2, 3]);
-    assert_eq!(h.lookup("bob", &format!("{id}-m2")).await.map(|m| m.seq), Some(2));
+    assert_eq!(
+        h.lookup("bob", &format!("{id}-m2")).await.map(|m| m.seq),
+        Some(2)
+    );
     let dup = h.append(&id, 4, "bob", &format!("{id}-m3")).await.unwrap();
     assert!(dup.duplicate, "dedupe keys survive reopening");
     assert_eq!(h.read(&id, "olga", 1).await.unwrap(), marker);
@@ -466,7 +587,10 @@ pub(crate) async fn history_pages_both_directions(factory: &dyn StoreFactory) {
     assert_eq!(page(0, "", 0).await.0.len(), 50);
     let small = Harness::over(factory.open().await, 4);
     let capped = small.history("bob", &id, 0, "forward", 1000).await.unwrap();
-    assert_eq!((seqs(&capped.messages), capped.has_more), (vec![1, 2, 3, 4], true));
+    assert_eq!(
+        (seqs(&capped.messages), capped.has_more),
+        (vec![1, 2, 3, 4], true)
+    );
 }
 
 pub(crate) async fn sync_returns_what_was_missed(factory: &dyn StoreFactory) {
@@ -511,7 +635,7 @@ pub(crate) async fn sync_returns_what_was_missed(factory: &dyn StoreFactory) {
 
     // Up to date on `team`, behind on `ab`, a cursor on a conversation alice is not in.
     let r = sync("alice", vec![(&ab, 1), (&team, 2), (&other, 0)], 0).await;
-    assert_eq!(ids(&r.conversations), [ab.clone()]);
+    assert_eq!(ids(&r.conversations), std::slice::from_ref(&ab));
     assert_eq!(r.conversations[0].members, ["alice", "bob"]);
     assert_eq!(r.conversations[0].last_seq, 3);
     assert_eq!(seqs(&r.messages), [2, 3]);
@@ -520,9 +644,15 @@ pub(crate) async fn sync_returns_what_was_missed(factory: &dyn StoreFactory) {
 
     // Nothing known: every conversation, with all its messages.
     let r = sync("alice", vec![], 0).await;
-    assert_eq!(ids(&r.conversations), sorted(vec![ab.clone(), team.clone()]));
+    assert_eq!(
+        ids(&r.conversations),
+        sorted(vec![ab.clone(), team.clone()])
+    );
     assert_eq!(r.messages.len(), 5);
-    assert!(r.messages.iter().all(|m| m.conversation_id != other), "never leaks");
+    assert!(
+        r.messages.iter().all(|m| m.conversation_id != other),
+        "never leaks"
+    );
     for conv in [&ab, &team] {
         let mine: Vec<u64> = r
             .messages
@@ -530,20 +660,29 @@ pub(crate) async fn sync_returns_what_was_missed(factory: &dyn StoreFactory) {
             .filter(|m| m.conversation_id == *conv)
             .map(|m| m.seq)
             .collect();
-        assert!(mine.windows(2).all(|w| w[0] + 1 == w[1]), "ascending: {mine:?}");
+        assert!(
+            mine.windows(2).all(|w| w[0] + 1 == w[1]),
+            "ascending: {mine:?}"
+        );
     }
 
     // A conversation created while away shows up even without messages.
     let fresh = h.group("bob", &["alice"], "new").await.conversation_id;
     let r = sync("alice", vec![(&ab, 3), (&team, 2)], 0).await;
-    assert_eq!(ids(&r.conversations), [fresh.clone()]);
+    assert_eq!(ids(&r.conversations), std::slice::from_ref(&fresh));
     assert_eq!(r.conversations[0].members, ["alice", "bob"]);
     assert!(r.messages.is_empty());
 
     // More missed than the limit: the first ones after the cursor, and truncated.
     let r = sync("alice", vec![(&ab, 0), (&team, 0), (&fresh, 0)], 1).await;
-    assert_eq!(ids(&r.conversations), sorted(vec![ab.clone(), team.clone()]));
-    assert_eq!(sorted(r.truncated.clone()), sorted(vec![ab.clone(), team.clone()]));
+    assert_eq!(
+        ids(&r.conversations),
+        sorted(vec![ab.clone(), team.clone()])
+    );
+    assert_eq!(
+        sorted(r.truncated.clone()),
+        sorted(vec![ab.clone(), team.clone()])
+    );
     let mut got: Vec<(String, u64)> = r
         .messages
         .iter()
@@ -555,12 +694,18 @@ pub(crate) async fn sync_returns_what_was_missed(factory: &dyn StoreFactory) {
     assert_eq!(got, want);
     let r = sync("alice", vec![(&ab, 1), (&team, 2), (&fresh, 0)], 2).await;
     assert_eq!(seqs(&r.messages), [2, 3]);
-    assert!(r.truncated.is_empty(), "exactly the limit left is not truncated");
+    assert!(
+        r.truncated.is_empty(),
+        "exactly the limit left is not truncated"
+    );
 
     // A user who left a group no longer syncs it.
     h.change(&team, "bob", "remove", &["bob"]).await.unwrap();
     let r = sync("bob", vec![], 0).await;
-    assert_eq!(ids(&r.conversations), sorted(vec![ab.clone(), fresh.clone()]));
+    assert_eq!(
+        ids(&r.conversations),
+        sorted(vec![ab.clone(), fresh.clone()])
+    );
     let r = sync("eve", vec![(&ab, 0)], 0).await;
     assert!(r.conversations.is_empty() && r.messages.is_empty());
 }
@@ -568,7 +713,11 @@ pub(crate) async fn sync_returns_what_was_missed(factory: &dyn StoreFactory) {
 pub(crate) async fn read_markers_only_move_forward(factory: &dyn StoreFactory) {
     let h = Harness::open(factory, 200).await;
     let id = h.direct("alice", "bob").await.conversation_id;
-    assert_eq!(h.read(&id, "alice", 4).await.unwrap(), 0, "clamped to empty");
+    assert_eq!(
+        h.read(&id, "alice", 4).await.unwrap(),
+        0,
+        "clamped to empty"
+    );
     h.fill(&id, "bob", 5).await;
     assert_eq!(h.read(&id, "alice", 3).await.unwrap(), 3);
     h.advance(1_000);
@@ -581,7 +730,11 @@ pub(crate) async fn read_markers_only_move_forward(factory: &dyn StoreFactory) {
         })
         .await
         .unwrap();
-    assert_eq!((back.seq, back.at_ms), (3, T0), "never goes back, keeps its time");
+    assert_eq!(
+        (back.seq, back.at_ms),
+        (3, T0),
+        "never goes back, keeps its time"
+    );
     let ahead = h
         .svc
         .set_read_marker(SetReadMarkerRequest {
@@ -592,11 +745,20 @@ pub(crate) async fn read_markers_only_move_forward(factory: &dyn StoreFactory) {
         .await
         .unwrap();
     assert_eq!(
-        (ahead.conversation_id.as_str(), ahead.user_id.as_str(), ahead.seq, ahead.at_ms),
+        (
+            ahead.conversation_id.as_str(),
+            ahead.user_id.as_str(),
+            ahead.seq,
+            ahead.at_ms
+        ),
         (id.as_str(), "alice", 5, T0 + 1_000),
         "clamped to last_seq"
     );
-    assert_eq!(h.read(&id, "bob", 1).await.unwrap(), 1, "markers are per user");
+    assert_eq!(
+        h.read(&id, "bob", 1).await.unwrap(),
+        1,
+        "markers are per user"
+    );
 }
 
 pub(crate) async fn dedupe_keys_expire(factory: &dyn StoreFactory) {
@@ -620,7 +782,11 @@ pub(crate) async fn dedupe_keys_expire(factory: &dyn StoreFactory) {
 
     // The purge deletes keys older than the window and keeps the others.
     h.advance(WINDOW_MS / 2);
-    assert_eq!(h.svc.purge_expired_dedupe().await.unwrap(), 1, "only `young` expired");
+    assert_eq!(
+        h.svc.purge_expired_dedupe().await.unwrap(),
+        1,
+        "only `young` expired"
+    );
     assert_eq!(h.metrics.dedupe_purged.get(), 1);
     assert_eq!(h.lookup("alice", "young").await, None);
     assert_eq!(h.lookup("alice", "old").await.map(|m| m.seq), Some(3));
@@ -638,6 +804,7 @@ macro_rules! history_store_conformance {
         $crate::conformance::history_store_conformance!(@cases $factory;
             direct_conversations_are_one_per_pair,
             groups_have_an_owner_and_member_rules,
+            member_count_is_capped,
             reads_require_membership,
             appends_are_gapless_and_deduplicated,
             stored_data_survives_reopening,

@@ -26,7 +26,9 @@ pub enum StorageError {
     /// An appended sequence is not the conversation's next one. Appends must keep the
     /// sequence gapless, so this is a bug or a second partition owner: it travels as
     /// `internal`.
-    #[error("sequence conflict in conversation {conversation_id}: expected seq {expected}, got {got}")]
+    #[error(
+        "sequence conflict in conversation {conversation_id}: expected seq {expected}, got {got}"
+    )]
     SequenceConflict {
         conversation_id: String,
         expected: u64,
@@ -80,11 +82,17 @@ mod tests {
     #[test]
     fn errors_travel_with_their_client_code() {
         let cases = [
-            (StorageError::InvalidRequest("x".into()), ErrorCode::InvalidRequest),
+            (
+                StorageError::InvalidRequest("x".into()),
+                ErrorCode::InvalidRequest,
+            ),
             (StorageError::not_member("c", "u"), ErrorCode::NotMember),
             (StorageError::Forbidden("x".into()), ErrorCode::Forbidden),
             (StorageError::NotFound("c".into()), ErrorCode::NotFound),
-            (StorageError::Unavailable("x".into()), ErrorCode::Unavailable),
+            (
+                StorageError::Unavailable("x".into()),
+                ErrorCode::Unavailable,
+            ),
             (StorageError::Internal("x".into()), ErrorCode::Internal),
             (
                 StorageError::SequenceConflict {
@@ -108,6 +116,10 @@ mod tests {
             expected: 3,
             got: 5,
         });
-        assert!(st.message().contains("expected seq 3, got 5"), "{}", st.message());
+        assert!(
+            st.message().contains("expected seq 3, got 5"),
+            "{}",
+            st.message()
+        );
     }
 }

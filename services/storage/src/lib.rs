@@ -56,8 +56,8 @@ pub fn build_store(config: &Config) -> anyhow::Result<Arc<dyn HistoryStore>> {
 
 /// Run the storage service until `shutdown` is cancelled.
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let grpc = switchboard_telemetry::bind("storage.grpc_listen", &config.storage.grpc_listen)
-        .await?;
+    let grpc =
+        switchboard_telemetry::bind("storage.grpc_listen", &config.storage.grpc_listen).await?;
     let admin =
         switchboard_telemetry::bind("storage.admin_listen", &config.storage.admin_listen).await?;
     serve(config, grpc, admin, shutdown).await
@@ -104,9 +104,7 @@ pub async fn serve(
     let purger = spawn_dedupe_purger(Arc::clone(&service), PURGE_INTERVAL, local.clone());
 
     let (reporter, health) = switchboard_rpc::health();
-    reporter
-        .set_serving::<StorageServer<StorageGrpc>>()
-        .await;
+    reporter.set_serving::<StorageServer<StorageGrpc>>().await;
     let routes = tonic::service::Routes::new(StorageServer::new(StorageGrpc::new(service)));
     let addr = grpc_listener.local_addr()?;
     if !shutdown.is_cancelled() {
@@ -121,4 +119,109 @@ pub async fn serve(
     tracing::info!("storage service stopped");
     served?;
     admin_result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchboard_proto::v1::storage_client::StorageClient;
+    use switchboard_proto::{
+        status_error_code, AppendRequest, CreateConversationRequest, ErrorCode, HistoryRequest,
+        LastSeqRequest, Message, StorageHistoryRequest,
+    };
+
+    async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        (out[9..12].parse().unwrap(), out)
+    }
+
+    #[tokio::test]
+    async fn grpc_round_trip_with_error_codes_health_and_metrics() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            data_dir: dir.path().join("data"),
+            ..Config::default()
+        };
+        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (grpc_addr, admin_addr) = (grpc.local_addr().unwrap(), admin.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve(Arc::new(config), grpc, admin, shutdown.clone()));
+
+        let mut client = StorageClient::connect(format!("http://{grpc_addr}"))
+            .await
+            .unwrap();
+        let conv = client
+            .create_conversation(CreateConversationRequest {
+                creator_id: "alice".into(),
+                kind: "direct".into(),
+                members: vec!["bob".into()],
+                name: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(conv.members, ["alice", "bob"]);
+        let appended = client
+            .append(AppendRequest {
+                message: Some(Message {
+                    conversation_id: conv.conversation_id.clone(),
+                    seq: 1,
+                    sender_id: "alice".into(),
+                    client_msg_id: "c1".into(),
+                    body: "hi".into(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!appended.duplicate);
+        let history = |user: &str| StorageHistoryRequest {
+            user_id: user.into(),
+            request: Some(HistoryRequest {
+                conversation_id: conv.conversation_id.clone(),
+                ..Default::default()
+            }),
+        };
+        let page = client.history(history("bob")).await.unwrap().into_inner();
+        assert_eq!(page.messages.len(), 1);
+        assert_eq!(page.messages[0].body, "hi");
+
+        let denied = client.history(history("eve")).await.unwrap_err();
+        assert_eq!(status_error_code(&denied), ErrorCode::NotMember);
+        let unknown = client
+            .last_seq(LastSeqRequest {
+                conversation_id: "missing".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status_error_code(&unknown), ErrorCode::NotFound);
+
+        assert_eq!(http_get(admin_addr, "/readyz").await.0, 200);
+        let (code, metrics) = http_get(admin_addr, "/metrics").await;
+        assert_eq!(code, 200);
+        assert!(
+            metrics.contains("switchboard_storage_backend_duration_seconds_count{op=\"append\"} 1"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains(
+                "switchboard_storage_backend_errors_total{code=\"not_found\",op=\"last_seq\"} 1"
+            ),
+            "{metrics}"
+        );
+
+        shutdown.cancel();
+        server.await.unwrap().unwrap();
+        assert!(dir.path().join("data/storage.sqlite3").exists());
+    }
 }

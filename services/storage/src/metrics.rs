@@ -74,7 +74,11 @@ impl Instrumented {
         Instrumented { inner, metrics }
     }
 
-    async fn observe<T>(&self, op: &'static str, call: impl Future<Output = Result<T>>) -> Result<T> {
+    async fn observe<T>(
+        &self,
+        op: &'static str,
+        call: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
         let started = Instant::now();
         let result = call.await;
         self.metrics
@@ -99,8 +103,11 @@ impl HistoryStore for Instrumented {
     }
 
     async fn get_conversation(&self, conversation_id: &str) -> Result<Conversation> {
-        self.observe("get_conversation", self.inner.get_conversation(conversation_id))
-            .await
+        self.observe(
+            "get_conversation",
+            self.inner.get_conversation(conversation_id),
+        )
+        .await
     }
 
     async fn is_member(&self, conversation_id: &str, user_id: &str) -> Result<bool> {
@@ -129,8 +136,11 @@ impl HistoryStore for Instrumented {
         dedupe_since_ms: i64,
         now_ms: i64,
     ) -> Result<Appended> {
-        self.observe("append", self.inner.append(message, dedupe_since_ms, now_ms))
-            .await
+        self.observe(
+            "append",
+            self.inner.append(message, dedupe_since_ms, now_ms),
+        )
+        .await
     }
 
     async fn lookup_dedupe(

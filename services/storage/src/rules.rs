@@ -182,15 +182,35 @@ mod tests {
         use MemberAction::*;
         let ok = |actor: &str, member: bool, action, users: &[&str]| {
             let users: Vec<String> = users.iter().map(|s| s.to_string()).collect();
-            authorize_member_change("c", ConversationKind::Group, "own", actor, member, action, &users)
+            authorize_member_change(
+                "c",
+                ConversationKind::Group,
+                "own",
+                actor,
+                member,
+                action,
+                &users,
+            )
         };
         assert!(ok("own", true, Add, &["x"]).is_ok());
-        assert!(matches!(ok("m", true, Add, &["x"]), Err(StorageError::Forbidden(_))));
+        assert!(matches!(
+            ok("m", true, Add, &["x"]),
+            Err(StorageError::Forbidden(_))
+        ));
         assert!(ok("own", true, Remove, &["m"]).is_ok());
         assert!(ok("m", true, Remove, &["m"]).is_ok());
-        assert!(matches!(ok("m", true, Remove, &["n"]), Err(StorageError::Forbidden(_))));
-        assert!(matches!(ok("own", true, Remove, &["own"]), Err(StorageError::Forbidden(_))));
-        assert!(matches!(ok("z", false, Remove, &["z"]), Err(StorageError::NotMember { .. })));
+        assert!(matches!(
+            ok("m", true, Remove, &["n"]),
+            Err(StorageError::Forbidden(_))
+        ));
+        assert!(matches!(
+            ok("own", true, Remove, &["own"]),
+            Err(StorageError::Forbidden(_))
+        ));
+        assert!(matches!(
+            ok("z", false, Remove, &["z"]),
+            Err(StorageError::NotMember { .. })
+        ));
         let direct = authorize_member_change(
             "c",
             ConversationKind::Direct,

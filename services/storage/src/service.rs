@@ -103,7 +103,10 @@ impl StorageService {
     }
 
     /// Create a direct conversation (idempotent per pair) or a group (creator = owner).
-    pub async fn create_conversation(&self, req: CreateConversationRequest) -> Result<Conversation> {
+    pub async fn create_conversation(
+        &self,
+        req: CreateConversationRequest,
+    ) -> Result<Conversation> {
         rules::validate_id("creator_id", &req.creator_id)?;
         let kind = ConversationKind::parse(&req.kind).ok_or_else(|| {
             StorageError::InvalidRequest(format!(
@@ -123,7 +126,10 @@ impl StorageService {
                     ));
                 }
                 // A direct conversation has no name: both sides see the other's.
-                (vec![req.creator_id.clone(), others[0].clone()], String::new())
+                (
+                    vec![req.creator_id.clone(), others[0].clone()],
+                    String::new(),
+                )
             }
             ConversationKind::Group => {
                 rules::validate_name(&req.name)?;
@@ -151,8 +157,11 @@ impl StorageService {
         rules::validate_id("conversation_id", &req.conversation_id)?;
         rules::validate_optional_id("caller_id", &req.caller_id)?;
         let conv = self.store.get_conversation(&req.conversation_id).await?;
-        if !req.caller_id.is_empty() && !conv.members.iter().any(|m| *m == req.caller_id) {
-            return Err(StorageError::not_member(&req.conversation_id, &req.caller_id));
+        if !req.caller_id.is_empty() && !conv.members.contains(&req.caller_id) {
+            return Err(StorageError::not_member(
+                &req.conversation_id,
+                &req.caller_id,
+            ));
         }
         Ok(conv)
     }
@@ -276,7 +285,10 @@ impl StorageService {
             .is_member(&query.conversation_id, &req.user_id)
             .await?
         {
-            return Err(StorageError::not_member(&query.conversation_id, &req.user_id));
+            return Err(StorageError::not_member(
+                &query.conversation_id,
+                &req.user_id,
+            ));
         }
         let store = Arc::clone(&self.store);
         let (page, coalesced) = self
@@ -444,5 +456,155 @@ impl Storage for StorageGrpc {
         request: Request<SetReadMarkerRequest>,
     ) -> std::result::Result<Response<ReadMarker>, Status> {
         reply(self.service.set_read_marker(request.into_inner()).await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+    use switchboard_proto::{ErrorCode, Message};
+    use tokio::sync::oneshot;
+
+    use crate::conformance::{Harness, StoreFactory};
+    use crate::sqlite::tests::SqliteFactory;
+    use crate::store::{Appended, MemberChange, NewConversation};
+
+    /// Counts history queries and holds the first one until released.
+    struct GatedStore {
+        inner: Arc<dyn HistoryStore>,
+        history_calls: AtomicUsize,
+        gate: Mutex<Option<oneshot::Receiver<()>>>,
+    }
+
+    #[async_trait]
+    impl HistoryStore for GatedStore {
+        async fn create_conversation(&self, new: NewConversation) -> Result<Conversation> {
+            self.inner.create_conversation(new).await
+        }
+        async fn get_conversation(&self, id: &str) -> Result<Conversation> {
+            self.inner.get_conversation(id).await
+        }
+        async fn is_member(&self, id: &str, user: &str) -> Result<bool> {
+            self.inner.is_member(id, user).await
+        }
+        async fn change_members(&self, change: MemberChange) -> Result<Conversation> {
+            self.inner.change_members(change).await
+        }
+        async fn list_conversations(&self, user: &str) -> Result<Vec<Conversation>> {
+            self.inner.list_conversations(user).await
+        }
+        async fn last_seq(&self, id: &str) -> Result<u64> {
+            self.inner.last_seq(id).await
+        }
+        async fn append(&self, m: Message, since: i64, now: i64) -> Result<Appended> {
+            self.inner.append(m, since, now).await
+        }
+        async fn lookup_dedupe(&self, s: &str, c: &str, since: i64) -> Result<Option<Message>> {
+            self.inner.lookup_dedupe(s, c, since).await
+        }
+        async fn history_page(&self, query: &PageQuery) -> Result<HistoryResult> {
+            self.history_calls.fetch_add(1, Ordering::SeqCst);
+            let gate = self.gate.lock().unwrap().take();
+            if let Some(gate) = gate {
+                let _ = gate.await;
+            }
+            self.inner.history_page(query).await
+        }
+        async fn sync(&self, u: &str, c: &HashMap<String, u64>, l: u32) -> Result<SyncResult> {
+            self.inner.sync(u, c, l).await
+        }
+        async fn set_read_marker(&self, id: &str, u: &str, s: u64, now: i64) -> Result<ReadMarker> {
+            self.inner.set_read_marker(id, u, s, now).await
+        }
+        async fn purge_dedupe(&self, before: i64, max: u32) -> Result<u64> {
+            self.inner.purge_dedupe(before, max).await
+        }
+    }
+
+    #[tokio::test]
+    async fn identical_concurrent_history_reads_share_one_backend_query() {
+        const READERS: usize = 16;
+        let factory = SqliteFactory::new();
+        let (release_tx, release_rx) = oneshot::channel();
+        let gated = Arc::new(GatedStore {
+            inner: factory.open().await,
+            history_calls: AtomicUsize::new(0),
+            gate: Mutex::new(Some(release_rx)),
+        });
+        let h = Harness::over(gated.clone(), 200);
+        let users: Vec<String> = (0..READERS).map(|i| format!("user{i}")).collect();
+        let user_refs: Vec<&str> = users.iter().map(String::as_str).collect();
+        let id = h.group("user0", &user_refs, "hot").await.conversation_id;
+        h.fill(&id, "user1", 10).await;
+
+        let request = |user: &str| StorageHistoryRequest {
+            user_id: user.into(),
+            request: Some(switchboard_proto::HistoryRequest {
+                conversation_id: id.clone(),
+                from_seq: 0,
+                direction: String::new(),
+                limit: 5,
+            }),
+        };
+        let tasks: Vec<_> = users
+            .iter()
+            .map(|user| {
+                let (svc, req) = (Arc::clone(&h.svc), request(user));
+                tokio::spawn(async move { svc.history(req).await })
+            })
+            .collect();
+        let key = PageQuery {
+            conversation_id: id.clone(),
+            from_seq: 0,
+            direction: Direction::Backward,
+            limit: 5,
+        };
+        // Every reader has passed its membership check and joined the one query,
+        // which is held by the gate.
+        while h.svc.history_participants(&key) < READERS {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // A non-member asking for the same page is refused, not served from the flight.
+        let outsider = h.svc.history(request("eve")).await;
+        assert_eq!(outsider.unwrap_err().code(), ErrorCode::NotMember);
+
+        release_tx.send(()).unwrap();
+        for task in tasks {
+            let page = task.await.unwrap().unwrap();
+            let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+            assert_eq!((seqs, page.has_more), (vec![6, 7, 8, 9, 10], true));
+        }
+        assert_eq!(gated.history_calls.load(Ordering::SeqCst), 1);
+        assert_eq!(h.metrics.coalesced_reads.get(), READERS as u64 - 1);
+
+        // Once answered, the page is not cached: the next request reads again.
+        h.fill(&id, "user1", 1).await;
+        let page = h.svc.history(request("user3")).await.unwrap();
+        assert_eq!(page.messages.last().map(|m| m.seq), Some(11));
+        assert_eq!(gated.history_calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_purger_deletes_expired_keys_and_stops_on_cancel() {
+        let factory = SqliteFactory::new();
+        let h = Harness::over(factory.open().await, 200);
+        let id = h.direct("alice", "bob").await.conversation_id;
+        h.append(&id, 1, "alice", "k").await.unwrap();
+        h.advance(crate::conformance::WINDOW_MS + 1);
+
+        let stop = CancellationToken::new();
+        let purger = spawn_dedupe_purger(Arc::clone(&h.svc), PURGE_INTERVAL, stop.clone());
+        // The first tick is immediate; wait for its purge to land in the metric.
+        while h.metrics.dedupe_purged.get() == 0 {
+            tokio::task::yield_now().await;
+            tokio::time::advance(Duration::from_millis(1)).await;
+        }
+        assert_eq!(h.metrics.dedupe_purged.get(), 1);
+        stop.cancel();
+        purger.await.unwrap();
     }
 }

@@ -171,9 +171,8 @@ impl Workers {
                     };
                     // A panicking job drops its reply sender (the caller sees an
                     // internal error) and rolls back its transaction; the thread lives on.
-                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        job(&mut conn)
-                    }));
+                    let _ =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut conn)));
                 })?;
         }
         Ok(Workers { jobs_tx })
@@ -585,7 +584,9 @@ impl HistoryStore for SqliteStore {
         self.readers
             .call(move |conn| {
                 let seq: Option<i64> = conn
-                    .prepare_cached("SELECT last_seq FROM conversations WHERE conversation_id = ?1")?
+                    .prepare_cached(
+                        "SELECT last_seq FROM conversations WHERE conversation_id = ?1",
+                    )?
                     .query_row([&id], |r| r.get(0))
                     .optional()?;
                 let seq = seq.ok_or(StorageError::NotFound(id))?;
@@ -619,7 +620,9 @@ impl HistoryStore for SqliteStore {
                 }
                 let id = &message.conversation_id;
                 let last: Option<i64> = tx
-                    .prepare_cached("SELECT last_seq FROM conversations WHERE conversation_id = ?1")?
+                    .prepare_cached(
+                        "SELECT last_seq FROM conversations WHERE conversation_id = ?1",
+                    )?
                     .query_row([id], |r| r.get(0))
                     .optional()?;
                 let last = last.ok_or_else(|| StorageError::NotFound(id.clone()))? as u64;
@@ -897,7 +900,9 @@ pub(crate) mod tests {
         let copy = crashed.path().join("storage.sqlite3");
         let wal = factory.path().with_extension("sqlite3-wal");
         assert!(
-            std::fs::metadata(&wal).map(|m| m.len() > 0).unwrap_or(false),
+            std::fs::metadata(&wal)
+                .map(|m| m.len() > 0)
+                .unwrap_or(false),
             "commits are in the WAL, not yet checkpointed"
         );
         std::fs::copy(factory.path(), &copy).unwrap();
@@ -912,7 +917,13 @@ pub(crate) mod tests {
         assert_eq!(after.last_seq(&id).await, 20);
         let page = after.history("bob", &id, 0, "", 0).await.unwrap();
         assert_eq!(page.messages.len(), 20);
-        assert!(after.append(&id, 21, "alice", &format!("{id}-m20")).await.unwrap().duplicate);
+        assert!(
+            after
+                .append(&id, 21, "alice", &format!("{id}-m20"))
+                .await
+                .unwrap()
+                .duplicate
+        );
         drop(h);
     }
 
@@ -949,7 +960,9 @@ pub(crate) mod tests {
         )
         .unwrap();
         drop(conn);
-        let err = SqliteStore::open(&path).err().expect("newer schema refused");
+        let err = SqliteStore::open(&path)
+            .err()
+            .expect("newer schema refused");
         assert!(err.to_string().contains("newer"), "{err}");
     }
 }
