@@ -73,9 +73,10 @@ pub async fn serve(
     let registry = prometheus::Registry::new();
     let metrics = StorageMetrics::register(&registry)?;
     let readiness = Readiness::new();
-    // Stops the admin endpoints and the purger once the gRPC server has returned,
-    // whether because of `shutdown` or because it failed.
+    // Stops the admin endpoints and the purger once this function returns, whether
+    // because of `shutdown`, a failed gRPC server or a store that cannot be opened.
     let local = shutdown.child_token();
+    let _stop_local = local.clone().drop_guard();
     let admin = tokio::spawn(switchboard_telemetry::serve_admin(
         admin_listener,
         registry,
@@ -84,9 +85,9 @@ pub async fn serve(
     ));
     {
         // Not ready as soon as draining starts.
-        let (readiness, shutdown) = (readiness.clone(), shutdown.clone());
+        let (readiness, local) = (readiness.clone(), local.clone());
         tokio::spawn(async move {
-            shutdown.cancelled().await;
+            local.cancelled().await;
             readiness.set(false);
         });
     }
@@ -141,6 +142,26 @@ mod tests {
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         (out[9..12].parse().unwrap(), out)
+    }
+
+    #[test]
+    fn the_factory_refuses_unknown_backends() {
+        let mut config = Config::default();
+        config.storage.backend = "scylla".into();
+        let err = build_store(&config).err().expect("unknown backend refused");
+        assert!(err.to_string().contains("scylla"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_store_that_cannot_open_fails_the_service() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        // A directory where the database file should be.
+        config.storage.sqlite_path = dir.path().display().to_string();
+        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let result = serve(Arc::new(config), grpc, admin, CancellationToken::new()).await;
+        assert!(result.is_err());
     }
 
     #[tokio::test]
