@@ -61,7 +61,7 @@ running_pid() {
   pid_alive "$pid" || return 1
   cmdline="$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null || true)"
   cwd="$(readlink "/proc/$pid/cwd" 2>/dev/null || true)"
-  if [[ $cmdline == *"$LOCAL_DIR"* || $cwd == "$LOCAL_DIR" || $cwd == "$LOCAL_DIR"/* ]]; then
+  if [[ $cmdline == *"$LOCAL_DIR/"* || $cwd == "$LOCAL_DIR" || $cwd == "$LOCAL_DIR"/* ]]; then
     printf '%s\n' "$pid"
     return 0
   fi

@@ -16,7 +16,7 @@ APT_UPDATED=false
 JAVA=""
 
 usage() {
-  sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,8p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 as_root() {
@@ -137,8 +137,8 @@ stop_started() {
 
 show_tail() {
   [[ -s $1 ]] || return 0
-  log "last lines of $1:"
-  tail -n 40 "$1" >&2
+  log "last lines of $1 (long lines cut):"
+  tail -n 40 "$1" | cut -c1-300 >&2
 }
 
 # Reports why $1 did not start with the last lines of its log $2 (and of the JVM's own
