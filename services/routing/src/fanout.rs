@@ -100,7 +100,7 @@ impl Fanout {
             match self.inner.try_enqueue(gateway, delivery) {
                 Ok(()) => return,
                 Err(Enqueue::Full(d, tx)) => {
-                    delivery = d;
+                    delivery = *d;
                     // Wait for room outside the lock, then push again under it. A
                     // closed queue (failed gateway) is replaced on the next attempt.
                     tokio::select! {
@@ -154,7 +154,7 @@ impl Fanout {
 /// Why a delivery was not queued.
 enum Enqueue {
     /// The queue is full: the delivery back, and the queue to wait on.
-    Full(Delivery, mpsc::Sender<Delivery>),
+    Full(Box<Delivery>, mpsc::Sender<Delivery>),
     /// Shutting down.
     Closed,
 }
@@ -178,7 +178,7 @@ impl Inner {
                     return Ok(());
                 }
                 Err(TrySendError::Full(d)) => {
-                    return Err(Enqueue::Full(d, queue.tx.clone()));
+                    return Err(Enqueue::Full(Box::new(d), queue.tx.clone()));
                 }
                 Err(TrySendError::Closed(d)) => {
                     delivery = d;

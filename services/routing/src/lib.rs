@@ -87,33 +87,7 @@ pub async fn serve(
     ));
 
     let log = eventlog::open(&config).await?;
-    let storage = StorageClient::new(switchboard_rpc::channel(
-        &config.cluster.storage_url,
-        &config.cluster,
-    )?);
-    let presence = PresenceClient::new(switchboard_rpc::channel(
-        &config.cluster.presence_url,
-        &config.cluster,
-    )?);
-    let fanout = fanout::Fanout::new(
-        ChannelPool::new(config.cluster.clone()),
-        fanout::FanoutOptions {
-            queue: config.routing.deliver_queue,
-            batch: config.routing.deliver_batch,
-        },
-        metrics.clone(),
-    );
-    let node = Arc::new(node::Node {
-        members: members::MemberCache::new(storage.clone(), MEMBER_TTL, MAX_CACHED_MEMBER_LISTS),
-        health: node::Health::new(readiness.clone(), log.partitions()),
-        waiters: Default::default(),
-        config: config.clone(),
-        log,
-        storage,
-        presence,
-        fanout,
-        metrics,
-    });
+    let node = build_node(config.clone(), log, metrics, readiness)?;
 
     let owners_stop = CancellationToken::new();
     let owners = tokio::spawn(owner::supervise(node.clone(), owners_stop.clone()));
@@ -158,4 +132,40 @@ pub async fn serve(
     }
     tracing::info!("routing stopped");
     served
+}
+
+/// Wire the shared state of the service around an opened log.
+fn build_node(
+    config: Arc<Config>,
+    log: Arc<dyn EventLog>,
+    metrics: Arc<metrics::Metrics>,
+    readiness: Readiness,
+) -> anyhow::Result<Arc<node::Node>> {
+    let storage = StorageClient::new(switchboard_rpc::channel(
+        &config.cluster.storage_url,
+        &config.cluster,
+    )?);
+    let presence = PresenceClient::new(switchboard_rpc::channel(
+        &config.cluster.presence_url,
+        &config.cluster,
+    )?);
+    let fanout = fanout::Fanout::new(
+        ChannelPool::new(config.cluster.clone()),
+        fanout::FanoutOptions {
+            queue: config.routing.deliver_queue,
+            batch: config.routing.deliver_batch,
+        },
+        metrics.clone(),
+    );
+    Ok(Arc::new(node::Node {
+        members: members::MemberCache::new(storage.clone(), MEMBER_TTL, MAX_CACHED_MEMBER_LISTS),
+        health: node::Health::new(readiness, log.partitions()),
+        waiters: Default::default(),
+        config,
+        log,
+        storage,
+        presence,
+        fanout,
+        metrics,
+    }))
 }

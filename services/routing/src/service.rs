@@ -56,7 +56,10 @@ impl RoutingService {
         }
     }
 
-    async fn send(&self, req: RouteSendRequest) -> Result<SendResult, RoutingError> {
+    pub(crate) async fn handle_send(
+        &self,
+        req: RouteSendRequest,
+    ) -> Result<SendResult, RoutingError> {
         if self.draining.is_cancelled() {
             return Err(RoutingError::Draining);
         }
@@ -162,7 +165,10 @@ impl RoutingService {
         }
     }
 
-    async fn publish(&self, req: PublishRequest) -> Result<PublishResponse, RoutingError> {
+    pub(crate) async fn handle_publish(
+        &self,
+        req: PublishRequest,
+    ) -> Result<PublishResponse, RoutingError> {
         let event = req
             .event
             .ok_or_else(|| RoutingError::InvalidRequest("event is required".into()))?;
@@ -232,7 +238,7 @@ impl Routing for RoutingService {
         request: Request<RouteSendRequest>,
     ) -> Result<Response<SendResult>, Status> {
         let metrics = &self.node.metrics;
-        match RoutingService::send(self, request.into_inner()).await {
+        match self.handle_send(request.into_inner()).await {
             Ok(result) => {
                 let duplicate = if result.duplicate { "true" } else { "false" };
                 metrics.sends_accepted.with_label_values(&[duplicate]).inc();
@@ -252,7 +258,7 @@ impl Routing for RoutingService {
         &self,
         request: Request<PublishRequest>,
     ) -> Result<Response<PublishResponse>, Status> {
-        RoutingService::publish(self, request.into_inner())
+        self.handle_publish(request.into_inner())
             .await
             .map(Response::new)
             .map_err(Into::into)

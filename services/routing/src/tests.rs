@@ -1,1 +1,955 @@
+//! Service-level tests: the routing service over real gRPC against fake storage,
+//! presence and gateway servers on 127.0.0.1:0.
 
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use switchboard_config::Config;
+use switchboard_proto::v1::gateway_server::{Gateway, GatewayServer};
+use switchboard_proto::v1::presence_server::{Presence, PresenceServer};
+use switchboard_proto::v1::routing_client::RoutingClient;
+use switchboard_proto::v1::server_frame::Event;
+use switchboard_proto::v1::storage_server::{Storage, StorageServer};
+use switchboard_proto::v1::*;
+use switchboard_proto::{status_error_code, ErrorCode};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::eventlog::{EmbeddedLog, EmbeddedLogOptions, EventLog};
+
+/// Bounds every wait for a deterministic signal; only a broken service hits it.
+const WAIT: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------- fake storage
+
+#[derive(Default)]
+struct StorageState {
+    members: HashMap<String, Vec<String>>,
+    messages: HashMap<String, Vec<Message>>,
+    dedupe: HashMap<(String, String), Message>,
+    /// Fail this many Append calls with `unavailable` before succeeding.
+    fail_appends: usize,
+}
+
+#[derive(Clone)]
+struct FakeStorage {
+    state: Arc<Mutex<StorageState>>,
+    /// Number of Append calls answered successfully (new or duplicate).
+    appends: Arc<watch::Sender<usize>>,
+}
+
+impl FakeStorage {
+    fn new() -> FakeStorage {
+        FakeStorage {
+            state: Default::default(),
+            appends: Arc::new(watch::Sender::new(0)),
+        }
+    }
+
+    fn add_conversation(&self, id: &str, members: &[&str]) {
+        self.state
+            .lock()
+            .unwrap()
+            .members
+            .insert(id.into(), members.iter().map(|m| m.to_string()).collect());
+    }
+
+    fn stored(&self, conversation_id: &str) -> Vec<Message> {
+        self.state
+            .lock()
+            .unwrap()
+            .messages
+            .get(conversation_id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn set_fail_appends(&self, n: usize) {
+        self.state.lock().unwrap().fail_appends = n;
+    }
+
+    async fn wait_appends(&self, n: usize) {
+        let mut rx = self.appends.subscribe();
+        tokio::time::timeout(WAIT, rx.wait_for(|c| *c >= n))
+            .await
+            .expect("storage appends in time")
+            .expect("counter alive");
+    }
+}
+
+#[tonic::async_trait]
+impl Storage for FakeStorage {
+    async fn create_conversation(
+        &self,
+        _: Request<CreateConversationRequest>,
+    ) -> Result<Response<Conversation>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn get_conversation(
+        &self,
+        request: Request<GetConversationRequest>,
+    ) -> Result<Response<Conversation>, Status> {
+        let req = request.into_inner();
+        assert!(
+            req.caller_id.is_empty(),
+            "routing looks members up as an internal caller"
+        );
+        let state = self.state.lock().unwrap();
+        match state.members.get(&req.conversation_id) {
+            Some(members) => Ok(Response::new(Conversation {
+                conversation_id: req.conversation_id,
+                kind: "group".into(),
+                members: members.clone(),
+                ..Conversation::default()
+            })),
+            None => Err(switchboard_proto::status(
+                ErrorCode::NotFound,
+                "no such conversation",
+            )),
+        }
+    }
+
+    async fn change_members(
+        &self,
+        _: Request<ChangeMembersRequest>,
+    ) -> Result<Response<Conversation>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn list_conversations(
+        &self,
+        _: Request<ListConversationsRequest>,
+    ) -> Result<Response<ConversationListResult>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn last_seq(
+        &self,
+        request: Request<LastSeqRequest>,
+    ) -> Result<Response<LastSeqResponse>, Status> {
+        let req = request.into_inner();
+        let state = self.state.lock().unwrap();
+        let last_seq = state
+            .messages
+            .get(&req.conversation_id)
+            .and_then(|m| m.last())
+            .map_or(0, |m| m.seq);
+        Ok(Response::new(LastSeqResponse { last_seq }))
+    }
+
+    async fn append(
+        &self,
+        request: Request<AppendRequest>,
+    ) -> Result<Response<AppendResponse>, Status> {
+        let message = request
+            .into_inner()
+            .message
+            .expect("append carries a message");
+        let reply = {
+            let mut state = self.state.lock().unwrap();
+            if state.fail_appends > 0 {
+                state.fail_appends -= 1;
+                return Err(Status::unavailable("storage is down"));
+            }
+            let key = (message.sender_id.clone(), message.client_msg_id.clone());
+            if let Some(stored) = state.dedupe.get(&key) {
+                AppendResponse {
+                    message: Some(stored.clone()),
+                    duplicate: true,
+                }
+            } else {
+                let list = state
+                    .messages
+                    .entry(message.conversation_id.clone())
+                    .or_default();
+                let last = list.last().map_or(0, |m| m.seq);
+                if message.seq != last + 1 {
+                    return Err(Status::already_exists("sequence already taken"));
+                }
+                list.push(message.clone());
+                state.dedupe.insert(key, message.clone());
+                AppendResponse {
+                    message: Some(message),
+                    duplicate: false,
+                }
+            }
+        };
+        self.appends.send_modify(|c| *c += 1);
+        Ok(Response::new(reply))
+    }
+
+    async fn lookup_dedupe(
+        &self,
+        request: Request<LookupDedupeRequest>,
+    ) -> Result<Response<LookupDedupeResponse>, Status> {
+        let req = request.into_inner();
+        let state = self.state.lock().unwrap();
+        Ok(Response::new(LookupDedupeResponse {
+            message: state
+                .dedupe
+                .get(&(req.sender_id, req.client_msg_id))
+                .cloned(),
+        }))
+    }
+
+    async fn history(
+        &self,
+        _: Request<StorageHistoryRequest>,
+    ) -> Result<Response<HistoryResult>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn sync(&self, _: Request<StorageSyncRequest>) -> Result<Response<SyncResult>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn set_read_marker(
+        &self,
+        _: Request<SetReadMarkerRequest>,
+    ) -> Result<Response<ReadMarker>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+}
+
+// --------------------------------------------------------------- fake presence
+
+#[derive(Clone, Default)]
+struct FakePresence {
+    /// user -> gateway URL of its session.
+    routes: Arc<Mutex<HashMap<String, String>>>,
+}
+
+#[tonic::async_trait]
+impl Presence for FakePresence {
+    async fn register_session(
+        &self,
+        _: Request<RegisterSessionRequest>,
+    ) -> Result<Response<RegisterSessionResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn unregister_session(
+        &self,
+        _: Request<UnregisterSessionRequest>,
+    ) -> Result<Response<UnregisterSessionResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn heartbeat(
+        &self,
+        _: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn set_status(
+        &self,
+        _: Request<SetStatusRequest>,
+    ) -> Result<Response<SetStatusResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn query(&self, _: Request<QueryRequest>) -> Result<Response<QueryResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn watch(&self, _: Request<WatchRequest>) -> Result<Response<QueryResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn route(
+        &self,
+        request: Request<RouteRequest>,
+    ) -> Result<Response<RouteResponse>, Status> {
+        let routes = self.routes.lock().unwrap();
+        let mut by_gateway: HashMap<String, Vec<String>> = HashMap::new();
+        for user in request.into_inner().user_ids {
+            if let Some(gw) = routes.get(&user) {
+                by_gateway.entry(gw.clone()).or_default().push(user);
+            }
+        }
+        Ok(Response::new(RouteResponse {
+            routes: by_gateway
+                .into_iter()
+                .map(|(gateway_addr, user_ids)| GatewayRoute {
+                    gateway_addr,
+                    user_ids,
+                })
+                .collect(),
+        }))
+    }
+    async fn drop_gateway(
+        &self,
+        _: Request<DropGatewayRequest>,
+    ) -> Result<Response<DropGatewayResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+}
+
+// ---------------------------------------------------------------- fake gateway
+
+#[derive(Clone)]
+struct FakeGateway {
+    received: Arc<Mutex<Vec<Delivery>>>,
+    /// Number of deliveries received.
+    count: Arc<watch::Sender<usize>>,
+    /// Fail this many Deliver calls before accepting.
+    fail_calls: Arc<Mutex<usize>>,
+}
+
+impl FakeGateway {
+    fn new() -> FakeGateway {
+        FakeGateway {
+            received: Default::default(),
+            count: Arc::new(watch::Sender::new(0)),
+            fail_calls: Default::default(),
+        }
+    }
+
+    async fn wait_deliveries(&self, n: usize) -> Vec<Delivery> {
+        let mut rx = self.count.subscribe();
+        tokio::time::timeout(WAIT, rx.wait_for(|c| *c >= n))
+            .await
+            .expect("deliveries in time")
+            .expect("counter alive");
+        self.received.lock().unwrap().clone()
+    }
+}
+
+#[tonic::async_trait]
+impl Gateway for FakeGateway {
+    async fn deliver(
+        &self,
+        request: Request<DeliverRequest>,
+    ) -> Result<Response<DeliverResponse>, Status> {
+        {
+            let mut fail = self.fail_calls.lock().unwrap();
+            if *fail > 0 {
+                *fail -= 1;
+                return Err(Status::unavailable("gateway hiccup"));
+            }
+        }
+        let deliveries = request.into_inner().deliveries;
+        let n = deliveries.len();
+        self.received.lock().unwrap().extend(deliveries);
+        self.count.send_modify(|c| *c += n);
+        Ok(Response::new(DeliverResponse {
+            delivered: n as u32,
+            absent: Vec::new(),
+        }))
+    }
+
+    async fn drain(&self, _: Request<DrainRequest>) -> Result<Response<DrainResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+}
+
+fn message_seqs(deliveries: &[Delivery]) -> Vec<u64> {
+    deliveries
+        .iter()
+        .filter_map(|d| match d.event.as_ref()?.event.as_ref()? {
+            Event::Message(m) => m.message.as_ref().map(|m| m.seq),
+            _ => None,
+        })
+        .collect()
+}
+
+// --------------------------------------------------------------------- harness
+
+async fn spawn_grpc(routes: tonic::service::Routes) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_routes(routes)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    format!("http://{addr}")
+}
+
+struct Peers {
+    storage: FakeStorage,
+    presence: FakePresence,
+    gateway_a: FakeGateway,
+    gateway_a_url: String,
+    gateway_b: FakeGateway,
+    gateway_b_url: String,
+    config: Config,
+    dir: tempfile::TempDir,
+}
+
+async fn peers() -> Peers {
+    let storage = FakeStorage::new();
+    let presence = FakePresence::default();
+    let gateway_a = FakeGateway::new();
+    let gateway_b = FakeGateway::new();
+    let storage_url = spawn_grpc(tonic::service::Routes::new(StorageServer::new(
+        storage.clone(),
+    )))
+    .await;
+    let presence_url = spawn_grpc(tonic::service::Routes::new(PresenceServer::new(
+        presence.clone(),
+    )))
+    .await;
+    let gateway_a_url = spawn_grpc(tonic::service::Routes::new(GatewayServer::new(
+        gateway_a.clone(),
+    )))
+    .await;
+    let gateway_b_url = spawn_grpc(tonic::service::Routes::new(GatewayServer::new(
+        gateway_b.clone(),
+    )))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config {
+        data_dir: dir.path().to_owned(),
+        ..Config::default()
+    };
+    config.cluster.storage_url = storage_url;
+    config.cluster.presence_url = presence_url;
+    config.routing.partitions = 4;
+    config.routing.send_rate_per_user = 100_000;
+    config.routing.send_burst_per_user = 100_000;
+    config.routing.sequence_wait_ms = WAIT.as_millis() as u64;
+    config.routing.deliver_batch = 8;
+    Peers {
+        storage,
+        presence,
+        gateway_a,
+        gateway_a_url,
+        gateway_b,
+        gateway_b_url,
+        config,
+        dir,
+    }
+}
+
+impl Peers {
+    fn online(&self, user: &str, gateway_url: &str) {
+        self.presence
+            .routes
+            .lock()
+            .unwrap()
+            .insert(user.into(), gateway_url.into());
+    }
+}
+
+/// The routing service running through `serve`, reached over gRPC.
+struct Running {
+    client: RoutingClient<tonic::transport::Channel>,
+    admin: std::net::SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+async fn start(config: &Config) -> Running {
+    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc_addr = grpc.local_addr().unwrap();
+    let admin_addr = admin.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(crate::serve(
+        Arc::new(config.clone()),
+        grpc,
+        admin,
+        shutdown.clone(),
+    ));
+    let channel =
+        switchboard_rpc::channel(&format!("http://{grpc_addr}"), &config.cluster).unwrap();
+    Running {
+        client: RoutingClient::new(channel),
+        admin: admin_addr,
+        shutdown,
+        task,
+    }
+}
+
+impl Running {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("routing stops in time")
+            .expect("routing task")
+            .expect("routing exits cleanly");
+    }
+}
+
+fn send_req(sender: &str, conversation: &str, client_msg_id: &str, body: &str) -> RouteSendRequest {
+    RouteSendRequest {
+        sender_id: sender.into(),
+        sender_device: "d1".into(),
+        session_id: "s1".into(),
+        conversation_id: conversation.into(),
+        client_msg_id: client_msg_id.into(),
+        body: body.into(),
+        content_type: String::new(),
+        traceparent: String::new(),
+    }
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+// ----------------------------------------------------------------------- tests
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sends_to_one_conversation_get_a_gapless_sequence() {
+    let p = peers().await;
+    let users: Vec<String> = (0..8).map(|i| format!("u{i}")).collect();
+    let user_refs: Vec<&str> = users.iter().map(String::as_str).collect();
+    p.storage.add_conversation("c1", &user_refs);
+    let routing = start(&p.config).await;
+
+    const N: usize = 200;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..N {
+        let mut client = routing.client.clone();
+        let sender = users[i % users.len()].clone();
+        tasks.spawn(async move {
+            let id = format!("m{i}");
+            let r = client.send(send_req(&sender, "c1", &id, "hi")).await;
+            (id, r.expect("send accepted").into_inner())
+        });
+    }
+    let mut by_client_id = HashMap::new();
+    while let Some(done) = tasks.join_next().await {
+        let (id, result) = done.unwrap();
+        assert!(!result.duplicate);
+        assert_eq!(result.conversation_id, "c1");
+        by_client_id.insert(id, result.seq);
+    }
+    let seqs: BTreeSet<u64> = by_client_id.values().copied().collect();
+    assert_eq!(
+        seqs,
+        (1..=N as u64).collect::<BTreeSet<_>>(),
+        "every send got its own sequence, gapless"
+    );
+
+    let stored = p.storage.stored("c1");
+    assert_eq!(
+        stored.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (1..=N as u64).collect::<Vec<_>>()
+    );
+    for m in &stored {
+        assert_eq!(
+            by_client_id[&m.client_msg_id], m.seq,
+            "the ack names the stored sequence"
+        );
+        assert_eq!(m.content_type, "text/plain");
+        assert!(!m.message_id.is_empty() && m.sent_at_ms > 0);
+    }
+
+    let metrics = http_get(routing.admin, "/metrics").await;
+    assert!(
+        metrics.contains(&format!("routing_messages_sequenced_total {N}")),
+        "{metrics}"
+    );
+    assert!(http_get(routing.admin, "/readyz")
+        .await
+        .starts_with("HTTP/1.1 200"));
+    routing.stop().await;
+
+    // Shutdown committed everything that was sequenced.
+    let log = EmbeddedLog::open(
+        &p.dir.path().join("eventlog.sqlite3"),
+        4,
+        EmbeddedLogOptions::default(),
+    )
+    .unwrap();
+    let partition = crate::partition_for("c1", 4);
+    assert_eq!(log.end_offset(partition).await.unwrap(), N as u64);
+    assert_eq!(log.committed(partition).await.unwrap(), N as u64);
+    log.close().await;
+}
+
+#[tokio::test]
+async fn duplicate_client_msg_id_returns_the_original_message() {
+    let p = peers().await;
+    p.storage.add_conversation("c1", &["alice", "bob"]);
+    let routing = start(&p.config).await;
+    let mut client = routing.client.clone();
+
+    let first = client
+        .send(send_req("alice", "c1", "same", "hello"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.seq, 1);
+    assert!(!first.duplicate);
+    let again = client
+        .send(send_req("alice", "c1", "same", "hello"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.duplicate);
+    assert_eq!(
+        (again.seq, &again.message_id, again.sent_at_ms),
+        (1, &first.message_id, first.sent_at_ms)
+    );
+
+    // Two racing retries both pass the fast path; the owner maps the second record
+    // to the stored message.
+    let (mut c1, mut c2) = (client.clone(), client.clone());
+    let (a, b) = tokio::join!(
+        c1.send(send_req("alice", "c1", "race", "x")),
+        c2.send(send_req("alice", "c1", "race", "x")),
+    );
+    let (a, b) = (a.unwrap().into_inner(), b.unwrap().into_inner());
+    assert_eq!(a.seq, 2);
+    assert_eq!(b.seq, 2);
+    assert_eq!(a.message_id, b.message_id);
+    assert!(
+        a.duplicate != b.duplicate,
+        "exactly one of them created the message"
+    );
+
+    let next = client
+        .send(send_req("bob", "c1", "other", "y"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next.seq, 3, "duplicates do not advance the sequence");
+    assert_eq!(p.storage.stored("c1").len(), 3);
+    routing.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_sends_are_rejected_with_their_codes() {
+    let mut p = peers().await;
+    p.config.routing.max_body_bytes = 1000;
+    p.storage.add_conversation("c1", &["alice"]);
+    let routing = start(&p.config).await;
+    let mut client = routing.client.clone();
+    let code = |r: Result<tonic::Response<SendResult>, Status>| {
+        status_error_code(&r.expect_err("rejected"))
+    };
+
+    let too_big = client
+        .send(send_req("alice", "c1", "m1", &"x".repeat(1001)))
+        .await
+        .expect_err("too big");
+    assert_eq!(status_error_code(&too_big), ErrorCode::BodyTooLarge);
+    assert!(too_big.message().contains("1000"), "{}", too_big.message());
+    let at_limit = client
+        .send(send_req("alice", "c1", "m2", &"x".repeat(1000)))
+        .await
+        .unwrap();
+    assert_eq!(at_limit.into_inner().seq, 1);
+
+    assert_eq!(
+        code(client.send(send_req("mallory", "c1", "m3", "hi")).await),
+        ErrorCode::NotMember
+    );
+    assert_eq!(
+        code(client.send(send_req("alice", "nope", "m4", "hi")).await),
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        code(client.send(send_req("alice", "c1", "", "hi")).await),
+        ErrorCode::InvalidRequest
+    );
+    assert_eq!(
+        code(client.send(send_req("alice", "", "m5", "hi")).await),
+        ErrorCode::InvalidRequest
+    );
+    let long_id = "i".repeat(129);
+    assert_eq!(
+        code(client.send(send_req("alice", "c1", &long_id, "hi")).await),
+        ErrorCode::InvalidRequest
+    );
+    assert_eq!(
+        p.storage.stored("c1").len(),
+        1,
+        "nothing rejected was stored"
+    );
+
+    let metrics = http_get(routing.admin, "/metrics").await;
+    assert!(
+        metrics.contains("routing_sends_rejected_total{code=\"not_member\"} 1"),
+        "{metrics}"
+    );
+    routing.stop().await;
+}
+
+#[tokio::test]
+async fn sends_over_the_burst_are_rate_limited() {
+    let mut p = peers().await;
+    p.config.routing.send_rate_per_user = 1;
+    p.config.routing.send_burst_per_user = 3;
+    p.storage.add_conversation("c1", &["alice", "bob"]);
+    let routing = start(&p.config).await;
+    let mut client = routing.client.clone();
+
+    // 3 tokens plus 1 per second: 8 sends finishing within 5 s must hit the limit,
+    // and the first 3 never do.
+    let mut codes = Vec::new();
+    for i in 0..8 {
+        let r = client
+            .send(send_req("alice", "c1", &format!("m{i}"), "hi"))
+            .await;
+        codes.push(r.err().map(|st| status_error_code(&st)));
+    }
+    assert_eq!(&codes[..3], &[None, None, None]);
+    assert!(codes.contains(&Some(ErrorCode::RateLimited)), "{codes:?}");
+    assert!(codes
+        .iter()
+        .all(|c| c.is_none() || *c == Some(ErrorCode::RateLimited)));
+    // Another user has their own bucket.
+    assert!(client.send(send_req("bob", "c1", "b1", "hi")).await.is_ok());
+    routing.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_gateway_gets_the_conversation_in_sequence_order() {
+    let p = peers().await;
+    p.storage
+        .add_conversation("c1", &["u1", "u2", "u3", "offline"]);
+    p.online("u1", &p.gateway_a_url);
+    p.online("u3", &p.gateway_a_url);
+    p.online("u2", &p.gateway_b_url);
+    // The first call to A fails: the batch is retried, not reordered or lost.
+    *p.gateway_a.fail_calls.lock().unwrap() = 1;
+    let routing = start(&p.config).await;
+
+    const N: usize = 60;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..N {
+        let mut client = routing.client.clone();
+        let sender = ["u1", "u2", "u3"][i % 3];
+        tasks.spawn(async move {
+            client
+                .send(send_req(sender, "c1", &format!("m{i}"), "hi"))
+                .await
+                .unwrap();
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+
+    let expected: Vec<u64> = (1..=N as u64).collect();
+    let at_a = p.gateway_a.wait_deliveries(N).await;
+    assert_eq!(message_seqs(&at_a), expected);
+    for d in &at_a {
+        // One delivery per event per gateway, naming the recipients there.
+        let mut r = d.recipients.clone();
+        r.sort();
+        assert_eq!(r, vec!["u1", "u3"]);
+    }
+    let at_b = p.gateway_b.wait_deliveries(N).await;
+    assert_eq!(message_seqs(&at_b), expected);
+    assert!(at_b.iter().all(|d| d.recipients == vec!["u2"]));
+
+    let metrics = http_get(routing.admin, "/metrics").await;
+    assert!(
+        metrics.contains("routing_deliver_failures_total 1"),
+        "{metrics}"
+    );
+    routing.stop().await;
+}
+
+#[tokio::test]
+async fn storage_outage_is_retried_without_gaps_and_acks_stay_durable() {
+    let mut p = peers().await;
+    p.storage.add_conversation("c1", &["alice"]);
+    p.config.routing.sequence_wait_ms = 200;
+    p.storage.set_fail_appends(usize::MAX);
+    let routing = start(&p.config).await;
+    let mut client = routing.client.clone();
+
+    // Storage is down: the message is durable in the log, so the send is accepted
+    // without its sequence once the wait runs out.
+    let r = client
+        .send(send_req("alice", "c1", "m1", "hi"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.seq, 0);
+    assert!(!r.duplicate);
+    assert!(!r.message_id.is_empty());
+    let metrics = http_get(routing.admin, "/metrics").await;
+    assert!(
+        metrics.contains("routing_sequence_wait_timeouts_total 1"),
+        "{metrics}"
+    );
+
+    // Storage comes back: the owner's retry persists it as seq 1, then the next.
+    p.storage.set_fail_appends(0);
+    p.storage.wait_appends(1).await;
+    let stored = p.storage.stored("c1");
+    assert_eq!(stored.len(), 1);
+    assert_eq!((stored[0].seq, &stored[0].message_id), (1, &r.message_id));
+    let next = client
+        .send(send_req("alice", "c1", "m2", "hi"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next.seq, 2);
+    routing.stop().await;
+}
+
+#[tokio::test]
+async fn publish_reaches_online_members_and_checks_the_actor() {
+    let p = peers().await;
+    p.storage.add_conversation("c1", &["alice", "bob", "carol"]);
+    p.online("alice", &p.gateway_a_url);
+    p.online("bob", &p.gateway_b_url);
+    let routing = start(&p.config).await;
+    let mut client = routing.client.clone();
+    let typing = ServerFrame {
+        event: Some(Event::Typing(TypingEvent {
+            conversation_id: "c1".into(),
+            user_id: "alice".into(),
+            typing: true,
+        })),
+    };
+
+    let reply = client
+        .publish(PublishRequest {
+            event: Some(typing.clone()),
+            conversation_id: "c1".into(),
+            user_ids: vec![],
+            exclude_session_id: "alice-session".into(),
+            actor_id: "alice".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.gateways, 2);
+    let at_a = p.gateway_a.wait_deliveries(1).await;
+    assert_eq!(at_a[0].event.as_ref(), Some(&typing));
+    assert_eq!(at_a[0].exclude_session_id, "alice-session");
+    assert_eq!(at_a[0].recipients, vec!["alice"]);
+    assert_eq!(
+        p.gateway_b.wait_deliveries(1).await[0].recipients,
+        vec!["bob"]
+    );
+
+    let denied = client
+        .publish(PublishRequest {
+            event: Some(typing.clone()),
+            conversation_id: "c1".into(),
+            user_ids: vec![],
+            exclude_session_id: String::new(),
+            actor_id: "mallory".into(),
+        })
+        .await
+        .expect_err("not a member");
+    assert_eq!(status_error_code(&denied), ErrorCode::NotMember);
+
+    // Explicit users, no conversation: only bob's gateway.
+    let reply = client
+        .publish(PublishRequest {
+            event: Some(typing),
+            conversation_id: String::new(),
+            user_ids: vec!["bob".into()],
+            exclude_session_id: String::new(),
+            actor_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.gateways, 1);
+    assert_eq!(p.gateway_b.wait_deliveries(2).await.len(), 2);
+    assert!(p.storage.stored("c1").is_empty(), "publish stores nothing");
+    routing.stop().await;
+}
+
+/// Build the service around an embedded log that never trims, for tests that
+/// restart owners from older offsets.
+async fn node_with_untrimmed_log(p: &Peers) -> Arc<crate::node::Node> {
+    let log = EmbeddedLog::open(
+        &p.dir.path().join("eventlog.sqlite3"),
+        p.config.routing.partitions,
+        EmbeddedLogOptions {
+            trim_interval: Duration::MAX,
+            ..EmbeddedLogOptions::default()
+        },
+    )
+    .unwrap();
+    let registry = prometheus::Registry::new();
+    let metrics = Arc::new(crate::metrics::Metrics::new(&registry).unwrap());
+    crate::build_node(
+        Arc::new(p.config.clone()),
+        Arc::new(log),
+        metrics,
+        switchboard_telemetry::Readiness::new(),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn replayed_records_map_to_their_stored_sequence() {
+    let p = peers().await;
+    p.storage.add_conversation("c1", &["alice"]);
+    let node = node_with_untrimmed_log(&p).await;
+    let service = crate::RoutingService::new(node.clone(), CancellationToken::new());
+    let partition = crate::partition_for("c1", p.config.routing.partitions);
+
+    let owners_stop = CancellationToken::new();
+    let owners = tokio::spawn(crate::owner::supervise(node.clone(), owners_stop.clone()));
+    for i in 1..=3u64 {
+        let r = service
+            .handle_send(send_req("alice", "c1", &format!("m{i}"), "hi"))
+            .await
+            .unwrap();
+        assert_eq!(r.seq, i);
+    }
+    owners_stop.cancel();
+    owners.await.unwrap();
+    assert_eq!(node.log.committed(partition).await.unwrap(), 3);
+
+    // As if the owner crashed before committing: a new owner starts from offset 0.
+    let stop = CancellationToken::new();
+    let owner = tokio::spawn(crate::owner::run_owner(
+        node.clone(),
+        partition,
+        Some(0),
+        stop.clone(),
+    ));
+    p.storage.wait_appends(6).await;
+    let stored = p.storage.stored("c1");
+    assert_eq!(
+        stored.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3],
+        "the replay created nothing new"
+    );
+
+    let r = service
+        .handle_send(send_req("alice", "c1", "m4", "hi"))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.seq, 4,
+        "the sequence continues without a gap after the replay"
+    );
+    // The same owner handled the replayed records before this one.
+    assert_eq!(node.metrics.duplicates_sequenced.get(), 3);
+    stop.cancel();
+    owner.await.unwrap();
+    assert_eq!(node.log.committed(partition).await.unwrap(), 4);
+    node.log.close().await;
+}
+
+#[tokio::test]
+async fn a_failing_log_makes_send_unavailable() {
+    let p = peers().await;
+    p.storage.add_conversation("c1", &["alice"]);
+    let node = node_with_untrimmed_log(&p).await;
+    let service = crate::RoutingService::new(node.clone(), CancellationToken::new());
+    node.log.close().await;
+    let err = service
+        .handle_send(send_req("alice", "c1", "m1", "hi"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::Unavailable);
+    assert_eq!(
+        node.waiters.len(),
+        0,
+        "the waiter left with the failed send"
+    );
+}

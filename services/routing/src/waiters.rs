@@ -13,11 +13,12 @@ use switchboard_proto::v1::Message;
 use tokio::sync::oneshot;
 
 type Key = (String, String);
+type WaiterMap = HashMap<Key, Vec<(u64, oneshot::Sender<Message>)>>;
 
 #[derive(Default)]
 pub(crate) struct Waiters {
     /// A std mutex: inserts and removals only.
-    map: Mutex<HashMap<Key, Vec<(u64, oneshot::Sender<Message>)>>>,
+    map: Mutex<WaiterMap>,
     next_id: AtomicU64,
 }
 
@@ -55,13 +56,13 @@ impl Waiters {
         }
     }
 
+    /// Sends waiting now.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.lock().values().map(Vec::len).sum()
     }
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<Key, Vec<(u64, oneshot::Sender<Message>)>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, WaiterMap> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
