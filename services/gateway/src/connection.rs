@@ -161,18 +161,28 @@ fn error_frame(code: ErrorCode, message: impl Into<String>) -> ServerFrame {
     }))
 }
 
-/// The reply to a frame that was rejected: an ack when its id is known, else `error`.
-fn rejection(id: Option<String>, code: ErrorCode, message: String) -> ServerFrame {
-    let error = v1::ErrorEvent {
-        code: code.as_str().to_owned(),
-        message,
-    };
-    match id {
-        Some(id) => server_frame(Event::Ack(v1::Ack {
-            id,
-            result: Some(ack::Result::Error(error)),
-        })),
-        None => server_frame(Event::Error(error)),
+/// A frame refused before it became a request.
+struct Rejection {
+    /// The request id, when it could be read: the reply is then that request's ack.
+    id: Option<String>,
+    code: ErrorCode,
+    message: String,
+}
+
+impl Rejection {
+    /// The reply: an ack when the id is known, else an `error` frame.
+    fn reply(self) -> ServerFrame {
+        let error = v1::ErrorEvent {
+            code: self.code.as_str().to_owned(),
+            message: self.message,
+        };
+        match self.id {
+            Some(id) => server_frame(Event::Ack(v1::Ack {
+                id,
+                result: Some(ack::Result::Error(error)),
+            })),
+            None => server_frame(Event::Error(error)),
+        }
     }
 }
 
@@ -313,8 +323,9 @@ impl Connection {
                                 pending.push_back(Box::new(frame));
                             }
                         }
-                        Err((reply, code)) => {
-                            if let Err(end) = self.write(&reply).await {
+                        Err(rejection) => {
+                            let code = rejection.code;
+                            if let Err(end) = self.write(&rejection.reply()).await {
                                 return end;
                             }
                             if self.violation(code) {
@@ -338,22 +349,26 @@ impl Connection {
 
     /// Check one data frame: size, decoding, rate. Returns the request to run or the
     /// reply to send instead (with its error code).
-    fn accept(&mut self, payload: Payload) -> Result<v1::ClientFrame, (ServerFrame, ErrorCode)> {
+    fn accept(&mut self, payload: Payload) -> Result<v1::ClientFrame, Rejection> {
         let metrics = &self.shared.metrics;
         let max = self.shared.config.gateway.max_frame_bytes;
         if payload.len() > max {
             metrics.frames_in.with_label_values(&["too_large"]).inc();
-            let code = ErrorCode::FrameTooLarge;
-            return Err((
-                rejection(None, code, format!("frame is larger than {max} bytes")),
-                code,
-            ));
+            return Err(Rejection {
+                id: None,
+                code: ErrorCode::FrameTooLarge,
+                message: format!("frame is larger than {max} bytes"),
+            });
         }
         let frame = match decode_client_frame(&payload, self.session.encoding) {
             Ok(frame) => frame,
             Err(e) => {
                 metrics.frames_in.with_label_values(&["invalid"]).inc();
-                return Err((rejection(e.id, e.code, e.message), e.code));
+                return Err(Rejection {
+                    id: e.id,
+                    code: e.code,
+                    message: e.message,
+                });
             }
         };
         metrics
@@ -361,15 +376,11 @@ impl Connection {
             .with_label_values(&[request_name(&frame)])
             .inc();
         if !self.limiter.take(Instant::now()) {
-            let code = ErrorCode::RateLimited;
-            return Err((
-                rejection(
-                    Some(frame.id),
-                    code,
-                    "too many requests, slow down".to_owned(),
-                ),
-                code,
-            ));
+            return Err(Rejection {
+                id: Some(frame.id),
+                code: ErrorCode::RateLimited,
+                message: "too many requests, slow down".to_owned(),
+            });
         }
         Ok(frame)
     }

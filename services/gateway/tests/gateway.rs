@@ -1,0 +1,967 @@
+//! Gateway tests against fake presence, routing and storage servers on 127.0.0.1:0,
+//! driven by a real WebSocket client.
+//!
+//! The tests run on tokio's current-thread runtime: a `Deliver` call then enqueues
+//! its whole batch before any connection task runs, which makes queue overflow
+//! deterministic.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use prost::Message as _;
+use serde_json::{json, Value};
+use switchboard_config::Config;
+use switchboard_gateway::{close_code, Gateway, Listeners};
+use switchboard_proto::v1::{
+    self, gateway_client::GatewayClient, presence_server, routing_server, server_frame::Event,
+    storage_server,
+};
+use switchboard_proto::{status, ErrorCode};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+const SECRET: &str = "gateway-test-secret-0123456789abcdef";
+const FORBIDDEN: &str = "not-my-conversation";
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------- fake backends
+
+/// What the fakes were asked.
+#[derive(Default)]
+struct Calls {
+    registered: Vec<v1::SessionInfo>,
+    sends: Vec<v1::RouteSendRequest>,
+    publishes: Vec<v1::PublishRequest>,
+    watches: Vec<v1::WatchRequest>,
+    dropped_gateways: Vec<String>,
+    heartbeats: Vec<v1::HeartbeatRequest>,
+}
+
+type Recorder = Arc<Mutex<Calls>>;
+
+struct FakePresence(Recorder, Arc<tokio::sync::Notify>);
+
+#[tonic::async_trait]
+impl presence_server::Presence for FakePresence {
+    async fn register_session(
+        &self,
+        request: Request<v1::RegisterSessionRequest>,
+    ) -> Result<Response<v1::RegisterSessionResponse>, Status> {
+        let session = request.into_inner().session.unwrap_or_default();
+        self.0.lock().unwrap().registered.push(session);
+        self.1.notify_one();
+        Ok(Response::new(Default::default()))
+    }
+    async fn unregister_session(
+        &self,
+        _: Request<v1::UnregisterSessionRequest>,
+    ) -> Result<Response<v1::UnregisterSessionResponse>, Status> {
+        Ok(Response::new(Default::default()))
+    }
+    async fn heartbeat(
+        &self,
+        request: Request<v1::HeartbeatRequest>,
+    ) -> Result<Response<v1::HeartbeatResponse>, Status> {
+        // Presence "forgot" every session (as after a restart of an in-memory store).
+        let request = request.into_inner();
+        let unknown_session_ids = request.session_ids.clone();
+        self.0.lock().unwrap().heartbeats.push(request);
+        Ok(Response::new(v1::HeartbeatResponse {
+            unknown_session_ids,
+        }))
+    }
+    async fn set_status(
+        &self,
+        _: Request<v1::SetStatusRequest>,
+    ) -> Result<Response<v1::SetStatusResponse>, Status> {
+        Ok(Response::new(Default::default()))
+    }
+    async fn query(
+        &self,
+        _: Request<v1::QueryRequest>,
+    ) -> Result<Response<v1::QueryResponse>, Status> {
+        Ok(Response::new(Default::default()))
+    }
+    async fn watch(
+        &self,
+        request: Request<v1::WatchRequest>,
+    ) -> Result<Response<v1::QueryResponse>, Status> {
+        let request = request.into_inner();
+        let users = request
+            .user_ids
+            .iter()
+            .map(|u| v1::UserPresence {
+                user_id: u.clone(),
+                status: "online".into(),
+                last_seen_ms: 1,
+                sessions: 1,
+            })
+            .collect();
+        self.0.lock().unwrap().watches.push(request);
+        Ok(Response::new(v1::QueryResponse { users }))
+    }
+    async fn route(
+        &self,
+        _: Request<v1::RouteRequest>,
+    ) -> Result<Response<v1::RouteResponse>, Status> {
+        Ok(Response::new(Default::default()))
+    }
+    async fn drop_gateway(
+        &self,
+        request: Request<v1::DropGatewayRequest>,
+    ) -> Result<Response<v1::DropGatewayResponse>, Status> {
+        let addr = request.into_inner().gateway_addr;
+        self.0.lock().unwrap().dropped_gateways.push(addr);
+        Ok(Response::new(Default::default()))
+    }
+}
+
+struct FakeRouting(Recorder);
+
+#[tonic::async_trait]
+impl routing_server::Routing for FakeRouting {
+    async fn send(
+        &self,
+        request: Request<v1::RouteSendRequest>,
+    ) -> Result<Response<v1::SendResult>, Status> {
+        let request = request.into_inner();
+        if request.conversation_id == FORBIDDEN {
+            return Err(status(
+                ErrorCode::NotMember,
+                "not a member of the conversation",
+            ));
+        }
+        let result = v1::SendResult {
+            conversation_id: request.conversation_id.clone(),
+            message_id: format!("msg-{}", request.client_msg_id),
+            seq: 1,
+            duplicate: false,
+            sent_at_ms: 1,
+        };
+        self.0.lock().unwrap().sends.push(request);
+        Ok(Response::new(result))
+    }
+    async fn publish(
+        &self,
+        request: Request<v1::PublishRequest>,
+    ) -> Result<Response<v1::PublishResponse>, Status> {
+        self.0.lock().unwrap().publishes.push(request.into_inner());
+        Ok(Response::new(v1::PublishResponse { gateways: 1 }))
+    }
+}
+
+struct FakeStorage;
+
+#[tonic::async_trait]
+impl storage_server::Storage for FakeStorage {
+    async fn create_conversation(
+        &self,
+        request: Request<v1::CreateConversationRequest>,
+    ) -> Result<Response<v1::Conversation>, Status> {
+        let request = request.into_inner();
+        let mut members = vec![request.creator_id.clone()];
+        members.extend(request.members);
+        Ok(Response::new(v1::Conversation {
+            conversation_id: "conv-1".into(),
+            kind: request.kind,
+            owner_id: request.creator_id,
+            members,
+            ..Default::default()
+        }))
+    }
+    async fn get_conversation(
+        &self,
+        _: Request<v1::GetConversationRequest>,
+    ) -> Result<Response<v1::Conversation>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn change_members(
+        &self,
+        _: Request<v1::ChangeMembersRequest>,
+    ) -> Result<Response<v1::Conversation>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn list_conversations(
+        &self,
+        _: Request<v1::ListConversationsRequest>,
+    ) -> Result<Response<v1::ConversationListResult>, Status> {
+        Ok(Response::new(Default::default()))
+    }
+    async fn last_seq(
+        &self,
+        _: Request<v1::LastSeqRequest>,
+    ) -> Result<Response<v1::LastSeqResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn append(
+        &self,
+        _: Request<v1::AppendRequest>,
+    ) -> Result<Response<v1::AppendResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn lookup_dedupe(
+        &self,
+        _: Request<v1::LookupDedupeRequest>,
+    ) -> Result<Response<v1::LookupDedupeResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn history(
+        &self,
+        request: Request<v1::StorageHistoryRequest>,
+    ) -> Result<Response<v1::HistoryResult>, Status> {
+        let request = request.into_inner().request.unwrap_or_default();
+        if request.conversation_id == FORBIDDEN {
+            return Err(status(
+                ErrorCode::NotMember,
+                "not a member of the conversation",
+            ));
+        }
+        Ok(Response::new(v1::HistoryResult {
+            conversation_id: request.conversation_id,
+            ..Default::default()
+        }))
+    }
+    async fn sync(
+        &self,
+        _: Request<v1::StorageSyncRequest>,
+    ) -> Result<Response<v1::SyncResult>, Status> {
+        Ok(Response::new(Default::default()))
+    }
+    async fn set_read_marker(
+        &self,
+        _: Request<v1::SetReadMarkerRequest>,
+    ) -> Result<Response<v1::ReadMarker>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+}
+
+// ---------------------------------------------------------------- harness
+
+struct Harness {
+    calls: Recorder,
+    /// Notified on every RegisterSession.
+    registered: Arc<tokio::sync::Notify>,
+    http: SocketAddr,
+    grpc: SocketAddr,
+    shutdown: CancellationToken,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+    signer: switchboard_auth::Signer,
+}
+
+async fn start_backends(calls: &Recorder, registered: &Arc<tokio::sync::Notify>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tonic::transport::Server::builder()
+        .add_service(presence_server::PresenceServer::new(FakePresence(
+            calls.clone(),
+            registered.clone(),
+        )))
+        .add_service(routing_server::RoutingServer::new(FakeRouting(
+            calls.clone(),
+        )))
+        .add_service(storage_server::StorageServer::new(FakeStorage));
+    tokio::spawn(server.serve_with_incoming(TcpListenerStream::new(listener)));
+    addr
+}
+
+async fn start(tweak: impl FnOnce(&mut Config)) -> Harness {
+    let calls = Recorder::default();
+    let registered = Arc::new(tokio::sync::Notify::new());
+    let backends = start_backends(&calls, &registered).await;
+    let mut config = Config::default();
+    let url = format!("http://{backends}");
+    config.cluster.presence_url = url.clone();
+    config.cluster.routing_url = url.clone();
+    config.cluster.storage_url = url;
+    config.auth.hs256_secret = SECRET.into();
+    config.gateway.advertise_url = "http://gateway-under-test:1".into();
+    config.gateway.max_frame_bytes = 8 * 1024;
+    config.routing.max_body_bytes = 4 * 1024;
+    config.gateway.max_violations = 10;
+    // Tests that end with clients still connected stop quickly.
+    config.gateway.drain_deadline_ms = 300;
+    tweak(&mut config);
+
+    let gateway = Gateway::new(Arc::new(config)).unwrap();
+    let listeners = Listeners {
+        http: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        grpc: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    };
+    let http = listeners.http.local_addr().unwrap();
+    let grpc = listeners.grpc.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(gateway.serve(listeners, shutdown.clone()));
+    Harness {
+        calls,
+        registered,
+        http,
+        grpc,
+        shutdown,
+        server,
+        signer: switchboard_auth::Signer::hs256(SECRET.as_bytes()),
+    }
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+impl Harness {
+    fn token(&self, user: &str) -> String {
+        self.signer.sign(user, Duration::from_secs(600)).unwrap()
+    }
+
+    async fn try_connect(&self, query: &str, protocol: Option<&str>) -> Result<Ws, WsError> {
+        let mut request = format!("ws://{}/v1/connect?{query}", self.http)
+            .into_client_request()
+            .unwrap();
+        if let Some(p) = protocol {
+            request
+                .headers_mut()
+                .insert("sec-websocket-protocol", p.parse().unwrap());
+        }
+        tokio::time::timeout(TIMEOUT, tokio_tungstenite::connect_async(request))
+            .await
+            .expect("connect timed out")
+            .map(|(ws, _)| ws)
+    }
+
+    /// Connect as `user` with JSON frames and read the welcome.
+    async fn connect(&self, user: &str) -> (Ws, Value) {
+        let query = format!("token={}&device=phone", self.token(user));
+        let mut ws = self
+            .try_connect(&query, Some("switchboard.v1.json"))
+            .await
+            .unwrap();
+        let welcome = recv(&mut ws).await;
+        assert!(welcome.get("welcome").is_some(), "{welcome}");
+        (ws, welcome)
+    }
+
+    async fn deliver(&self, deliveries: Vec<v1::Delivery>) -> v1::DeliverResponse {
+        let mut client = GatewayClient::connect(format!("http://{}", self.grpc))
+            .await
+            .unwrap();
+        client
+            .deliver(v1::DeliverRequest { deliveries })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(TIMEOUT, self.server)
+            .await
+            .expect("gateway did not stop")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// The next data frame as JSON (pings and pongs skipped).
+async fn recv(ws: &mut Ws) -> Value {
+    loop {
+        let message = tokio::time::timeout(TIMEOUT, ws.next())
+            .await
+            .expect("no frame in time")
+            .expect("stream ended")
+            .expect("read failed");
+        match message {
+            Message::Text(text) => return serde_json::from_str(&text).unwrap(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+/// Read until the server closes; returns the data frames seen and the close code.
+async fn recv_until_close(ws: &mut Ws) -> (Vec<Value>, Option<CloseCode>) {
+    let mut frames = Vec::new();
+    loop {
+        let next = tokio::time::timeout(TIMEOUT, ws.next())
+            .await
+            .expect("no close in time");
+        match next {
+            Some(Ok(Message::Text(text))) => frames.push(serde_json::from_str(&text).unwrap()),
+            Some(Ok(Message::Close(frame))) => return (frames, frame.map(|f| f.code)),
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return (frames, None),
+        }
+    }
+}
+
+async fn send(ws: &mut Ws, frame: Value) {
+    ws.send(Message::text(frame.to_string())).await.unwrap();
+}
+
+fn ack_error(frame: &Value) -> &str {
+    frame["ack"]["error"]["code"].as_str().unwrap_or("")
+}
+
+async fn assert_alive(ws: &mut Ws) {
+    send(ws, json!({"id": "alive", "ping": {}})).await;
+    let pong = recv(ws).await;
+    assert_eq!(pong["ack"]["id"], "alive", "{pong}");
+    assert!(pong["ack"]["pong"]["server_time_ms"].as_i64().unwrap() > 0);
+}
+
+fn message_delivery(recipients: &[&str], conversation: &str, seq: u64) -> v1::Delivery {
+    v1::Delivery {
+        event: Some(v1::ServerFrame {
+            event: Some(Event::Message(v1::MessageEvent {
+                message: Some(v1::Message {
+                    conversation_id: conversation.into(),
+                    seq,
+                    message_id: format!("m{seq}"),
+                    sender_id: "alice".into(),
+                    body: format!("hello {seq}"),
+                    sent_at_ms: 1,
+                    ..Default::default()
+                }),
+            })),
+        }),
+        recipients: recipients.iter().map(|s| s.to_string()).collect(),
+        exclude_session_id: String::new(),
+    }
+}
+
+fn typing_delivery(recipient: &str) -> v1::Delivery {
+    v1::Delivery {
+        event: Some(v1::ServerFrame {
+            event: Some(Event::Typing(v1::TypingEvent {
+                conversation_id: "c".into(),
+                user_id: "alice".into(),
+                typing: true,
+            })),
+        }),
+        recipients: vec![recipient.into()],
+        exclude_session_id: String::new(),
+    }
+}
+
+fn presence_delivery(watcher: &str, user: &str) -> v1::Delivery {
+    v1::Delivery {
+        event: Some(v1::ServerFrame {
+            event: Some(Event::Presence(v1::PresenceEvent {
+                presence: Some(v1::UserPresence {
+                    user_id: user.into(),
+                    status: "online".into(),
+                    last_seen_ms: 1,
+                    sessions: 1,
+                }),
+            })),
+        }),
+        recipients: vec![watcher.into()],
+        exclude_session_id: String::new(),
+    }
+}
+
+// ---------------------------------------------------------------- tests
+
+#[tokio::test]
+async fn missing_or_invalid_tokens_get_401_with_a_reason() {
+    let h = start(|_| {}).await;
+    for (query, reason) in [
+        ("", "missing token"),
+        ("token=not-a-jwt", "malformed token"),
+    ] {
+        match h.try_connect(query, None).await {
+            Err(WsError::Http(response)) => {
+                assert_eq!(response.status(), 401);
+                let body: Value =
+                    serde_json::from_slice(response.body().as_deref().unwrap()).expect("json body");
+                assert_eq!(body["error"], "unauthorized");
+                assert_eq!(body["message"], reason);
+            }
+            other => panic!("expected 401, got {:?}", other.map(|_| ())),
+        }
+    }
+    let wrong_key = switchboard_auth::Signer::hs256(b"some-other-secret-0123456789abcdef")
+        .sign("alice", Duration::from_secs(60))
+        .unwrap();
+    match h.try_connect(&format!("token={wrong_key}"), None).await {
+        Err(WsError::Http(response)) => assert_eq!(response.status(), 401),
+        other => panic!("expected 401, got {:?}", other.map(|_| ())),
+    }
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_subprotocols_are_refused_and_protobuf_is_spoken() {
+    let h = start(|_| {}).await;
+    let query = format!("token={}", h.token("alice"));
+    match h.try_connect(&query, Some("graphql-ws")).await {
+        Err(WsError::Http(response)) => assert_eq!(response.status(), 400),
+        other => panic!("expected 400, got {:?}", other.map(|_| ())),
+    }
+    let mut ws = h
+        .try_connect(&query, Some("switchboard.v1.proto"))
+        .await
+        .unwrap();
+    let Some(Ok(Message::Binary(bytes))) = ws.next().await else {
+        panic!("expected a binary welcome");
+    };
+    let frame = v1::ServerFrame::decode(bytes.as_ref()).unwrap();
+    let Some(Event::Welcome(welcome)) = frame.event else {
+        panic!("expected welcome, got {frame:?}");
+    };
+    assert_eq!(welcome.user_id, "alice");
+    assert_eq!(welcome.device_id, "default");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn welcome_then_send_carries_the_token_identity() {
+    let h = start(|_| {}).await;
+    let (mut ws, welcome) = h.connect("alice").await;
+    let w = &welcome["welcome"];
+    assert_eq!(w["user_id"], "alice");
+    assert_eq!(w["device_id"], "phone");
+    assert_eq!(w["max_body_bytes"], 4096);
+    let session_id = w["session_id"].as_str().unwrap().to_owned();
+    {
+        let calls = h.calls.lock().unwrap();
+        assert_eq!(calls.registered.len(), 1);
+        assert_eq!(calls.registered[0].session_id, session_id);
+        assert_eq!(calls.registered[0].user_id, "alice");
+        assert_eq!(
+            calls.registered[0].gateway_addr,
+            "http://gateway-under-test:1"
+        );
+    }
+
+    send(
+        &mut ws,
+        json!({"id": "s1", "send": {"conversation_id": "c1", "client_msg_id": "k1", "body": "hi"}}),
+    )
+    .await;
+    let ack = recv(&mut ws).await;
+    assert_eq!(ack["ack"]["id"], "s1");
+    assert_eq!(ack["ack"]["send"]["message_id"], "msg-k1");
+    {
+        let calls = h.calls.lock().unwrap();
+        let sent = &calls.sends[0];
+        assert_eq!(sent.sender_id, "alice");
+        assert_eq!(sent.sender_device, "phone");
+        assert_eq!(sent.session_id, session_id);
+        assert_eq!(sent.body, "hi");
+    }
+
+    send(
+        &mut ws,
+        json!({"id": "s2", "send": {"conversation_id": "c1", "body": "x"}}),
+    )
+    .await;
+    let ack = recv(&mut ws).await;
+    assert_eq!(ack["ack"]["id"], "s2");
+    assert_eq!(ack_error(&ack), "invalid_request");
+
+    send(
+        &mut ws,
+        json!({"id": "s3", "send": {"conversation_id": FORBIDDEN, "client_msg_id": "k3", "body": "x"}}),
+    )
+    .await;
+    assert_eq!(ack_error(&recv(&mut ws).await), "not_member");
+    assert_eq!(h.calls.lock().unwrap().sends.len(), 1);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn requests_are_acked_in_order() {
+    let h = start(|_| {}).await;
+    let (mut ws, _) = h.connect("alice").await;
+    for i in 0..5 {
+        send(
+            &mut ws,
+            json!({"id": format!("r{i}"), "send": {"conversation_id": "c1", "client_msg_id": format!("k{i}"), "body": "b"}}),
+        )
+        .await;
+    }
+    for i in 0..5 {
+        assert_eq!(recv(&mut ws).await["ack"]["id"], format!("r{i}"));
+    }
+    let keys: Vec<String> = h
+        .calls
+        .lock()
+        .unwrap()
+        .sends
+        .iter()
+        .map(|s| s.client_msg_id.clone())
+        .collect();
+    assert_eq!(keys, ["k0", "k1", "k2", "k3", "k4"]);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_and_unknown_frames_get_error_codes_and_the_connection_stays() {
+    let h = start(|_| {}).await;
+    let (mut ws, _) = h.connect("alice").await;
+
+    ws.send(Message::text("{not json")).await.unwrap();
+    let frame = recv(&mut ws).await;
+    assert_eq!(frame["error"]["code"], "bad_frame", "{frame}");
+
+    send(&mut ws, json!({"id": "u1", "teleport": {}})).await;
+    let frame = recv(&mut ws).await;
+    assert_eq!(frame["ack"]["id"], "u1");
+    assert_eq!(ack_error(&frame), "unknown_frame");
+
+    send(&mut ws, json!({"id": "b1", "send": {"body": 5}})).await;
+    assert_eq!(ack_error(&recv(&mut ws).await), "bad_frame");
+
+    ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
+    assert_eq!(recv(&mut ws).await["error"]["code"], "bad_frame");
+
+    send(
+        &mut ws,
+        json!({"id": "h1", "history": {"conversation_id": FORBIDDEN}}),
+    )
+    .await;
+    assert_eq!(ack_error(&recv(&mut ws).await), "not_member");
+
+    assert_alive(&mut ws).await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn too_many_violations_close_with_policy_violation() {
+    let h = start(|c| c.gateway.max_violations = 3).await;
+    let (mut ws, _) = h.connect("alice").await;
+    for _ in 0..3 {
+        ws.send(Message::text("nope")).await.unwrap();
+    }
+    let (frames, code) = recv_until_close(&mut ws).await;
+    assert_eq!(frames.len(), 3);
+    assert!(frames.iter().all(|f| f["error"]["code"] == "bad_frame"));
+    assert_eq!(code, Some(CloseCode::Policy));
+    assert_eq!(u16::from(CloseCode::Policy), close_code::POLICY_VIOLATION);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn floods_are_rate_limited() {
+    let h = start(|c| {
+        c.gateway.requests_per_second = 1;
+        c.gateway.request_burst = 2;
+    })
+    .await;
+    let (mut ws, _) = h.connect("alice").await;
+    for i in 0..10 {
+        send(&mut ws, json!({"id": format!("p{i}"), "ping": {}})).await;
+    }
+    let mut limited = 0;
+    for _ in 0..10 {
+        let frame = recv(&mut ws).await;
+        if ack_error(&frame) == "rate_limited" {
+            limited += 1;
+        }
+    }
+    // Two come from the burst; at one per second, ten frames cannot all pass.
+    assert!(limited >= 1, "no request was rate limited");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_frames_get_frame_too_large_and_huge_ones_close_with_1009() {
+    let h = start(|_| {}).await;
+    let (mut ws, _) = h.connect("alice").await;
+    // Above max_frame_bytes (8 KiB) but under the hard cap: answered, connection kept.
+    let big = format!(
+        r#"{{"id":"x","ping":{{}},"pad":"{}"}}"#,
+        "a".repeat(9 * 1024)
+    );
+    ws.send(Message::text(big)).await.unwrap();
+    assert_eq!(recv(&mut ws).await["error"]["code"], "frame_too_large");
+    assert_alive(&mut ws).await;
+
+    // Above the hard cap: the WebSocket layer refuses it and the connection closes.
+    ws.send(Message::text("a".repeat(64 * 1024))).await.unwrap();
+    let (_, code) = recv_until_close(&mut ws).await;
+    assert_eq!(code, Some(CloseCode::Size));
+    assert_eq!(u16::from(CloseCode::Size), close_code::MESSAGE_TOO_BIG);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn deliver_reaches_the_client_once_per_sequence() {
+    let h = start(|_| {}).await;
+    let (mut ws, _) = h.connect("bob").await;
+
+    let response = h
+        .deliver(vec![message_delivery(&["bob", "carol"], "c1", 1)])
+        .await;
+    assert_eq!(response.delivered, 1);
+    assert_eq!(response.absent, ["carol"]);
+    let frame = recv(&mut ws).await;
+    assert_eq!(frame["message"]["message"]["seq"], 1);
+    assert_eq!(frame["message"]["message"]["body"], "hello 1");
+
+    let response = h
+        .deliver(vec![
+            message_delivery(&["bob"], "c1", 1),
+            message_delivery(&["bob"], "c1", 2),
+            message_delivery(&["bob"], "c1", 2),
+        ])
+        .await;
+    assert_eq!(response.delivered, 1);
+    let frame = recv(&mut ws).await;
+    assert_eq!(frame["message"]["message"]["seq"], 2);
+    // Nothing else is queued: the next frame is the answer to this ping.
+    assert_alive(&mut ws).await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn presence_events_reach_only_watching_sessions() {
+    let h = start(|_| {}).await;
+    let (mut ws, _) = h.connect("bob").await;
+    let response = h.deliver(vec![presence_delivery("bob", "alice")]).await;
+    assert_eq!(response.delivered, 0);
+
+    send(
+        &mut ws,
+        json!({"id": "w", "presence_watch": {"user_ids": ["alice"]}}),
+    )
+    .await;
+    let ack = recv(&mut ws).await;
+    assert_eq!(ack["ack"]["presence"]["users"][0]["user_id"], "alice");
+    assert_eq!(h.calls.lock().unwrap().watches[0].watcher_id, "bob");
+
+    let response = h.deliver(vec![presence_delivery("bob", "alice")]).await;
+    assert_eq!(response.delivered, 1);
+    let frame = recv(&mut ws).await;
+    assert_eq!(frame["presence"]["presence"]["user_id"], "alice");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn typing_and_conversation_changes_are_published() {
+    let h = start(|_| {}).await;
+    let (mut ws, welcome) = h.connect("alice").await;
+    let session_id = welcome["welcome"]["session_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    send(
+        &mut ws,
+        json!({"id": "t", "typing": {"conversation_id": "c1", "typing": true}}),
+    )
+    .await;
+    assert!(recv(&mut ws).await["ack"]["ok"].is_object());
+    send(
+        &mut ws,
+        json!({"id": "c", "conversation_create": {"kind": "direct", "members": ["bob"]}}),
+    )
+    .await;
+    let ack = recv(&mut ws).await;
+    assert_eq!(ack["ack"]["conversation"]["conversation_id"], "conv-1");
+    {
+        let calls = h.calls.lock().unwrap();
+        let typing = &calls.publishes[0];
+        assert_eq!(typing.conversation_id, "c1");
+        assert_eq!(typing.exclude_session_id, session_id);
+        assert_eq!(typing.actor_id, "alice");
+        let created = &calls.publishes[1];
+        assert_eq!(created.user_ids, ["alice", "bob"]);
+        let Some(Event::Conversation(event)) = created.event.as_ref().and_then(|e| e.event.clone())
+        else {
+            panic!("expected a conversation event");
+        };
+        assert_eq!(event.change, "created");
+    }
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn slow_consumer_loses_typing_first_then_is_closed() {
+    let h = start(|c| c.gateway.outbound_queue = 4).await;
+    let (mut ws, _) = h.connect("bob").await;
+
+    // Ten typing events into a queue of four: the rest are dropped, bob stays.
+    let response = h
+        .deliver((0..10).map(|_| typing_delivery("bob")).collect())
+        .await;
+    assert_eq!(response.delivered, 4);
+    for _ in 0..4 {
+        assert!(recv(&mut ws).await.get("typing").is_some());
+    }
+    assert_alive(&mut ws).await;
+
+    // Messages cannot be dropped: overflowing the queue closes the session.
+    let response = h
+        .deliver(
+            (1..=10)
+                .map(|seq| message_delivery(&["bob"], "c1", seq))
+                .collect(),
+        )
+        .await;
+    assert_eq!(response.delivered, 4);
+    let (frames, code) = recv_until_close(&mut ws).await;
+    let last = frames.last().expect("an error frame before the close");
+    assert_eq!(last["error"]["code"], "slow_consumer", "{frames:?}");
+    assert_eq!(code, Some(CloseCode::from(close_code::SLOW_CONSUMER)));
+
+    // The session is gone: later deliveries find nobody.
+    let response = h.deliver(vec![message_delivery(&["bob"], "c1", 11)]).await;
+    assert_eq!(response.delivered, 0);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn drain_sends_goaway_refuses_new_connections_and_closes_at_the_deadline() {
+    let h = start(|_| {}).await;
+    let (mut ws, _) = h.connect("alice").await;
+    let mut client = GatewayClient::connect(format!("http://{}", h.grpc))
+        .await
+        .unwrap();
+    let response = client
+        .drain(v1::DrainRequest { deadline_ms: 300 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.sessions, 1);
+
+    let goaway = recv(&mut ws).await;
+    assert_eq!(goaway["goaway"]["reason"], "shutdown");
+    assert_eq!(goaway["goaway"]["reconnect_after_ms"], 300);
+
+    let query = format!("token={}", h.token("carol"));
+    match h.try_connect(&query, None).await {
+        Err(WsError::Http(response)) => assert_eq!(response.status(), 503),
+        other => panic!("expected 503, got {:?}", other.map(|_| ())),
+    }
+
+    // alice stays past the deadline and is closed with 1001.
+    let (_, code) = recv_until_close(&mut ws).await;
+    assert_eq!(code, Some(CloseCode::Away));
+    h.shutdown.cancel();
+    tokio::time::timeout(TIMEOUT, h.server)
+        .await
+        .expect("gateway did not stop")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        h.calls.lock().unwrap().dropped_gateways,
+        ["http://gateway-under-test:1"]
+    );
+}
+
+#[tokio::test]
+async fn shutdown_drains_and_returns_once_clients_leave() {
+    let h = start(|c| c.gateway.drain_deadline_ms = 60_000).await;
+    let (mut ws, _) = h.connect("alice").await;
+    h.shutdown.cancel();
+    let goaway = recv(&mut ws).await;
+    assert_eq!(goaway["goaway"]["reason"], "shutdown");
+    ws.close(None).await.unwrap();
+    tokio::time::timeout(TIMEOUT, h.server)
+        .await
+        .expect("gateway did not stop after the client left")
+        .unwrap()
+        .unwrap();
+    assert_eq!(h.calls.lock().unwrap().dropped_gateways.len(), 1);
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    (out[9..12].parse().unwrap(), out)
+}
+
+#[tokio::test]
+async fn dev_mode_serves_the_chat_page_and_tokens() {
+    let h = start(|c| c.dev_mode = true).await;
+    let (code, page) = http_get(h.http, "/").await;
+    assert_eq!(code, 200);
+    for id in [
+        "user",
+        "login",
+        "peer",
+        "open",
+        "text",
+        "send",
+        "messages",
+        "peer-presence",
+    ] {
+        assert!(
+            page.contains(&format!("id=\"{id}\"")),
+            "chat page lacks #{id}"
+        );
+    }
+    let (code, response) = http_get(h.http, "/v1/dev/token?user=alice").await;
+    assert_eq!(code, 200);
+    let body: Value = serde_json::from_str(response.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["user_id"], "alice");
+    let verifier = switchboard_auth::Verifier::from_config(&switchboard_config::AuthConfig {
+        hs256_secret: SECRET.into(),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(
+        verifier
+            .verify(body["token"].as_str().unwrap())
+            .unwrap()
+            .sub,
+        "alice"
+    );
+    let (code, _) = http_get(h.http, "/v1/dev/token?user=a%20b").await;
+    assert_eq!(code, 400);
+    let (code, metrics) = http_get(h.http, "/metrics").await;
+    assert_eq!(code, 200);
+    assert!(metrics.contains("switchboard_gateway_connections"));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn without_dev_mode_there_is_no_chat_page_or_token_endpoint() {
+    let h = start(|_| {}).await;
+    assert_eq!(http_get(h.http, "/").await.0, 404);
+    assert_eq!(http_get(h.http, "/v1/dev/token?user=alice").await.0, 404);
+    assert_eq!(http_get(h.http, "/readyz").await.0, 200);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn heartbeats_batch_sessions_and_register_unknown_ones_again() {
+    let h = start(|c| c.gateway.heartbeat_interval_ms = 50).await;
+    let (_ws, welcome) = h.connect("alice").await;
+    let session_id = welcome["welcome"]["session_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The first registration happened during the upgrade; wait for the second one,
+    // triggered by the heartbeat that reported the session unknown.
+    tokio::time::timeout(TIMEOUT, async {
+        loop {
+            h.registered.notified().await;
+            if h.calls.lock().unwrap().registered.len() >= 2 {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("session was not registered again");
+    {
+        let calls = h.calls.lock().unwrap();
+        assert_eq!(calls.registered[1].session_id, session_id);
+        assert_eq!(calls.heartbeats[0].session_ids, vec![session_id]);
+        assert_eq!(
+            calls.heartbeats[0].gateway_addr,
+            "http://gateway-under-test:1"
+        );
+    }
+    h.stop().await;
+}
