@@ -76,18 +76,20 @@ pub async fn serve(
     admin_listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // A child token: a failure here stops this service, not the caller's others.
+    let shutdown = shutdown.child_token();
     let registry = prometheus::Registry::new();
     let metrics = Arc::new(metrics::Metrics::new(&registry)?);
     let readiness = Readiness::new();
+
+    let log = eventlog::open(&config).await?;
+    let node = build_node(config.clone(), log, metrics, readiness.clone())?;
     let admin = tokio::spawn(switchboard_telemetry::serve_admin(
         admin_listener,
         registry,
         readiness.clone(),
         shutdown.clone(),
     ));
-
-    let log = eventlog::open(&config).await?;
-    let node = build_node(config.clone(), log, metrics, readiness)?;
 
     let owners_stop = CancellationToken::new();
     let owners = tokio::spawn(owner::supervise(node.clone(), owners_stop.clone()));
