@@ -49,8 +49,10 @@ before(async () => {
   for (const k of ['listen', 'ggrpc', 'gadmin', 'pgrpc', 'padmin', 'rgrpc', 'radmin', 'sgrpc', 'sadmin']) {
     ports[k] = await freePort();
   }
+  const inherited = { ...process.env };
+  delete inherited.SWITCHBOARD_BIN;
   const env = {
-    ...process.env,
+    ...inherited,
     SWITCHBOARD_DATA_DIR: dataDir,
     SWITCHBOARD_GATEWAY__LISTEN: `127.0.0.1:${ports.listen}`,
     SWITCHBOARD_GATEWAY__GRPC_LISTEN: `127.0.0.1:${ports.ggrpc}`,
@@ -69,7 +71,11 @@ before(async () => {
   child.stdout.on('data', (d) => { logs += d; });
   child.stderr.on('data', (d) => { logs += d; });
   baseUrl = `http://127.0.0.1:${ports.listen}`;
-  await waitReady(`${baseUrl}/readyz`, child, 30000);
+  try {
+    await waitReady(`${baseUrl}/readyz`, child, 30000);
+  } catch (e) {
+    throw new Error(`${e.message}\n${logs.slice(-4000)}`);
+  }
   browser = await chromium.launch({
     executablePath: CHROMIUM,
     headless: true,

@@ -19,6 +19,9 @@ pub use settings::{describe_defaults, SETTINGS};
 /// The prefix of environment overrides.
 pub const ENV_PREFIX: &str = "SWITCHBOARD_";
 
+/// The variable naming the configuration file; not a setting itself.
+pub const CONFIG_FILE_ENV: &str = "SWITCHBOARD_CONFIG";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -348,6 +351,9 @@ impl Config {
             let Some(rest) = key.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
+            if key == CONFIG_FILE_ENV {
+                continue;
+            }
             apply_override(&mut table, rest, &value)?;
         }
         let config: Config = toml::Value::Table(table)
@@ -562,6 +568,7 @@ mod tests {
                 ("SWITCHBOARD_DEV_MODE", "true"),
                 ("SWITCHBOARD_DATA_DIR", "/tmp/x"),
                 ("OTHER_VAR", "ignored"),
+                ("SWITCHBOARD_CONFIG", "/etc/switchboard.toml"),
             ]),
         )
         .unwrap();

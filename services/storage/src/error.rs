@@ -67,7 +67,17 @@ impl StorageError {
 
 impl From<StorageError> for tonic::Status {
     fn from(e: StorageError) -> Self {
-        status(e.code(), e.to_string())
+        let conflict = matches!(e, StorageError::SequenceConflict { .. });
+        let st = status(e.code(), e.to_string());
+        if conflict {
+            // The partition owner tells a sequence conflict (reload LastSeq and retry)
+            // from other failures by the gRPC code; clients still see `internal`.
+            let mut aborted = tonic::Status::aborted(st.message());
+            *aborted.metadata_mut() = st.metadata().clone();
+            aborted
+        } else {
+            st
+        }
     }
 }
 
@@ -116,6 +126,7 @@ mod tests {
             expected: 3,
             got: 5,
         });
+        assert_eq!(st.code(), tonic::Code::Aborted);
         assert!(
             st.message().contains("expected seq 3, got 5"),
             "{}",
