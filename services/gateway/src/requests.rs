@@ -387,10 +387,12 @@ async fn announce(
             actor_id: session.user_id.to_string(),
             user_ids: affected,
         })),
-        conversation_id: String::new(),
+        // Naming the conversation makes routing drop its cached member list at once.
+        // No actor check: the actor may just have left the conversation.
+        conversation_id: conversation.conversation_id.clone(),
         user_ids: recipients,
         exclude_session_id: session.session_id.to_string(),
-        actor_id: session.user_id.to_string(),
+        actor_id: String::new(),
     };
     if let Err(e) = publish(shared, request).await {
         warn!(

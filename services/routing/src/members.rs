@@ -6,7 +6,9 @@
 //! seen here: a removed member may still send and receive live events for up to
 //! the TTL, and a newly added member may miss live events for that long (they get
 //! the messages from history/sync). Conversation-change events published through
-//! routing invalidate the entry at once, which closes the window in the common case.
+//! routing invalidate the entry at once, which closes the window in the common case,
+//! and a sender or actor missing from the cached list is checked against storage
+//! again before being refused.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -94,6 +96,22 @@ impl MemberCache {
         }
         entries.insert(conversation_id.to_owned(), (members.clone(), now));
         Ok(members)
+    }
+
+    /// The members, read again from storage when the cached list lacks `user`: a
+    /// negative answer is never served from the cache, so a member added a moment ago
+    /// can send at once (and the non-member's refusal costs one storage read).
+    pub async fn get_checking(
+        &self,
+        conversation_id: &str,
+        user: &str,
+    ) -> Result<Arc<Members>, RoutingError> {
+        let members = self.get(conversation_id).await?;
+        if members.contains(user) {
+            return Ok(members);
+        }
+        self.invalidate(conversation_id);
+        self.get(conversation_id).await
     }
 
     /// Forget a conversation's members (they changed).

@@ -86,7 +86,11 @@ impl RoutingService {
             .try_acquire()
             .map_err(|_| RoutingError::Unavailable("routing is overloaded; retry".into()))?;
 
-        let members = self.node.members.get(&req.conversation_id).await?;
+        let members = self
+            .node
+            .members
+            .get_checking(&req.conversation_id, &req.sender_id)
+            .await?;
         if !members.contains(&req.sender_id) {
             return Err(RoutingError::NotMember(req.conversation_id));
         }
@@ -186,7 +190,14 @@ impl RoutingService {
         }
         let members = if req.conversation_id.is_empty() {
             None
-        } else if !req.actor_id.is_empty() || req.user_ids.is_empty() {
+        } else if !req.actor_id.is_empty() {
+            Some(
+                self.node
+                    .members
+                    .get_checking(&req.conversation_id, &req.actor_id)
+                    .await?,
+            )
+        } else if req.user_ids.is_empty() {
             Some(self.node.members.get(&req.conversation_id).await?)
         } else {
             None

@@ -1,0 +1,302 @@
+//! Runs real `switchboard` processes for the end-to-end tests: standalone, or the four
+//! services (and extra gateways) as separate processes, each on free loopback ports
+//! with its data in a temporary directory.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use switchboard_client::{Client, ClientError, ConnectOptions, Encoding, Event, Events};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub const SECRET: &str = "e2e-test-secret-e2e-test-secret-0123456789";
+pub const WAIT: Duration = Duration::from_secs(15);
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_switchboard")
+}
+
+/// A free loopback port (bound then released; the race with other processes is
+/// acceptable in tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral loopback port")
+}
+
+/// Ports of one gateway.
+#[derive(Clone, Debug)]
+pub struct GatewayPorts {
+    pub listen: u16,
+    pub grpc: u16,
+    pub admin: u16,
+}
+
+impl GatewayPorts {
+    pub fn new() -> Self {
+        GatewayPorts {
+            listen: free_port(),
+            grpc: free_port(),
+            admin: free_port(),
+        }
+    }
+
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("SWITCHBOARD_GATEWAY__LISTEN".into(), format!("127.0.0.1:{}", self.listen)),
+            ("SWITCHBOARD_GATEWAY__GRPC_LISTEN".into(), format!("127.0.0.1:{}", self.grpc)),
+            ("SWITCHBOARD_GATEWAY__ADMIN_LISTEN".into(), format!("127.0.0.1:{}", self.admin)),
+        ]
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}/v1/connect", self.listen)
+    }
+}
+
+/// Everything a set of processes shares: the data directory, backend ports, secret.
+pub struct Setup {
+    pub dir: tempfile::TempDir,
+    pub env: Vec<(String, String)>,
+    pub gateway: GatewayPorts,
+}
+
+impl Setup {
+    /// Free ports for every service; `with_secret` configures a known HS256 secret
+    /// (else standalone generates one in the data directory).
+    pub fn new(with_secret: bool) -> Setup {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let (pg, pa, rg, ra, sg, sa) = (
+            free_port(),
+            free_port(),
+            free_port(),
+            free_port(),
+            free_port(),
+            free_port(),
+        );
+        let mut env: Vec<(String, String)> = vec![
+            ("SWITCHBOARD_DATA_DIR".into(), dir.path().display().to_string()),
+            ("SWITCHBOARD_PRESENCE__GRPC_LISTEN".into(), format!("127.0.0.1:{pg}")),
+            ("SWITCHBOARD_PRESENCE__ADMIN_LISTEN".into(), format!("127.0.0.1:{pa}")),
+            ("SWITCHBOARD_ROUTING__GRPC_LISTEN".into(), format!("127.0.0.1:{rg}")),
+            ("SWITCHBOARD_ROUTING__ADMIN_LISTEN".into(), format!("127.0.0.1:{ra}")),
+            ("SWITCHBOARD_STORAGE__GRPC_LISTEN".into(), format!("127.0.0.1:{sg}")),
+            ("SWITCHBOARD_STORAGE__ADMIN_LISTEN".into(), format!("127.0.0.1:{sa}")),
+            ("SWITCHBOARD_CLUSTER__PRESENCE_URL".into(), format!("http://127.0.0.1:{pg}")),
+            ("SWITCHBOARD_CLUSTER__ROUTING_URL".into(), format!("http://127.0.0.1:{rg}")),
+            ("SWITCHBOARD_CLUSTER__STORAGE_URL".into(), format!("http://127.0.0.1:{sg}")),
+            ("SWITCHBOARD_LOG__LEVEL".into(), "warn,switchboard=info".into()),
+        ];
+        if with_secret {
+            env.push(("SWITCHBOARD_AUTH__HS256_SECRET".into(), SECRET.into()));
+        }
+        Setup {
+            dir,
+            env,
+            gateway: GatewayPorts::new(),
+        }
+    }
+
+    pub fn set(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.into(), value.into()));
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Start a process running `args` with this setup's environment plus `extra`.
+    pub fn spawn(&self, args: &[&str], extra: &[(String, String)]) -> Proc {
+        let log = self
+            .dir
+            .path()
+            .join(format!("{}-{}.log", args.join("-"), free_port()));
+        let file = std::fs::File::create(&log).expect("create process log");
+        let mut cmd = Command::new(bin());
+        cmd.args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(self.env.iter().cloned())
+            .envs(extra.iter().cloned())
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("clone log handle"))
+            .stderr(file);
+        let child = cmd.spawn().expect("spawn switchboard");
+        Proc {
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// `switchboard standalone`, ready for clients.
+    pub async fn standalone(&self) -> Proc {
+        let proc = self.spawn(&["standalone"], &self.gateway.env());
+        wait_ready(self.gateway.listen, &proc).await;
+        proc
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        switchboard_auth::Signer::hs256(SECRET.as_bytes())
+            .sign(user, Duration::from_secs(3600))
+            .expect("sign a test token")
+    }
+
+    pub async fn connect(&self, user: &str, device: &str) -> (Client, Events) {
+        connect_to(&self.gateway, &self.token(user), device, Encoding::Json).await
+    }
+}
+
+pub async fn connect_to(
+    gateway: &GatewayPorts,
+    token: &str,
+    device: &str,
+    encoding: Encoding,
+) -> (Client, Events) {
+    Client::connect(
+        ConnectOptions::new(gateway.ws_url(), token)
+            .device(device)
+            .encoding(encoding),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("connect to {}: {e}", gateway.ws_url()))
+}
+
+/// A running switchboard process; killed on drop.
+pub struct Proc {
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: the process gets no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for the exit (at most `deadline`).
+    pub fn terminate(&mut self, deadline: Duration) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if start.elapsed() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A plain HTTP GET on loopback: (status, body).
+pub async fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await?;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Wait until `/readyz` on `port` answers 200; panics with the process log otherwise.
+pub async fn wait_ready(port: u16, proc: &Proc) {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        if let Ok((200, _)) = http_get(port, "/readyz").await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("port {port} not ready after 30 s; log:\n{}", proc.output());
+}
+
+/// The next event matching `pred`, skipping others; panics after `WAIT`.
+pub async fn next_matching<T>(
+    events: &mut Events,
+    what: &str,
+    mut pred: impl FnMut(&Event) -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(ev)) => {
+                if let Some(t) = pred(&ev) {
+                    return t;
+                }
+            }
+            Ok(None) => panic!("connection closed while waiting for {what}: {:?}", events.close_reason()),
+            Err(_) => panic!("no {what} within {WAIT:?}"),
+        }
+    }
+}
+
+/// The next `n` message events of a conversation, in arrival order.
+pub async fn messages(
+    events: &mut Events,
+    conversation_id: &str,
+    n: usize,
+) -> Vec<switchboard_proto::Message> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let m = next_matching(events, "message event", |ev| match ev {
+            Event::Message(m) if m.conversation_id == conversation_id => Some(m.clone()),
+            _ => None,
+        })
+        .await;
+        out.push(m);
+    }
+    out
+}
+
+/// The server error code of a failed call.
+pub fn code_of<T: std::fmt::Debug>(r: Result<T, ClientError>) -> switchboard_proto::ErrorCode {
+    match r {
+        Err(ClientError::Server { code, .. }) => code,
+        other => panic!("expected a server error, got {other:?}"),
+    }
+}
