@@ -1,0 +1,136 @@
+//! The four services as separate processes (plus a second gateway), passing messages
+//! through each other over gRPC on loopback.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use switchboard_client::{Direction, Encoding, Event};
+use switchboard_proto::SyncCursor;
+
+/// storage, presence, routing and two gateways, each its own process.
+struct Cluster {
+    setup: Setup,
+    second: GatewayPorts,
+    _storage: Proc,
+    _presence: Proc,
+    _routing: Proc,
+    gateway1: Proc,
+    gateway2: Proc,
+}
+
+async fn cluster(extra: &[(&str, &str)]) -> Cluster {
+    let mut setup = Setup::new(true);
+    for (k, v) in extra {
+        setup.set(k, v);
+    }
+    let storage = setup.spawn(&["storage"], &[]);
+    let presence = setup.spawn(&["presence"], &[]);
+    let routing = setup.spawn(&["routing"], &[]);
+    let gateway1 = setup.spawn(&["gateway"], &setup.gateway.env());
+    let second = GatewayPorts::new();
+    let gateway2 = setup.spawn(&["gateway"], &second.env());
+    // Every service's admin port answers /readyz.
+    for (setting, proc) in [
+        ("SWITCHBOARD_STORAGE__ADMIN_LISTEN", &storage),
+        ("SWITCHBOARD_PRESENCE__ADMIN_LISTEN", &presence),
+        ("SWITCHBOARD_ROUTING__ADMIN_LISTEN", &routing),
+    ] {
+        let port = setup
+            .env
+            .iter()
+            .find(|(k, _)| k == setting)
+            .and_then(|(_, v)| v.rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+            .expect("admin port in the environment");
+        wait_ready(port, proc).await;
+    }
+    wait_ready(setup.gateway.listen, &gateway1).await;
+    wait_ready(second.listen, &gateway2).await;
+    Cluster {
+        setup,
+        second,
+        _storage: storage,
+        _presence: presence,
+        _routing: routing,
+        gateway1,
+        gateway2,
+    }
+}
+
+#[tokio::test]
+async fn messages_pass_through_four_separate_processes_and_two_gateways() {
+    let c = cluster(&[]).await;
+    let alice_token = c.setup.token("alice");
+    let bob_token = c.setup.token("bob");
+    let (alice, mut alice_ev) =
+        connect_to(&c.setup.gateway, &alice_token, "phone", Encoding::Proto).await;
+    let (_alice_web, mut alice_web_ev) =
+        connect_to(&c.second, &alice_token, "web", Encoding::Json).await;
+    let (bob, mut bob_ev) = connect_to(&c.second, &bob_token, "phone", Encoding::Json).await;
+
+    let conv = alice.create_direct("bob").await.unwrap();
+    let id = conv.conversation_id.clone();
+    for i in 1..=10 {
+        let ack = alice.send(&id, &format!("across {i}")).await.unwrap();
+        assert_eq!(ack.seq, i);
+    }
+    for events in [&mut bob_ev, &mut alice_web_ev, &mut alice_ev] {
+        let got = messages(events, &id, 10).await;
+        assert_eq!(
+            got.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            (1..=10).collect::<Vec<_>>()
+        );
+    }
+    let reply = bob.send(&id, "back across").await.unwrap();
+    assert_eq!(reply.seq, 11);
+    let got = messages(&mut alice_ev, &id, 1).await;
+    assert_eq!(got[0].body, "back across");
+
+    let page = bob.history(&id, 0, Direction::Backward, 50).await.unwrap();
+    assert_eq!(page.messages.len(), 11);
+    let sync = bob
+        .sync(
+            vec![SyncCursor {
+                conversation_id: id.clone(),
+                last_seq: 8,
+            }],
+            0,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        sync.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![9, 10, 11]
+    );
+}
+
+#[tokio::test]
+async fn users_of_a_gateway_killed_without_goodbye_go_offline_by_ttl() {
+    let mut c = cluster(&[
+        ("SWITCHBOARD_PRESENCE__SESSION_TTL_MS", "1500"),
+        ("SWITCHBOARD_GATEWAY__HEARTBEAT_INTERVAL_MS", "300"),
+    ])
+    .await;
+    let (bob, mut bob_ev) = connect_to(&c.second, &c.setup.token("bob"), "d", Encoding::Json).await;
+    let (_alice, _alice_ev) =
+        connect_to(&c.setup.gateway, &c.setup.token("alice"), "d", Encoding::Json).await;
+    let now = bob.presence_watch(["alice"]).await.unwrap();
+    assert_eq!(now.users[0].status, "online");
+
+    // Heartbeats keep alice online well past the TTL while her gateway lives.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let still = bob.presence_watch(["alice"]).await.unwrap();
+    assert_eq!(still.users[0].status, "online");
+
+    c.gateway1.kill9();
+    let gone = next_matching(&mut bob_ev, "alice offline after her gateway died", |ev| match ev {
+        Event::Presence(p) if p.user_id == "alice" && p.status == "offline" => Some(p.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(gone.sessions, 0);
+    assert!(gone.last_seen_ms > 0);
+    assert!(c.gateway2.is_running());
+}
