@@ -38,40 +38,40 @@ pub(crate) struct Metrics {
 impl Metrics {
     pub fn register(registry: &Registry) -> anyhow::Result<Metrics> {
         let metrics = Metrics {
-            sessions: IntGauge::new("presence_sessions", "live sessions")?,
+            sessions: IntGauge::new("switchboard_presence_sessions", "live sessions")?,
             online_users: IntGauge::new(
-                "presence_online_users",
+                "switchboard_presence_online_users",
                 "users with at least one live session",
             )?,
             events_sent: IntCounter::new(
-                "presence_events_sent_total",
+                "switchboard_presence_events_sent_total",
                 "presence events accepted by a gateway (one per event and gateway)",
             )?,
             events_dropped: IntCounterVec::new(
                 Opts::new(
-                    "presence_events_dropped_total",
+                    "switchboard_presence_events_dropped_total",
                     "presence events given up (presence is ephemeral), by reason",
                 ),
                 &["reason"],
             )?,
             deliver_failures: IntCounter::new(
-                "presence_deliver_failures_total",
+                "switchboard_presence_deliver_failures_total",
                 "failed Deliver calls to gateways",
             )?,
             heartbeat_sessions: Histogram::with_opts(
-                HistogramOpts::new("presence_heartbeat_sessions", "sessions per Heartbeat call")
+                HistogramOpts::new("switchboard_presence_heartbeat_sessions", "sessions per Heartbeat call")
                     .buckets(exponential_buckets(1.0, 4.0, 10)?),
             )?,
             heartbeat_unknown: IntCounter::new(
-                "presence_heartbeat_unknown_sessions_total",
+                "switchboard_presence_heartbeat_unknown_sessions_total",
                 "heartbeated sessions that were not live (the gateway registers them again)",
             )?,
             expired_offline: IntCounter::new(
-                "presence_expired_users_total",
+                "switchboard_presence_expired_users_total",
                 "users whose presence changed because sessions expired by TTL",
             )?,
             rpc_seconds: HistogramVec::new(
-                HistogramOpts::new("presence_rpc_seconds", "latency of presence gRPC methods")
+                HistogramOpts::new("switchboard_presence_rpc_seconds", "latency of presence gRPC methods")
                     .buckets(switchboard_telemetry::latency_buckets()),
                 &["method"],
             )?,

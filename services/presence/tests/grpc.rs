@@ -242,11 +242,11 @@ async fn watcher_hears_when_a_user_connects_and_when_the_session_expires() {
 
     let metrics = http_get(h.admin_addr, "/metrics").await;
     for name in [
-        "presence_sessions",
-        "presence_online_users",
-        "presence_events_sent_total",
+        "switchboard_presence_sessions",
+        "switchboard_presence_online_users",
+        "switchboard_presence_events_sent_total",
         "presence_heartbeat_sessions_count",
-        "presence_expired_users_total 1",
+        "switchboard_presence_expired_users_total 1",
     ] {
         assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
     }

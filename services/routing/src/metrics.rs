@@ -44,67 +44,67 @@ impl Metrics {
         };
         let m = Metrics {
             sends_accepted: IntCounterVec::new(
-                Opts::new("routing_sends_accepted_total", "sends acked as durable"),
+                Opts::new("switchboard_routing_sends_accepted_total", "sends acked as durable"),
                 &["duplicate"],
             )?,
             sends_rejected: IntCounterVec::new(
                 Opts::new(
-                    "routing_sends_rejected_total",
+                    "switchboard_routing_sends_rejected_total",
                     "sends refused, by error code",
                 ),
                 &["code"],
             )?,
             log_append_seconds: histogram(
-                "routing_log_append_seconds",
+                "switchboard_routing_log_append_seconds",
                 "time to append a record durably to the event log",
             )?,
             messages_sequenced: IntCounter::new(
-                "routing_messages_sequenced_total",
+                "switchboard_routing_messages_sequenced_total",
                 "messages given a new sequence and persisted",
             )?,
             duplicates_sequenced: IntCounter::new(
-                "routing_duplicate_records_total",
+                "switchboard_routing_duplicate_records_total",
                 "records that mapped to an already stored message",
             )?,
             storage_append_seconds: histogram(
-                "routing_storage_append_seconds",
+                "switchboard_routing_storage_append_seconds",
                 "time of one storage Append call",
             )?,
             storage_append_failures: IntCounter::new(
-                "routing_storage_append_failures_total",
+                "switchboard_routing_storage_append_failures_total",
                 "storage Append calls that failed and were retried",
             )?,
             sequence_wait_timeouts: IntCounter::new(
-                "routing_sequence_wait_timeouts_total",
+                "switchboard_routing_sequence_wait_timeouts_total",
                 "sends acked without their sequence because sequencing took too long",
             )?,
             deliver_calls: IntCounter::new(
-                "routing_deliver_calls_total",
+                "switchboard_routing_deliver_calls_total",
                 "Deliver calls made to gateways",
             )?,
             deliver_failures: IntCounter::new(
-                "routing_deliver_failures_total",
+                "switchboard_routing_deliver_failures_total",
                 "Deliver calls that failed",
             )?,
             deliveries_dropped: IntCounterVec::new(
                 Opts::new(
-                    "routing_deliveries_dropped_total",
+                    "switchboard_routing_deliveries_dropped_total",
                     "deliveries dropped, by reason",
                 ),
                 &["reason"],
             )?,
             route_failures: IntCounter::new(
-                "routing_route_failures_total",
+                "switchboard_routing_route_failures_total",
                 "presence Route failures during fan-out",
             )?,
             gateway_queue_depth: IntGaugeVec::new(
                 Opts::new(
-                    "routing_gateway_queue_depth",
+                    "switchboard_routing_gateway_queue_depth",
                     "deliveries queued per gateway",
                 ),
                 &["gateway"],
             )?,
-            published: IntCounter::new("routing_published_total", "ephemeral events published")?,
+            published: IntCounter::new("switchboard_routing_published_total", "ephemeral events published")?,
         };
         registry.register(Box::new(m.sends_accepted.clone()))?;
         registry.register(Box::new(m.sends_rejected.clone()))?;

@@ -547,7 +547,7 @@ async fn concurrent_sends_to_one_conversation_get_a_gapless_sequence() {
 
     let metrics = http_get(routing.admin, "/metrics").await;
     assert!(
-        metrics.contains(&format!("routing_messages_sequenced_total {N}")),
+        metrics.contains(&format!("switchboard_routing_messages_sequenced_total {N}")),
         "{metrics}"
     );
     assert!(http_get(routing.admin, "/readyz")
@@ -671,7 +671,7 @@ async fn invalid_sends_are_rejected_with_their_codes() {
 
     let metrics = http_get(routing.admin, "/metrics").await;
     assert!(
-        metrics.contains("routing_sends_rejected_total{code=\"not_member\"} 1"),
+        metrics.contains("switchboard_routing_sends_rejected_total{code=\"not_member\"} 1"),
         "{metrics}"
     );
     routing.stop().await;
@@ -746,7 +746,7 @@ async fn each_gateway_gets_the_conversation_in_sequence_order() {
 
     let metrics = http_get(routing.admin, "/metrics").await;
     assert!(
-        metrics.contains("routing_deliver_failures_total 1"),
+        metrics.contains("switchboard_routing_deliver_failures_total 1"),
         "{metrics}"
     );
     routing.stop().await;
@@ -773,7 +773,7 @@ async fn storage_outage_is_retried_without_gaps_and_acks_stay_durable() {
     assert!(!r.message_id.is_empty());
     let metrics = http_get(routing.admin, "/metrics").await;
     assert!(
-        metrics.contains("routing_sequence_wait_timeouts_total 1"),
+        metrics.contains("switchboard_routing_sequence_wait_timeouts_total 1"),
         "{metrics}"
     );
 
