@@ -208,10 +208,15 @@ impl Default for GatewayConfig {
 pub struct PresenceConfig {
     pub grpc_listen: String,
     pub admin_listen: String,
-    /// Session store: `memory`.
+    /// Session store: `memory` or `redis`.
     pub backend: String,
     /// A session not heartbeated for this long goes offline, in milliseconds.
     pub session_ttl_ms: u64,
+    /// Redis URL for the `redis` backend (`redis://[:password@]host:port[/db]`,
+    /// `rediss://` for TLS).
+    pub redis_url: String,
+    /// Prefix of every Redis key this service writes.
+    pub redis_key_prefix: String,
 }
 
 impl Default for PresenceConfig {
@@ -221,6 +226,8 @@ impl Default for PresenceConfig {
             admin_listen: "127.0.0.1:9092".into(),
             backend: "memory".into(),
             session_ttl_ms: 30_000,
+            redis_url: "redis://127.0.0.1:6379".into(),
+            redis_key_prefix: "sb".into(),
         }
     }
 }
@@ -230,8 +237,17 @@ impl Default for PresenceConfig {
 pub struct RoutingConfig {
     pub grpc_listen: String,
     pub admin_listen: String,
-    /// Event log: `embedded` (durable in-process partitioned log under data_dir).
+    /// Event log: `embedded` (durable in-process partitioned log under data_dir) or
+    /// `kafka`.
     pub backend: String,
+    /// Kafka bootstrap servers for the `kafka` backend, comma-separated.
+    pub kafka_brokers: String,
+    /// Kafka topic of the message log (created with `partitions` if absent).
+    pub kafka_topic: String,
+    /// Kafka consumer group of the routing instances (partition owners).
+    pub kafka_group: String,
+    /// Replication factor used when the topic is created.
+    pub kafka_replication_factor: u32,
     /// Number of log partitions (conversations are hashed onto them).
     pub partitions: u32,
     /// Largest message body accepted, in bytes.
@@ -254,6 +270,10 @@ impl Default for RoutingConfig {
             grpc_listen: "127.0.0.1:50053".into(),
             admin_listen: "127.0.0.1:9093".into(),
             backend: "embedded".into(),
+            kafka_brokers: "127.0.0.1:9092".into(),
+            kafka_topic: "switchboard.messages".into(),
+            kafka_group: "switchboard-routing".into(),
+            kafka_replication_factor: 1,
             partitions: 16,
             max_body_bytes: 64 * 1024,
             send_rate_per_user: 50,
@@ -270,8 +290,22 @@ impl Default for RoutingConfig {
 pub struct StorageConfig {
     pub grpc_listen: String,
     pub admin_listen: String,
-    /// History store: `sqlite`.
+    /// History store: `sqlite` or `scylla` (ScyllaDB or Cassandra over CQL).
     pub backend: String,
+    /// CQL contact points for the `scylla` backend, comma-separated `host:port`.
+    pub scylla_nodes: String,
+    /// Keyspace of the `scylla` backend.
+    pub scylla_keyspace: String,
+    /// Replication factor used when the keyspace is created.
+    pub scylla_replication_factor: u32,
+    /// Local datacenter name: NetworkTopologyStrategy and DC-aware routing when set.
+    pub scylla_datacenter: String,
+    /// CQL user name; empty = no authentication.
+    pub scylla_username: String,
+    /// CQL password.
+    pub scylla_password: String,
+    /// Run pending schema migrations when the storage service starts.
+    pub migrate_on_start: bool,
     /// SQLite database file; empty = `<data_dir>/storage.sqlite3`.
     pub sqlite_path: String,
     /// How long a (sender, client_msg_id) pair stays deduplicated, in seconds.
@@ -286,6 +320,13 @@ impl Default for StorageConfig {
             grpc_listen: "127.0.0.1:50054".into(),
             admin_listen: "127.0.0.1:9094".into(),
             backend: "sqlite".into(),
+            scylla_nodes: "127.0.0.1:9042".into(),
+            scylla_keyspace: "switchboard".into(),
+            scylla_replication_factor: 1,
+            scylla_datacenter: String::new(),
+            scylla_username: String::new(),
+            scylla_password: String::new(),
+            migrate_on_start: true,
             sqlite_path: String::new(),
             dedupe_window_secs: 24 * 3600,
             max_page: 200,
@@ -432,7 +473,15 @@ impl Config {
         let p = &self.presence;
         addr("presence.grpc_listen", &p.grpc_listen)?;
         addr("presence.admin_listen", &p.admin_listen)?;
-        one_of("presence.backend", &p.backend, &["memory"])?;
+        one_of("presence.backend", &p.backend, &["memory", "redis"])?;
+        if p.backend == "redis"
+            && !(p.redis_url.starts_with("redis://") || p.redis_url.starts_with("rediss://"))
+        {
+            return Err(ConfigError::Invalid {
+                key: "presence.redis_url",
+                reason: format!("`{}` is not a redis:// or rediss:// URL", p.redis_url),
+            });
+        }
         positive("presence.session_ttl_ms", p.session_ttl_ms)?;
         if g.heartbeat_interval_ms >= p.session_ttl_ms {
             return Err(ConfigError::Invalid {
@@ -447,7 +496,25 @@ impl Config {
         let r = &self.routing;
         addr("routing.grpc_listen", &r.grpc_listen)?;
         addr("routing.admin_listen", &r.admin_listen)?;
-        one_of("routing.backend", &r.backend, &["embedded"])?;
+        one_of("routing.backend", &r.backend, &["embedded", "kafka"])?;
+        if r.backend == "kafka" {
+            if r.kafka_brokers.trim().is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: "routing.kafka_brokers",
+                    reason: "must name at least one broker".into(),
+                });
+            }
+            if r.kafka_topic.is_empty() || r.kafka_group.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: "routing.kafka_topic",
+                    reason: "kafka_topic and kafka_group must be set".into(),
+                });
+            }
+            positive(
+                "routing.kafka_replication_factor",
+                r.kafka_replication_factor as u64,
+            )?;
+        }
         positive("routing.partitions", r.partitions as u64)?;
         positive("routing.max_body_bytes", r.max_body_bytes as u64)?;
         positive("routing.send_rate_per_user", r.send_rate_per_user as u64)?;
@@ -467,7 +534,30 @@ impl Config {
         let s = &self.storage;
         addr("storage.grpc_listen", &s.grpc_listen)?;
         addr("storage.admin_listen", &s.admin_listen)?;
-        one_of("storage.backend", &s.backend, &["sqlite"])?;
+        one_of("storage.backend", &s.backend, &["sqlite", "scylla"])?;
+        if s.backend == "scylla" {
+            if s.scylla_nodes.trim().is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: "storage.scylla_nodes",
+                    reason: "must name at least one node".into(),
+                });
+            }
+            let valid_keyspace = !s.scylla_keyspace.is_empty()
+                && s.scylla_keyspace.len() <= 48
+                && s.scylla_keyspace
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid_keyspace {
+                return Err(ConfigError::Invalid {
+                    key: "storage.scylla_keyspace",
+                    reason: "letters, digits and _ only, at most 48".into(),
+                });
+            }
+            positive(
+                "storage.scylla_replication_factor",
+                s.scylla_replication_factor as u64,
+            )?;
+        }
         positive("storage.dedupe_window_secs", s.dedupe_window_secs)?;
         if s.max_page == 0 || s.max_page > 200 {
             return Err(ConfigError::Invalid {
@@ -588,8 +678,8 @@ mod tests {
         assert!(c.dev_mode);
         assert_eq!(c.gateway.max_connections, 9);
         assert_eq!(c.gateway.max_violations, 4);
-        let c = Config::load_with_base(base, None, env(&[("SWITCHBOARD_DEV_MODE", "false")]))
-            .unwrap();
+        let c =
+            Config::load_with_base(base, None, env(&[("SWITCHBOARD_DEV_MODE", "false")])).unwrap();
         assert!(!c.dev_mode);
         std::fs::remove_dir_all(dir).unwrap();
     }
