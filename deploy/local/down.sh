@@ -4,7 +4,7 @@
 # Maven cache are always kept; delete the whole local directory for a full reset.
 #
 # Usage: deploy/local/down.sh [--purge] [redis|kafka|cassandra ...]   (no names: all three)
-# Environment: SWITCHBOARD_LOCAL_DIR (default <repo>/.local), SWITCHBOARD_LOCAL_STOP_TIMEOUT
+# Environment: LOCAL_SERVERS_DIR (default <repo>/.local), LOCAL_SERVERS_STOP_TIMEOUT
 # (seconds to wait for a graceful exit before SIGKILL, default 60).
 set -euo pipefail
 
@@ -16,7 +16,7 @@ usage() {
 }
 
 stop_service() {
-  local svc=$1 pid started timeout=${SWITCHBOARD_LOCAL_STOP_TIMEOUT:-60}
+  local svc=$1 pid started timeout=${LOCAL_SERVERS_STOP_TIMEOUT:-60}
   if ! pid="$(running_pid "$svc")"; then
     log "$svc: not running"
     rm -f "$(pidfile "$svc")"

@@ -4,7 +4,7 @@
 # answers. Idempotent: what is installed is not installed again, what runs is left running.
 #
 # Usage: deploy/local/up.sh [redis|kafka|cassandra ...]   (no names: all three)
-# Environment: SWITCHBOARD_LOCAL_DIR (default <repo>/.local), SWITCHBOARD_LOCAL_TIMEOUT
+# Environment: LOCAL_SERVERS_DIR (default <repo>/.local), LOCAL_SERVERS_TIMEOUT
 # (seconds to wait for each server), SWITCHBOARD_<SERVICE>_PORT (see README.md), JAVA_HOME.
 set -euo pipefail
 
@@ -156,14 +156,14 @@ fail_start() {
 # Polls check function $3 until it succeeds; fails (showing the log $2) when the server exits
 # or does not answer within the timeout $4.
 wait_ready() {
-  local svc=$1 logfile=$2 check=$3 timeout=${SWITCHBOARD_LOCAL_TIMEOUT:-$4} started=$5
+  local svc=$1 logfile=$2 check=$3 timeout=${LOCAL_SERVERS_TIMEOUT:-$4} started=$5
   local deadline=$((SECONDS + timeout))
   until "$check"; do
     if ! running_pid "$svc" >/dev/null; then
       fail_start "$svc" "$logfile" "the server exited during start-up"
     fi
     if ((SECONDS >= deadline)); then
-      fail_start "$svc" "$logfile" "not answering after ${timeout}s (raise SWITCHBOARD_LOCAL_TIMEOUT if this machine is busy); stopped it"
+      fail_start "$svc" "$logfile" "not answering after ${timeout}s (raise LOCAL_SERVERS_TIMEOUT if this machine is busy); stopped it"
     fi
     sleep 1
   done
