@@ -1,5 +1,5 @@
 //! One client connection: a single task that `select!`s over the socket, the session's
-//! outbound queue, the in-flight request, drain signals and the idle timer.
+//! outbound queue (filled by `Deliver`), the in-flight request, drain signals and the idle timer.
 //!
 //! Requests are processed one at a time in arrival order. This keeps one client's
 //! sends in order (a client's later message never overtakes an earlier one), while
@@ -9,6 +9,7 @@
 //! reading the socket, which pushes back on the client through TCP.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +19,6 @@ use futures::SinkExt;
 use switchboard_proto::codec::{decode_client_frame, Payload};
 use switchboard_proto::v1::{self, ack, server_frame::Event, ServerFrame};
 use switchboard_proto::ErrorCode;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
@@ -194,11 +194,7 @@ async fn next_ack(inflight: &mut Option<BoxFuture<'static, v1::Ack>>) -> v1::Ack
 }
 
 /// Serve one upgraded connection until it ends.
-pub(crate) async fn serve(
-    socket: WebSocket,
-    guard: SessionGuard,
-    mut outbound_rx: mpsc::Receiver<Arc<OutFrame>>,
-) {
+pub(crate) async fn serve(socket: WebSocket, guard: SessionGuard) {
     let shared = guard.shared.clone();
     let session = guard.session.clone();
     let config = &shared.config.gateway;
@@ -223,22 +219,22 @@ pub(crate) async fn serve(
         server_time_ms: crate::now_ms(),
         heartbeat_interval_ms: u32::try_from(config.heartbeat_interval_ms).unwrap_or(u32::MAX),
     }));
-    let end = match conn.write(&welcome).await {
-        Ok(()) => conn.run(&mut outbound_rx).await,
+    let end = match conn.write(welcome).await {
+        Ok(()) => conn.run().await,
         Err(end) => end,
     };
     // Frames still queued are dropped: account for them in the depth gauge.
-    outbound_rx.close();
-    while outbound_rx.try_recv().is_ok() {
-        shared.metrics.outbound_queued.dec();
-    }
+    let dropped = session.close_outbound();
+    shared.metrics.outbound_queued.sub(dropped as i64);
     debug!(session_id = %session.session_id, ?end, "connection ended");
-    conn.finish(end).await;
+    // Boxed: the closing handshake is needed once, so its state is not carried in
+    // every idle connection's future.
+    Box::pin(conn.finish(end)).await;
     drop(guard);
 }
 
 impl Connection {
-    async fn run(&mut self, outbound_rx: &mut mpsc::Receiver<Arc<OutFrame>>) -> End {
+    async fn run(&mut self) -> End {
         let shared = self.shared.clone();
         let session = self.session.clone();
         let idle_timeout = Duration::from_millis(shared.config.gateway.client_idle_timeout_ms);
@@ -261,7 +257,7 @@ impl Connection {
                         reason: "shutdown".into(),
                         reconnect_after_ms: u32::try_from(deadline).unwrap_or(u32::MAX),
                     }));
-                    if let Err(end) = self.write(&goaway).await {
+                    if let Err(end) = self.write(goaway).await {
                         return end;
                     }
                 }
@@ -272,7 +268,7 @@ impl Connection {
                         Some(ack::Result::Error(e)) => ErrorCode::parse(&e.code),
                         _ => None,
                     };
-                    if let Err(end) = self.write(&server_frame(Event::Ack(ack))).await {
+                    if let Err(end) = self.write(server_frame(Event::Ack(ack))).await {
                         return end;
                     }
                     if let Some(code) = code {
@@ -284,13 +280,10 @@ impl Connection {
                         inflight = Some(self.start(*next));
                     }
                 }
-                Some(first) = outbound_rx.recv() => {
-                    batch.push(first);
-                    while batch.len() < WRITE_BATCH {
-                        match outbound_rx.try_recv() {
-                            Ok(frame) => batch.push(frame),
-                            Err(_) => break,
-                        }
+                () = session.outbound_ready() => {
+                    if session.take_batch(&mut batch, WRITE_BATCH) {
+                        // More is queued: come back after the other branches had a turn.
+                        session.wake_writer();
                     }
                     shared.metrics.outbound_queued.sub(batch.len() as i64);
                     let result = self.write_batch(&batch).await;
@@ -325,7 +318,7 @@ impl Connection {
                         }
                         Err(rejection) => {
                             let code = rejection.code;
-                            if let Err(end) = self.write(&rejection.reply()).await {
+                            if let Err(end) = self.write(rejection.reply()).await {
                                 return end;
                             }
                             if self.violation(code) {
@@ -399,9 +392,11 @@ impl Connection {
         self.violations >= self.shared.config.gateway.max_violations
     }
 
-    async fn write(&mut self, frame: &ServerFrame) -> Result<(), End> {
-        let frame = Arc::new(OutFrame::encode(frame, self.session.encoding));
-        self.write_batch(std::slice::from_ref(&frame)).await
+    /// Write one frame. It is encoded before the returned future exists, so the
+    /// (large) `ServerFrame` is not kept in the connection's future while writing.
+    fn write(&mut self, frame: ServerFrame) -> impl Future<Output = Result<(), End>> + '_ {
+        let frame = Arc::new(OutFrame::encode(&frame, self.session.encoding));
+        async move { self.write_batch(std::slice::from_ref(&frame)).await }
     }
 
     /// Write frames and flush, unless the session turns slow, the gateway closes, or
@@ -421,15 +416,20 @@ impl Connection {
             }
             socket.flush().await
         };
-        tokio::select! {
-            result = write => result.map_err(|_| End::Gone),
-            () = session.slow_marked() => Err(End::SlowConsumer),
-            () = shared.closing.cancelled() => Err(End::Shutdown),
-            () = tokio::time::sleep(WRITE_TIMEOUT) => {
-                info!(session_id = %session.session_id, "write timed out");
-                Err(End::Gone)
+        // Boxed: an idle connection's future then carries only a pointer for the write
+        // path (its timer and sink futures exist only while writing).
+        Box::pin(async move {
+            tokio::select! {
+                result = write => result.map_err(|_| End::Gone),
+                () = session.slow_marked() => Err(End::SlowConsumer),
+                () = shared.closing.cancelled() => Err(End::Shutdown),
+                () = tokio::time::sleep(WRITE_TIMEOUT) => {
+                    info!(session_id = %session.session_id, "write timed out");
+                    Err(End::Gone)
+                }
             }
-        }
+        })
+        .await
     }
 
     /// Say goodbye the way `end` requires, bounded in time.

@@ -8,11 +8,10 @@ use switchboard_proto::v1::{
     self, gateway_server::Gateway, server_frame::Event, DeliverRequest, DeliverResponse,
     DrainRequest, DrainResponse,
 };
-use tokio::sync::mpsc::error::TrySendError;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
-use crate::sessions::{lock, FrameKind, OutFrame, Session};
+use crate::sessions::{lock, FrameKind, OutFrame, PushError, Session};
 use crate::Shared;
 
 pub(crate) struct GatewayService {
@@ -125,13 +124,11 @@ pub(crate) fn deliver(shared: &Shared, request: DeliverRequest) -> DeliverRespon
                     continue;
                 }
             }
-            match session
-                .outbound_tx
-                .try_send(encoded.get(&frame, session.encoding))
-            {
+            match state.push(
+                encoded.get(&frame, session.encoding),
+                session.queue_capacity,
+            ) {
                 Ok(()) => {
-                    delivered += 1;
-                    shared.metrics.outbound_queued.inc();
                     if let Some((conversation, seq, sent_at_ms)) = message_key {
                         if seq != 0 {
                             state.last_seq.insert(conversation.to_owned(), seq);
@@ -143,15 +140,19 @@ pub(crate) fn deliver(shared: &Shared, request: DeliverRequest) -> DeliverRespon
                             .send_to_deliver
                             .observe(latency_ms as f64 / 1000.0);
                     }
+                    drop(state);
+                    session.wake_writer();
+                    delivered += 1;
+                    shared.metrics.outbound_queued.inc();
                 }
-                Err(TrySendError::Full(_)) if kind.is_ephemeral() => {
+                Err(PushError::Full) if kind.is_ephemeral() => {
                     shared
                         .metrics
                         .events_dropped
                         .with_label_values(&[kind.as_str()])
                         .inc();
                 }
-                Err(TrySendError::Full(_)) => {
+                Err(PushError::Full) => {
                     drop(state);
                     if session.mark_slow() {
                         // Out of the registry now, so later deliveries skip it at once.
@@ -165,7 +166,7 @@ pub(crate) fn deliver(shared: &Shared, request: DeliverRequest) -> DeliverRespon
                     }
                 }
                 // The connection is ending; its session leaves the registry soon.
-                Err(TrySendError::Closed(_)) => {}
+                Err(PushError::Closed) => {}
             }
         }
     }

@@ -200,7 +200,7 @@ async fn connect(
 
     let config = &shared.config.gateway;
     let session_id: Arc<str> = uuid::Uuid::new_v4().to_string().into();
-    let (session, outbound_rx) = Session::new(
+    let session = Session::new(
         session_id,
         claims.sub.into(),
         device.into(),
@@ -239,7 +239,7 @@ async fn connect(
     }
     // If the upgrade fails, the callback is dropped with the guard, which releases
     // the session.
-    upgrade.on_upgrade(move |socket| connection::serve(socket, guard, outbound_rx))
+    upgrade.on_upgrade(move |socket| connection::serve(socket, guard))
 }
 
 #[derive(Debug, Deserialize)]

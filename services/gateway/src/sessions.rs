@@ -1,14 +1,14 @@
 //! The local sessions of this gateway: who is connected, their bounded outbound
 //! queues, and the per-session delivery state (watched users, last delivered sequence).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::extract::ws::Message as WsMessage;
 use switchboard_proto::codec::{encode, Encoding, Payload};
 use switchboard_proto::v1::{server_frame::Event, ServerFrame};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{watch, Notify};
 
 /// Lock a std mutex, ignoring poisoning: every critical section here is a few map
 /// operations that leave the data consistent even if a panic interrupted them.
@@ -93,9 +93,24 @@ impl OutFrame {
     }
 }
 
-/// What the delivery path remembers per session.
+/// Why a frame could not be queued.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum PushError {
+    /// The queue holds `gateway.outbound_queue` frames already.
+    Full,
+    /// The connection is ending.
+    Closed,
+}
+
+/// What the delivery path remembers per session, and its outbound queue.
 #[derive(Default)]
 pub(crate) struct DeliveryState {
+    /// Frames waiting for the connection task, at most `Session::queue_capacity`.
+    /// A plain deque under the session's lock rather than a channel: an idle
+    /// connection's empty deque allocates nothing.
+    queue: VecDeque<Arc<OutFrame>>,
+    /// Set when the connection task stopped taking frames.
+    closed: bool,
     /// Users whose presence events this session asked for (presence_watch).
     pub watched: HashSet<String>,
     /// Highest message sequence enqueued per conversation: a session never gets the
@@ -104,18 +119,33 @@ pub(crate) struct DeliveryState {
     pub last_seq: HashMap<String, u64>,
 }
 
+impl DeliveryState {
+    /// Queue a frame without waiting.
+    pub(crate) fn push(&mut self, frame: Arc<OutFrame>, capacity: usize) -> Result<(), PushError> {
+        if self.closed {
+            return Err(PushError::Closed);
+        }
+        if self.queue.len() >= capacity {
+            return Err(PushError::Full);
+        }
+        self.queue.push_back(frame);
+        Ok(())
+    }
+}
+
 /// One connected client (one WebSocket).
 pub(crate) struct Session {
     pub session_id: Arc<str>,
     pub user_id: Arc<str>,
     pub device_id: Arc<str>,
     pub encoding: Encoding,
-    /// Bounded queue of events for the connection task. Items are `Arc`s (8 bytes), so
-    /// the queue's first block is small for an idle connection.
-    pub outbound_tx: mpsc::Sender<Arc<OutFrame>>,
-    /// Delivery state, locked only for map operations and a `try_send` (never across
-    /// an await), so the check "seq not yet delivered" and the enqueue are atomic.
+    /// Bound of the outbound queue (`gateway.outbound_queue`).
+    pub queue_capacity: usize,
+    /// Delivery state and outbound queue, locked only for map and queue operations
+    /// (never across an await), so "seq not yet delivered" and the enqueue are atomic.
     pub delivery: Mutex<DeliveryState>,
+    /// Wakes the connection task when frames were queued.
+    outbound_notify: Notify,
     /// Set once when the session must close because its queue overflowed.
     slow: AtomicBool,
     /// Wakes the connection task when `slow` is set.
@@ -128,20 +158,51 @@ impl Session {
         user_id: Arc<str>,
         device_id: Arc<str>,
         encoding: Encoding,
-        queue: usize,
-    ) -> (Arc<Session>, mpsc::Receiver<Arc<OutFrame>>) {
-        let (outbound_tx, outbound_rx) = mpsc::channel(queue);
-        let session = Arc::new(Session {
+        queue_capacity: usize,
+    ) -> Arc<Session> {
+        Arc::new(Session {
             session_id,
             user_id,
             device_id,
             encoding,
-            outbound_tx,
+            queue_capacity,
             delivery: Mutex::new(DeliveryState::default()),
+            outbound_notify: Notify::new(),
             slow: AtomicBool::new(false),
             slow_notify: Notify::new(),
-        });
-        (session, outbound_rx)
+        })
+    }
+
+    /// Tell the connection task that frames are queued (call after unlocking).
+    pub(crate) fn wake_writer(&self) {
+        // notify_one keeps a permit when the task is busy, so no wakeup is lost.
+        self.outbound_notify.notify_one();
+    }
+
+    /// Completes after `wake_writer`.
+    pub(crate) async fn outbound_ready(&self) {
+        self.outbound_notify.notified().await;
+    }
+
+    /// Move up to `max` queued frames into `out`; true when more remain.
+    pub(crate) fn take_batch(&self, out: &mut Vec<Arc<OutFrame>>, max: usize) -> bool {
+        let mut state = lock(&self.delivery);
+        let n = state.queue.len().min(max);
+        out.extend(state.queue.drain(..n));
+        if state.queue.is_empty() && state.queue.capacity() > 16 {
+            // Give back what a burst needed; idle connections stay small.
+            state.queue.shrink_to_fit();
+        }
+        !state.queue.is_empty()
+    }
+
+    /// Stop accepting frames; returns how many queued frames are dropped.
+    pub(crate) fn close_outbound(&self) -> usize {
+        let mut state = lock(&self.delivery);
+        state.closed = true;
+        let dropped = state.queue.len();
+        state.queue = VecDeque::new();
+        dropped
     }
 
     /// Mark the session as a slow consumer. Returns true the first time.
@@ -291,7 +352,7 @@ mod tests {
     use super::*;
 
     fn session(id: &str, user: &str) -> Arc<Session> {
-        Session::new(id.into(), user.into(), "d".into(), Encoding::Json, 4).0
+        Session::new(id.into(), user.into(), "d".into(), Encoding::Json, 4)
     }
 
     #[test]
@@ -328,6 +389,28 @@ mod tests {
         drop(b);
         waiter.await.unwrap();
         assert_eq!(gauge.get(), 0);
+    }
+
+    #[test]
+    fn the_outbound_queue_is_bounded_and_closable() {
+        let s = session("s", "u");
+        let frame = Arc::new(OutFrame::encode(&ServerFrame::default(), Encoding::Json));
+        let mut state = lock(&s.delivery);
+        for _ in 0..4 {
+            state.push(frame.clone(), s.queue_capacity).unwrap();
+        }
+        assert_eq!(
+            state.push(frame.clone(), s.queue_capacity),
+            Err(PushError::Full)
+        );
+        drop(state);
+        let mut out = Vec::new();
+        assert!(s.take_batch(&mut out, 3));
+        assert!(!s.take_batch(&mut out, 3));
+        assert_eq!(out.len(), 4);
+        lock(&s.delivery).push(frame.clone(), 4).unwrap();
+        assert_eq!(s.close_outbound(), 1);
+        assert_eq!(lock(&s.delivery).push(frame, 4), Err(PushError::Closed));
     }
 
     #[tokio::test]

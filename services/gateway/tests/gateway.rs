@@ -965,3 +965,61 @@ async fn heartbeats_batch_sessions_and_register_unknown_ones_again() {
     }
     h.stop().await;
 }
+
+fn rss_bytes() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Open an idle connection with a bare TCP stream (a hand-written upgrade request),
+/// so the client side adds almost nothing to this process's memory.
+async fn raw_connect(addr: SocketAddr, token: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "GET /v1/connect?token={token} HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\n\
+         connection: upgrade\r\nsec-websocket-version: 13\r\n\
+         sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    s.write_all(request.as_bytes()).await.unwrap();
+    // Read the 101 response and the welcome frame (both small).
+    let mut buf = vec![0u8; 2048];
+    let mut got = 0;
+    while !buf[..got].windows(7).any(|w| w == b"welcome") {
+        let n = s.read(&mut buf[got..]).await.unwrap();
+        assert!(n > 0, "connection closed during upgrade");
+        got += n;
+    }
+    s
+}
+
+/// Measures gateway memory per idle connection (RSS delta over many connections;
+/// includes the fake presence's record of each session, about 200 bytes). Run with
+/// `cargo test -p switchboard-gateway --release -- --ignored --nocapture idle_memory`.
+#[tokio::test]
+#[ignore = "measurement, not a check"]
+async fn idle_memory_per_connection() {
+    let h = start(|c| c.gateway.heartbeat_interval_ms = 60_000).await;
+    let token = h.token("idle");
+    let mut streams = Vec::new();
+    for _ in 0..100 {
+        streams.push(raw_connect(h.http, &token).await);
+    }
+    let before = rss_bytes();
+    const N: usize = 5_000;
+    for _ in 0..N {
+        streams.push(raw_connect(h.http, &token).await);
+    }
+    let after = rss_bytes();
+    println!(
+        "idle connections: {N}, rss delta {} KiB, {} bytes per connection",
+        (after - before) / 1024,
+        (after - before) / N
+    );
+    drop(streams);
+    h.stop().await;
+}
