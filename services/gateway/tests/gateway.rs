@@ -966,6 +966,25 @@ async fn heartbeats_batch_sessions_and_register_unknown_ones_again() {
     h.stop().await;
 }
 
+#[tokio::test]
+async fn silent_clients_are_closed_and_pings_keep_them_open() {
+    let h = start(|c| c.gateway.client_idle_timeout_ms = 1_000).await;
+    let (mut chatty, _) = h.connect("alice").await;
+    let (mut silent, _) = h.connect("bob").await;
+    // WebSocket pings count as activity and are answered.
+    // Six pings 250 ms apart span longer than the idle timeout.
+    for _ in 0..6 {
+        chatty.send(Message::Ping(vec![1u8].into())).await.unwrap();
+        let pong = tokio::time::timeout(TIMEOUT, chatty.next()).await.unwrap();
+        assert!(matches!(pong, Some(Ok(Message::Pong(_)))), "{pong:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (_, code) = recv_until_close(&mut silent).await;
+    assert_eq!(code, Some(CloseCode::from(close_code::IDLE_TIMEOUT)));
+    assert_alive(&mut chatty).await;
+    h.stop().await;
+}
+
 fn rss_bytes() -> usize {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
