@@ -1,0 +1,72 @@
+//! Switchboard's load harness: an open-loop traffic generator that checks every
+//! delivery against the delivery contract while it measures.
+//!
+//! It owns: connecting many clients at a bounded rate ([`connect`]), the open-loop
+//! send schedule ([`schedule`]), the per-conversation delivery checker ([`check`]),
+//! latency histograms and counters with their summary and JSON report ([`stats`]),
+//! the process-level measurements of the generator and the server ([`system`]), and
+//! the scenarios themselves ([`chat`] for 1:1 traffic, [`idle`] for idle
+//! connections).
+//!
+//! It does not own: the client protocol (that is `switchboard-client`), starting or
+//! configuring the server, or distributed runs (one process generates all load).
+
+pub mod chat;
+pub mod check;
+pub mod connect;
+pub mod idle;
+pub mod schedule;
+pub mod stats;
+pub mod system;
+
+use std::time::Duration;
+
+/// Parse a duration such as `30s`, `500ms`, `2m` or `1h` (a bare number is seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration (examples: 30s, 500ms, 2m)"))?;
+    let seconds = match unit.trim() {
+        "" | "s" => value,
+        "ms" => value / 1_000.0,
+        "m" => value * 60.0,
+        "h" => value * 3_600.0,
+        other => return Err(format!("unknown unit `{other}` (use ms, s, m or h)")),
+    };
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Err(format!("`{text}` is not a duration"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+/// The user id of the `index`th load client.
+pub fn user_id(index: usize) -> String {
+    format!("load-u{index}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_with_units() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn user_ids_are_numbered() {
+        assert_eq!(user_id(0), "load-u0");
+        assert_eq!(user_id(41), "load-u41");
+    }
+}
