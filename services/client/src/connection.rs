@@ -23,8 +23,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{
-    self, client::IntoClientRequest, protocol::frame::coding::CloseCode, protocol::CloseFrame,
-    protocol::WebSocketConfig, Message as WsMessage,
+    self, client::IntoClientRequest, error::ProtocolError, protocol::frame::coding::CloseCode,
+    protocol::CloseFrame, protocol::WebSocketConfig, Message as WsMessage,
 };
 use tokio_tungstenite::WebSocketStream;
 
@@ -407,9 +407,11 @@ impl Client {
         self.inner.encoding
     }
 
-    /// Whether the connection has ended.
+    /// Whether the connection has ended. True as soon as the end is recorded,
+    /// before waiting requests are failed, so a caller that saw its request fail
+    /// with [`ClientError::Closed`] also sees `is_closed`.
     pub fn is_closed(&self) -> bool {
-        *self.inner.shared.closed_tx.borrow()
+        self.inner.shared.state().end.is_some()
     }
 
     /// Why the connection ended, once it has.
@@ -443,7 +445,17 @@ impl Client {
     /// Send one request and wait for its ack, within the request timeout. An error
     /// ack becomes [`ClientError::Server`]; otherwise the ack's result is returned.
     pub async fn request(&self, request: Request) -> Result<ack::Result, ClientError> {
-        let deadline = Instant::now() + self.inner.request_timeout;
+        self.request_within(request, self.inner.request_timeout)
+            .await
+    }
+
+    /// [`Client::request`] with its own timeout instead of the connection's.
+    pub async fn request_within(
+        &self,
+        request: Request,
+        timeout: Duration,
+    ) -> Result<ack::Result, ClientError> {
+        let deadline = Instant::now() + timeout;
         tokio::time::timeout_at(deadline, self.request_untimed(request))
             .await
             .unwrap_or(Err(ClientError::Timeout))
@@ -627,6 +639,12 @@ fn read_error(error: tungstenite::Error, close: Option<ClientError>) -> ClientEr
     }
     match error {
         tungstenite::Error::Capacity(e) => ClientError::Protocol(format!("capacity: {e}")),
+        tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+            ClientError::Closed {
+                code: None,
+                reason: "connection reset".into(),
+            }
+        }
         tungstenite::Error::Protocol(e) => ClientError::Protocol(e.to_string()),
         tungstenite::Error::Utf8(e) => ClientError::Protocol(format!("invalid utf-8: {e}")),
         other => ClientError::Closed {
