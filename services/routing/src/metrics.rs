@@ -44,7 +44,10 @@ impl Metrics {
         };
         let m = Metrics {
             sends_accepted: IntCounterVec::new(
-                Opts::new("switchboard_routing_sends_accepted_total", "sends acked as durable"),
+                Opts::new(
+                    "switchboard_routing_sends_accepted_total",
+                    "sends acked as durable",
+                ),
                 &["duplicate"],
             )?,
             sends_rejected: IntCounterVec::new(
@@ -104,7 +107,10 @@ impl Metrics {
                 ),
                 &["gateway"],
             )?,
-            published: IntCounter::new("switchboard_routing_published_total", "ephemeral events published")?,
+            published: IntCounter::new(
+                "switchboard_routing_published_total",
+                "ephemeral events published",
+            )?,
         };
         registry.register(Box::new(m.sends_accepted.clone()))?;
         registry.register(Box::new(m.sends_rejected.clone()))?;

@@ -76,7 +76,9 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
         .find(|c: char| !c.is_ascii_digit())
         .ok_or_else(|| format!("`{s}` needs a unit: s, m, h or d"))?;
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a duration"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration"))?;
     let secs = match unit {
         "s" => n,
         "m" => n * 60,
@@ -237,7 +239,10 @@ async fn standalone(config: Arc<Config>, generated_secret: bool) -> anyhow::Resu
         let (c, s) = (config.clone(), backend_stop.clone());
         backends.spawn(async move { ("routing", switchboard_routing::run(c, s).await) });
     }
-    let mut gateway = tokio::spawn(switchboard_gateway::run(config.clone(), gateway_stop.clone()));
+    let mut gateway = tokio::spawn(switchboard_gateway::run(
+        config.clone(),
+        gateway_stop.clone(),
+    ));
 
     let url = client_url(&config.gateway.listen);
     tracing::info!(
@@ -245,7 +250,10 @@ async fn standalone(config: Arc<Config>, generated_secret: bool) -> anyhow::Resu
         url = %url,
         "switchboard standalone is starting"
     );
-    println!("Switchboard standalone: open {url}/ (chat page), connect clients to {}/v1/connect", url.replace("http", "ws"));
+    println!(
+        "Switchboard standalone: open {url}/ (chat page), connect clients to {}/v1/connect",
+        url.replace("http", "ws")
+    );
     println!(
         "Get a token: switchboard token --user alice{}",
         if generated_secret {

@@ -114,8 +114,13 @@ async fn users_of_a_gateway_killed_without_goodbye_go_offline_by_ttl() {
     ])
     .await;
     let (bob, mut bob_ev) = connect_to(&c.second, &c.setup.token("bob"), "d", Encoding::Json).await;
-    let (_alice, _alice_ev) =
-        connect_to(&c.setup.gateway, &c.setup.token("alice"), "d", Encoding::Json).await;
+    let (_alice, _alice_ev) = connect_to(
+        &c.setup.gateway,
+        &c.setup.token("alice"),
+        "d",
+        Encoding::Json,
+    )
+    .await;
     let now = bob.presence_watch(["alice"]).await.unwrap();
     assert_eq!(now.users[0].status, "online");
 
@@ -125,10 +130,14 @@ async fn users_of_a_gateway_killed_without_goodbye_go_offline_by_ttl() {
     assert_eq!(still.users[0].status, "online");
 
     c.gateway1.kill9();
-    let gone = next_matching(&mut bob_ev, "alice offline after her gateway died", |ev| match ev {
-        Event::Presence(p) if p.user_id == "alice" && p.status == "offline" => Some(p.clone()),
-        _ => None,
-    })
+    let gone = next_matching(
+        &mut bob_ev,
+        "alice offline after her gateway died",
+        |ev| match ev {
+            Event::Presence(p) if p.user_id == "alice" && p.status == "offline" => Some(p.clone()),
+            _ => None,
+        },
+    )
     .await;
     assert_eq!(gone.sessions, 0);
     assert!(gone.last_seen_ms > 0);

@@ -30,7 +30,9 @@ async fn messages_reach_every_session_of_every_member_in_order() {
 
     // Many sends in flight at once from one connection are still sequenced in order.
     let bodies: Vec<String> = (0..30).map(|i| format!("m{i}")).collect();
-    let sends = bodies.iter().map(|b| alice_phone.send(&conv.conversation_id, b));
+    let sends = bodies
+        .iter()
+        .map(|b| alice_phone.send(&conv.conversation_id, b));
     let acks = futures::future::join_all(sends).await;
     let seqs: Vec<u64> = acks.into_iter().map(|a| a.unwrap().seq).collect();
     assert_eq!(seqs, (1..=30).collect::<Vec<_>>());
@@ -42,7 +44,9 @@ async fn messages_reach_every_session_of_every_member_in_order() {
         let bodies: Vec<&str> = got.iter().map(|m| m.body.as_str()).collect();
         assert_eq!(bodies[0], "m0");
         assert_eq!(bodies[29], "m29");
-        assert!(got.iter().all(|m| m.sender_id == "alice" && m.sender_device == "phone"));
+        assert!(got
+            .iter()
+            .all(|m| m.sender_id == "alice" && m.sender_device == "phone"));
     }
 
     // And back.
@@ -73,14 +77,26 @@ async fn a_retry_with_the_same_client_msg_id_returns_the_original() {
     let (alice, _a) = setup.connect("alice", "d").await;
     let conv = alice.create_direct("bob").await.unwrap();
     let id = &conv.conversation_id;
-    let first = alice.send_with_id(id, "retry-1", "once", "text/plain").await.unwrap();
-    let retry = alice.send_with_id(id, "retry-1", "once", "text/plain").await.unwrap();
+    let first = alice
+        .send_with_id(id, "retry-1", "once", "text/plain")
+        .await
+        .unwrap();
+    let retry = alice
+        .send_with_id(id, "retry-1", "once", "text/plain")
+        .await
+        .unwrap();
     assert!(!first.duplicate);
     assert!(retry.duplicate);
-    assert_eq!((retry.seq, &retry.message_id), (first.seq, &first.message_id));
+    assert_eq!(
+        (retry.seq, &retry.message_id),
+        (first.seq, &first.message_id)
+    );
     // From another session of the same user, too.
     let (alice2, _a2) = setup.connect("alice", "other").await;
-    let third = alice2.send_with_id(id, "retry-1", "once", "text/plain").await.unwrap();
+    let third = alice2
+        .send_with_id(id, "retry-1", "once", "text/plain")
+        .await
+        .unwrap();
     assert_eq!(third.seq, first.seq);
     let next = alice.send(id, "next").await.unwrap();
     assert_eq!(next.seq, first.seq + 1);
@@ -100,12 +116,18 @@ async fn non_members_can_neither_read_nor_write() {
     alice.send(&conv.conversation_id, "secret").await.unwrap();
     let id = &conv.conversation_id;
 
-    assert_eq!(code_of(mallory.send(id, "let me in").await), ErrorCode::NotMember);
+    assert_eq!(
+        code_of(mallory.send(id, "let me in").await),
+        ErrorCode::NotMember
+    );
     assert_eq!(
         code_of(mallory.history(id, 0, Direction::Backward, 10).await),
         ErrorCode::NotMember
     );
-    assert_eq!(code_of(mallory.members_list(id).await), ErrorCode::NotMember);
+    assert_eq!(
+        code_of(mallory.members_list(id).await),
+        ErrorCode::NotMember
+    );
     // Naming the conversation in sync reveals nothing either.
     let sync = mallory
         .sync(
@@ -138,7 +160,10 @@ async fn accepted_messages_survive_kill_9_and_restart() {
 
     let _sb = setup.standalone().await;
     let (alice, _a) = setup.connect("alice", "d").await;
-    let page = alice.history(&id, 0, Direction::Forward, 200).await.unwrap();
+    let page = alice
+        .history(&id, 0, Direction::Forward, 200)
+        .await
+        .unwrap();
     let stored: Vec<(u64, String)> = page
         .messages
         .iter()
@@ -171,7 +196,10 @@ async fn sync_after_reconnect_returns_what_was_missed_and_new_conversations() {
     for i in 0..3 {
         alice.send(&d, &format!("missed {i}")).await.unwrap();
     }
-    let group = alice.create_group("while away", ["bob", "carol"]).await.unwrap();
+    let group = alice
+        .create_group("while away", ["bob", "carol"])
+        .await
+        .unwrap();
     alice.send(&group.conversation_id, "welcome").await.unwrap();
 
     let (bob, _bob_ev) = setup.connect("bob", "d").await;
@@ -192,7 +220,10 @@ async fn sync_after_reconnect_returns_what_was_missed_and_new_conversations() {
         .collect();
     assert!(missed.contains(&(d.clone(), 2, "missed 0".into())));
     assert!(missed.contains(&(d.clone(), 4, "missed 2".into())));
-    assert!(!missed.iter().any(|(c, s, _)| c == &d && *s == 1), "seq 1 was already seen");
+    assert!(
+        !missed.iter().any(|(c, s, _)| c == &d && *s == 1),
+        "seq 1 was already seen"
+    );
     assert!(missed.contains(&(group.conversation_id.clone(), 1, "welcome".into())));
     let convs: Vec<&str> = sync
         .conversations
@@ -219,16 +250,31 @@ async fn history_pages_backward_and_forward_at_most_200() {
     for ack in futures::future::join_all(sends).await {
         ack.unwrap();
     }
-    let newest = alice.history(id, 0, Direction::Backward, 1000).await.unwrap();
+    let newest = alice
+        .history(id, 0, Direction::Backward, 1000)
+        .await
+        .unwrap();
     assert_eq!(newest.messages.len(), 200);
     assert!(newest.has_more);
     assert_eq!(newest.messages.first().unwrap().seq, 31);
     assert_eq!(newest.messages.last().unwrap().seq, 230);
-    let older = alice.history(id, 31, Direction::Backward, 50).await.unwrap();
-    assert_eq!(older.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), (1..=30).collect::<Vec<_>>());
+    let older = alice
+        .history(id, 31, Direction::Backward, 50)
+        .await
+        .unwrap();
+    assert_eq!(
+        older.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (1..=30).collect::<Vec<_>>()
+    );
     assert!(!older.has_more);
-    let forward = alice.history(id, 225, Direction::Forward, 50).await.unwrap();
-    assert_eq!(forward.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![226, 227, 228, 229, 230]);
+    let forward = alice
+        .history(id, 225, Direction::Forward, 50)
+        .await
+        .unwrap();
+    assert_eq!(
+        forward.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![226, 227, 228, 229, 230]
+    );
     assert!(!forward.has_more);
 }
 
@@ -239,7 +285,14 @@ async fn bodies_above_the_limit_are_refused_with_a_clear_error() {
     let _sb = setup.standalone().await;
     let (alice, _a) = setup.connect("alice", "d").await;
     let conv = alice.create_direct("bob").await.unwrap();
-    assert_eq!(alice.send(&conv.conversation_id, &"x".repeat(1000)).await.unwrap().seq, 1);
+    assert_eq!(
+        alice
+            .send(&conv.conversation_id, &"x".repeat(1000))
+            .await
+            .unwrap()
+            .seq,
+        1
+    );
     match alice.send(&conv.conversation_id, &"x".repeat(1001)).await {
         Err(ClientError::Server { code, message }) => {
             assert_eq!(code, ErrorCode::BodyTooLarge);
@@ -259,8 +312,10 @@ async fn raw_socket(
         "authorization",
         format!("Bearer {}", setup.token(user)).parse().unwrap(),
     );
-    req.headers_mut()
-        .insert("sec-websocket-protocol", "switchboard.v1.json".parse().unwrap());
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        "switchboard.v1.json".parse().unwrap(),
+    );
     let (ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
     assert_eq!(
         resp.headers().get("sec-websocket-protocol").unwrap(),
@@ -270,7 +325,9 @@ async fn raw_socket(
 }
 
 async fn next_json(
-    ws: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    ws: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
     key: &str,
 ) -> serde_json::Value {
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -300,17 +357,23 @@ async fn malformed_and_unknown_frames_get_error_codes_and_the_connection_survive
     let e = next_json(&mut ws, "error").await;
     assert_eq!(e["error"]["code"], "bad_frame");
 
-    ws.send(WsMessage::Text(r#"{"id":"u1","teleport":{}}"#.into())).await.unwrap();
+    ws.send(WsMessage::Text(r#"{"id":"u1","teleport":{}}"#.into()))
+        .await
+        .unwrap();
     let a = next_json(&mut ws, "ack").await;
     assert_eq!(a["ack"]["id"], "u1");
     assert_eq!(a["ack"]["error"]["code"], "unknown_frame");
 
-    ws.send(WsMessage::Text(r#"{"id":"b1","send":{"body":7}}"#.into())).await.unwrap();
+    ws.send(WsMessage::Text(r#"{"id":"b1","send":{"body":7}}"#.into()))
+        .await
+        .unwrap();
     let a = next_json(&mut ws, "ack").await;
     assert_eq!(a["ack"]["id"], "b1");
     assert_eq!(a["ack"]["error"]["code"], "bad_frame");
 
-    ws.send(WsMessage::Binary(vec![0xff, 0x00, 0x13].into())).await.unwrap();
+    ws.send(WsMessage::Binary(vec![0xff, 0x00, 0x13].into()))
+        .await
+        .unwrap();
     let e = next_json(&mut ws, "error").await;
     assert_eq!(e["error"]["code"], "bad_frame");
 
@@ -325,7 +388,9 @@ async fn malformed_and_unknown_frames_get_error_codes_and_the_connection_survive
     assert!(code == "not_found" || code == "not_member", "{code}");
 
     // Still open and serving.
-    ws.send(WsMessage::Text(r#"{"id":"p1","ping":{}}"#.into())).await.unwrap();
+    ws.send(WsMessage::Text(r#"{"id":"p1","ping":{}}"#.into()))
+        .await
+        .unwrap();
     let a = next_json(&mut ws, "ack").await;
     assert_eq!(a["ack"]["id"], "p1");
     assert!(a["ack"]["pong"]["server_time_ms"].as_i64().unwrap() > 0);
@@ -364,10 +429,17 @@ async fn bad_tokens_are_refused_at_the_upgrade_with_a_reason() {
     let forged = switchboard_auth::Signer::hs256(b"not-the-server-secret-not-the-server")
         .sign("alice", Duration::from_secs(60))
         .unwrap();
-    for (token, reason) in [("", "missing"), ("garbage", "malformed"), (forged.as_str(), "signature")] {
+    for (token, reason) in [
+        ("", "missing"),
+        ("garbage", "malformed"),
+        (forged.as_str(), "signature"),
+    ] {
         let options = switchboard_client::ConnectOptions::new(setup.gateway.ws_url(), token);
         match switchboard_client::Client::connect(options).await {
-            Err(ClientError::Connect { status, reason: got }) => {
+            Err(ClientError::Connect {
+                status,
+                reason: got,
+            }) => {
                 assert_eq!(status, Some(401));
                 assert!(got.contains(reason), "{got}");
             }
@@ -389,7 +461,11 @@ async fn the_token_command_signs_with_the_secret_standalone_generated() {
         .current_dir(setup.data_dir())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     let (client, _ev) = connect_to(&setup.gateway, &token, "cli", Encoding::Proto).await;
     assert_eq!(client.welcome().user_id, "dave");
@@ -444,14 +520,22 @@ async fn groups_have_owners_members_and_conversation_events() {
     })
     .await;
 
-    assert_eq!(code_of(carol.send(&id, "not yet").await), ErrorCode::NotMember);
+    assert_eq!(
+        code_of(carol.send(&id, "not yet").await),
+        ErrorCode::NotMember
+    );
     assert_eq!(
         code_of(bob.members(&id, MembersAction::Add, ["dave"]).await),
         ErrorCode::Forbidden
     );
-    alice.members(&id, MembersAction::Add, ["carol"]).await.unwrap();
+    alice
+        .members(&id, MembersAction::Add, ["carol"])
+        .await
+        .unwrap();
     next_matching(&mut carol_ev, "members_added event", |ev| match ev {
-        Event::Conversation(c) if c.change == "members_added" && c.user_ids == ["carol"] => Some(()),
+        Event::Conversation(c) if c.change == "members_added" && c.user_ids == ["carol"] => {
+            Some(())
+        }
         _ => None,
     })
     .await;
@@ -460,8 +544,14 @@ async fn groups_have_owners_members_and_conversation_events() {
     let got = messages(&mut bob_ev, &id, 1).await;
     assert_eq!(got[0].sender_id, "carol");
 
-    alice.members(&id, MembersAction::Remove, ["carol"]).await.unwrap();
-    assert_eq!(code_of(carol.send(&id, "still here?").await), ErrorCode::NotMember);
+    alice
+        .members(&id, MembersAction::Remove, ["carol"])
+        .await
+        .unwrap();
+    assert_eq!(
+        code_of(carol.send(&id, "still here?").await),
+        ErrorCode::NotMember
+    );
     let members = alice.members_list(&id).await.unwrap().members;
     assert_eq!(members.len(), 2);
 }
@@ -497,7 +587,10 @@ async fn sigterm_sends_goaway_drains_and_exits_cleanly() {
     let mut sb = setup.standalone().await;
     let (alice, mut alice_ev) = setup.connect("alice", "d").await;
     let conv = alice.create_direct("bob").await.unwrap();
-    let ack = alice.send(&conv.conversation_id, "before shutdown").await.unwrap();
+    let ack = alice
+        .send(&conv.conversation_id, "before shutdown")
+        .await
+        .unwrap();
 
     let pid = sb.pid();
     let waiter = std::thread::spawn(move || {
@@ -512,13 +605,20 @@ async fn sigterm_sends_goaway_drains_and_exits_cleanly() {
     alice.close().await;
     let (status, sb) = waiter.join().unwrap();
     let status = status.unwrap_or_else(|| panic!("pid {pid} did not exit; log:\n{}", sb.output()));
-    assert!(status.success(), "exit status {status}; log:\n{}", sb.output());
+    assert!(
+        status.success(),
+        "exit status {status}; log:\n{}",
+        sb.output()
+    );
     drop(sb);
 
     // Nothing accepted was lost.
     let _sb = setup.standalone().await;
     let (alice, _a) = setup.connect("alice", "d").await;
-    let page = alice.history(&conv.conversation_id, 0, Direction::Backward, 10).await.unwrap();
+    let page = alice
+        .history(&conv.conversation_id, 0, Direction::Backward, 10)
+        .await
+        .unwrap();
     assert_eq!(page.messages.len(), 1);
     assert_eq!(page.messages[0].seq, ack.seq);
 }
@@ -538,7 +638,12 @@ async fn health_readiness_and_metrics_are_served() {
     assert_eq!(status, 200);
     let (status, metrics) = http_get(setup.gateway.listen, "/metrics").await.unwrap();
     assert_eq!(status, 200);
-    for name in ["connections", "messages_accepted", "messages_delivered", "send_to_deliver"] {
+    for name in [
+        "connections",
+        "messages_accepted",
+        "messages_delivered",
+        "send_to_deliver",
+    ] {
         assert!(metrics.contains(name), "metric {name} missing:\n{metrics}");
     }
 }
@@ -562,12 +667,22 @@ async fn invalid_configuration_fails_before_binding() {
     let setup = Setup::new(true);
     let mut proc = setup.spawn(
         &["standalone"],
-        &[("SWITCHBOARD_GATEWAY__LISTEN".into(), "not-an-address".into())],
+        &[(
+            "SWITCHBOARD_GATEWAY__LISTEN".into(),
+            "not-an-address".into(),
+        )],
     );
     let start = std::time::Instant::now();
     while proc.is_running() && start.elapsed() < Duration::from_secs(10) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(!proc.is_running(), "standalone started with an invalid address");
-    assert!(proc.output().contains("gateway.listen"), "{}", proc.output());
+    assert!(
+        !proc.is_running(),
+        "standalone started with an invalid address"
+    );
+    assert!(
+        proc.output().contains("gateway.listen"),
+        "{}",
+        proc.output()
+    );
 }

@@ -47,9 +47,18 @@ impl GatewayPorts {
 
     pub fn env(&self) -> Vec<(String, String)> {
         vec![
-            ("SWITCHBOARD_GATEWAY__LISTEN".into(), format!("127.0.0.1:{}", self.listen)),
-            ("SWITCHBOARD_GATEWAY__GRPC_LISTEN".into(), format!("127.0.0.1:{}", self.grpc)),
-            ("SWITCHBOARD_GATEWAY__ADMIN_LISTEN".into(), format!("127.0.0.1:{}", self.admin)),
+            (
+                "SWITCHBOARD_GATEWAY__LISTEN".into(),
+                format!("127.0.0.1:{}", self.listen),
+            ),
+            (
+                "SWITCHBOARD_GATEWAY__GRPC_LISTEN".into(),
+                format!("127.0.0.1:{}", self.grpc),
+            ),
+            (
+                "SWITCHBOARD_GATEWAY__ADMIN_LISTEN".into(),
+                format!("127.0.0.1:{}", self.admin),
+            ),
         ]
     }
 
@@ -79,17 +88,50 @@ impl Setup {
             free_port(),
         );
         let mut env: Vec<(String, String)> = vec![
-            ("SWITCHBOARD_DATA_DIR".into(), dir.path().display().to_string()),
-            ("SWITCHBOARD_PRESENCE__GRPC_LISTEN".into(), format!("127.0.0.1:{pg}")),
-            ("SWITCHBOARD_PRESENCE__ADMIN_LISTEN".into(), format!("127.0.0.1:{pa}")),
-            ("SWITCHBOARD_ROUTING__GRPC_LISTEN".into(), format!("127.0.0.1:{rg}")),
-            ("SWITCHBOARD_ROUTING__ADMIN_LISTEN".into(), format!("127.0.0.1:{ra}")),
-            ("SWITCHBOARD_STORAGE__GRPC_LISTEN".into(), format!("127.0.0.1:{sg}")),
-            ("SWITCHBOARD_STORAGE__ADMIN_LISTEN".into(), format!("127.0.0.1:{sa}")),
-            ("SWITCHBOARD_CLUSTER__PRESENCE_URL".into(), format!("http://127.0.0.1:{pg}")),
-            ("SWITCHBOARD_CLUSTER__ROUTING_URL".into(), format!("http://127.0.0.1:{rg}")),
-            ("SWITCHBOARD_CLUSTER__STORAGE_URL".into(), format!("http://127.0.0.1:{sg}")),
-            ("SWITCHBOARD_LOG__LEVEL".into(), "warn,switchboard=info".into()),
+            (
+                "SWITCHBOARD_DATA_DIR".into(),
+                dir.path().display().to_string(),
+            ),
+            (
+                "SWITCHBOARD_PRESENCE__GRPC_LISTEN".into(),
+                format!("127.0.0.1:{pg}"),
+            ),
+            (
+                "SWITCHBOARD_PRESENCE__ADMIN_LISTEN".into(),
+                format!("127.0.0.1:{pa}"),
+            ),
+            (
+                "SWITCHBOARD_ROUTING__GRPC_LISTEN".into(),
+                format!("127.0.0.1:{rg}"),
+            ),
+            (
+                "SWITCHBOARD_ROUTING__ADMIN_LISTEN".into(),
+                format!("127.0.0.1:{ra}"),
+            ),
+            (
+                "SWITCHBOARD_STORAGE__GRPC_LISTEN".into(),
+                format!("127.0.0.1:{sg}"),
+            ),
+            (
+                "SWITCHBOARD_STORAGE__ADMIN_LISTEN".into(),
+                format!("127.0.0.1:{sa}"),
+            ),
+            (
+                "SWITCHBOARD_CLUSTER__PRESENCE_URL".into(),
+                format!("http://127.0.0.1:{pg}"),
+            ),
+            (
+                "SWITCHBOARD_CLUSTER__ROUTING_URL".into(),
+                format!("http://127.0.0.1:{rg}"),
+            ),
+            (
+                "SWITCHBOARD_CLUSTER__STORAGE_URL".into(),
+                format!("http://127.0.0.1:{sg}"),
+            ),
+            (
+                "SWITCHBOARD_LOG__LEVEL".into(),
+                "warn,switchboard=info".into(),
+            ),
         ];
         if with_secret {
             env.push(("SWITCHBOARD_AUTH__HS256_SECRET".into(), SECRET.into()));
@@ -227,15 +269,14 @@ impl Drop for Proc {
 /// A plain HTTP GET on loopback: (status, body).
 pub async fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n").as_bytes())
-        .await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
     let mut out = Vec::new();
     s.read_to_end(&mut out).await?;
     let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .get(9..12)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
+    let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
     let body = text
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())
@@ -269,7 +310,10 @@ pub async fn next_matching<T>(
                     return t;
                 }
             }
-            Ok(None) => panic!("connection closed while waiting for {what}: {:?}", events.close_reason()),
+            Ok(None) => panic!(
+                "connection closed while waiting for {what}: {:?}",
+                events.close_reason()
+            ),
             Err(_) => panic!("no {what} within {WAIT:?}"),
         }
     }
