@@ -82,14 +82,35 @@ pub async fn serve(
     let metrics = Arc::new(metrics::Metrics::new(&registry)?);
     let readiness = Readiness::new();
 
-    let log = eventlog::open(&config).await?;
-    let node = build_node(config.clone(), log, metrics, readiness.clone())?;
+    // Admin first: /healthz answers and /readyz says "not ready" while the log
+    // opens (a Kafka cluster that is down is retried until it answers).
     let admin = tokio::spawn(switchboard_telemetry::serve_admin(
         admin_listener,
         registry,
         readiness.clone(),
         shutdown.clone(),
     ));
+    let opened = tokio::select! {
+        opened = eventlog::open(&config) => Some(opened),
+        _ = shutdown.cancelled() => None,
+    };
+    let node = match opened {
+        Some(Ok(log)) => build_node(config.clone(), log, metrics, readiness.clone()),
+        Some(Err(e)) => Err(e),
+        None => {
+            // Stopped before the log opened.
+            let _ = admin.await;
+            return Ok(());
+        }
+    };
+    let node = match node {
+        Ok(node) => node,
+        Err(e) => {
+            shutdown.cancel();
+            let _ = admin.await;
+            return Err(e);
+        }
+    };
 
     let owners_stop = CancellationToken::new();
     let owners = tokio::spawn(owner::supervise(node.clone(), owners_stop.clone()));

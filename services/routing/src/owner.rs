@@ -51,6 +51,7 @@ pub(crate) async fn supervise(node: Arc<Node>, stop: CancellationToken) {
             if let Some((token, handle)) = owners.remove(&partition) {
                 token.cancel();
                 let _ = handle.await;
+                node.log.released(partition);
                 tracing::info!(partition, "partition released");
             }
         }
@@ -72,9 +73,10 @@ pub(crate) async fn supervise(node: Arc<Node>, stop: CancellationToken) {
             _ = stop.cancelled() => break,
         }
     }
-    for (_, (token, handle)) in owners {
+    for (partition, (token, handle)) in owners {
         token.cancel();
         let _ = handle.await;
+        node.log.released(partition);
     }
 }
 

@@ -31,6 +31,9 @@ const MAX_RATE_LIMITED_USERS: usize = 100_000;
 /// Most explicit recipients of one Publish.
 const MAX_PUBLISH_USERS: usize = 10_000;
 const DEFAULT_CONTENT_TYPE: &str = "text/plain";
+/// Longest `traceparent` carried into the log (version 00 has 55 bytes; later
+/// versions may append fields).
+const TRACEPARENT_MAX_BYTES: usize = 128;
 
 /// The gRPC service. Cloning is not needed: tonic wraps it in an `Arc`.
 pub struct RoutingService {
@@ -136,6 +139,7 @@ impl RoutingService {
         let record = NewRecord {
             key: message.conversation_id.as_bytes().to_vec(),
             value: message.encode_to_vec(),
+            traceparent: carried_traceparent(req.traceparent),
         };
         let append_timeout = Duration::from_millis(self.node.config.cluster.rpc_timeout_ms);
         let started = Instant::now();
@@ -286,6 +290,20 @@ fn validate_id(field: &str, value: &str) -> Result<(), RoutingError> {
         )));
     }
     Ok(())
+}
+
+/// The caller's `traceparent` as the record carries it: a malformed or oversized
+/// one is dropped (tracing is best effort and must never refuse a send).
+fn carried_traceparent(traceparent: String) -> String {
+    // W3C: version-traceid-parentid-flags, 55 visible ASCII characters in version 00.
+    let plausible = traceparent.len() <= TRACEPARENT_MAX_BYTES
+        && traceparent.bytes().all(|b| b.is_ascii_graphic())
+        && traceparent.split('-').count() >= 4;
+    if plausible {
+        traceparent
+    } else {
+        String::new()
+    }
 }
 
 fn result_of(message: &Message, duplicate: bool) -> SendResult {

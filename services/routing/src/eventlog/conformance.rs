@@ -27,8 +27,11 @@ fn record(key: &str, value: &str) -> NewRecord {
     NewRecord {
         key: key.as_bytes().to_vec(),
         value: value.as_bytes().to_vec(),
+        traceparent: String::new(),
     }
 }
+
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 async fn read_all(log: &dyn EventLog, partition: u32, from: u64) -> Vec<(u64, String)> {
     let end = log.end_offset(partition).await.expect("end offset");
@@ -81,6 +84,18 @@ where
         vec![1, 2]
     );
     assert_eq!(limited[0].key, b"a".to_vec());
+    assert_eq!(limited[0].traceparent, "");
+
+    // The trace context travels with the record.
+    let traced = NewRecord {
+        traceparent: TRACEPARENT.to_owned(),
+        ..record("a", "traced")
+    };
+    assert_eq!(log.append(0, traced).await.unwrap(), 5);
+    let back = log.poll(0, 5, 1, WAIT).await.unwrap();
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].traceparent, TRACEPARENT);
+    assert_eq!(back[0].value, b"traced".to_vec());
 
     let assignment = log.assignment().borrow().clone();
     assert!(assignment.iter().all(|p| *p < log.partitions()));

@@ -4,8 +4,9 @@
 //! On disk (WAL journal, `synchronous=FULL`, so a committed transaction survives a
 //! crash of the process and of the machine):
 //!
-//! - `records(part, log_offset, key, value, timestamp_ms)`, primary key
-//!   `(part, log_offset)`: the records still held.
+//! - `records(part, log_offset, key, value, timestamp_ms, traceparent)`, primary
+//!   key `(part, log_offset)`: the records still held (`traceparent` was added
+//!   later; files without it get the column on open).
 //! - `partitions(part, next_offset, committed_offset)`: per partition the offset the
 //!   next append gets and the owner's committed offset. `next_offset` is written in
 //!   the same transaction as the records, so it survives trimming everything.
@@ -149,6 +150,7 @@ impl EmbeddedLog {
                  key BLOB NOT NULL,
                  value BLOB NOT NULL,
                  timestamp_ms INTEGER NOT NULL,
+                 traceparent TEXT NOT NULL DEFAULT '',
                  PRIMARY KEY (part, log_offset));
              CREATE TABLE IF NOT EXISTS partitions (
                  part INTEGER PRIMARY KEY,
@@ -157,6 +159,7 @@ impl EmbeddedLog {
              CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);",
         )
         .map_err(sql_err)?;
+        add_traceparent_column(&conn).map_err(sql_err)?;
         let next = init_partitions(&mut conn, partitions)?;
 
         let ends: Arc<Vec<watch::Sender<u64>>> =
@@ -237,6 +240,18 @@ impl EmbeddedLog {
         .await
         .map_err(|e| LogError::Unavailable(format!("log reader failed: {e}")))?
     }
+}
+
+/// Files created before records carried a `traceparent` get the column.
+fn add_traceparent_column(conn: &Connection) -> rusqlite::Result<()> {
+    let mut columns = conn.prepare("SELECT name FROM pragma_table_info('records')")?;
+    let names = columns
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<String>>>()?;
+    if !names.iter().any(|n| n == "traceparent") {
+        conn.execute_batch("ALTER TABLE records ADD COLUMN traceparent TEXT NOT NULL DEFAULT ''")?;
+    }
+    Ok(())
 }
 
 /// Make sure `partitions` has one row per partition and return the end offsets.
@@ -445,8 +460,8 @@ impl Writer {
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         {
             let mut insert = tx.prepare_cached(
-                "INSERT INTO records (part, log_offset, key, value, timestamp_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO records (part, log_offset, key, value, timestamp_ms, traceparent)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
             for ((partition, record, _), offset) in appends.iter().zip(offsets) {
                 insert.execute(params![
@@ -454,7 +469,8 @@ impl Writer {
                     *offset as i64,
                     record.key,
                     record.value,
-                    ts
+                    ts,
+                    record.traceparent
                 ])?;
             }
             let mut set_next =
@@ -534,7 +550,7 @@ impl EventLog for EmbeddedLog {
         let limit = max.max(1) as i64;
         self.with_reader(move |conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT log_offset, key, value, timestamp_ms FROM records
+                "SELECT log_offset, key, value, timestamp_ms, traceparent FROM records
                  WHERE part = ?1 AND log_offset >= ?2 ORDER BY log_offset LIMIT ?3",
             )?;
             let rows = stmt.query_map(params![partition, from as i64, limit], |row| {
@@ -544,6 +560,7 @@ impl EventLog for EmbeddedLog {
                     key: row.get(1)?,
                     value: row.get(2)?,
                     timestamp_ms: row.get(3)?,
+                    traceparent: row.get(4)?,
                 })
             })?;
             rows.collect()
@@ -629,6 +646,7 @@ mod tests {
         NewRecord {
             key: b"k".to_vec(),
             value: i.to_be_bytes().to_vec(),
+            traceparent: String::new(),
         }
     }
 

@@ -22,7 +22,9 @@ use switchboard_config::Config;
 use tokio::sync::watch;
 
 mod embedded;
+mod kafka;
 pub use embedded::{EmbeddedLog, EmbeddedLogOptions};
+pub use kafka::{KafkaLog, KafkaLogOptions, KafkaOpenError};
 
 #[cfg(any(test, feature = "testsuite"))]
 pub mod conformance;
@@ -34,6 +36,9 @@ pub struct NewRecord {
     pub key: Vec<u8>,
     /// Opaque payload (an encoded `Message`).
     pub value: Vec<u8>,
+    /// W3C `traceparent` of the send that produced the record ("" when none).
+    /// Kafka carries it in the record header `traceparent`.
+    pub traceparent: String,
 }
 
 /// A record read back from a partition.
@@ -43,6 +48,8 @@ pub struct LogRecord {
     pub offset: u64,
     pub key: Vec<u8>,
     pub value: Vec<u8>,
+    /// W3C `traceparent` the record was appended with ("" when none).
+    pub traceparent: String,
     /// When the log accepted the record, ms since the Unix epoch.
     pub timestamp_ms: i64,
 }
@@ -105,11 +112,21 @@ pub trait EventLog: Send + Sync + 'static {
     /// with its own retention may remove none.
     async fn trim(&self) -> Result<u64, LogError>;
 
+    /// The owner of `partition` stopped after it left the assignment and made its
+    /// last commit. Kafka waits for this in the revoke callback, so the next owner
+    /// resumes exactly at that commit; the embedded log owns everything and ignores it.
+    fn released(&self, _partition: u32) {}
+
     /// Flush and release the log. Later calls fail with [`LogError::Closed`].
     async fn close(&self);
 }
 
 /// Build the configured event log (`routing.backend`).
+///
+/// A Kafka cluster that cannot be reached is retried with capped, jittered backoff
+/// until it answers (the caller races this with its shutdown and stays not ready
+/// meanwhile); a configuration Kafka refuses (an existing topic with another
+/// partition count, a bad replication factor) fails at once.
 pub async fn open(config: &Config) -> anyhow::Result<Arc<dyn EventLog>> {
     match config.routing.backend.as_str() {
         "embedded" => {
@@ -122,8 +139,38 @@ pub async fn open(config: &Config) -> anyhow::Result<Arc<dyn EventLog>> {
             .map_err(|e| anyhow::anyhow!("opening the event log panicked: {e}"))??;
             Ok(Arc::new(log))
         }
+        "kafka" => {
+            let options = KafkaLogOptions::from_config(config);
+            let mut backoff = OPEN_BACKOFF_START;
+            loop {
+                match KafkaLog::open(options.clone()).await {
+                    Ok(log) => return Ok(Arc::new(log)),
+                    Err(KafkaOpenError::Unreachable(reason)) => {
+                        let retry_in = jittered(backoff);
+                        tracing::error!(
+                            brokers = %options.brokers,
+                            topic = %options.topic,
+                            error = %reason,
+                            retry_in_ms = retry_in.as_millis() as u64,
+                            "kafka unreachable; the event log is not open yet, retrying"
+                        );
+                        tokio::time::sleep(retry_in).await;
+                        backoff = (backoff * 2).min(OPEN_BACKOFF_MAX);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
         other => anyhow::bail!("unknown routing.backend `{other}`"),
     }
+}
+
+const OPEN_BACKOFF_START: Duration = Duration::from_millis(500);
+const OPEN_BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// `d` scaled by a random factor in [0.5, 1.0], so restarting instances spread out.
+fn jittered(d: Duration) -> Duration {
+    d.mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..=1.0))
 }
 
 /// The partition of a conversation: FNV-1a (64 bit) of its id modulo `partitions`.
