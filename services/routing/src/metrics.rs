@@ -1,7 +1,7 @@
 //! The routing service's Prometheus metrics.
 
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 use switchboard_telemetry::latency_buckets;
 
@@ -35,6 +35,8 @@ pub(crate) struct Metrics {
     pub gateway_queue_depth: IntGaugeVec,
     /// Ephemeral events published.
     pub published: IntCounter,
+    /// Partitions this instance owns (runs a partition owner for) now.
+    pub partitions_owned: IntGauge,
 }
 
 impl Metrics {
@@ -111,7 +113,12 @@ impl Metrics {
                 "switchboard_routing_published_total",
                 "ephemeral events published",
             )?,
+            partitions_owned: IntGauge::new(
+                "switchboard_routing_partitions_owned",
+                "event log partitions this instance owns now",
+            )?,
         };
+        registry.register(Box::new(m.partitions_owned.clone()))?;
         registry.register(Box::new(m.sends_accepted.clone()))?;
         registry.register(Box::new(m.sends_rejected.clone()))?;
         registry.register(Box::new(m.log_append_seconds.clone()))?;

@@ -62,6 +62,7 @@ pub(crate) async fn supervise(node: Arc<Node>, stop: CancellationToken) {
                 (token, handle)
             });
         }
+        node.metrics.partitions_owned.set(owners.len() as i64);
         tokio::select! {
             changed = assignment.changed() => {
                 if changed.is_err() {
@@ -78,6 +79,7 @@ pub(crate) async fn supervise(node: Arc<Node>, stop: CancellationToken) {
         let _ = handle.await;
         node.log.released(partition);
     }
+    node.metrics.partitions_owned.set(0);
 }
 
 /// Own one partition: sequence, persist and fan out its records from `start` (or

@@ -953,3 +953,6 @@ async fn a_failing_log_makes_send_unavailable() {
         "the waiter left with the failed send"
     );
 }
+
+/// The service with the Kafka log: two instances in one consumer group.
+mod kafka;

@@ -352,7 +352,8 @@ fn base_config(options: &KafkaLogOptions) -> ClientConfig {
         .set("allow.auto.create.topics", "false")
         .set(
             "socket.connection.setup.timeout.ms",
-            options.request_timeout.as_millis().to_string(),
+            // librdkafka's lower bound for this setting is one second.
+            options.request_timeout.as_millis().max(1000).to_string(),
         )
         .set("reconnect.backoff.max.ms", "2000")
         .set_log_level(RDKafkaLogLevel::Warning);
@@ -1006,4 +1007,4 @@ impl EventLog for KafkaLog {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

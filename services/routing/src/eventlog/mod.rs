@@ -29,6 +29,12 @@ pub use kafka::{KafkaLog, KafkaLogOptions, KafkaOpenError};
 #[cfg(any(test, feature = "testsuite"))]
 pub mod conformance;
 
+/// Broker address and unique names for tests against a real Kafka.
+#[cfg(test)]
+pub(crate) mod kafka_test_support {
+    pub(crate) use super::kafka::tests::{require_kafka, unique};
+}
+
 /// A record to append.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewRecord {
