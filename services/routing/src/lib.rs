@@ -7,6 +7,14 @@
 //! batch per gateway). Ephemeral events (typing, receipts, conversation changes) go
 //! through `Publish` and never touch the log or storage.
 //!
+//! The log backend is chosen by `routing.backend`: `embedded` (one SQLite file, one
+//! instance owning every partition) or `kafka` (topic `routing.kafka_topic` with
+//! `routing.partitions` partitions, key = conversation id, header `traceparent`;
+//! consumer group `routing.kafka_group` decides which instance owns which
+//! partition, offsets committed manually after storage persisted; see
+//! [`eventlog::KafkaLog`]). Both map a conversation to its partition with the same
+//! [`partition_for`], so the mapping never depends on the backend.
+//!
 //! It does not store history (storage does), know where sessions are (presence
 //! does), or talk to clients (gateways do).
 //!
