@@ -11,6 +11,7 @@ pub(crate) const DROP_QUEUE_FULL: &str = "queue_full";
 pub(crate) const DROP_GATEWAY_QUEUE_FULL: &str = "gateway_queue_full";
 pub(crate) const DROP_DELIVER_FAILED: &str = "deliver_failed";
 pub(crate) const DROP_LOOKUP_FAILED: &str = "lookup_failed";
+pub(crate) const DROP_PUBLISH_FAILED: &str = "publish_failed";
 
 /// Metric handles, registered once in the service's registry.
 #[derive(Clone)]
@@ -59,8 +60,11 @@ impl Metrics {
                 "failed Deliver calls to gateways",
             )?,
             heartbeat_sessions: Histogram::with_opts(
-                HistogramOpts::new("switchboard_presence_heartbeat_sessions", "sessions per Heartbeat call")
-                    .buckets(exponential_buckets(1.0, 4.0, 10)?),
+                HistogramOpts::new(
+                    "switchboard_presence_heartbeat_sessions",
+                    "sessions per Heartbeat call",
+                )
+                .buckets(exponential_buckets(1.0, 4.0, 10)?),
             )?,
             heartbeat_unknown: IntCounter::new(
                 "switchboard_presence_heartbeat_unknown_sessions_total",
@@ -71,8 +75,11 @@ impl Metrics {
                 "users whose presence changed because sessions expired by TTL",
             )?,
             rpc_seconds: HistogramVec::new(
-                HistogramOpts::new("switchboard_presence_rpc_seconds", "latency of presence gRPC methods")
-                    .buckets(switchboard_telemetry::latency_buckets()),
+                HistogramOpts::new(
+                    "switchboard_presence_rpc_seconds",
+                    "latency of presence gRPC methods",
+                )
+                .buckets(switchboard_telemetry::latency_buckets()),
                 &["method"],
             )?,
         };
