@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs Switchboard's whole test suite on a machine that has only the language
-# toolchains: installs what the tests need from the package registries, checks
-# formatting and lints, runs every Rust test (unit, gRPC, multi-process end-to-end),
-# then the headless-browser test of the chat page.
+# toolchains: installs what the tests need from the package registries, starts the
+# real Redis, Kafka and Cassandra servers (deploy/local/up.sh), checks formatting and
+# lints, runs every Rust test (unit, gRPC, conformance suites against the embedded and
+# the real backends, multi-process end-to-end), then the headless-browser test of the
+# chat page. Under CI (CI=true) it stops the servers it started when it ends.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -20,6 +22,12 @@ if ! command -v chromium >/dev/null 2>&1; then
     fi
 fi
 (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+
+step "starting Redis, Kafka and Cassandra on 127.0.0.1"
+if [ "${CI:-}" = "true" ]; then
+    trap 'deploy/local/down.sh || true' EXIT
+fi
+deploy/local/up.sh
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
