@@ -22,6 +22,11 @@
 //! happens off the request path through bounded queues that drop (and count) when full:
 //! presence is ephemeral. See [`notifier`].
 //!
+//! With `presence.backend = "redis"` several presence instances share that state in
+//! Redis, and changes travel between them by Redis pub/sub: each instance delivers the
+//! changes of all of them to the gateways it is responsible for
+//! ([`store::PresenceFeed`]; layout and consistency in [`store::redis`]).
+//!
 //! It does not own: client connections or the client protocol (gateway), who may
 //! watch whom (the gateway decides before calling `Watch`), conversations or the
 //! interest index for group fan-out (not built yet), message delivery (routing).
@@ -45,7 +50,10 @@ pub mod store;
 
 pub use error::PresenceError;
 pub use service::{MAX_HEARTBEAT_SESSIONS, MAX_ID_BYTES, MAX_URL_BYTES, MAX_USERS_PER_REQUEST};
-pub use store::{build_store, Clock, MemorySessionStore, SessionStatus, SessionStore};
+pub use store::{
+    build_store, Clock, MemorySessionStore, PresenceFeed, RedisSessionStore, SessionStatus,
+    SessionStore,
+};
 
 use metrics::Metrics;
 use notifier::{Notifications, NOTIFY_QUEUE};
@@ -76,6 +84,7 @@ pub async fn serve(
     let admin_addr = admin.local_addr()?;
     let registry = Registry::new();
     let metrics = Metrics::register(&registry)?;
+    store.register_metrics(&registry)?;
     let readiness = Readiness::new();
 
     // Workers stop after the gRPC server has finished its in-flight requests, so those
@@ -91,10 +100,37 @@ pub async fn serve(
     ));
 
     let pool = ChannelPool::new(config.cluster.clone());
-    let (notifications, notify_rx) = Notifications::new(NOTIFY_QUEUE, metrics.clone());
+    let (notifications, local_rx) = Notifications::new(NOTIFY_QUEUE, metrics.clone());
+    // A store shared by several instances carries changes through its feed: this
+    // instance publishes its own and delivers, from everyone's, those for the gateways
+    // it is responsible for. A private store's changes go straight to the notifier.
+    let feed = store.feed();
+    let mut feed_tasks = Vec::new();
+    let notify_rx = match &feed {
+        None => local_rx,
+        Some(feed) => {
+            let (changes_tx, changes_rx) = tokio::sync::mpsc::channel(NOTIFY_QUEUE);
+            feed_tasks.push((
+                "publisher",
+                tokio::spawn(notifier::run_publisher(
+                    local_rx,
+                    feed.clone(),
+                    metrics.clone(),
+                    workers.clone(),
+                )),
+            ));
+            let (feed_run, stop) = (feed.clone(), workers.clone());
+            feed_tasks.push((
+                "feed",
+                tokio::spawn(async move { feed_run.run(changes_tx, stop).await }),
+            ));
+            changes_rx
+        }
+    };
     let notifier_task = tokio::spawn(notifier::run_notifier(
         notify_rx,
         store.clone(),
+        feed,
         pool.clone(),
         metrics.clone(),
         workers.clone(),
@@ -112,13 +148,23 @@ pub async fn serve(
     health_reporter
         .set_serving::<PresenceServer<PresenceService>>()
         .await;
+    // Ready once the backend answers (at once for the memory store); until then
+    // calls fail with `unavailable` and /readyz says not ready.
+    let ready_task = tokio::spawn({
+        let (store, readiness, stop) = (store.clone(), readiness.clone(), workers.clone());
+        async move {
+            if store.wait_ready(&stop).await && !stop.is_cancelled() {
+                readiness.set(true);
+                tracing::info!("presence ready");
+            }
+        }
+    });
     let routes = tonic::service::Routes::new(PresenceServer::new(PresenceService::new(
         store,
         notifications,
         pool,
         metrics,
     )));
-    readiness.set(true);
     tracing::info!(
         grpc = %grpc_addr,
         admin = %admin_addr,
@@ -128,10 +174,14 @@ pub async fn serve(
     );
 
     let served = switchboard_rpc::serve(grpc, routes, health_service, shutdown.clone()).await;
-    readiness.set(false);
     workers.cancel();
+    if let Err(e) = ready_task.await {
+        tracing::error!(task = "ready", error = %e, "presence task failed");
+    }
+    readiness.set(false);
     admin_stop.cancel();
-    for (name, task) in [("sweeper", sweeper_task), ("notifier", notifier_task)] {
+    let tasks = [("sweeper", sweeper_task), ("notifier", notifier_task)];
+    for (name, task) in tasks.into_iter().chain(feed_tasks) {
         if let Err(e) = task.await {
             tracing::error!(task = name, error = %e, "presence task failed");
         }

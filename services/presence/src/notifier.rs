@@ -9,6 +9,10 @@
 //! twice with the same, current value), and hands one `Delivery` per gateway to that
 //! gateway's outbox.
 //!
+//! With a store shared by several instances ([`PresenceFeed`]) the queue feeds a
+//! publisher task instead, and the notifier takes the changes of every instance from
+//! the feed, sending only to the gateways this instance is responsible for.
+//!
 //! Each gateway has its own outbox task with a bounded queue ([`OUTBOX_QUEUE`]) that
 //! sends batches of up to [`DELIVER_BATCH`] deliveries per `Gateway.Deliver` call, one
 //! call at a time, so events about a user reach a gateway in the order they happened
@@ -29,9 +33,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{
-    Metrics, DROP_DELIVER_FAILED, DROP_GATEWAY_QUEUE_FULL, DROP_LOOKUP_FAILED, DROP_QUEUE_FULL,
+    Metrics, DROP_DELIVER_FAILED, DROP_GATEWAY_QUEUE_FULL, DROP_LOOKUP_FAILED, DROP_PUBLISH_FAILED,
+    DROP_QUEUE_FULL,
 };
-use crate::store::SessionStore;
+use crate::store::{PresenceFeed, SessionStore};
 
 /// Presence changes waiting for the notifier.
 pub const NOTIFY_QUEUE: usize = 4096;
@@ -74,10 +79,43 @@ impl Notifications {
     }
 }
 
+/// Publish this instance's changes on the shared store's feed, in batches of up to
+/// [`DELIVER_BATCH`], until `shutdown`.
+pub(crate) async fn run_publisher(
+    mut rx: mpsc::Receiver<UserPresence>,
+    feed: Arc<dyn PresenceFeed>,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            next = rx.recv() => match next {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        let mut batch = vec![first];
+        while batch.len() < DELIVER_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = feed.publish(&batch).await {
+            metrics.dropped(DROP_PUBLISH_FAILED, batch.len() as u64);
+            tracing::warn!(events = batch.len(), error = %e, "cannot publish presence changes");
+        }
+    }
+}
+
 /// Take changes from `rx` and hand them to per-gateway outboxes until `shutdown`.
+/// With a shared store's `feed`, only gateways this instance is responsible for.
 pub(crate) async fn run_notifier(
     mut rx: mpsc::Receiver<UserPresence>,
     store: Arc<dyn SessionStore>,
+    feed: Option<Arc<dyn PresenceFeed>>,
     pool: ChannelPool,
     metrics: Metrics,
     shutdown: CancellationToken,
@@ -120,6 +158,12 @@ pub(crate) async fn run_notifier(
             }
         };
         for group in watchers {
+            if feed
+                .as_ref()
+                .is_some_and(|f| !f.delivers_to(&group.gateway_url))
+            {
+                continue;
+            }
             let delivery = Delivery {
                 event: Some(ServerFrame {
                     event: Some(server_frame::Event::Presence(PresenceEvent {

@@ -1,22 +1,28 @@
 //! The session store: the one place presence state lives, behind [`SessionStore`].
 //!
 //! Every backend implements the same trait and passes the same conformance suite
-//! (`conformance.rs`). The backend is picked once at startup by [`build_store`].
+//! (`conformance.rs`). The backend is picked once at startup by [`build_store`]:
+//! `memory` ([`MemorySessionStore`], one instance) or `redis` ([`RedisSessionStore`],
+//! several instances sharing one Redis; key layout and consistency in [`redis`]).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use switchboard_config::PresenceConfig;
 use switchboard_proto::v1::{GatewayRoute, UserPresence};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::error::PresenceError;
 
 mod memory;
+pub mod redis;
 
 #[cfg(test)]
 mod conformance;
 
 pub use memory::MemorySessionStore;
+pub use redis::RedisSessionStore;
 
 /// Aggregated status of a user with at least one live session whose devices are all away.
 pub const STATUS_AWAY: &str = "away";
@@ -219,6 +225,43 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Sizes for the gauges.
     async fn stats(&self) -> Result<StoreStats, PresenceError>;
+
+    /// Wait until the backend answers, retrying with backoff and logging failures.
+    /// Returns false when `shutdown` fires first. An in-process store is ready at once.
+    async fn wait_ready(&self, _shutdown: &CancellationToken) -> bool {
+        true
+    }
+
+    /// The change feed of a store shared by several presence instances; `None` for a
+    /// store private to this instance, whose changes this instance delivers itself.
+    fn feed(&self) -> Option<Arc<dyn PresenceFeed>> {
+        None
+    }
+
+    /// Register the backend's own metrics (if any) in the service's registry.
+    fn register_metrics(&self, _registry: &prometheus::Registry) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+/// How presence changes travel between the instances sharing one store.
+///
+/// Every instance publishes the changes it makes; every instance receives all of them
+/// and sends each to the gateways it is responsible for ([`PresenceFeed::delivers_to`]):
+/// exactly one live instance per gateway, so the events about a user reach a gateway
+/// through one ordered outbox whichever instance made the change.
+#[async_trait::async_trait]
+pub trait PresenceFeed: Send + Sync + 'static {
+    /// Publish changes to every instance (this one included).
+    async fn publish(&self, changes: &[UserPresence]) -> Result<(), PresenceError>;
+
+    /// Receive the changes published by every instance into `changes_tx` until
+    /// `shutdown`, reconnecting on its own; also keeps this instance in the set of live
+    /// instances that [`PresenceFeed::delivers_to`] chooses from.
+    async fn run(&self, changes_tx: mpsc::Sender<UserPresence>, shutdown: CancellationToken);
+
+    /// Whether this instance sends presence events to `gateway_url`.
+    fn delivers_to(&self, gateway_url: &str) -> bool;
 }
 
 /// Build the session store selected by `presence.backend`.
@@ -226,7 +269,11 @@ pub fn build_store(config: &PresenceConfig) -> anyhow::Result<Arc<dyn SessionSto
     let ttl = Duration::from_millis(config.session_ttl_ms);
     match config.backend.as_str() {
         "memory" => Ok(Arc::new(MemorySessionStore::new(ttl))),
-        other => anyhow::bail!("unknown presence.backend `{other}` (expected `memory`)"),
+        "redis" => Ok(Arc::new(RedisSessionStore::new(
+            redis::RedisOptions::from_config(config),
+            Clock::new(),
+        )?)),
+        other => anyhow::bail!("unknown presence.backend `{other}` (expected `memory` or `redis`)"),
     }
 }
 
@@ -244,8 +291,12 @@ mod tests {
     }
 
     #[test]
-    fn factory_picks_memory_and_rejects_unknown_backends() {
+    fn factory_picks_memory_or_redis_and_rejects_unknown_backends() {
         let mut config = PresenceConfig::default();
+        assert!(build_store(&config).is_ok());
+        // The redis store connects on first use, so it builds without a server.
+        config.backend = "redis".into();
+        config.redis_url = "redis://127.0.0.1:1".into();
         assert!(build_store(&config).is_ok());
         config.backend = "nope".into();
         let err = build_store(&config)
