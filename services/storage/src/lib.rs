@@ -2,8 +2,10 @@
 //! message history, read markers and dedupe keys, served over the internal gRPC
 //! `Storage` contract (`proto/switchboard/v1/storage.proto`).
 //!
-//! - [`HistoryStore`]: the backend trait (SQLite now in [`sqlite`], ScyllaDB later), chosen
-//!   once at startup by [`build_store`] from `storage.backend`.
+//! - [`HistoryStore`]: the backend trait, chosen once at startup by [`build_store`] from
+//!   `storage.backend`: `sqlite` ([`sqlite`], embedded) or `scylla` ([`scylla`], ScyllaDB
+//!   or Cassandra over CQL, for several storage instances). [`migrate`] applies pending
+//!   schema migrations of either.
 //! - [`StorageService`]: validation, membership checks of reads, paging defaults,
 //!   coalescing of identical concurrent history reads, the dedupe purger.
 //! - [`run`]: the service process (gRPC, health, admin endpoints, metrics).
@@ -16,6 +18,7 @@ mod coalesce;
 mod error;
 mod metrics;
 mod rules;
+pub mod scylla;
 mod service;
 pub mod sqlite;
 mod store;
@@ -24,6 +27,7 @@ mod store;
 mod conformance;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use switchboard_config::Config;
@@ -45,13 +49,87 @@ pub use store::{
     NewConversation, PageQuery,
 };
 
-/// The history store named by `storage.backend`. Opening blocks (file I/O,
-/// migrations): call it from a blocking context.
-pub fn build_store(config: &Config) -> anyhow::Result<Arc<dyn HistoryStore>> {
+/// The history store named by `storage.backend`, opened once (no retry): SQLite on a
+/// blocking thread; ScyllaDB/Cassandra connected, migrated when
+/// `storage.migrate_on_start` (else refused when its schema is behind) and prepared.
+/// A backend that cannot be reached yet fails with a [`scylla::OpenError`] for which
+/// [`scylla::OpenError::is_transient`] is true.
+pub async fn build_store(config: &Config) -> anyhow::Result<Arc<dyn HistoryStore>> {
     match config.storage.backend.as_str() {
-        "sqlite" => Ok(Arc::new(sqlite::SqliteStore::open(&config.sqlite_path())?)),
+        "sqlite" => {
+            let path = config.sqlite_path();
+            let store = tokio::task::spawn_blocking(move || sqlite::SqliteStore::open(&path))
+                .await
+                .context("opening the history store panicked")??;
+            Ok(Arc::new(store))
+        }
+        "scylla" => Ok(Arc::new(scylla::ScyllaStore::open(config).await?)),
         other => anyhow::bail!("unknown storage.backend `{other}`"),
     }
+}
+
+/// Apply the pending schema migrations of the configured backend (`switchboard
+/// migrate`); returns the schema version.
+pub async fn migrate(config: &Config) -> anyhow::Result<u32> {
+    match config.storage.backend.as_str() {
+        "sqlite" => {
+            // Opening a SQLite store migrates it.
+            build_store(config).await?;
+            Ok(sqlite::MIGRATIONS.len() as u32)
+        }
+        "scylla" => scylla::migrate(config).await,
+        other => anyhow::bail!("unknown storage.backend `{other}`"),
+    }
+}
+
+/// First wait between attempts to open an unreachable backend.
+const OPEN_BACKOFF_START: Duration = Duration::from_millis(500);
+/// Longest wait between attempts to open an unreachable backend.
+const OPEN_BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// [`build_store`], retried with backoff while the backend is unreachable; `None` when
+/// `shutdown` came first. Other failures (bad configuration, a schema that is behind)
+/// are returned at once.
+async fn open_store(
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<Arc<dyn HistoryStore>>> {
+    let mut backoff = OPEN_BACKOFF_START;
+    loop {
+        let attempt = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            attempt = build_store(config) => attempt,
+        };
+        match attempt {
+            Ok(store) => return Ok(Some(store)),
+            Err(e)
+                if e.downcast_ref::<scylla::OpenError>()
+                    .is_some_and(scylla::OpenError::is_transient) =>
+            {
+                let wait = jitter(backoff);
+                tracing::warn!(
+                    error = %e,
+                    retry_in_ms = wait.as_millis() as u64,
+                    "history store unreachable; not ready, retrying"
+                );
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                backoff = (backoff * 2).min(OPEN_BACKOFF_MAX);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// `base` plus up to a quarter more, so that restarted instances do not retry in step.
+fn jitter(base: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    base + base.mul_f64(f64::from(nanos % 1000) / 4000.0)
 }
 
 /// Run the storage service until `shutdown` is cancelled.
@@ -92,10 +170,11 @@ pub async fn serve(
         });
     }
 
-    let store_config = Arc::clone(&config);
-    let store = tokio::task::spawn_blocking(move || build_store(&store_config))
-        .await
-        .context("opening the history store panicked")??;
+    let Some(store) = open_store(&config, &shutdown).await? else {
+        tracing::info!("storage service stopped before its history store opened");
+        local.cancel();
+        return admin.await.context("admin server panicked")?;
+    };
     let service = Arc::new(StorageService::new(
         store,
         ServiceSettings::from_config(&config.storage),
@@ -144,12 +223,17 @@ mod tests {
         (out[9..12].parse().unwrap(), out)
     }
 
-    #[test]
-    fn the_factory_refuses_unknown_backends() {
+    #[tokio::test]
+    async fn the_factory_refuses_unknown_backends() {
         let mut config = Config::default();
-        config.storage.backend = "scylla".into();
-        let err = build_store(&config).err().expect("unknown backend refused");
-        assert!(err.to_string().contains("scylla"), "{err}");
+        config.storage.backend = "mongo".into();
+        let err = build_store(&config)
+            .await
+            .err()
+            .expect("unknown backend refused");
+        assert!(err.to_string().contains("mongo"), "{err}");
+        let err = migrate(&config).await.expect_err("unknown backend refused");
+        assert!(err.to_string().contains("mongo"), "{err}");
     }
 
     #[tokio::test]

@@ -460,7 +460,7 @@ impl Storage for StorageGrpc {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
@@ -527,11 +527,17 @@ mod tests {
 
     #[tokio::test]
     async fn identical_concurrent_history_reads_share_one_backend_query() {
-        const READERS: usize = 16;
         let factory = SqliteFactory::new();
+        identical_concurrent_reads_share_one_query(factory.open().await).await;
+    }
+
+    /// Sixteen members ask for the same page at once through the service: one backend
+    /// query answers all of them. Run for every backend.
+    pub(crate) async fn identical_concurrent_reads_share_one_query(inner: Arc<dyn HistoryStore>) {
+        const READERS: usize = 16;
         let (release_tx, release_rx) = oneshot::channel();
         let gated = Arc::new(GatedStore {
-            inner: factory.open().await,
+            inner,
             history_calls: AtomicUsize::new(0),
             gate: Mutex::new(Some(release_rx)),
         });

@@ -1,0 +1,1966 @@
+//! The history store for scale: ScyllaDB (or Apache Cassandra) over CQL with the
+//! `scylla` driver. Schema and table layout: [`schema`].
+//!
+//! # Driver setup
+//!
+//! Every statement is prepared once at start ([`Statements`]) and runs through the
+//! driver's default load balancing policy: token-aware (requests go to a replica of the
+//! partition; on ScyllaDB also to the owning shard), preferring `storage.scylla_datacenter`
+//! when set. Consistency `LOCAL_QUORUM` for reads and writes, `LOCAL_SERIAL` for
+//! conditional updates and serial reads: a deployment writes from one datacenter (the
+//! routing partition owner is unique cluster-wide), which is what `LOCAL_SERIAL` needs.
+//! Requests time out after [`REQUEST_TIMEOUT`]; reads and plain upserts are marked
+//! idempotent (the driver may retry them), conditional updates are not.
+//!
+//! # Correctness without transactions
+//!
+//! There is no multi-row transaction, so each operation is built from single-partition
+//! steps that are either conditional (Paxos, "lightweight transaction", LWT) or
+//! idempotent, ordered so that a crash between any two steps leaves a state that the
+//! next attempt (or the next reader) completes, and never a second version of the truth.
+//!
+//! **Append** `(conversation c, seq s, message m)`, with dedupe key `k = (sender, client_msg_id)`:
+//! 1. *Claim the key*: `INSERT INTO dedupe_keys ... IF NOT EXISTS USING TTL window`
+//!    pointing at `(c, s)`. If a live key exists and its message is stored, `m` is a
+//!    duplicate: answer the stored message, write nothing. A key pointing at `(c, s)`
+//!    whose message is not stored is this record's own earlier, interrupted attempt:
+//!    go on. A key whose window ended, or that points at a sequence that went to
+//!    another message, or at an attempt that never committed, is replaced with a
+//!    conditional update on its exact old values.
+//! 2. *Commit*: `UPDATE conversations SET last_seq = s, pending_seq = s,
+//!    pending_message = m IF last_seq = s - 1`. This is the one commit point: exactly one
+//!    message wins each sequence, and the winner is recorded in the same write.
+//!    If it fails because `last_seq` is already `s` and `pending_message` is `m` (same
+//!    `message_id`, or same dedupe key), an earlier attempt of this record committed
+//!    and crashed before step 3: go to step 3 with the committed copy. Otherwise it is a
+//!    sequence conflict (the claim of step 1 is released) or an unknown conversation.
+//! 3. *Write* the message row (plain, idempotent upsert of the committed content) and
+//!    the dedupe key's age index row.
+//!
+//! Crash points: after 1, a retry finds its own claim (same `(c, s)`) and continues;
+//! a different attempt of the same key finds a claim that never committed and
+//! replaces it. After 2, a retry of the same record finds its commit and finishes step
+//! 3; a new partition owner starts with [`HistoryStore::last_seq`], which reads the
+//! conversation row serially and rewrites the committed `pending_message` before
+//! answering, so the sequence it continues from is always backed by a stored message
+//! (no gap), and a re-consumed record finds its key pointing at that stored message
+//! (no duplicate). After 3 everything is in place; a retry answers "duplicate" (with a
+//! key) or "already committed" (same `message_id`). Between 2 and 3 a reader may for a
+//! moment see `last_seq = s` before message `s` (the sender has not been acked yet;
+//! clients fill gaps from history).
+//!
+//! Limits of this scheme: dedupe is exact under one partition owner at a time. Two
+//! appends of the same key racing with *different* sequences (two owners of one
+//! partition at once, or one sender reusing a client id in two conversations at the
+//! same instant) can both be stored; the sequence stays gapless regardless.
+//!
+//! **Direct conversations**: `INSERT INTO direct_pairs ... IF NOT EXISTS` on the sorted
+//! pair decides the conversation id; its row holds everything needed to finish
+//! creating it (members, then the conversation row `IF NOT EXISTS`), so whoever finds
+//! the pair without its conversation finishes the job. A group's member rows are
+//! written before its conversation row, so a conversation is never visible without
+//! its members (an interrupted creation leaves only unreachable member rows).
+//!
+//! **Membership changes**: read, authorize, then `UPDATE conversations SET
+//! members_version = v + 1, member_count = n, pending_members = change
+//! IF members_version = v` (a concurrent change makes this fail and the whole
+//! check runs again: the owner check and the member cap are atomic with the change).
+//! The member rows follow, written `USING TIMESTAMP v + 2` so that a late write of an
+//! older change never undoes a newer one, then `applied_members_version` is raised. A
+//! change interrupted after its commit is finished by the next `GetConversation` or
+//! membership change of that conversation.
+//!
+//! **Read markers** rise with `IF seq < wanted` (or `IF NOT EXISTS` for the first one).
+//!
+//! # Faults
+//!
+//! Opening fails with [`OpenError::Unreachable`] when no node answers; the service
+//! retries with backoff and stays not ready meanwhile. During operation, a lost node
+//! makes requests fail within [`REQUEST_TIMEOUT`] (at once when no connection is
+//! left) with `unavailable`; the driver reconnects by itself.
+
+pub mod schema;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::scylla::client::execution_profile::ExecutionProfile;
+use ::scylla::client::session::Session;
+use ::scylla::client::session_builder::SessionBuilder;
+use ::scylla::deserialize::row::DeserializeRow;
+use ::scylla::errors::{
+    ExecutionError, NewSessionError, NextPageError, NextRowError, PagerExecutionError,
+    RequestAttemptError, RequestError,
+};
+use ::scylla::frame::types::{Consistency, SerialConsistency};
+use ::scylla::policies::address_translator::AddressTranslator;
+use ::scylla::policies::load_balancing::DefaultPolicy;
+use ::scylla::response::query_result::QueryResult;
+use ::scylla::serialize::row::SerializeRow;
+use ::scylla::statement::prepared::PreparedStatement;
+use ::scylla::value::{CqlValue, Row};
+use async_trait::async_trait;
+use futures::TryStreamExt;
+use prost::Message as _;
+use switchboard_config::Config;
+use switchboard_proto::{Conversation, HistoryResult, Message, ReadMarker, SyncResult};
+
+use crate::error::{Result, StorageError};
+use crate::rules;
+use crate::store::{
+    Appended, ConversationKind, Direction, HistoryStore, MemberAction, MemberChange,
+    NewConversation, PageQuery,
+};
+
+/// Sequences per `messages` partition: `bucket = seq / BUCKET_SIZE`. Fixed forever
+/// (changing it would hide stored messages).
+pub const BUCKET_SIZE: u64 = 1000;
+/// Partitions per hour of the dedupe key age index (spreads its writes).
+pub const DEDUPE_SHARDS: i32 = 16;
+/// Client-side deadline of one request (including the driver's retries).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// Deadline of schema changes, which wait for every node to agree.
+const SCHEMA_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long opening a connection to a node may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Conditional updates tried per operation before giving up with `unavailable`
+/// (only reached under contention that a single partition owner never causes).
+const MAX_LWT_ATTEMPTS: usize = 8;
+/// Requests one operation keeps in flight when it fans out (members, conversations).
+const FANOUT: usize = 32;
+/// Users per `IN (...)` membership probe.
+const IN_CHUNK: usize = 100;
+/// Rows per page of multi-page reads (members of a conversation, a user's conversations).
+const PAGE_SIZE: i32 = 1000;
+/// How far before the purge horizon the age index is scanned: keys older than that
+/// have expired by TTL already (this covers a service clock up to an hour ahead).
+const PURGE_LOOKBACK_MS: i64 = 3_600_000;
+const HOUR_MS: i64 = 3_600_000;
+const ROLE_OWNER: &str = "owner";
+const ROLE_MEMBER: &str = "member";
+/// Separates the two ids of a direct pair key; ids never contain control characters.
+const PAIR_SEPARATOR: char = '\u{1f}';
+
+/// Why the store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// No node answered (or answered only with timeouts): worth retrying.
+    #[error("cannot reach ScyllaDB/Cassandra at {nodes}: {reason}")]
+    Unreachable { nodes: String, reason: String },
+    /// The keyspace's schema is older than this build and migrations are not to be
+    /// applied at start.
+    #[error(
+        "keyspace {keyspace} has schema version {current}, this build needs {needed}: \
+         run `switchboard migrate` (or set storage.migrate_on_start = true)"
+    )]
+    SchemaBehind {
+        keyspace: String,
+        current: u32,
+        needed: u32,
+    },
+    /// The schema was migrated by a newer build.
+    #[error(
+        "keyspace {keyspace} has schema version {current}, newer than this build knows ({known})"
+    )]
+    SchemaNewer {
+        keyspace: String,
+        current: u32,
+        known: u32,
+    },
+    /// Anything else (bad configuration, a refused statement).
+    #[error("{0}")]
+    Other(String),
+}
+
+impl OpenError {
+    /// Whether trying again later can succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, OpenError::Unreachable { .. })
+    }
+}
+
+/// Apply pending schema migrations to the configured keyspace (creating it if needed);
+/// returns the schema version.
+pub async fn migrate(config: &Config) -> anyhow::Result<u32> {
+    let session = connect(config, None).await?;
+    Ok(migrate_session(&session, config).await?)
+}
+
+/// The ScyllaDB/Cassandra history store. Cheap to share behind an `Arc`.
+pub struct ScyllaStore {
+    session: Session,
+    st: Statements,
+}
+
+impl ScyllaStore {
+    /// Connect, migrate (when `storage.migrate_on_start`) or check the schema version,
+    /// and prepare every statement.
+    pub async fn open(config: &Config) -> std::result::Result<ScyllaStore, OpenError> {
+        Self::open_with(config, None).await
+    }
+
+    /// [`ScyllaStore::open`] with node addresses rewritten by `translator` (tests put a
+    /// proxy between the store and the server).
+    pub async fn open_with(
+        config: &Config,
+        translator: Option<Arc<dyn AddressTranslator>>,
+    ) -> std::result::Result<ScyllaStore, OpenError> {
+        let session = connect(config, translator).await?;
+        let storage = &config.storage;
+        let version = if storage.migrate_on_start {
+            migrate_session(&session, config).await?
+        } else {
+            let current = schema_version(&session, &storage.scylla_keyspace).await?;
+            check_version(&storage.scylla_keyspace, current, false)?;
+            current
+        };
+        let st = Statements::prepare(&session, &storage.scylla_keyspace)
+            .await
+            .map_err(|e| open_error(&config.storage.scylla_nodes, e))?;
+        tracing::info!(
+            nodes = %storage.scylla_nodes,
+            keyspace = %storage.scylla_keyspace,
+            schema_version = version,
+            "history store connected"
+        );
+        Ok(ScyllaStore { session, st })
+    }
+}
+
+fn nodes_of(config: &Config) -> Vec<String> {
+    config
+        .storage
+        .scylla_nodes
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+async fn connect(
+    config: &Config,
+    translator: Option<Arc<dyn AddressTranslator>>,
+) -> std::result::Result<Session, OpenError> {
+    let storage = &config.storage;
+    let mut policy = DefaultPolicy::builder().token_aware(true);
+    if !storage.scylla_datacenter.is_empty() {
+        policy = policy
+            .prefer_datacenter(storage.scylla_datacenter.clone())
+            .permit_dc_failover(false);
+    }
+    let profile = ExecutionProfile::builder()
+        .consistency(Consistency::LocalQuorum)
+        .serial_consistency(Some(SerialConsistency::LocalSerial))
+        .request_timeout(Some(REQUEST_TIMEOUT))
+        .load_balancing_policy(policy.build())
+        .build();
+    let mut builder = SessionBuilder::new()
+        .known_nodes(nodes_of(config))
+        .connection_timeout(CONNECT_TIMEOUT)
+        .schema_agreement_timeout(SCHEMA_TIMEOUT)
+        .default_execution_profile_handle(profile.into_handle());
+    if !storage.scylla_username.is_empty() {
+        builder = builder.user(&storage.scylla_username, &storage.scylla_password);
+    }
+    if let Some(translator) = translator {
+        builder = builder.address_translator(translator);
+    }
+    builder.build().await.map_err(|e| {
+        let reason = e.to_string();
+        match e {
+            NewSessionError::EmptyKnownNodesList | NewSessionError::IllegalConfig(_) => {
+                OpenError::Other(format!("storage.scylla_nodes: {reason}"))
+            }
+            _ => OpenError::Unreachable {
+                nodes: storage.scylla_nodes.clone(),
+                reason,
+            },
+        }
+    })
+}
+
+fn open_error(nodes: &str, e: ExecutionError) -> OpenError {
+    match classify(&e) {
+        StorageError::Unavailable(reason) => OpenError::Unreachable {
+            nodes: nodes.to_owned(),
+            reason,
+        },
+        other => OpenError::Other(other.to_string()),
+    }
+}
+
+/// Run a schema statement with the schema deadline.
+async fn run_ddl(session: &Session, cql: &str) -> std::result::Result<(), ExecutionError> {
+    let mut statement = ::scylla::statement::unprepared::Statement::new(cql);
+    statement.set_request_timeout(Some(SCHEMA_TIMEOUT));
+    session.query_unpaged(statement, ()).await?;
+    Ok(())
+}
+
+/// The recorded schema version of `keyspace` (0 when the keyspace or the table is missing).
+async fn schema_version(session: &Session, keyspace: &str) -> std::result::Result<u32, OpenError> {
+    let nodes = "the cluster";
+    let tables = session
+        .query_unpaged(
+            "SELECT table_name FROM system_schema.tables WHERE keyspace_name = ? AND table_name = 'schema_version'",
+            (keyspace,),
+        )
+        .await
+        .map_err(|e| open_error(nodes, e))?
+        .into_rows_result()
+        .map_err(|e| OpenError::Other(e.to_string()))?
+        .rows_num();
+    if tables == 0 {
+        return Ok(0);
+    }
+    let result = session
+        .query_unpaged(format!("SELECT version FROM {keyspace}.schema_version"), ())
+        .await
+        .map_err(|e| open_error(nodes, e))?
+        .into_rows_result()
+        .map_err(|e| OpenError::Other(e.to_string()))?;
+    let mut current = 0u32;
+    for row in result
+        .rows::<(i32,)>()
+        .map_err(|e| OpenError::Other(e.to_string()))?
+    {
+        let (version,) = row.map_err(|e| OpenError::Other(e.to_string()))?;
+        current = current.max(u32::try_from(version).unwrap_or(0));
+    }
+    Ok(current)
+}
+
+fn check_version(
+    keyspace: &str,
+    current: u32,
+    will_migrate: bool,
+) -> std::result::Result<(), OpenError> {
+    let known = schema::latest_version();
+    if current > known {
+        return Err(OpenError::SchemaNewer {
+            keyspace: keyspace.to_owned(),
+            current,
+            known,
+        });
+    }
+    if current < known && !will_migrate {
+        return Err(OpenError::SchemaBehind {
+            keyspace: keyspace.to_owned(),
+            current,
+            needed: known,
+        });
+    }
+    Ok(())
+}
+
+/// Create the keyspace and apply every migration it lacks. Every statement is
+/// idempotent, so an interrupted run is completed by the next one. Run it from one
+/// place at a time (`switchboard migrate`, or one instance starting with
+/// `migrate_on_start`): concurrent schema changes of the same table are not safe on
+/// every Cassandra version.
+async fn migrate_session(
+    session: &Session,
+    config: &Config,
+) -> std::result::Result<u32, OpenError> {
+    let storage = &config.storage;
+    let keyspace = storage.scylla_keyspace.as_str();
+    let nodes = storage.scylla_nodes.as_str();
+    run_ddl(
+        session,
+        &schema::create_keyspace_cql(
+            keyspace,
+            storage.scylla_replication_factor,
+            &storage.scylla_datacenter,
+        ),
+    )
+    .await
+    .map_err(|e| open_error(nodes, e))?;
+    let qualified = schema::SCHEMA_VERSION_TABLE.replacen(
+        "schema_version",
+        &format!("{keyspace}.schema_version"),
+        1,
+    );
+    run_ddl(session, &qualified)
+        .await
+        .map_err(|e| open_error(nodes, e))?;
+    let current = schema_version(session, keyspace).await?;
+    check_version(keyspace, current, true)?;
+    for (i, statements) in schema::MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let version = i as u32 + 1;
+        for cql in *statements {
+            let cql = qualify(cql, keyspace);
+            run_ddl(session, &cql)
+                .await
+                .map_err(|e| open_error(nodes, e))?;
+        }
+        session
+            .query_unpaged(
+                format!(
+                    "INSERT INTO {keyspace}.schema_version (version, applied_at_ms) VALUES (?, ?)"
+                ),
+                (version as i32, now_ms()),
+            )
+            .await
+            .map_err(|e| open_error(nodes, e))?;
+        tracing::info!(keyspace, schema_version = version, "history store migrated");
+    }
+    Ok(schema::latest_version())
+}
+
+/// Prefix the table of a `CREATE TABLE IF NOT EXISTS <table>` with the keyspace.
+fn qualify(cql: &str, keyspace: &str) -> String {
+    const PREFIX: &str = "CREATE TABLE IF NOT EXISTS ";
+    match cql.find(PREFIX) {
+        Some(at) => {
+            let split = at + PREFIX.len();
+            format!("{}{keyspace}.{}", &cql[..split], &cql[split..])
+        }
+        None => cql.to_owned(),
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The gRPC-facing class of a driver error: `unavailable` for anything that may pass
+/// (timeouts, lost connections, overloaded or missing replicas), `internal` for a
+/// statement the server refuses.
+fn classify(e: &ExecutionError) -> StorageError {
+    use ::scylla::errors::DbError;
+    let transient = match e {
+        ExecutionError::BadQuery(_) | ExecutionError::PrepareError(_) => false,
+        ExecutionError::LastAttemptError(RequestAttemptError::DbError(db, _)) => !matches!(
+            db,
+            DbError::SyntaxError
+                | DbError::Invalid
+                | DbError::AlreadyExists { .. }
+                | DbError::Unauthorized
+                | DbError::ConfigError
+                | DbError::ProtocolError
+                | DbError::FunctionFailure { .. }
+                | DbError::AuthenticationError
+        ),
+        ExecutionError::LastAttemptError(
+            RequestAttemptError::SerializationError(_)
+            | RequestAttemptError::CqlRequestSerialization(_)
+            | RequestAttemptError::CqlResultParseError(_),
+        ) => false,
+        _ => true,
+    };
+    if transient {
+        StorageError::Unavailable(format!("cql: {e}"))
+    } else {
+        StorageError::Internal(format!("cql: {e}"))
+    }
+}
+
+/// [`classify`] for the errors of multi-page reads.
+fn classify_request(e: &RequestError) -> StorageError {
+    match e {
+        RequestError::LastAttemptError(attempt) => {
+            classify(&ExecutionError::LastAttemptError(attempt.clone()))
+        }
+        other => StorageError::Unavailable(format!("cql: {other}")),
+    }
+}
+
+fn classify_pager(e: &PagerExecutionError) -> StorageError {
+    match e {
+        PagerExecutionError::NextPageError(NextPageError::RequestFailure(r)) => classify_request(r),
+        other => StorageError::Internal(format!("cql: {other}")),
+    }
+}
+
+fn decode_error(e: impl std::fmt::Display) -> StorageError {
+    StorageError::Internal(format!("cql result: {e}"))
+}
+
+fn seq_i64(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
+fn bucket_of(seq: u64) -> i64 {
+    seq_i64(seq / BUCKET_SIZE)
+}
+
+/// Stable shard of a dedupe key (FNV-1a; the same on every build and machine).
+fn dedupe_shard(sender_id: &str, client_msg_id: &str) -> i32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in sender_id
+        .bytes()
+        .chain(std::iter::once(0))
+        .chain(client_msg_id.bytes())
+    {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    (hash % DEDUPE_SHARDS as u32) as i32
+}
+
+fn direct_key(members: &[String]) -> String {
+    let mut pair: Vec<&str> = members.iter().map(String::as_str).collect();
+    pair.sort_unstable();
+    pair.join(&PAIR_SEPARATOR.to_string())
+}
+
+/// Write timestamp of member rows written for `members_version` (creation is 0).
+fn member_timestamp(members_version: i64) -> i64 {
+    members_version + 1
+}
+
+/// A membership change committed to the conversation row, replayed onto the member
+/// tables until `applied_members_version` reaches its version.
+#[derive(Clone, PartialEq, prost::Message)]
+struct PendingMembers {
+    #[prost(int64, tag = "1")]
+    version: i64,
+    #[prost(bool, tag = "2")]
+    add: bool,
+    /// Only users whose membership actually changes.
+    #[prost(string, repeated, tag = "3")]
+    user_ids: Vec<String>,
+    #[prost(int64, tag = "4")]
+    at_ms: i64,
+}
+
+/// The outcome of a conditional statement: whether it applied and, when it did not,
+/// the current values the server sent back (absent when the row does not exist).
+struct Lwt {
+    applied: bool,
+    current: HashMap<String, CqlValue>,
+}
+
+impl Lwt {
+    fn text(&self, column: &str) -> Option<String> {
+        match self.current.get(column) {
+            Some(CqlValue::Text(s)) | Some(CqlValue::Ascii(s)) => Some(s.clone()),
+            _ => None,
+        }
+    }
+
+    fn bigint(&self, column: &str) -> Option<i64> {
+        match self.current.get(column) {
+            Some(CqlValue::BigInt(v)) => Some(*v),
+            _ => None,
+        }
+    }
+}
+
+/// The conversation row as most operations need it.
+struct ConvRow {
+    kind: String,
+    name: String,
+    owner_id: String,
+    created_at_ms: i64,
+    updated_at_ms: i64,
+    last_seq: i64,
+    members_version: i64,
+    member_count: i32,
+    applied_members_version: i64,
+    pending_members: Option<Vec<u8>>,
+}
+
+type ConvTuple = (
+    String,
+    String,
+    String,
+    i64,
+    i64,
+    i64,
+    i64,
+    i32,
+    i64,
+    Option<Vec<u8>>,
+);
+
+impl ConvRow {
+    fn from_tuple(t: ConvTuple) -> Self {
+        ConvRow {
+            kind: t.0,
+            name: t.1,
+            owner_id: t.2,
+            created_at_ms: t.3,
+            updated_at_ms: t.4,
+            last_seq: t.5,
+            members_version: t.6,
+            member_count: t.7,
+            applied_members_version: t.8,
+            pending_members: t.9,
+        }
+    }
+
+    fn conversation(&self, id: &str, members: Vec<String>) -> Conversation {
+        Conversation {
+            conversation_id: id.to_owned(),
+            kind: self.kind.clone(),
+            name: self.name.clone(),
+            owner_id: self.owner_id.clone(),
+            members,
+            last_seq: self.last_seq.max(0) as u64,
+            created_at_ms: self.created_at_ms,
+            updated_at_ms: self.updated_at_ms,
+        }
+    }
+}
+
+type MessageTuple = (
+    String,
+    i64,
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    i64,
+);
+
+fn message_from_tuple(t: MessageTuple) -> Message {
+    Message {
+        conversation_id: t.0,
+        seq: t.1.max(0) as u64,
+        message_id: t.2,
+        sender_id: t.3,
+        sender_device: t.4,
+        client_msg_id: t.5,
+        body: t.6,
+        content_type: t.7,
+        sent_at_ms: t.8,
+    }
+}
+
+const CONV_COLUMNS: &str = "kind, name, owner_id, created_at_ms, updated_at_ms, last_seq, \
+     members_version, member_count, applied_members_version, pending_members";
+const MESSAGE_COLUMNS: &str = "conversation_id, seq, message_id, sender_id, sender_device, \
+     client_msg_id, body, content_type, sent_at_ms";
+
+/// Every statement, prepared once.
+struct Statements {
+    conv_insert: PreparedStatement,
+    conv_select: PreparedStatement,
+    conv_select_serial: PreparedStatement,
+    conv_last_seq: PreparedStatement,
+    conv_last_seq_serial: PreparedStatement,
+    conv_commit_append: PreparedStatement,
+    conv_commit_members: PreparedStatement,
+    conv_members_applied: PreparedStatement,
+    member_insert: PreparedStatement,
+    member_delete: PreparedStatement,
+    member_select: PreparedStatement,
+    members_among: PreparedStatement,
+    members_all: PreparedStatement,
+    user_conv_insert: PreparedStatement,
+    user_conv_delete: PreparedStatement,
+    user_convs: PreparedStatement,
+    msg_insert: PreparedStatement,
+    msg_select: PreparedStatement,
+    msg_after: PreparedStatement,
+    msg_upto: PreparedStatement,
+    pair_insert: PreparedStatement,
+    dedupe_claim: PreparedStatement,
+    dedupe_replace: PreparedStatement,
+    dedupe_release: PreparedStatement,
+    dedupe_select: PreparedStatement,
+    dedupe_purge: PreparedStatement,
+    age_insert: PreparedStatement,
+    age_select: PreparedStatement,
+    age_delete: PreparedStatement,
+    marker_select: PreparedStatement,
+    marker_insert: PreparedStatement,
+    marker_raise: PreparedStatement,
+}
+
+impl Statements {
+    async fn prepare(
+        session: &Session,
+        ks: &str,
+    ) -> std::result::Result<Statements, ExecutionError> {
+        // `idempotent`: safe for the driver to retry (reads, plain upserts, deletes).
+        let prep = |cql: String, idempotent: bool, serial_read: bool| async move {
+            let mut st = session.prepare(cql).await?;
+            st.set_is_idempotent(idempotent);
+            if serial_read {
+                st.set_consistency(Consistency::LocalSerial);
+            }
+            Ok::<_, ExecutionError>(st)
+        };
+        let conv_select_cql =
+            format!("SELECT {CONV_COLUMNS} FROM {ks}.conversations WHERE conversation_id = ?");
+        let last_seq_cql = format!(
+            "SELECT last_seq, pending_seq, pending_message FROM {ks}.conversations WHERE conversation_id = ?"
+        );
+        Ok(Statements {
+            conv_insert: prep(
+                format!(
+                    "INSERT INTO {ks}.conversations (conversation_id, kind, name, owner_id, \
+                     created_at_ms, updated_at_ms, last_seq, members_version, member_count, \
+                     applied_members_version) VALUES (?, ?, ?, ?, ?, ?, 0, 0, ?, 0) IF NOT EXISTS"
+                ),
+                false,
+                false,
+            )
+            .await?,
+            conv_select: prep(conv_select_cql.clone(), true, false).await?,
+            conv_select_serial: prep(conv_select_cql, true, true).await?,
+            conv_last_seq: prep(
+                format!("SELECT last_seq FROM {ks}.conversations WHERE conversation_id = ?"),
+                true,
+                false,
+            )
+            .await?,
+            conv_last_seq_serial: prep(last_seq_cql, true, true).await?,
+            conv_commit_append: prep(
+                format!(
+                    "UPDATE {ks}.conversations SET last_seq = ?, updated_at_ms = ?, \
+                     pending_seq = ?, pending_message = ? WHERE conversation_id = ? IF last_seq = ?"
+                ),
+                false,
+                false,
+            )
+            .await?,
+            conv_commit_members: prep(
+                format!(
+                    "UPDATE {ks}.conversations SET members_version = ?, member_count = ?, \
+                     pending_members = ?, updated_at_ms = ? WHERE conversation_id = ? \
+                     IF members_version = ?"
+                ),
+                false,
+                false,
+            )
+            .await?,
+            conv_members_applied: prep(
+                format!(
+                    "UPDATE {ks}.conversations SET applied_members_version = ? \
+                     WHERE conversation_id = ? IF applied_members_version < ?"
+                ),
+                false,
+                false,
+            )
+            .await?,
+            member_insert: prep(
+                format!(
+                    "INSERT INTO {ks}.members_by_conversation (conversation_id, user_id, role, \
+                     joined_at_ms) VALUES (?, ?, ?, ?) USING TIMESTAMP ?"
+                ),
+                true,
+                false,
+            )
+            .await?,
+            member_delete: prep(
+                format!(
+                    "DELETE FROM {ks}.members_by_conversation USING TIMESTAMP ? \
+                     WHERE conversation_id = ? AND user_id = ?"
+                ),
+                true,
+                false,
+            )
+            .await?,
+            member_select: prep(
+                format!(
+                    "SELECT user_id FROM {ks}.members_by_conversation \
+                     WHERE conversation_id = ? AND user_id = ?"
+                ),
+                true,
+                false,
+            )
+            .await?,
+            members_among: prep(
+                format!(
+                    "SELECT user_id FROM {ks}.members_by_conversation \
+                     WHERE conversation_id = ? AND user_id IN ?"
+                ),
+                true,
+                false,
+            )
+            .await?,
+            members_all: {
+                let mut st = prep(
+                    format!(
+                        "SELECT user_id FROM {ks}.members_by_conversation WHERE conversation_id = ?"
+                    ),
+                    true,
+                    false,
+                )
+                .await?;
+                st.set_page_size(PAGE_SIZE);
+                st
+            },
+            user_conv_insert: prep(
+                format!(
+                    "INSERT INTO {ks}.conversations_by_user (user_id, conversation_id, joined_at_ms) \
+                     VALUES (?, ?, ?) USING TIMESTAMP ?"
+                ),
+                true,
+                false,
+            )
+            .await?,
+            user_conv_delete: prep(
+                format!(
+                    "DELETE FROM {ks}.conversations_by_user USING TIMESTAMP ? \
+                     WHERE user_id = ? AND conversation_id = ?"
+                ),
+                true,
+                false,
+            )
+            .await?,
+            user_convs: {
+                let mut st = prep(
+                    format!(
+                        "SELECT conversation_id FROM {ks}.conversations_by_user WHERE user_id = ?"
+                    ),
+                    true,
+                    false,
+                )
+                .await?;
+                st.set_page_size(PAGE_SIZE);
+                st
+            },
+            msg_insert: prep(
+                format!(
+                    "INSERT INTO {ks}.messages (conversation_id, bucket, seq, message_id, \
+                     sender_id, sender_device, client_msg_id, body, content_type, sent_at_ms) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                ),
+                true,
+                false,
+            )
+            .await?,
+            msg_select: prep(
+                format!(
+                    "SELECT {MESSAGE_COLUMNS} FROM {ks}.messages \
+                     WHERE conversation_id = ? AND bucket = ? AND seq = ?"
+                ),
+                true,
+                false,
+            )
+            .await?,
+            msg_after: prep(
+                format!(
+                    "SELECT {MESSAGE_COLUMNS} FROM {ks}.messages \
+                     WHERE conversation_id = ? AND bucket = ? AND seq > ? \
+                     ORDER BY seq ASC LIMIT ?"
+                ),
+                true,
+                false,
+            )
+            .await?,
+            msg_upto: prep(
+                format!(
+                    "SELECT {MESSAGE_COLUMNS} FROM {ks}.messages \
+                     WHERE conversation_id = ? AND bucket = ? AND seq <= ? \
+                     ORDER BY seq DESC LIMIT ?"
+                ),
+                true,
+                false,
+            )
+            .await?,
+            pair_insert: prep(
+                format!(
+                    "INSERT INTO {ks}.direct_pairs (pair_key, conversation_id, creator_id, \
+                     other_id, created_at_ms) VALUES (?, ?, ?, ?, ?) IF NOT EXISTS"
+                ),
+                false,
+                false,
+            )
+            .await?,
+            dedupe_claim: prep(
+                format!(
+                    "INSERT INTO {ks}.dedupe_keys (sender_id, client_msg_id, conversation_id, \
+                     seq, created_at_ms) VALUES (?, ?, ?, ?, ?) IF NOT EXISTS USING TTL ?"
+                ),
+                false,
+                false,
+            )
+            .await?,
+            dedupe_replace: prep(
+                format!(
+                    "UPDATE {ks}.dedupe_keys USING TTL ? SET conversation_id = ?, seq = ?, \
+                     created_at_ms = ? WHERE sender_id = ? AND client_msg_id = ? \
+                     IF conversation_id = ? AND seq = ? AND created_at_ms = ?"
+                ),
+                false,
+                false,
+            )
+            .await?,
+            dedupe_release: prep(
+                format!(
+                    "DELETE FROM {ks}.dedupe_keys WHERE sender_id = ? AND client_msg_id = ? \
+                     IF conversation_id = ? AND seq = ? AND created_at_ms = ?"
+                ),
+                false,
+                false,
+            )
+            .await?,
+            dedupe_select: prep(
+                format!(
+                    "SELECT conversation_id, seq, created_at_ms FROM {ks}.dedupe_keys \
+                     WHERE sender_id = ? AND client_msg_id = ?"
+                ),
+                true,
+                false,
+            )
+            .await?,
+            dedupe_purge: prep(
+                format!(
+                    "DELETE FROM {ks}.dedupe_keys WHERE sender_id = ? AND client_msg_id = ? \
+                     IF created_at_ms = ?"
+                ),
+                false,
+                false,
+            )
+            .await?,
+            age_insert: prep(
+                format!(
+                    "INSERT INTO {ks}.dedupe_keys_by_age (hour, shard, created_at_ms, sender_id, \
+                     client_msg_id) VALUES (?, ?, ?, ?, ?) USING TTL ?"
+                ),
+                true,
+                false,
+            )
+            .await?,
+            age_select: prep(
+                format!(
+                    "SELECT created_at_ms, sender_id, client_msg_id FROM {ks}.dedupe_keys_by_age \
+                     WHERE hour = ? AND shard = ? AND created_at_ms < ? LIMIT ?"
+                ),
+                true,
+                false,
+            )
+            .await?,
+            age_delete: prep(
+                format!(
+                    "DELETE FROM {ks}.dedupe_keys_by_age WHERE hour = ? AND shard = ? \
+                     AND created_at_ms = ? AND sender_id = ? AND client_msg_id = ?"
+                ),
+                true,
+                false,
+            )
+            .await?,
+            marker_select: prep(
+                format!(
+                    "SELECT seq, at_ms FROM {ks}.read_markers \
+                     WHERE conversation_id = ? AND user_id = ?"
+                ),
+                true,
+                false,
+            )
+            .await?,
+            marker_insert: prep(
+                format!(
+                    "INSERT INTO {ks}.read_markers (conversation_id, user_id, seq, at_ms) \
+                     VALUES (?, ?, ?, ?) IF NOT EXISTS"
+                ),
+                false,
+                false,
+            )
+            .await?,
+            marker_raise: prep(
+                format!(
+                    "UPDATE {ks}.read_markers SET seq = ?, at_ms = ? \
+                     WHERE conversation_id = ? AND user_id = ? IF seq < ?"
+                ),
+                false,
+                false,
+            )
+            .await?,
+        })
+    }
+}
+
+/// What claiming a dedupe key found.
+enum Claim {
+    /// The key now points at this append; `created_at_ms` identifies the claim.
+    Ours { created_at_ms: i64 },
+    /// The key's message is stored: answer it.
+    Duplicate(Message),
+}
+
+impl ScyllaStore {
+    async fn exec(&self, st: &PreparedStatement, values: impl SerializeRow) -> Result<QueryResult> {
+        self.session
+            .execute_unpaged(st, values)
+            .await
+            .map_err(|e| classify(&e))
+    }
+
+    async fn rows<T>(&self, st: &PreparedStatement, values: impl SerializeRow) -> Result<Vec<T>>
+    where
+        T: for<'f, 'm> DeserializeRow<'f, 'm>,
+    {
+        let result = self.exec(st, values).await?;
+        let rows = result.into_rows_result().map_err(decode_error)?;
+        let out = rows
+            .rows::<T>()
+            .map_err(decode_error)?
+            .collect::<std::result::Result<Vec<T>, _>>()
+            .map_err(decode_error)?;
+        Ok(out)
+    }
+
+    async fn first<T>(&self, st: &PreparedStatement, values: impl SerializeRow) -> Result<Option<T>>
+    where
+        T: for<'f, 'm> DeserializeRow<'f, 'm>,
+    {
+        Ok(self.rows::<T>(st, values).await?.into_iter().next())
+    }
+
+    /// Every row of a multi-page query.
+    async fn all_rows<T>(&self, st: &PreparedStatement, values: impl SerializeRow) -> Result<Vec<T>>
+    where
+        T: for<'f, 'm> DeserializeRow<'f, 'm> + 'static,
+    {
+        let pager = self
+            .session
+            .execute_iter(st.clone(), values)
+            .await
+            .map_err(|e| classify_pager(&e))?;
+        pager
+            .rows_stream::<T>()
+            .map_err(decode_error)?
+            .map_err(|e| match e {
+                NextRowError::NextPageError(NextPageError::RequestFailure(r)) => {
+                    classify_request(&r)
+                }
+                other => decode_error(other),
+            })
+            .try_collect()
+            .await
+    }
+
+    async fn lwt(&self, st: &PreparedStatement, values: impl SerializeRow) -> Result<Lwt> {
+        let result = self.exec(st, values).await?;
+        let rows = result.into_rows_result().map_err(decode_error)?;
+        let specs: Vec<String> = rows
+            .column_specs()
+            .iter()
+            .map(|c| c.name().to_owned())
+            .collect();
+        let row = rows
+            .maybe_first_row::<Row>()
+            .map_err(decode_error)?
+            .ok_or_else(|| StorageError::Internal("conditional update returned no row".into()))?;
+        let mut applied = false;
+        let mut current = HashMap::new();
+        for (name, value) in specs.into_iter().zip(row.columns) {
+            if name == "[applied]" {
+                applied = matches!(value, Some(CqlValue::Boolean(true)));
+            } else if let Some(value) = value {
+                current.insert(name, value);
+            }
+        }
+        Ok(Lwt { applied, current })
+    }
+
+    async fn conv_row(&self, id: &str, serial: bool) -> Result<Option<ConvRow>> {
+        let st = if serial {
+            &self.st.conv_select_serial
+        } else {
+            &self.st.conv_select
+        };
+        Ok(self
+            .first::<ConvTuple>(st, (id,))
+            .await?
+            .map(ConvRow::from_tuple))
+    }
+
+    async fn members_of(&self, id: &str) -> Result<Vec<String>> {
+        let mut members: Vec<String> = self
+            .all_rows::<(String,)>(&self.st.members_all, (id,))
+            .await?
+            .into_iter()
+            .map(|(u,)| u)
+            .collect();
+        members.sort_unstable();
+        Ok(members)
+    }
+
+    async fn member_exists(&self, id: &str, user: &str) -> Result<bool> {
+        Ok(self
+            .first::<(String,)>(&self.st.member_select, (id, user))
+            .await?
+            .is_some())
+    }
+
+    /// Which of `users` are members of `id`.
+    async fn members_among(&self, id: &str, users: &[String]) -> Result<HashSet<String>> {
+        let mut found = HashSet::new();
+        for group in users.chunks(IN_CHUNK * FANOUT) {
+            let probes = group
+                .chunks(IN_CHUNK)
+                .map(|chunk| self.rows::<(String,)>(&self.st.members_among, (id, chunk.to_vec())));
+            for rows in futures::future::try_join_all(probes).await? {
+                found.extend(rows.into_iter().map(|(u,)| u));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Write (or delete) the member rows of `users` on both sides, at `timestamp`.
+    async fn write_members(
+        &self,
+        id: &str,
+        users: &[(String, &'static str)],
+        add: bool,
+        at_ms: i64,
+        timestamp: i64,
+    ) -> Result<()> {
+        for group in users.chunks(FANOUT) {
+            let writes = group
+                .iter()
+                .map(|(user, role)| self.write_member(id, user, role, add, at_ms, timestamp));
+            futures::future::try_join_all(writes).await?;
+        }
+        Ok(())
+    }
+
+    /// Both rows of one membership (both idempotent at a fixed timestamp).
+    async fn write_member(
+        &self,
+        id: &str,
+        user: &str,
+        role: &str,
+        add: bool,
+        at_ms: i64,
+        timestamp: i64,
+    ) -> Result<()> {
+        if add {
+            let by_conversation =
+                self.exec(&self.st.member_insert, (id, user, role, at_ms, timestamp));
+            let by_user = self.exec(&self.st.user_conv_insert, (user, id, at_ms, timestamp));
+            tokio::try_join!(by_conversation, by_user)?;
+        } else {
+            let by_conversation = self.exec(&self.st.member_delete, (timestamp, id, user));
+            let by_user = self.exec(&self.st.user_conv_delete, (timestamp, user, id));
+            tokio::try_join!(by_conversation, by_user)?;
+        }
+        Ok(())
+    }
+
+    /// Finish a committed membership change that the member tables do not show yet.
+    async fn roll_forward_members(&self, id: &str, row: &ConvRow) -> Result<()> {
+        if row.applied_members_version >= row.members_version {
+            return Ok(());
+        }
+        let Some(blob) = &row.pending_members else {
+            return Err(StorageError::Internal(format!(
+                "conversation {id}: members version {} without its change",
+                row.members_version
+            )));
+        };
+        let pending = PendingMembers::decode(blob.as_slice()).map_err(decode_error)?;
+        if pending.version != row.members_version {
+            return Err(StorageError::Internal(format!(
+                "conversation {id}: pending change {} under members version {}",
+                pending.version, row.members_version
+            )));
+        }
+        let users: Vec<(String, &'static str)> = pending
+            .user_ids
+            .iter()
+            .map(|u| (u.clone(), ROLE_MEMBER))
+            .collect();
+        self.write_members(
+            id,
+            &users,
+            pending.add,
+            pending.at_ms,
+            member_timestamp(pending.version),
+        )
+        .await?;
+        self.lwt(
+            &self.st.conv_members_applied,
+            (pending.version, id, pending.version),
+        )
+        .await?;
+        tracing::debug!(conversation_id = %id, members_version = pending.version, "membership change applied");
+        Ok(())
+    }
+
+    async fn load_message(&self, id: &str, seq: u64) -> Result<Option<Message>> {
+        Ok(self
+            .first::<MessageTuple>(&self.st.msg_select, (id, bucket_of(seq), seq_i64(seq)))
+            .await?
+            .map(message_from_tuple))
+    }
+
+    async fn write_message(&self, m: &Message) -> Result<()> {
+        self.exec(
+            &self.st.msg_insert,
+            (
+                m.conversation_id.as_str(),
+                bucket_of(m.seq),
+                seq_i64(m.seq),
+                m.message_id.as_str(),
+                m.sender_id.as_str(),
+                m.sender_device.as_str(),
+                m.client_msg_id.as_str(),
+                m.body.as_str(),
+                m.content_type.as_str(),
+                m.sent_at_ms,
+            ),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Messages with `seq > after`, ascending, at most `want`, walking buckets upwards.
+    async fn messages_after(&self, id: &str, after: u64, want: usize) -> Result<Vec<Message>> {
+        let mut out: Vec<Message> = Vec::with_capacity(want.min(256));
+        let mut bucket = after.saturating_add(1) / BUCKET_SIZE;
+        loop {
+            let limit = i32::try_from(want - out.len()).unwrap_or(i32::MAX);
+            let rows = self
+                .rows::<MessageTuple>(
+                    &self.st.msg_after,
+                    (id, seq_i64(bucket), seq_i64(after), limit),
+                )
+                .await?;
+            let last = rows.last().map(|r| r.1);
+            out.extend(rows.into_iter().map(message_from_tuple));
+            let bucket_end = seq_i64((bucket + 1) * BUCKET_SIZE - 1);
+            // Sequences are gapless: a bucket read short of its end is where data ends.
+            if out.len() >= want || last != Some(bucket_end) {
+                return Ok(out);
+            }
+            bucket += 1;
+        }
+    }
+
+    /// Messages with `seq <= upper`, newest first, at most `want`, walking buckets down.
+    async fn messages_upto(&self, id: &str, upper: u64, want: usize) -> Result<Vec<Message>> {
+        let mut out: Vec<Message> = Vec::with_capacity(want.min(256));
+        let mut bucket = upper / BUCKET_SIZE;
+        loop {
+            let limit = i32::try_from(want - out.len()).unwrap_or(i32::MAX);
+            let rows = self
+                .rows::<MessageTuple>(
+                    &self.st.msg_upto,
+                    (id, seq_i64(bucket), seq_i64(upper), limit),
+                )
+                .await?;
+            let lowest = rows.last().map(|r| r.1);
+            out.extend(rows.into_iter().map(message_from_tuple));
+            if out.len() >= want || bucket == 0 || lowest != Some(seq_i64(bucket * BUCKET_SIZE)) {
+                return Ok(out);
+            }
+            bucket -= 1;
+        }
+    }
+
+    fn key_ttl_secs(dedupe_since_ms: i64, now_ms: i64) -> i32 {
+        let window_ms = now_ms.saturating_sub(dedupe_since_ms).max(1);
+        i32::try_from((window_ms + 999) / 1000).unwrap_or(i32::MAX)
+    }
+
+    /// Step 1 of an append: make the message's dedupe key point at `(c, s)`, or find
+    /// the stored message it already names. See the module documentation.
+    async fn claim_key(&self, m: &Message, since_ms: i64, now_ms: i64) -> Result<Claim> {
+        let (sender, cmid) = (m.sender_id.as_str(), m.client_msg_id.as_str());
+        let (id, seq) = (m.conversation_id.as_str(), seq_i64(m.seq));
+        let ttl = Self::key_ttl_secs(since_ms, now_ms);
+        for _ in 0..MAX_LWT_ATTEMPTS {
+            let claim = self
+                .lwt(&self.st.dedupe_claim, (sender, cmid, id, seq, now_ms, ttl))
+                .await?;
+            if claim.applied {
+                return Ok(Claim::Ours {
+                    created_at_ms: now_ms,
+                });
+            }
+            let (Some(old_conv), Some(old_seq), Some(old_created)) = (
+                claim.text("conversation_id"),
+                claim.bigint("seq"),
+                claim.bigint("created_at_ms"),
+            ) else {
+                continue; // expired between the two reads of the server: claim again
+            };
+            let stale = if old_created < since_ms {
+                true
+            } else {
+                let old_seq_u = old_seq.max(0) as u64;
+                if let Some(stored) = self.load_message(&old_conv, old_seq_u).await? {
+                    if stored.sender_id == sender && stored.client_msg_id == cmid {
+                        return Ok(Claim::Duplicate(stored));
+                    }
+                    true // the sequence went to another message
+                } else if old_conv == id && old_seq == seq {
+                    // This record's own interrupted attempt.
+                    return Ok(Claim::Ours {
+                        created_at_ms: old_created,
+                    });
+                } else {
+                    match self.committed(&old_conv).await? {
+                        Some((_, Some(pending)))
+                            if pending.seq == old_seq_u
+                                && pending.sender_id == sender
+                                && pending.client_msg_id == cmid =>
+                        {
+                            // Committed, crashed before its message row: finish it.
+                            self.write_message(&pending).await?;
+                            return Ok(Claim::Duplicate(pending));
+                        }
+                        // Unknown conversation, a sequence that went elsewhere, or an
+                        // attempt that never committed.
+                        _ => true,
+                    }
+                }
+            };
+            if stale {
+                let replaced = self
+                    .lwt(
+                        &self.st.dedupe_replace,
+                        (
+                            ttl,
+                            id,
+                            seq,
+                            now_ms,
+                            sender,
+                            cmid,
+                            old_conv.as_str(),
+                            old_seq,
+                            old_created,
+                        ),
+                    )
+                    .await?;
+                if replaced.applied {
+                    return Ok(Claim::Ours {
+                        created_at_ms: now_ms,
+                    });
+                }
+            }
+        }
+        Err(StorageError::Unavailable(format!(
+            "dedupe key of {sender} keeps changing; try again"
+        )))
+    }
+
+    /// `last_seq` and the committed (possibly not yet written) message of a
+    /// conversation, read serially so that an interrupted commit is settled first.
+    async fn committed(&self, id: &str) -> Result<Option<(u64, Option<Message>)>> {
+        let row = self
+            .first::<(i64, Option<i64>, Option<Vec<u8>>)>(&self.st.conv_last_seq_serial, (id,))
+            .await?;
+        let Some((last, pending_seq, pending)) = row else {
+            return Ok(None);
+        };
+        let last = last.max(0) as u64;
+        let pending = match (pending_seq, pending) {
+            (Some(pseq), Some(blob)) if pseq == seq_i64(last) && last > 0 => {
+                Some(Message::decode(blob.as_slice()).map_err(decode_error)?)
+            }
+            _ => None,
+        };
+        Ok(Some((last, pending)))
+    }
+
+    /// Best effort: drop a claim this append made and could not use.
+    async fn release_claim(&self, m: &Message, claim: &Claim) {
+        if let Claim::Ours { created_at_ms } = claim {
+            let released = self
+                .lwt(
+                    &self.st.dedupe_release,
+                    (
+                        m.sender_id.as_str(),
+                        m.client_msg_id.as_str(),
+                        m.conversation_id.as_str(),
+                        seq_i64(m.seq),
+                        *created_at_ms,
+                    ),
+                )
+                .await;
+            if let Err(e) = released {
+                tracing::debug!(error = %e, "dedupe claim not released; a later append replaces it");
+            }
+        }
+    }
+
+    /// Step 3 of an append: the message row and the dedupe key's age index row.
+    async fn store_message(
+        &self,
+        m: &Message,
+        key_ttl: i32,
+        created_at_ms: Option<i64>,
+    ) -> Result<()> {
+        let index = async {
+            if let Some(created) = created_at_ms {
+                self.exec(
+                    &self.st.age_insert,
+                    (
+                        created / HOUR_MS,
+                        dedupe_shard(&m.sender_id, &m.client_msg_id),
+                        created,
+                        m.sender_id.as_str(),
+                        m.client_msg_id.as_str(),
+                        key_ttl,
+                    ),
+                )
+                .await?;
+            }
+            Ok::<_, StorageError>(())
+        };
+        tokio::try_join!(self.write_message(m), index)?;
+        Ok(())
+    }
+
+    /// All conversation rows of a user (without members), most recently updated first.
+    async fn user_conversations(&self, user_id: &str) -> Result<Vec<(String, ConvRow)>> {
+        let ids: Vec<String> = self
+            .all_rows::<(String,)>(&self.st.user_convs, (user_id,))
+            .await?
+            .into_iter()
+            .map(|(id,)| id)
+            .collect();
+        let mut rows: Vec<(String, ConvRow)> = Vec::with_capacity(ids.len());
+        for group in ids.chunks(FANOUT) {
+            let reads = group.iter().map(|id| self.conv_row(id, false));
+            let found = futures::future::try_join_all(reads).await?;
+            // A member row without its conversation is an interrupted creation: skipped.
+            rows.extend(
+                group
+                    .iter()
+                    .zip(found)
+                    .filter_map(|(id, row)| row.map(|row| (id.clone(), row))),
+            );
+        }
+        rows.sort_by(|a, b| {
+            b.1.updated_at_ms
+                .cmp(&a.1.updated_at_ms)
+                .then_with(|| a.0.cmp(&b.0))
+        });
+        Ok(rows)
+    }
+
+    /// One conversation of a sync: with members, its messages after `cursor` (at most
+    /// `limit`) and whether more remain.
+    async fn sync_one(
+        &self,
+        id: &str,
+        row: &ConvRow,
+        cursor: u64,
+        limit: usize,
+    ) -> Result<(Conversation, Vec<Message>, bool)> {
+        self.roll_forward_members(id, row).await?;
+        let (mut messages, members) = tokio::try_join!(
+            self.messages_after(id, cursor, limit + 1),
+            self.members_of(id)
+        )?;
+        let truncated = messages.len() > limit;
+        messages.truncate(limit);
+        Ok((row.conversation(id, members), messages, truncated))
+    }
+
+    async fn create_direct(&self, new: NewConversation) -> Result<Conversation> {
+        let other = new
+            .members
+            .iter()
+            .find(|m| **m != new.creator_id)
+            .cloned()
+            .ok_or_else(|| StorageError::Internal("direct conversation without a peer".into()))?;
+        let pair = direct_key(&new.members);
+        let claim = self
+            .lwt(
+                &self.st.pair_insert,
+                (
+                    pair.as_str(),
+                    new.conversation_id.as_str(),
+                    new.creator_id.as_str(),
+                    other.as_str(),
+                    new.now_ms,
+                ),
+            )
+            .await?;
+        let (id, creator, other, created) = if claim.applied {
+            (new.conversation_id, new.creator_id, other, new.now_ms)
+        } else {
+            let existing = (
+                claim.text("conversation_id"),
+                claim.text("creator_id"),
+                claim.text("other_id"),
+                claim.bigint("created_at_ms"),
+            );
+            let (Some(id), Some(creator), Some(other), Some(created)) = existing else {
+                return Err(StorageError::Unavailable(
+                    "direct pair changed while being read; try again".into(),
+                ));
+            };
+            if self.conv_row(&id, false).await?.is_some() {
+                return self.get_conversation(&id).await;
+            }
+            (id, creator, other, created)
+        };
+        // Members first, then the conversation row: it is never visible without them.
+        let users = vec![(creator, ROLE_MEMBER), (other, ROLE_MEMBER)];
+        self.write_members(&id, &users, true, created, member_timestamp(0))
+            .await?;
+        self.lwt(
+            &self.st.conv_insert,
+            (
+                id.as_str(),
+                ConversationKind::Direct.as_str(),
+                "",
+                "",
+                created,
+                created,
+                2i32,
+            ),
+        )
+        .await?;
+        self.get_conversation(&id).await
+    }
+
+    async fn create_group(&self, new: NewConversation) -> Result<Conversation> {
+        let id = new.conversation_id.as_str();
+        let users: Vec<(String, &'static str)> = new
+            .members
+            .iter()
+            .map(|u| {
+                let role = if *u == new.creator_id {
+                    ROLE_OWNER
+                } else {
+                    ROLE_MEMBER
+                };
+                (u.clone(), role)
+            })
+            .collect();
+        self.write_members(id, &users, true, new.now_ms, member_timestamp(0))
+            .await?;
+        let count = i32::try_from(new.members.len()).unwrap_or(i32::MAX);
+        let created = self
+            .lwt(
+                &self.st.conv_insert,
+                (
+                    id,
+                    ConversationKind::Group.as_str(),
+                    new.name.as_str(),
+                    new.creator_id.as_str(),
+                    new.now_ms,
+                    new.now_ms,
+                    count,
+                ),
+            )
+            .await?;
+        if !created.applied {
+            return Err(StorageError::Internal(format!(
+                "conversation id {id} already taken"
+            )));
+        }
+        let mut members = new.members;
+        members.sort_unstable();
+        Ok(Conversation {
+            conversation_id: new.conversation_id,
+            kind: ConversationKind::Group.as_str().to_owned(),
+            name: new.name,
+            owner_id: new.creator_id,
+            members,
+            last_seq: 0,
+            created_at_ms: new.now_ms,
+            updated_at_ms: new.now_ms,
+        })
+    }
+}
+
+#[async_trait]
+impl HistoryStore for ScyllaStore {
+    async fn create_conversation(&self, new: NewConversation) -> Result<Conversation> {
+        match new.kind {
+            ConversationKind::Direct => self.create_direct(new).await,
+            ConversationKind::Group => self.create_group(new).await,
+        }
+    }
+
+    async fn get_conversation(&self, conversation_id: &str) -> Result<Conversation> {
+        let row = self
+            .conv_row(conversation_id, false)
+            .await?
+            .ok_or_else(|| StorageError::NotFound(conversation_id.to_owned()))?;
+        self.roll_forward_members(conversation_id, &row).await?;
+        let members = self.members_of(conversation_id).await?;
+        Ok(row.conversation(conversation_id, members))
+    }
+
+    async fn is_member(&self, conversation_id: &str, user_id: &str) -> Result<bool> {
+        self.member_exists(conversation_id, user_id).await
+    }
+
+    async fn change_members(&self, change: MemberChange) -> Result<Conversation> {
+        let id = change.conversation_id.as_str();
+        for _ in 0..MAX_LWT_ATTEMPTS {
+            let row = self
+                .conv_row(id, true)
+                .await?
+                .ok_or_else(|| StorageError::NotFound(id.to_owned()))?;
+            let kind = ConversationKind::parse(&row.kind).ok_or_else(|| {
+                StorageError::Internal(format!("conversation {id} has kind {}", row.kind))
+            })?;
+            self.roll_forward_members(id, &row).await?;
+            let actor_is_member = self.member_exists(id, &change.actor_id).await?;
+            rules::authorize_member_change(
+                id,
+                kind,
+                &row.owner_id,
+                &change.actor_id,
+                actor_is_member,
+                change.action,
+                &change.user_ids,
+            )?;
+            let present = self.members_among(id, &change.user_ids).await?;
+            let add = change.action == MemberAction::Add;
+            let delta: Vec<String> = change
+                .user_ids
+                .iter()
+                .filter(|u| present.contains(*u) != add)
+                .cloned()
+                .collect();
+            if delta.is_empty() {
+                return self.get_conversation(id).await;
+            }
+            let count = usize::try_from(row.member_count.max(0)).unwrap_or(0);
+            let new_count = if add {
+                rules::check_member_count(count + delta.len())?;
+                count + delta.len()
+            } else {
+                count.saturating_sub(delta.len())
+            };
+            let version = row.members_version + 1;
+            let pending = PendingMembers {
+                version,
+                add,
+                user_ids: delta,
+                at_ms: change.now_ms,
+            };
+            let committed = self
+                .lwt(
+                    &self.st.conv_commit_members,
+                    (
+                        version,
+                        i32::try_from(new_count).unwrap_or(i32::MAX),
+                        pending.encode_to_vec(),
+                        change.now_ms,
+                        id,
+                        row.members_version,
+                    ),
+                )
+                .await?;
+            if !committed.applied {
+                continue; // another change got in first: check again
+            }
+            let applied = ConvRow {
+                members_version: version,
+                applied_members_version: row.members_version,
+                pending_members: Some(pending.encode_to_vec()),
+                ..row
+            };
+            self.roll_forward_members(id, &applied).await?;
+            return self.get_conversation(id).await;
+        }
+        Err(StorageError::Unavailable(format!(
+            "membership of {id} keeps changing; try again"
+        )))
+    }
+
+    async fn list_conversations(&self, user_id: &str) -> Result<Vec<Conversation>> {
+        Ok(self
+            .user_conversations(user_id)
+            .await?
+            .into_iter()
+            .map(|(id, row)| row.conversation(&id, Vec::new()))
+            .collect())
+    }
+
+    async fn last_seq(&self, conversation_id: &str) -> Result<u64> {
+        let (last, pending) = self
+            .committed(conversation_id)
+            .await?
+            .ok_or_else(|| StorageError::NotFound(conversation_id.to_owned()))?;
+        if let Some(pending) = pending {
+            // The partition owner continues from here: make sure `last` is stored.
+            self.write_message(&pending).await?;
+        }
+        Ok(last)
+    }
+
+    async fn append(
+        &self,
+        message: Message,
+        dedupe_since_ms: i64,
+        now_ms: i64,
+    ) -> Result<Appended> {
+        let id = message.conversation_id.clone();
+        let seq = message.seq;
+        let keyed = !message.client_msg_id.is_empty();
+        let key_ttl = Self::key_ttl_secs(dedupe_since_ms, now_ms);
+        let claim = if keyed {
+            match self.claim_key(&message, dedupe_since_ms, now_ms).await? {
+                Claim::Duplicate(stored) => {
+                    return Ok(Appended {
+                        message: stored,
+                        duplicate: true,
+                    })
+                }
+                ours => Some(ours),
+            }
+        } else {
+            None
+        };
+        let claim_created = match &claim {
+            Some(Claim::Ours { created_at_ms }) => Some(*created_at_ms),
+            _ => None,
+        };
+        let commit = self
+            .lwt(
+                &self.st.conv_commit_append,
+                (
+                    seq_i64(seq),
+                    now_ms,
+                    seq_i64(seq),
+                    message.encode_to_vec(),
+                    id.as_str(),
+                    seq_i64(seq - 1),
+                ),
+            )
+            .await?;
+        if commit.applied {
+            self.store_message(&message, key_ttl, claim_created).await?;
+            return Ok(Appended {
+                message,
+                duplicate: false,
+            });
+        }
+        let Some(current) = commit.bigint("last_seq") else {
+            if let Some(claim) = &claim {
+                self.release_claim(&message, claim).await;
+            }
+            return Err(StorageError::NotFound(id));
+        };
+        if current == seq_i64(seq) {
+            if let Some((_, Some(pending))) = self.committed(&id).await? {
+                let same_record = pending.message_id == message.message_id
+                    || (keyed
+                        && pending.sender_id == message.sender_id
+                        && pending.client_msg_id == message.client_msg_id);
+                if pending.seq == seq && same_record {
+                    // An earlier attempt of this record committed, then stopped.
+                    self.store_message(&pending, key_ttl, claim_created).await?;
+                    return Ok(Appended {
+                        message: pending,
+                        duplicate: false,
+                    });
+                }
+            }
+        }
+        if let Some(claim) = &claim {
+            self.release_claim(&message, claim).await;
+        }
+        let current = current.max(0) as u64;
+        Err(StorageError::SequenceConflict {
+            conversation_id: id,
+            expected: current + 1,
+            got: seq,
+        })
+    }
+
+    async fn lookup_dedupe(
+        &self,
+        sender_id: &str,
+        client_msg_id: &str,
+        since_ms: i64,
+    ) -> Result<Option<Message>> {
+        let key = self
+            .first::<(String, i64, i64)>(&self.st.dedupe_select, (sender_id, client_msg_id))
+            .await?;
+        let Some((conv, seq, created)) = key else {
+            return Ok(None);
+        };
+        if created < since_ms {
+            return Ok(None);
+        }
+        // A claim whose append has not completed (or never will) answers nothing.
+        Ok(self
+            .load_message(&conv, seq.max(0) as u64)
+            .await?
+            .filter(|m| m.sender_id == sender_id && m.client_msg_id == client_msg_id))
+    }
+
+    async fn history_page(&self, query: &PageQuery) -> Result<HistoryResult> {
+        let id = query.conversation_id.as_str();
+        let limit = query.limit as usize;
+        let (messages, has_more) = match query.direction {
+            Direction::Forward => {
+                let mut rows = self.messages_after(id, query.from_seq, limit + 1).await?;
+                let more = rows.len() > limit;
+                rows.truncate(limit);
+                (rows, more)
+            }
+            Direction::Backward => {
+                let last = self
+                    .first::<(i64,)>(&self.st.conv_last_seq, (id,))
+                    .await?
+                    .map(|(l,)| l.max(0) as u64)
+                    .unwrap_or(0);
+                let upper = if query.from_seq == 0 {
+                    last
+                } else {
+                    (query.from_seq - 1).min(last)
+                };
+                if upper == 0 {
+                    (Vec::new(), false)
+                } else {
+                    let mut rows = self.messages_upto(id, upper, limit + 1).await?;
+                    let more = rows.len() > limit;
+                    rows.truncate(limit);
+                    rows.reverse();
+                    (rows, more)
+                }
+            }
+        };
+        Ok(HistoryResult {
+            conversation_id: query.conversation_id.clone(),
+            messages,
+            has_more,
+        })
+    }
+
+    async fn sync(
+        &self,
+        user_id: &str,
+        cursors: &HashMap<String, u64>,
+        limit: u32,
+    ) -> Result<SyncResult> {
+        let convs = self.user_conversations(user_id).await?;
+        let wanted: Vec<(String, ConvRow, u64)> = convs
+            .into_iter()
+            .filter_map(|(id, row)| {
+                let cursor = cursors.get(&id).copied();
+                let last = row.last_seq.max(0) as u64;
+                match cursor {
+                    Some(c) if last <= c => None,
+                    _ => Some((id, row, cursor.unwrap_or(0))),
+                }
+            })
+            .collect();
+        let limit = limit as usize;
+        let mut result = SyncResult::default();
+        for group in wanted.chunks(FANOUT) {
+            let parts = group
+                .iter()
+                .map(|(id, row, cursor)| self.sync_one(id, row, *cursor, limit));
+            for (conv, messages, truncated) in futures::future::try_join_all(parts).await? {
+                if truncated {
+                    result.truncated.push(conv.conversation_id.clone());
+                }
+                result.messages.extend(messages);
+                result.conversations.push(conv);
+            }
+        }
+        Ok(result)
+    }
+
+    async fn set_read_marker(
+        &self,
+        conversation_id: &str,
+        user_id: &str,
+        seq: u64,
+        now_ms: i64,
+    ) -> Result<ReadMarker> {
+        let id = conversation_id;
+        let (last, is_member) = tokio::try_join!(
+            self.first::<(i64,)>(&self.st.conv_last_seq, (id,)),
+            self.member_exists(id, user_id)
+        )?;
+        let last = last.ok_or_else(|| StorageError::NotFound(id.to_owned()))?.0;
+        if !is_member {
+            return Err(StorageError::not_member(id, user_id));
+        }
+        let wanted = seq_i64(seq).min(last.max(0));
+        let marker = |seq: i64, at_ms: i64| ReadMarker {
+            conversation_id: id.to_owned(),
+            user_id: user_id.to_owned(),
+            seq: seq.max(0) as u64,
+            at_ms,
+        };
+        for _ in 0..MAX_LWT_ATTEMPTS {
+            let stored = self
+                .first::<(i64, i64)>(&self.st.marker_select, (id, user_id))
+                .await?;
+            match stored {
+                Some((stored_seq, at_ms)) if stored_seq >= wanted => {
+                    return Ok(marker(stored_seq, at_ms))
+                }
+                Some(_) => {
+                    let raised = self
+                        .lwt(&self.st.marker_raise, (wanted, now_ms, id, user_id, wanted))
+                        .await?;
+                    if raised.applied {
+                        return Ok(marker(wanted, now_ms));
+                    }
+                }
+                None => {
+                    let inserted = self
+                        .lwt(&self.st.marker_insert, (id, user_id, wanted, now_ms))
+                        .await?;
+                    if inserted.applied {
+                        return Ok(marker(wanted, now_ms));
+                    }
+                }
+            }
+            // Moved by someone else meanwhile: read it again.
+        }
+        Err(StorageError::Unavailable(format!(
+            "read marker of {user_id} keeps changing; try again"
+        )))
+    }
+
+    async fn purge_dedupe(&self, before_ms: i64, max_rows: u32) -> Result<u64> {
+        let mut deleted = 0u64;
+        let first_hour = before_ms.saturating_sub(PURGE_LOOKBACK_MS) / HOUR_MS;
+        let last_hour = before_ms / HOUR_MS;
+        for hour in first_hour..=last_hour {
+            for shard in 0..DEDUPE_SHARDS {
+                loop {
+                    let room = u64::from(max_rows).saturating_sub(deleted);
+                    if room == 0 {
+                        return Ok(deleted);
+                    }
+                    let page = i32::try_from(room.min(500)).unwrap_or(500);
+                    let rows = self
+                        .rows::<(i64, String, String)>(
+                            &self.st.age_select,
+                            (hour, shard, before_ms, page),
+                        )
+                        .await?;
+                    let full = rows.len() == page as usize;
+                    for (created, sender, cmid) in rows {
+                        // Only the key as indexed: a key claimed again since is newer.
+                        let purged = self
+                            .lwt(
+                                &self.st.dedupe_purge,
+                                (sender.as_str(), cmid.as_str(), created),
+                            )
+                            .await?;
+                        if purged.applied {
+                            deleted += 1;
+                        }
+                        self.exec(
+                            &self.st.age_delete,
+                            (hour, shard, created, sender.as_str(), cmid.as_str()),
+                        )
+                        .await?;
+                    }
+                    if !full {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(deleted)
+    }
+}

@@ -1,0 +1,189 @@
+//! The CQL schema of the ScyllaDB/Cassandra history store and its versioned migrations.
+//!
+//! # Keyspace
+//!
+//! `storage.scylla_keyspace`, created by the first migration run with
+//! `SimpleStrategy` and `storage.scylla_replication_factor`, or with
+//! `NetworkTopologyStrategy {<storage.scylla_datacenter>: rf}` when a datacenter is set.
+//! An existing keyspace is never altered (change its replication by hand).
+//!
+//! # Tables
+//!
+//! | table | partition key | clustering key | other columns | TTL |
+//! |---|---|---|---|---|
+//! | `schema_version` | `version` | | `applied_at_ms` | |
+//! | `conversations` | `conversation_id` | | `kind`, `name`, `owner_id`, `created_at_ms`, `updated_at_ms`, `last_seq`, `pending_seq`, `pending_message`, `members_version`, `member_count`, `applied_members_version`, `pending_members` | |
+//! | `members_by_conversation` | `conversation_id` | `user_id` | `role`, `joined_at_ms` | |
+//! | `conversations_by_user` | `user_id` | `conversation_id` | `joined_at_ms` | |
+//! | `messages` | `(conversation_id, bucket)` | `seq DESC` | `message_id`, `sender_id`, `sender_device`, `client_msg_id`, `body`, `content_type`, `sent_at_ms` | |
+//! | `direct_pairs` | `pair_key` | | `conversation_id`, `creator_id`, `other_id`, `created_at_ms` | |
+//! | `dedupe_keys` | `(sender_id, client_msg_id)` | | `conversation_id`, `seq`, `created_at_ms` | dedupe window |
+//! | `dedupe_keys_by_age` | `(hour, shard)` | `created_at_ms, sender_id, client_msg_id` | | dedupe window |
+//! | `read_markers` | `conversation_id` | `user_id` | `seq`, `at_ms` | |
+//!
+//! - `conversations` is the one row per conversation that every conditional update
+//!   (lightweight transaction) goes through: `last_seq` advances with
+//!   `IF last_seq = seq - 1` and carries the committed message in `pending_seq` /
+//!   `pending_message` (a protobuf `Message`); membership changes advance
+//!   `members_version` with `IF members_version = v` and carry the change in
+//!   `pending_members` (a protobuf `ChangeMembersRequest` holding only the users that
+//!   actually change); `applied_members_version` says which change the member tables
+//!   already show. Every write to this table is conditional (no mixing of conditional
+//!   and plain writes on one row).
+//! - `members_by_conversation` and `conversations_by_user` are the two sides of
+//!   membership (members of a conversation; conversations of a user). Their rows are
+//!   written with `USING TIMESTAMP <members_version + 1>`, so a late write of an older
+//!   change can never undo a newer one, whatever order they arrive in.
+//! - `messages` partitions hold [`super::BUCKET_SIZE`] sequences each
+//!   (`bucket = seq / BUCKET_SIZE`), so a partition stays bounded (about 1000 messages,
+//!   well under a megabyte for chat-sized bodies) however long a conversation lives;
+//!   history pages walk from one bucket to the next. Newest first on disk, since most
+//!   reads are "the latest page".
+//! - `direct_pairs` makes a direct conversation unique per pair (`IF NOT EXISTS` on the
+//!   sorted pair of user ids) and holds what is needed to finish creating it.
+//! - `dedupe_keys` maps (sender, client message id) to the stored message's
+//!   `(conversation_id, seq)`; claimed with `IF NOT EXISTS` and written `USING TTL`
+//!   the dedupe window, so Cassandra/ScyllaDB deletes keys by itself.
+//!   `created_at_ms` still decides (against the service clock) whether a key is live.
+//! - `dedupe_keys_by_age` indexes dedupe keys by creation hour and one of
+//!   [`super::DEDUPE_SHARDS`] shards (hash of the key, so no single partition takes
+//!   every append), only for the purge of keys whose window ended before their TTL did
+//!   (a service clock ahead of the database's, or a shortened window).
+//!   Both dedupe tables use `TimeWindowCompactionStrategy`: every row has the same TTL,
+//!   so whole SSTables expire together.
+//! - `read_markers` rise only through `IF seq < ?`.
+
+/// Schema migrations, in order; migration `i` brings the schema to version `i + 1`.
+/// Each is a list of CQL statements (one request each), every one idempotent
+/// (`IF NOT EXISTS`) so that a migration interrupted half-way is simply run again.
+/// Never edit a released migration: append a new one.
+pub const MIGRATIONS: &[&[&str]] = &[
+    // 1: conversations, members, messages, direct pairs, dedupe keys, read markers.
+    &[
+        "CREATE TABLE IF NOT EXISTS conversations (
+            conversation_id         text PRIMARY KEY,
+            kind                    text,
+            name                    text,
+            owner_id                text,
+            created_at_ms           bigint,
+            updated_at_ms           bigint,
+            last_seq                bigint,
+            pending_seq             bigint,
+            pending_message         blob,
+            members_version         bigint,
+            member_count            int,
+            applied_members_version bigint,
+            pending_members         blob
+        )",
+        "CREATE TABLE IF NOT EXISTS members_by_conversation (
+            conversation_id text,
+            user_id         text,
+            role            text,
+            joined_at_ms    bigint,
+            PRIMARY KEY ((conversation_id), user_id)
+        )",
+        "CREATE TABLE IF NOT EXISTS conversations_by_user (
+            user_id         text,
+            conversation_id text,
+            joined_at_ms    bigint,
+            PRIMARY KEY ((user_id), conversation_id)
+        )",
+        "CREATE TABLE IF NOT EXISTS messages (
+            conversation_id text,
+            bucket          bigint,
+            seq             bigint,
+            message_id      text,
+            sender_id       text,
+            sender_device   text,
+            client_msg_id   text,
+            body            text,
+            content_type    text,
+            sent_at_ms      bigint,
+            PRIMARY KEY ((conversation_id, bucket), seq)
+        ) WITH CLUSTERING ORDER BY (seq DESC)",
+        "CREATE TABLE IF NOT EXISTS direct_pairs (
+            pair_key        text PRIMARY KEY,
+            conversation_id text,
+            creator_id      text,
+            other_id        text,
+            created_at_ms   bigint
+        )",
+        "CREATE TABLE IF NOT EXISTS dedupe_keys (
+            sender_id       text,
+            client_msg_id   text,
+            conversation_id text,
+            seq             bigint,
+            created_at_ms   bigint,
+            PRIMARY KEY ((sender_id, client_msg_id))
+        ) WITH compaction = {'class': 'TimeWindowCompactionStrategy',
+                             'compaction_window_unit': 'HOURS', 'compaction_window_size': 1}",
+        "CREATE TABLE IF NOT EXISTS dedupe_keys_by_age (
+            hour            bigint,
+            shard           int,
+            created_at_ms   bigint,
+            sender_id       text,
+            client_msg_id   text,
+            PRIMARY KEY ((hour, shard), created_at_ms, sender_id, client_msg_id)
+        ) WITH compaction = {'class': 'TimeWindowCompactionStrategy',
+                             'compaction_window_unit': 'HOURS', 'compaction_window_size': 1}",
+        "CREATE TABLE IF NOT EXISTS read_markers (
+            conversation_id text,
+            user_id         text,
+            seq             bigint,
+            at_ms           bigint,
+            PRIMARY KEY ((conversation_id), user_id)
+        )",
+    ],
+];
+
+/// The schema version this build needs.
+pub fn latest_version() -> u32 {
+    MIGRATIONS.len() as u32
+}
+
+/// `CREATE KEYSPACE IF NOT EXISTS` for the configured replication.
+pub fn create_keyspace_cql(keyspace: &str, replication_factor: u32, datacenter: &str) -> String {
+    let replication = if datacenter.is_empty() {
+        format!("{{'class': 'SimpleStrategy', 'replication_factor': {replication_factor}}}")
+    } else {
+        format!(
+            "{{'class': 'NetworkTopologyStrategy', '{}': {replication_factor}}}",
+            datacenter.replace('\'', "''")
+        )
+    };
+    format!("CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = {replication}")
+}
+
+/// The table that records applied migrations.
+pub const SCHEMA_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_version (
+    version       int PRIMARY KEY,
+    applied_at_ms bigint
+)";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keyspace_replication_follows_the_datacenter_setting() {
+        assert_eq!(
+            create_keyspace_cql("sb", 3, ""),
+            "CREATE KEYSPACE IF NOT EXISTS sb WITH replication = \
+             {'class': 'SimpleStrategy', 'replication_factor': 3}"
+        );
+        assert_eq!(
+            create_keyspace_cql("sb", 2, "eu'1"),
+            "CREATE KEYSPACE IF NOT EXISTS sb WITH replication = \
+             {'class': 'NetworkTopologyStrategy', 'eu''1': 2}"
+        );
+    }
+
+    #[test]
+    fn every_statement_is_idempotent() {
+        for migration in MIGRATIONS {
+            for cql in *migration {
+                assert!(cql.contains("IF NOT EXISTS"), "{cql}");
+            }
+        }
+    }
+}
