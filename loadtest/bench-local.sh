@@ -6,8 +6,9 @@
 #   cargo build --release -p switchboard -p switchboard-load
 #   loadtest/bench-local.sh                 # reports land in $OUT
 #
-# Environment: SB and LOAD (binaries), OUT (report directory), RATES, CLIENTS,
-# DURATION, WARMUP, IDLE_CLIENTS, HOLD. Everything targets 127.0.0.1 and stops by
+# Environment: SB and LOAD (binaries), OUT (report directory), RATES (empty: no
+# chat runs), CLIENTS, DURATION, WARMUP, IDLE_CLIENTS (0: no idle run), HOLD;
+# other SWITCHBOARD_* variables reach the server (e.g. gateway buffer sizes). Everything targets 127.0.0.1 and stops by
 # itself; the server is stopped after each run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +16,7 @@ cd "$(dirname "$0")/.."
 SB=${SB:-target/release/switchboard}
 LOAD=${LOAD:-target/release/switchboard-load}
 OUT=${OUT:-$(mktemp -d /tmp/switchboard-bench.XXXXXX)}
-RATES=${RATES:-"500 1000 2000 4000"}
+RATES=${RATES-"500 1000 2000 4000"}
 CLIENTS=${CLIENTS:-1000}
 DURATION=${DURATION:-30s}
 WARMUP=${WARMUP:-5s}
@@ -83,11 +84,13 @@ for rate in $RATES; do
     stop_server
 done
 
-start_server idle
-"$LOAD" idle --url ws://127.0.0.1:8080/v1/connect --clients "$IDLE_CLIENTS" \
-    --connect-rate 1000 --hold "$HOLD" --server-pid "$SERVER_PID" \
-    --json "$OUT/idle.json" | tee "$OUT/idle.txt" || status=1
-stop_server
+if [ "$IDLE_CLIENTS" -gt 0 ]; then
+    start_server idle
+    "$LOAD" idle --url ws://127.0.0.1:8080/v1/connect --clients "$IDLE_CLIENTS" \
+        --connect-rate 1000 --hold "$HOLD" --server-pid "$SERVER_PID" \
+        --json "$OUT/idle.json" | tee "$OUT/idle.txt" || status=1
+    stop_server
+fi
 
 echo "reports in $OUT"
 exit $status
