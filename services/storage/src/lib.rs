@@ -8,7 +8,9 @@
 //!   schema migrations of either.
 //! - [`StorageService`]: validation, membership checks of reads, paging defaults,
 //!   coalescing of identical concurrent history reads, the dedupe purger.
-//! - [`run`]: the service process (gRPC, health, admin endpoints, metrics).
+//! - [`run`]: the service process (gRPC, health, admin endpoints, metrics). It waits
+//!   for an unreachable backend (retrying with backoff, not ready meanwhile) and refuses
+//!   to start on a schema that is behind when `storage.migrate_on_start` is off.
 //!
 //! It does not assign sequence numbers (the routing partition owner does, and
 //! [`HistoryStore::append`] only checks they are gapless), authenticate users (callers

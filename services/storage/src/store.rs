@@ -1,5 +1,5 @@
-//! The history store: the backend-neutral trait every implementation (SQLite now,
-//! ScyllaDB later) provides, with the value types it speaks.
+//! The history store: the backend-neutral trait every implementation (SQLite, and
+//! ScyllaDB/Cassandra) provides, with the value types it speaks.
 //!
 //! The store trusts its inputs: ids, kinds and limits are validated by the service
 //! ([`crate::rules`]) before they get here. The store owns what must be atomic with

@@ -309,6 +309,88 @@ async fn interrupted_appends_converge() {
     assert_eq!(seqs, [1, 2, 3, 4, 5]);
 }
 
+/// Concurrent writers of one conversation row go through its conditional updates:
+/// one direct conversation per pair, every membership change kept (with the count),
+/// read markers ending at the highest value.
+#[tokio::test]
+async fn concurrent_changes_serialize_through_conditional_updates() {
+    let factory = ScyllaFactory::new();
+    let store = Arc::new(factory.store().await);
+    let h = Harness::over(store.clone(), 200);
+
+    let creates: Vec<_> = (0..6)
+        .map(|i| {
+            let svc = Arc::clone(&h.svc);
+            let (a, b) = if i % 2 == 0 {
+                ("ann", "ben")
+            } else {
+                ("ben", "ann")
+            };
+            tokio::spawn(async move {
+                svc.create_conversation(switchboard_proto::CreateConversationRequest {
+                    creator_id: a.into(),
+                    kind: "direct".into(),
+                    members: vec![b.into()],
+                    name: String::new(),
+                })
+                .await
+                .map(|c| c.conversation_id)
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for create in creates {
+        ids.push(create.await.unwrap().unwrap());
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "one conversation per pair: {ids:?}");
+
+    let group = h.group("owner", &[], "busy").await.conversation_id;
+    let adds: Vec<_> = (0..5)
+        .map(|i| {
+            let svc = Arc::clone(&h.svc);
+            let group = group.clone();
+            tokio::spawn(async move {
+                svc.change_members(switchboard_proto::ChangeMembersRequest {
+                    conversation_id: group,
+                    actor_id: "owner".into(),
+                    action: "add".into(),
+                    user_ids: vec![format!("u{i}"), "shared".into()],
+                })
+                .await
+            })
+        })
+        .collect();
+    for add in adds {
+        add.await.unwrap().unwrap();
+    }
+    let members = h.get(&group, "").await.unwrap().members;
+    assert_eq!(members, ["owner", "shared", "u0", "u1", "u2", "u3", "u4"]);
+    let row = store.conv_row(&group, true).await.unwrap().unwrap();
+    assert_eq!(row.member_count, 7);
+    assert_eq!(row.applied_members_version, row.members_version);
+
+    h.fill(&group, "owner", 9).await;
+    let reads: Vec<_> = (1..=9)
+        .map(|seq| {
+            let svc = Arc::clone(&h.svc);
+            let group = group.clone();
+            tokio::spawn(async move {
+                svc.set_read_marker(switchboard_proto::SetReadMarkerRequest {
+                    conversation_id: group,
+                    user_id: "u0".into(),
+                    seq,
+                })
+                .await
+            })
+        })
+        .collect();
+    for read in reads {
+        read.await.unwrap().unwrap();
+    }
+    assert_eq!(h.read(&group, "u0", 1).await.unwrap(), 9);
+}
+
 /// The harness clock's start, so that claims made here count as live for it.
 const T_NOW: i64 = 1_700_000_000_000;
 
