@@ -90,22 +90,7 @@ pub(crate) struct SessionGuard {
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         self.shared.sessions.remove(&self.session.session_id);
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let mut presence = self.shared.peers.presence.clone();
-        let session_id = self.session.session_id.to_string();
-        // Bounded by the channel's RPC timeout; if it fails the session expires by TTL.
-        runtime.spawn(async move {
-            if let Err(status) = presence
-                .unregister_session(v1::UnregisterSessionRequest {
-                    session_id: session_id.clone(),
-                })
-                .await
-            {
-                debug!(%session_id, error = %status.message(), "unregister failed");
-            }
-        });
+        self.shared.unregister(self.session.session_id.to_string());
     }
 }
 

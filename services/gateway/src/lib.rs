@@ -18,6 +18,8 @@ mod requests;
 mod sessions;
 
 use std::sync::Arc;
+
+use axum::serve::ListenerExt as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,6 +41,12 @@ use sessions::{ConnectionSlots, Session, SessionRegistry};
 const HEARTBEAT_CHUNK: usize = 1_000;
 /// After the drain deadline, how long closing connections get to finish.
 const CLOSE_GRACE: Duration = Duration::from_secs(3);
+/// Closed sessions waiting to be unregistered from presence. When many connections
+/// close at once the excess is not unregistered explicitly: those sessions expire by
+/// `presence.session_ttl_ms` (the heartbeat no longer names them).
+const UNREGISTER_QUEUE: usize = 10_000;
+/// `UnregisterSession` calls in flight at once.
+const UNREGISTER_CONCURRENCY: usize = 16;
 
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> i64 {
@@ -69,6 +77,9 @@ pub(crate) struct Shared {
     pub drained: CancellationToken,
     /// The deadline of the drain in progress, in ms.
     drain_deadline_ms: AtomicU64,
+    /// Sessions to unregister from presence, drained by one worker (bounded, so a
+    /// mass disconnect does not start one RPC per session at once).
+    unregister_tx: tokio::sync::mpsc::Sender<String>,
 }
 
 impl Shared {
@@ -87,6 +98,14 @@ impl Shared {
             })
             .await?;
         Ok(())
+    }
+
+    /// Queue a closed session for `UnregisterSession`; when the queue is full the
+    /// session is left to expire by TTL.
+    pub(crate) fn unregister(&self, session_id: String) {
+        if self.unregister_tx.try_send(session_id).is_err() {
+            self.metrics.unregister_skipped.inc();
+        }
     }
 
     pub(crate) fn drain_deadline_ms(&self) -> u64 {
@@ -169,6 +188,7 @@ impl Listeners {
 pub struct Gateway {
     shared: Arc<Shared>,
     registry: prometheus::Registry,
+    unregister_rx: tokio::sync::mpsc::Receiver<String>,
 }
 
 impl Gateway {
@@ -187,7 +207,9 @@ impl Gateway {
         };
         let registry = prometheus::Registry::new();
         let metrics = Metrics::new(&registry)?;
+        let (unregister_tx, unregister_rx) = tokio::sync::mpsc::channel(UNREGISTER_QUEUE);
         let shared = Arc::new(Shared {
+            unregister_tx,
             verifier,
             signer,
             peers: Peers::from_config(&config)?,
@@ -205,7 +227,11 @@ impl Gateway {
             drain_deadline_ms: AtomicU64::new(config.gateway.drain_deadline_ms),
             config,
         });
-        Ok(Gateway { shared, registry })
+        Ok(Gateway {
+            shared,
+            registry,
+            unregister_rx,
+        })
     }
 
     /// Serve until `shutdown` is cancelled, then drain (goaway, wait up to
@@ -252,12 +278,24 @@ impl Gateway {
         let app = http::router(shared.clone(), self.registry, shared.readiness.clone());
         let http_stop = stop.clone();
         servers.spawn(async move {
-            axum::serve(listeners.http, app)
+            // Small frames (an ack, then the message event) must not wait for the
+            // client's delayed ACK: no Nagle on client sockets.
+            let listener = listeners.http.tap_io(|tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    debug!(error = %e, "cannot set TCP_NODELAY");
+                }
+            });
+            axum::serve(listener, app)
                 .with_graceful_shutdown(async move { http_stop.cancelled().await })
                 .await
                 .map_err(|e| anyhow::anyhow!("client listener failed: {e}"))
         });
         let heartbeat = tokio::spawn(heartbeat(shared.clone(), shared.drained.clone()));
+        let unregister = tokio::spawn(unregister_worker(
+            shared.clone(),
+            self.unregister_rx,
+            shared.drained.clone(),
+        ));
         shared.readiness.set(true);
 
         let mut failure: Option<anyhow::Error> = None;
@@ -277,6 +315,7 @@ impl Gateway {
         shared.drained.cancelled().await;
         stop.cancel();
         let _ = heartbeat.await;
+        let _ = unregister.await;
         while let Some(ended) = servers.join_next().await {
             match ended {
                 Ok(Ok(())) => {}
@@ -291,6 +330,38 @@ impl Gateway {
         }
         info!("gateway stopped");
         Ok(())
+    }
+}
+
+/// Unregister closed sessions from presence, a few calls at a time, until `stop`
+/// (after draining, presence has dropped the whole gateway anyway).
+async fn unregister_worker(
+    shared: Arc<Shared>,
+    rx: tokio::sync::mpsc::Receiver<String>,
+    stop: CancellationToken,
+) {
+    use futures::StreamExt as _;
+    let calls = tokio_stream::wrappers::ReceiverStream::new(rx).for_each_concurrent(
+        UNREGISTER_CONCURRENCY,
+        |session_id| {
+            let mut presence = shared.peers.presence.clone();
+            async move {
+                // Bounded by the channel's RPC timeout; if it fails the session
+                // expires by TTL.
+                if let Err(status) = presence
+                    .unregister_session(v1::UnregisterSessionRequest {
+                        session_id: session_id.clone(),
+                    })
+                    .await
+                {
+                    debug!(%session_id, error = %status.message(), "unregister failed");
+                }
+            }
+        },
+    );
+    tokio::select! {
+        () = calls => {}
+        () = stop.cancelled() => {}
     }
 }
 

@@ -26,6 +26,8 @@ pub(crate) struct Metrics {
     pub events_dropped: IntCounterVec,
     /// Sessions closed because they could not keep up.
     pub slow_consumer_disconnects: IntCounter,
+    /// Closed sessions left to expire by TTL because the unregister queue was full.
+    pub unregister_skipped: IntCounter,
     /// Protocol violations, by error code.
     pub violations: IntCounterVec,
 }
@@ -88,6 +90,10 @@ impl Metrics {
                 "switchboard_gateway_slow_consumer_disconnects_total",
                 "Sessions closed because they could not keep up with their events",
             )?,
+            unregister_skipped: IntCounter::new(
+                "switchboard_gateway_unregister_skipped_total",
+                "Closed sessions not unregistered from presence (queue full); they expire by TTL",
+            )?,
             violations: IntCounterVec::new(
                 Opts::new(
                     "switchboard_gateway_violations_total",
@@ -107,6 +113,7 @@ impl Metrics {
         registry.register(Box::new(m.events_dropped.clone()))?;
         registry.register(Box::new(m.slow_consumer_disconnects.clone()))?;
         registry.register(Box::new(m.violations.clone()))?;
+        registry.register(Box::new(m.unregister_skipped.clone()))?;
         Ok(m)
     }
 }
