@@ -6,6 +6,7 @@
 //!   HS256 secret (in standalone's data directory, the generated one).
 //! - `switchboard config defaults|check`: every setting with its default and meaning;
 //!   validate a configuration.
+//! - `switchboard migrate`: apply pending storage schema migrations and exit.
 //!
 //! Configuration is loaded and validated before any port is bound. Services run until
 //! SIGTERM or Ctrl-C; the gateway drains first, then the others stop.
@@ -52,6 +53,8 @@ enum Command {
         #[arg(long, default_value = "1h", value_parser = parse_ttl)]
         ttl: Duration,
     },
+    /// Apply pending schema migrations of the configured history store, then exit.
+    Migrate,
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
@@ -118,6 +121,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = Config::load(cli.config.as_deref(), env)?;
             println!("configuration is valid");
             println!("{config:#?}");
+            Ok(())
+        }
+        Command::Migrate => {
+            let config = Config::load(cli.config.as_deref(), env)?;
+            switchboard_telemetry::init_tracing(&config.log)?;
+            let version = runtime()?.block_on(switchboard_storage::migrate(&config))?;
+            println!(
+                "storage schema ({} backend) is at version {version}",
+                config.storage.backend
+            );
             Ok(())
         }
         Command::Token { user, ttl } => {
@@ -341,6 +354,7 @@ mod tests {
         Cli::try_parse_from(["switchboard", "token", "--user", "alice", "--ttl", "2h"]).unwrap();
         Cli::try_parse_from(["switchboard", "--config", "x.toml", "standalone"]).unwrap();
         Cli::try_parse_from(["switchboard", "config", "defaults"]).unwrap();
+        Cli::try_parse_from(["switchboard", "migrate"]).unwrap();
         assert!(Cli::try_parse_from(["switchboard", "token"]).is_err());
     }
 }

@@ -663,6 +663,40 @@ async fn config_defaults_lists_every_setting() {
 }
 
 #[tokio::test]
+async fn migrate_brings_the_embedded_store_to_the_latest_schema() {
+    let setup = Setup::new(true);
+    let run = || {
+        std::process::Command::new(bin())
+            .arg("migrate")
+            .env_clear()
+            .envs(setup.env.iter().cloned())
+            .output()
+            .unwrap()
+    };
+    let first = run();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let last_line = |out: Vec<u8>| {
+        String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let text = last_line(first.stdout);
+    assert!(text.contains("sqlite backend) is at version 1"), "{text}");
+    assert!(setup.data_dir().join("storage.sqlite3").exists());
+    // Idempotent.
+    let again = run();
+    assert!(again.status.success());
+    assert_eq!(last_line(again.stdout), text);
+}
+
+#[tokio::test]
 async fn invalid_configuration_fails_before_binding() {
     let setup = Setup::new(true);
     let mut proc = setup.spawn(

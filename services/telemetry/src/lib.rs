@@ -23,7 +23,12 @@ use tracing_subscriber::{fmt, EnvFilter};
 pub fn init_tracing(log: &LogConfig) -> anyhow::Result<()> {
     let filter = EnvFilter::try_new(&log.level)
         .map_err(|e| anyhow::anyhow!("invalid log.level `{}`: {e}", log.level))?;
-    let builder = fmt().with_env_filter(filter).with_target(true);
+    // Colours only for a person at a terminal, not in files or log collectors.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_target(true)
+        .with_ansi(ansi);
     let result = if log.format == "json" {
         builder.json().flatten_event(true).try_init()
     } else {
