@@ -187,7 +187,7 @@ impl Default for GatewayConfig {
             listen: "0.0.0.0:8080".into(),
             grpc_listen: "127.0.0.1:50051".into(),
             advertise_url: String::new(),
-            admin_listen: "127.0.0.1:9091".into(),
+            admin_listen: "127.0.0.1:9191".into(),
             max_connections: 100_000,
             max_frame_bytes: 128 * 1024,
             // Allocated up front per connection: the largest part of an idle
@@ -225,7 +225,7 @@ impl Default for PresenceConfig {
     fn default() -> Self {
         PresenceConfig {
             grpc_listen: "127.0.0.1:50052".into(),
-            admin_listen: "127.0.0.1:9092".into(),
+            admin_listen: "127.0.0.1:9192".into(),
             backend: "memory".into(),
             session_ttl_ms: 30_000,
             redis_url: "redis://127.0.0.1:6379".into(),
@@ -270,7 +270,7 @@ impl Default for RoutingConfig {
     fn default() -> Self {
         RoutingConfig {
             grpc_listen: "127.0.0.1:50053".into(),
-            admin_listen: "127.0.0.1:9093".into(),
+            admin_listen: "127.0.0.1:9193".into(),
             backend: "embedded".into(),
             kafka_brokers: "127.0.0.1:9092".into(),
             kafka_topic: "switchboard.messages".into(),
@@ -320,7 +320,7 @@ impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             grpc_listen: "127.0.0.1:50054".into(),
-            admin_listen: "127.0.0.1:9094".into(),
+            admin_listen: "127.0.0.1:9194".into(),
             backend: "sqlite".into(),
             scylla_nodes: "127.0.0.1:9042".into(),
             scylla_keyspace: "switchboard".into(),
