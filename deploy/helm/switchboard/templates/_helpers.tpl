@@ -26,10 +26,10 @@ misconfigured release.
 
 {{/* The services and their fixed ports (the binary's documented defaults). */}}
 {{- define "switchboard.ports" -}}
-gateway: {grpc: 50051, admin: 9091, http: 8080}
-presence: {grpc: 50052, admin: 9092}
-routing: {grpc: 50053, admin: 9093}
-storage: {grpc: 50054, admin: 9094}
+gateway: {grpc: 50051, admin: 9191, http: 8080}
+presence: {grpc: 50052, admin: 9192}
+routing: {grpc: 50053, admin: 9193}
+storage: {grpc: 50054, admin: 9194}
 {{- end -}}
 
 {{/* (dict "root" $ "component" "gateway" "port" "grpc") -> the port number */}}
