@@ -143,6 +143,70 @@ impl Setup {
         }
     }
 
+    /// Use the real backends started by `deploy/local/up.sh` (Redis, Kafka and the
+    /// CQL server), with a key prefix, topic, consumer group and keyspace of this
+    /// setup's own. Addresses come from `SB_TEST_REDIS_URL`, `SB_TEST_KAFKA_BROKERS`
+    /// and `SB_TEST_SCYLLA_NODES`; a server that does not answer fails the test with
+    /// a message saying how to start it.
+    pub fn real_backends(&mut self) -> &mut Self {
+        let redis =
+            std::env::var("SB_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let kafka =
+            std::env::var("SB_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+        let scylla =
+            std::env::var("SB_TEST_SCYLLA_NODES").unwrap_or_else(|_| "127.0.0.1:9042".into());
+        for (what, addr, script) in [
+            (
+                "Redis",
+                redis.trim_start_matches("redis://").to_owned(),
+                "redis",
+            ),
+            (
+                "Kafka",
+                kafka.split(',').next().unwrap_or_default().to_owned(),
+                "kafka",
+            ),
+            (
+                "the CQL server",
+                scylla.split(',').next().unwrap_or_default().to_owned(),
+                "cassandra",
+            ),
+        ] {
+            let reachable = addr
+                .parse::<std::net::SocketAddr>()
+                .ok()
+                .and_then(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).ok())
+                .is_some();
+            assert!(
+                reachable,
+                "{what} is not reachable at {addr}: start it with `deploy/local/up.sh {script}`"
+            );
+        }
+        let id = unique_suffix();
+        for (k, v) in [
+            ("SWITCHBOARD_PRESENCE__BACKEND", "redis".to_owned()),
+            ("SWITCHBOARD_PRESENCE__REDIS_URL", redis),
+            (
+                "SWITCHBOARD_PRESENCE__REDIS_KEY_PREFIX",
+                format!("sbe2e{id}"),
+            ),
+            ("SWITCHBOARD_ROUTING__BACKEND", "kafka".to_owned()),
+            ("SWITCHBOARD_ROUTING__KAFKA_BROKERS", kafka),
+            ("SWITCHBOARD_ROUTING__KAFKA_TOPIC", format!("sbe2e-{id}")),
+            ("SWITCHBOARD_ROUTING__KAFKA_GROUP", format!("sbe2e-{id}")),
+            ("SWITCHBOARD_ROUTING__PARTITIONS", "4".to_owned()),
+            ("SWITCHBOARD_STORAGE__BACKEND", "scylla".to_owned()),
+            ("SWITCHBOARD_STORAGE__SCYLLA_NODES", scylla),
+            (
+                "SWITCHBOARD_STORAGE__SCYLLA_KEYSPACE",
+                format!("sbe2e_{id}"),
+            ),
+        ] {
+            self.set(k, &v);
+        }
+        self
+    }
+
     pub fn set(&mut self, key: &str, value: &str) {
         self.env.retain(|(k, _)| k != key);
         self.env.push((key.into(), value.into()));
@@ -207,6 +271,15 @@ pub async fn connect_to(
     )
     .await
     .unwrap_or_else(|e| panic!("connect to {}: {e}", gateway.ws_url()))
+}
+
+/// A short lowercase suffix unique to this test run.
+pub fn unique_suffix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{:x}{:x}", std::process::id(), nanos % 0xffff_ffff)
 }
 
 /// A running switchboard process; killed on drop.

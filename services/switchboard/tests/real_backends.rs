@@ -1,0 +1,342 @@
+//! The delivery contract end to end with the four services as separate processes on
+//! the real servers: Redis (presence), Kafka (routing) and the CQL server (storage),
+//! as started by `deploy/local/up.sh`. Processes are killed with SIGKILL mid-stream
+//! to show that nothing accepted is lost and sequences stay gapless.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use switchboard_client::{Client, ClientError, Direction, Encoding, Event};
+use switchboard_proto::{ErrorCode, SyncCursor};
+
+struct Services {
+    setup: Setup,
+    storage: Proc,
+    presence: Proc,
+    routing: Proc,
+    gateway: Proc,
+}
+
+fn admin_port(setup: &Setup, setting: &str) -> u16 {
+    setup
+        .env
+        .iter()
+        .find(|(k, _)| k == setting)
+        .and_then(|(_, v)| v.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .expect("admin port in the environment")
+}
+
+async fn start(setup: Setup) -> Services {
+    // Storage first: it creates the keyspace and applies the schema migrations.
+    let storage = setup.spawn(&["storage"], &[]);
+    wait_ready_long(
+        admin_port(&setup, "SWITCHBOARD_STORAGE__ADMIN_LISTEN"),
+        &storage,
+    )
+    .await;
+    let presence = setup.spawn(&["presence"], &[]);
+    let routing = setup.spawn(&["routing"], &[]);
+    let gateway = setup.spawn(&["gateway"], &setup.gateway.env());
+    wait_ready_long(
+        admin_port(&setup, "SWITCHBOARD_PRESENCE__ADMIN_LISTEN"),
+        &presence,
+    )
+    .await;
+    wait_ready_long(
+        admin_port(&setup, "SWITCHBOARD_ROUTING__ADMIN_LISTEN"),
+        &routing,
+    )
+    .await;
+    wait_ready_long(setup.gateway.listen, &gateway).await;
+    Services {
+        setup,
+        storage,
+        presence,
+        routing,
+        gateway,
+    }
+}
+
+/// Like `wait_ready`, with room for schema creation and a consumer-group join.
+async fn wait_ready_long(port: u16, proc: &Proc) {
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(90) {
+        if let Ok((200, _)) = http_get(port, "/readyz").await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("port {port} not ready after 90 s; log:\n{}", proc.output());
+}
+
+/// Send with retries of the same client_msg_id until accepted (as a client riding
+/// out a restart would); returns the ack's sequence (0 if sequenced later).
+async fn send_until_accepted(client: &Client, conversation: &str, id: &str, body: &str) -> u64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match client
+            .send_with_id(conversation, id, body, "text/plain")
+            .await
+        {
+            Ok(ack) => return ack.seq,
+            Err(e) if std::time::Instant::now() < deadline => {
+                let retryable = matches!(
+                    e,
+                    ClientError::Timeout
+                        | ClientError::Server {
+                            code: ErrorCode::Unavailable | ErrorCode::Timeout | ErrorCode::Internal,
+                            ..
+                        }
+                );
+                assert!(retryable, "send {id} failed for good: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("send {id} not accepted within 60 s: {e}"),
+        }
+    }
+}
+
+/// All messages of a conversation, oldest first.
+async fn full_history(client: &Client, conversation: &str) -> Vec<switchboard_proto::Message> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    loop {
+        let page = client
+            .history(conversation, from, Direction::Forward, 200)
+            .await
+            .expect("history");
+        from = page.messages.last().map(|m| m.seq).unwrap_or(from);
+        out.extend(page.messages);
+        if !page.has_more {
+            return out;
+        }
+    }
+}
+
+fn assert_gapless_and_complete(stored: &[switchboard_proto::Message], sent: &[String]) {
+    let seqs: Vec<u64> = stored.iter().map(|m| m.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=stored.len() as u64).collect::<Vec<_>>(),
+        "gapless"
+    );
+    let mut ids: Vec<&str> = stored.iter().map(|m| m.client_msg_id.as_str()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), stored.len(), "no message stored twice");
+    for id in sent {
+        assert!(
+            ids.contains(&id.as_str()),
+            "accepted message {id} is missing"
+        );
+    }
+    assert_eq!(stored.len(), sent.len(), "nothing but what was sent");
+}
+
+#[tokio::test]
+async fn messages_flow_through_redis_kafka_and_cql() {
+    let mut setup = Setup::new(true);
+    setup.real_backends();
+    let s = start(setup).await;
+    let (alice, mut alice_ev) = s.setup.connect("alice", "phone").await;
+    let (bob, mut bob_ev) = s.setup.connect("bob", "phone").await;
+    let watch = bob.presence_watch(["alice"]).await.unwrap();
+    assert_eq!(watch.users[0].status, "online");
+
+    let conv = alice.create_direct("bob").await.unwrap();
+    let id = conv.conversation_id.clone();
+    for i in 1..=20u64 {
+        let ack = alice.send(&id, &format!("real {i}")).await.unwrap();
+        assert_eq!(ack.seq, i);
+    }
+    for events in [&mut bob_ev, &mut alice_ev] {
+        let got = messages(events, &id, 20).await;
+        assert_eq!(
+            got.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            (1..=20).collect::<Vec<_>>()
+        );
+    }
+    let dup = alice
+        .send_with_id(&id, "fixed-id", "once", "text/plain")
+        .await
+        .unwrap();
+    let again = alice
+        .send_with_id(&id, "fixed-id", "once", "text/plain")
+        .await
+        .unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.seq, dup.seq);
+
+    let sync = bob
+        .sync(
+            vec![SyncCursor {
+                conversation_id: id.clone(),
+                last_seq: 18,
+            }],
+            0,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        sync.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![19, 20, 21]
+    );
+
+    alice.close().await;
+    next_matching(&mut bob_ev, "alice offline", |ev| match ev {
+        Event::Presence(p) if p.user_id == "alice" && p.status == "offline" => Some(()),
+        _ => None,
+    })
+    .await;
+    let _ = (&s.storage, &s.presence, &s.routing, &s.gateway);
+}
+
+#[tokio::test]
+async fn routing_killed_mid_stream_loses_nothing_and_keeps_the_sequence() {
+    let mut setup = Setup::new(true);
+    setup.real_backends();
+    let mut s = start(setup).await;
+    let (alice, _alice_ev) = s.setup.connect("alice", "d").await;
+    let conv = alice.create_direct("bob").await.unwrap();
+    let id = conv.conversation_id.clone();
+
+    let mut sent = Vec::new();
+    for i in 0..15 {
+        let cid = format!("before-{i}");
+        send_until_accepted(&alice, &id, &cid, "x").await;
+        sent.push(cid);
+    }
+    // No goodbye: the partition owner dies between records.
+    s.routing.kill9();
+    let routing = s.setup.spawn(&["routing"], &[]);
+    s.routing = routing;
+    for i in 0..15 {
+        let cid = format!("after-{i}");
+        send_until_accepted(&alice, &id, &cid, "y").await;
+        sent.push(cid);
+    }
+    // Everything accepted is sequenced and stored exactly once, 1..=30.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let stored = loop {
+        let stored = full_history(&alice, &id).await;
+        if stored.len() >= sent.len() || std::time::Instant::now() > deadline {
+            break stored;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_gapless_and_complete(&stored, &sent);
+}
+
+#[tokio::test]
+async fn storage_killed_mid_stream_loses_nothing_and_keeps_the_sequence() {
+    let mut setup = Setup::new(true);
+    setup.real_backends();
+    let mut s = start(setup).await;
+    let (alice, _alice_ev) = s.setup.connect("alice", "d").await;
+    let conv = alice.create_direct("bob").await.unwrap();
+    let id = conv.conversation_id.clone();
+
+    let mut sent = Vec::new();
+    for i in 0..10 {
+        let cid = format!("a-{i}");
+        send_until_accepted(&alice, &id, &cid, "x").await;
+        sent.push(cid);
+    }
+    s.storage.kill9();
+    // While storage is down, sends are still accepted (durable in Kafka) or refused
+    // with a retryable error; none is lost.
+    for i in 0..5 {
+        let cid = format!("b-{i}");
+        match alice.send_with_id(&id, &cid, "y", "text/plain").await {
+            Ok(_) => sent.push(cid),
+            Err(e) => assert!(e.is_retryable(), "not retryable: {e}"),
+        }
+    }
+    s.storage = s.setup.spawn(&["storage"], &[]);
+    for i in 0..10 {
+        let cid = format!("c-{i}");
+        send_until_accepted(&alice, &id, &cid, "z").await;
+        sent.push(cid);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let stored = loop {
+        let stored = full_history(&alice, &id).await;
+        if stored.len() >= sent.len() || std::time::Instant::now() > deadline {
+            break stored;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_gapless_and_complete(&stored, &sent);
+}
+
+#[tokio::test]
+async fn a_second_routing_instance_takes_over_the_partitions_of_a_killed_one() {
+    let mut setup = Setup::new(true);
+    setup.real_backends();
+    let mut s = start(setup).await;
+    // A second routing instance in the same consumer group, and a second gateway that
+    // sends through it.
+    let (rg, ra) = (free_port(), free_port());
+    let second_routing_env = vec![
+        (
+            "SWITCHBOARD_ROUTING__GRPC_LISTEN".to_owned(),
+            format!("127.0.0.1:{rg}"),
+        ),
+        (
+            "SWITCHBOARD_ROUTING__ADMIN_LISTEN".to_owned(),
+            format!("127.0.0.1:{ra}"),
+        ),
+    ];
+    let routing2 = s.setup.spawn(&["routing"], &second_routing_env);
+    wait_ready_long(ra, &routing2).await;
+    let gw2 = GatewayPorts::new();
+    let mut gw2_env = gw2.env();
+    gw2_env.push((
+        "SWITCHBOARD_CLUSTER__ROUTING_URL".to_owned(),
+        format!("http://127.0.0.1:{rg}"),
+    ));
+    let gateway2 = s.setup.spawn(&["gateway"], &gw2_env);
+    wait_ready_long(gw2.listen, &gateway2).await;
+
+    let token = s.setup.token("alice");
+    let (alice, _a) = connect_to(&gw2, &token, "d", Encoding::Json).await;
+    // Conversations spread over the 4 partitions, so both instances own some.
+    let mut conversations = Vec::new();
+    for peer in ["b1", "b2", "b3", "b4", "b5", "b6"] {
+        conversations.push(alice.create_direct(peer).await.unwrap().conversation_id);
+    }
+    let mut sent: Vec<Vec<String>> = vec![Vec::new(); conversations.len()];
+    for round in 0..5 {
+        for (c, conv) in conversations.iter().enumerate() {
+            let cid = format!("r{round}-c{c}");
+            send_until_accepted(&alice, conv, &cid, "x").await;
+            sent[c].push(cid);
+        }
+    }
+    // The first instance dies without leaving the group; after the group's session
+    // timeout the second owns every partition and continues each sequence.
+    s.routing.kill9();
+    for round in 5..10 {
+        for (c, conv) in conversations.iter().enumerate() {
+            let cid = format!("r{round}-c{c}");
+            send_until_accepted(&alice, conv, &cid, "y").await;
+            sent[c].push(cid);
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    for (c, conv) in conversations.iter().enumerate() {
+        let stored = loop {
+            let stored = full_history(&alice, conv).await;
+            if stored.len() >= sent[c].len() || std::time::Instant::now() > deadline {
+                break stored;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
+        assert_gapless_and_complete(&stored, &sent[c]);
+    }
+    drop(gateway2);
+    drop(routing2);
+}
