@@ -44,6 +44,7 @@ pub struct Config {
     /// Development conveniences: the `/v1/dev/token` endpoint and the chat page.
     pub dev_mode: bool,
     pub log: LogConfig,
+    pub telemetry: TelemetryConfig,
     pub auth: AuthConfig,
     pub cluster: ClusterConfig,
     pub gateway: GatewayConfig,
@@ -58,6 +59,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./switchboard-data"),
             dev_mode: false,
             log: LogConfig::default(),
+            telemetry: TelemetryConfig::default(),
             auth: AuthConfig::default(),
             cluster: ClusterConfig::default(),
             gateway: GatewayConfig::default(),
@@ -82,6 +84,30 @@ impl Default for LogConfig {
         LogConfig {
             format: "text".into(),
             level: "info".into(),
+        }
+    }
+}
+
+/// Distributed tracing: spans exported to an OpenTelemetry collector.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// `http://` URL of an OTLP/gRPC collector (port 4317 by convention); empty =
+    /// no export (spans stay local to the logs).
+    pub otlp_endpoint: String,
+    /// Exported service names are `<prefix>-<command>`, e.g. `switchboard-routing`.
+    pub service_name_prefix: String,
+    /// Share of new traces recorded, 0.0 to 1.0. A trace started elsewhere keeps
+    /// the sampling decision of its parent.
+    pub sample_ratio: f64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            otlp_endpoint: String::new(),
+            service_name_prefix: "switchboard".into(),
+            sample_ratio: 1.0,
         }
     }
 }
@@ -447,6 +473,36 @@ impl Config {
             }
         }
         one_of("log.format", &self.log.format, &["text", "json"])?;
+        let t = &self.telemetry;
+        // Only plain HTTP/2: TLS to the collector is not built in (a collector
+        // agent next to the process forwards over TLS).
+        if !t.otlp_endpoint.is_empty() && !t.otlp_endpoint.starts_with("http://") {
+            return Err(ConfigError::Invalid {
+                key: "telemetry.otlp_endpoint",
+                reason: format!(
+                    "`{}` is not an http:// URL (TLS to the collector is not supported; \
+                     run a collector agent on the node)",
+                    t.otlp_endpoint
+                ),
+            });
+        }
+        let prefix_ok = !t.service_name_prefix.is_empty()
+            && t.service_name_prefix.len() <= 64
+            && t.service_name_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+        if !prefix_ok {
+            return Err(ConfigError::Invalid {
+                key: "telemetry.service_name_prefix",
+                reason: "letters, digits, `-`, `_` and `.` only, 1 to 64".into(),
+            });
+        }
+        if !(0.0..=1.0).contains(&t.sample_ratio) {
+            return Err(ConfigError::Invalid {
+                key: "telemetry.sample_ratio",
+                reason: format!("{} is not between 0.0 and 1.0", t.sample_ratio),
+            });
+        }
         url("cluster.presence_url", &self.cluster.presence_url)?;
         url("cluster.routing_url", &self.cluster.routing_url)?;
         url("cluster.storage_url", &self.cluster.storage_url)?;
@@ -709,6 +765,52 @@ mod tests {
         let e =
             Config::from_toml_and_env("[presence]\nbackend = \"etcd\"\n", env(&[])).unwrap_err();
         assert!(e.to_string().contains("presence.backend"), "{e}");
+    }
+
+    #[test]
+    fn telemetry_settings_are_validated() {
+        let c = Config::from_toml_and_env(
+            "",
+            env(&[
+                (
+                    "SWITCHBOARD_TELEMETRY__OTLP_ENDPOINT",
+                    "http://collector:4317",
+                ),
+                ("SWITCHBOARD_TELEMETRY__SAMPLE_RATIO", "0.25"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.telemetry.otlp_endpoint, "http://collector:4317");
+        assert_eq!(c.telemetry.sample_ratio, 0.25);
+        assert_eq!(c.telemetry.service_name_prefix, "switchboard");
+        // An integer is a ratio too.
+        let c = Config::from_toml_and_env("[telemetry]\nsample_ratio = 0\n", env(&[])).unwrap();
+        assert_eq!(c.telemetry.sample_ratio, 0.0);
+        for (toml, key) in [
+            (
+                "otlp_endpoint = \"collector:4317\"",
+                "telemetry.otlp_endpoint",
+            ),
+            (
+                "otlp_endpoint = \"https://collector:4317\"",
+                "telemetry.otlp_endpoint",
+            ),
+            ("sample_ratio = 1.5", "telemetry.sample_ratio"),
+            ("sample_ratio = -0.1", "telemetry.sample_ratio"),
+            ("sample_ratio = nan", "telemetry.sample_ratio"),
+            (
+                "service_name_prefix = \"\"",
+                "telemetry.service_name_prefix",
+            ),
+            (
+                "service_name_prefix = \"a b\"",
+                "telemetry.service_name_prefix",
+            ),
+        ] {
+            let e =
+                Config::from_toml_and_env(&format!("[telemetry]\n{toml}\n"), env(&[])).unwrap_err();
+            assert!(e.to_string().contains(key), "{toml}: {e}");
+        }
     }
 
     #[test]
