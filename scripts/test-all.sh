@@ -4,7 +4,7 @@
 # real Redis, Kafka and Cassandra servers (deploy/local/up.sh), checks formatting and
 # lints, runs every Rust test (unit, gRPC, conformance suites against the embedded and
 # the real backends, multi-process end-to-end), then the headless-browser test of the
-# chat page. Under CI (CI=true) it stops the servers it started when it ends.
+# chat page and the offline validation of the Helm chart and Dockerfile. Under CI (CI=true) it stops the servers it started when it ends.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -41,3 +41,6 @@ cargo test --workspace --locked
 step "browser test of the chat page"
 cargo build --locked -p switchboard
 SWITCHBOARD_BIN="$root/target/debug/switchboard" node --test tests/browser/
+
+step "Helm chart and Dockerfile validation"
+SWITCHBOARD_BIN="$root/target/debug/switchboard" deploy/helm/test.sh
