@@ -12,6 +12,10 @@
 //!   go offline for [`store::LAST_SEEN_RETENTION`] (30 days) and for at most
 //!   [`store::MAX_OFFLINE_LAST_SEEN`] users (oldest forgotten first);
 //! - the route table (user -> gateways with a live session of theirs);
+//! - the interest index (conversation -> gateways holding a member's session), served
+//!   by `PresenceInterest.RouteConversation`: cached per conversation and member set,
+//!   dropped when a member's gateways change, recomputed at least every
+//!   [`store::INTEREST_TTL`] (see [`store::interest`]);
 //! - presence watches (watched user -> gateway -> watcher ids). A watch lives while the
 //!   watcher has a session on that gateway; at most [`store::MAX_WATCHED_PER_WATCHER`]
 //!   users per watcher and gateway.
@@ -28,14 +32,16 @@
 //! ([`store::PresenceFeed`]; layout and consistency in [`store::redis`]).
 //!
 //! It does not own: client connections or the client protocol (gateway), who may
-//! watch whom (the gateway decides before calling `Watch`), conversations or the
-//! interest index for group fan-out (not built yet), message delivery (routing).
+//! watch whom (the gateway decides before calling `Watch`), conversations and their
+//! members (storage; routing passes the member list with each `RouteConversation`),
+//! message delivery (routing).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::Registry;
 use switchboard_config::Config;
+use switchboard_proto::v1::presence_interest_server::PresenceInterestServer;
 use switchboard_proto::v1::presence_server::PresenceServer;
 use switchboard_rpc::ChannelPool;
 use switchboard_telemetry::Readiness;
@@ -57,7 +63,7 @@ pub use store::{
 
 use metrics::Metrics;
 use notifier::{Notifications, NOTIFY_QUEUE};
-use service::PresenceService;
+use service::{InterestService, PresenceService};
 
 /// Run the presence service: bind `presence.grpc_listen` and `presence.admin_listen`,
 /// build the store from config, and serve until `shutdown` is cancelled.
@@ -148,6 +154,9 @@ pub async fn serve(
     health_reporter
         .set_serving::<PresenceServer<PresenceService>>()
         .await;
+    health_reporter
+        .set_serving::<PresenceInterestServer<InterestService>>()
+        .await;
     // Ready once the backend answers (at once for the memory store); until then
     // calls fail with `unavailable` and /readyz says not ready.
     let ready_task = tokio::spawn({
@@ -160,10 +169,13 @@ pub async fn serve(
         }
     });
     let routes = tonic::service::Routes::new(PresenceServer::new(PresenceService::new(
-        store,
+        store.clone(),
         notifications,
         pool,
-        metrics,
+        metrics.clone(),
+    )))
+    .add_service(PresenceInterestServer::new(InterestService::new(
+        store, metrics,
     )));
     tracing::info!(
         grpc = %grpc_addr,

@@ -13,6 +13,11 @@ pub(crate) const DROP_DELIVER_FAILED: &str = "deliver_failed";
 pub(crate) const DROP_LOOKUP_FAILED: &str = "lookup_failed";
 pub(crate) const DROP_PUBLISH_FAILED: &str = "publish_failed";
 
+/// Outcomes of `RouteConversation` (label `result` of
+/// `switchboard_presence_interest_lookups_total`).
+pub(crate) const INTEREST_HIT: &str = "hit";
+pub(crate) const INTEREST_MISS: &str = "miss";
+
 /// Metric handles, registered once in the service's registry.
 #[derive(Clone)]
 pub(crate) struct Metrics {
@@ -34,6 +39,10 @@ pub(crate) struct Metrics {
     pub expired_offline: IntCounter,
     /// Latency of each gRPC method, by method.
     pub rpc_seconds: HistogramVec,
+    /// `RouteConversation` answers, by result (`hit`: from the interest index;
+    /// `miss`: computed). Invalidations are counted by the store
+    /// (`switchboard_presence_interest_invalidations_total`).
+    pub interest_lookups: IntCounterVec,
 }
 
 impl Metrics {
@@ -82,6 +91,13 @@ impl Metrics {
                 .buckets(switchboard_telemetry::latency_buckets()),
                 &["method"],
             )?,
+            interest_lookups: IntCounterVec::new(
+                Opts::new(
+                    "switchboard_presence_interest_lookups_total",
+                    "RouteConversation answers, by result (hit: cached interest entry, miss: computed)",
+                ),
+                &["result"],
+            )?,
         };
         registry.register(Box::new(metrics.sessions.clone()))?;
         registry.register(Box::new(metrics.online_users.clone()))?;
@@ -92,6 +108,7 @@ impl Metrics {
         registry.register(Box::new(metrics.heartbeat_unknown.clone()))?;
         registry.register(Box::new(metrics.expired_offline.clone()))?;
         registry.register(Box::new(metrics.rpc_seconds.clone()))?;
+        registry.register(Box::new(metrics.interest_lookups.clone()))?;
         Ok(metrics)
     }
 

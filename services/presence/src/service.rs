@@ -4,18 +4,19 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use switchboard_proto::v1::presence_interest_server::PresenceInterest;
 use switchboard_proto::v1::presence_server::Presence;
 use switchboard_proto::v1::{
     DropGatewayRequest, DropGatewayResponse, HeartbeatRequest, HeartbeatResponse, QueryRequest,
-    QueryResponse, RegisterSessionRequest, RegisterSessionResponse, RouteRequest, RouteResponse,
-    SetStatusRequest, SetStatusResponse, UnregisterSessionRequest, UnregisterSessionResponse,
-    WatchRequest,
+    QueryResponse, RegisterSessionRequest, RegisterSessionResponse, RouteConversationRequest,
+    RouteRequest, RouteResponse, SetStatusRequest, SetStatusResponse, UnregisterSessionRequest,
+    UnregisterSessionResponse, WatchRequest,
 };
 use switchboard_rpc::ChannelPool;
 use tonic::{Request, Response, Status};
 
 use crate::error::PresenceError;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, INTEREST_HIT, INTEREST_MISS};
 use crate::notifier::Notifications;
 use crate::store::{NewSession, SessionStatus, SessionStore};
 
@@ -23,7 +24,8 @@ use crate::store::{NewSession, SessionStatus, SessionStore};
 pub const MAX_ID_BYTES: usize = 256;
 /// Longest gateway URL accepted, in bytes.
 pub const MAX_URL_BYTES: usize = 512;
-/// Most users in one Query, Route or Watch.
+/// Most users in one Query, Route or Watch, and most members in one RouteConversation
+/// (storage's member cap).
 pub const MAX_USERS_PER_REQUEST: usize = 10_000;
 /// Most sessions in one Heartbeat (gateways with more split the batch).
 pub const MAX_HEARTBEAT_SESSIONS: usize = 100_000;
@@ -59,6 +61,54 @@ impl PresenceService {
             histogram: self.metrics.rpc_seconds.with_label_values(&[method]),
             start: Instant::now(),
         }
+    }
+}
+
+/// Handlers of `switchboard.v1.PresenceInterest` (the interest index).
+pub(crate) struct InterestService {
+    /// Where the interest index lives.
+    store: Arc<dyn SessionStore>,
+    metrics: Metrics,
+}
+
+impl InterestService {
+    pub fn new(store: Arc<dyn SessionStore>, metrics: Metrics) -> Self {
+        InterestService { store, metrics }
+    }
+}
+
+#[tonic::async_trait]
+impl PresenceInterest for InterestService {
+    async fn route_conversation(
+        &self,
+        request: Request<RouteConversationRequest>,
+    ) -> Result<Response<RouteResponse>, Status> {
+        let _timer = RpcTimer {
+            histogram: self
+                .metrics
+                .rpc_seconds
+                .with_label_values(&["route_conversation"]),
+            start: Instant::now(),
+        };
+        let req = request.into_inner();
+        check_id("conversation_id", &req.conversation_id)?;
+        check_ids("member_ids", &req.member_ids, MAX_USERS_PER_REQUEST)?;
+        let answer = self
+            .store
+            .route_conversation(&req.conversation_id, &req.member_ids)
+            .await?;
+        let result = if answer.cached {
+            INTEREST_HIT
+        } else {
+            INTEREST_MISS
+        };
+        self.metrics
+            .interest_lookups
+            .with_label_values(&[result])
+            .inc();
+        Ok(Response::new(RouteResponse {
+            routes: answer.routes,
+        }))
     }
 }
 

@@ -11,8 +11,8 @@ use std::time::Duration;
 use switchboard_proto::v1::{GatewayRoute, UserPresence};
 
 use super::{
-    GatewayWatchers, NewSession, SessionStatus, SessionStore, StoreStats, MAX_WATCHED_PER_WATCHER,
-    STATUS_AWAY, STATUS_OFFLINE, STATUS_ONLINE,
+    GatewayWatchers, NewSession, SessionStatus, SessionStore, StoreStats, INTEREST_TTL,
+    MAX_WATCHED_PER_WATCHER, STATUS_AWAY, STATUS_OFFLINE, STATUS_ONLINE,
 };
 use crate::error::PresenceError;
 
@@ -43,6 +43,13 @@ macro_rules! session_store_suite {
             watch_cap_rejects_without_adding,
             drop_gateway_removes_its_sessions_and_watches,
             stats_count_sessions_and_online_users,
+            conversation_routes_equal_fresh_routes_and_are_cached,
+            conversation_routes_see_a_member_on_a_new_gateway,
+            conversation_routes_lose_a_gateway_with_its_last_member_session,
+            conversation_routes_follow_expiry_and_dropped_gateways,
+            conversation_routes_recompute_when_the_member_set_changes,
+            conversation_routes_are_not_invalidated_by_other_changes,
+            conversation_routes_expire_after_the_interest_ttl,
         );
     };
     (@tests $factory:expr; $($name:ident),* $(,)?) => {
@@ -617,4 +624,284 @@ pub async fn stats_count_sessions_and_online_users<F: Fn(Duration) -> Arc<dyn Se
             online_users: 1,
         }
     );
+}
+
+/// `route` with users sorted per gateway: what `route_conversation` must answer.
+async fn fresh_routes(store: &dyn SessionStore, members: &[String]) -> Vec<GatewayRoute> {
+    let mut routes = store.route(members).await.expect("route");
+    for route in &mut routes {
+        route.user_ids.sort();
+    }
+    routes
+}
+
+/// Conversation routes, and whether they came from the cache.
+async fn conv_routes(
+    store: &dyn SessionStore,
+    conversation: &str,
+    members: &[String],
+) -> (Vec<GatewayRoute>, bool) {
+    let answer = store
+        .route_conversation(conversation, members)
+        .await
+        .expect("route_conversation");
+    (answer.routes, answer.cached)
+}
+
+fn route(gateway: &str, users: &[&str]) -> GatewayRoute {
+    GatewayRoute {
+        gateway_addr: gateway.into(),
+        user_ids: ids(users),
+    }
+}
+
+const GW3: &str = "http://gw3:50051";
+
+pub async fn conversation_routes_equal_fresh_routes_and_are_cached<
+    F: Fn(Duration) -> Arc<dyn SessionStore>,
+>(
+    factory: F,
+) {
+    let store = factory(TTL);
+    store.register(session("a1", "alice", GW1)).await.unwrap();
+    store.register(session("a2", "alice", GW2)).await.unwrap();
+    store.register(session("b1", "bob", GW1)).await.unwrap();
+    store.register(session("b2", "bob", GW1)).await.unwrap();
+    store.register(session("c1", "carol", GW2)).await.unwrap();
+    store
+        .register(session("x1", "outsider", GW3))
+        .await
+        .unwrap();
+    let members = ids(&["carol", "dave", "bob", "alice", "bob"]);
+    let expected = vec![
+        route(GW1, &["alice", "bob"]),
+        route(GW2, &["alice", "carol"]),
+    ];
+    assert_eq!(fresh_routes(&*store, &members).await, expected);
+
+    let (routes, cached) = conv_routes(&*store, "conv", &members).await;
+    assert_eq!(
+        (routes, cached),
+        (expected.clone(), false),
+        "first call computes"
+    );
+    let (routes, cached) = conv_routes(&*store, "conv", &members).await;
+    assert_eq!(
+        (routes, cached),
+        (expected.clone(), true),
+        "second call is cached"
+    );
+    // The same set in another order is the same entry.
+    let reordered = ids(&["bob", "alice", "dave", "carol", "bob"]);
+    let (routes, cached) = conv_routes(&*store, "conv", &reordered).await;
+    assert_eq!((routes, cached), (expected, true));
+
+    // A conversation with nobody online is cached too, as no routes.
+    let offline = ids(&["dave", "erin"]);
+    assert_eq!(
+        conv_routes(&*store, "quiet", &offline).await,
+        (Vec::new(), false)
+    );
+    assert_eq!(
+        conv_routes(&*store, "quiet", &offline).await,
+        (Vec::new(), true)
+    );
+    assert_eq!(conv_routes(&*store, "empty", &[]).await.0, Vec::new());
+}
+
+pub async fn conversation_routes_see_a_member_on_a_new_gateway<
+    F: Fn(Duration) -> Arc<dyn SessionStore>,
+>(
+    factory: F,
+) {
+    let store = factory(TTL);
+    store.register(session("a1", "alice", GW1)).await.unwrap();
+    let members = ids(&["alice", "bob", "carol"]);
+    conv_routes(&*store, "conv", &members).await;
+    assert!(conv_routes(&*store, "conv", &members).await.1);
+
+    // An offline member comes online.
+    store.register(session("b1", "bob", GW2)).await.unwrap();
+    let (routes, cached) = conv_routes(&*store, "conv", &members).await;
+    assert!(!cached, "the entry was dropped when bob's gateways changed");
+    assert_eq!(routes, vec![route(GW1, &["alice"]), route(GW2, &["bob"])]);
+    assert_eq!(routes, fresh_routes(&*store, &members).await);
+
+    // An online member opens a session on another gateway.
+    store.register(session("a2", "alice", GW3)).await.unwrap();
+    let (routes, cached) = conv_routes(&*store, "conv", &members).await;
+    assert!(!cached);
+    assert_eq!(
+        routes,
+        vec![
+            route(GW1, &["alice"]),
+            route(GW2, &["bob"]),
+            route(GW3, &["alice"])
+        ]
+    );
+
+    // A session that moves to another gateway (registered again there).
+    assert!(conv_routes(&*store, "conv", &members).await.1);
+    store.register(session("b1", "bob", GW1)).await.unwrap();
+    let (routes, cached) = conv_routes(&*store, "conv", &members).await;
+    assert!(!cached);
+    assert_eq!(
+        routes,
+        vec![route(GW1, &["alice", "bob"]), route(GW3, &["alice"])]
+    );
+    assert_eq!(routes, fresh_routes(&*store, &members).await);
+}
+
+pub async fn conversation_routes_lose_a_gateway_with_its_last_member_session<
+    F: Fn(Duration) -> Arc<dyn SessionStore>,
+>(
+    factory: F,
+) {
+    let store = factory(TTL);
+    store.register(session("a1", "alice", GW1)).await.unwrap();
+    store.register(session("b1", "bob", GW2)).await.unwrap();
+    store.register(session("b2", "bob", GW2)).await.unwrap();
+    let members = ids(&["alice", "bob"]);
+    conv_routes(&*store, "conv", &members).await;
+
+    // One of two sessions on a gateway leaving changes no route: still cached.
+    store.unregister("b1").await.unwrap();
+    let (routes, cached) = conv_routes(&*store, "conv", &members).await;
+    assert!(cached, "bob still has a session on GW2");
+    assert_eq!(routes, vec![route(GW1, &["alice"]), route(GW2, &["bob"])]);
+
+    // The last one leaving removes the gateway.
+    store.unregister("b2").await.unwrap();
+    let (routes, cached) = conv_routes(&*store, "conv", &members).await;
+    assert!(!cached);
+    assert_eq!(routes, vec![route(GW1, &["alice"])]);
+    assert_eq!(routes, fresh_routes(&*store, &members).await);
+}
+
+pub async fn conversation_routes_follow_expiry_and_dropped_gateways<
+    F: Fn(Duration) -> Arc<dyn SessionStore>,
+>(
+    factory: F,
+) {
+    let store = factory(TTL);
+    store.register(session("a1", "alice", GW1)).await.unwrap();
+    store.register(session("b1", "bob", GW2)).await.unwrap();
+    store.register(session("c1", "carol", GW3)).await.unwrap();
+    let members = ids(&["alice", "bob", "carol"]);
+    conv_routes(&*store, "conv", &members).await;
+
+    // bob's session expires (the others are heartbeated).
+    advance_ms(TTL.as_millis() as u64 / 2).await;
+    store.heartbeat(GW1, &ids(&["a1"])).await.unwrap();
+    store.heartbeat(GW3, &ids(&["c1"])).await.unwrap();
+    assert!(
+        conv_routes(&*store, "conv", &members).await.1,
+        "heartbeats change no route"
+    );
+    advance_ms(TTL.as_millis() as u64 / 2).await;
+    store.expire(store.now_ms()).await.unwrap();
+    let (routes, cached) = conv_routes(&*store, "conv", &members).await;
+    assert!(!cached);
+    assert_eq!(routes, vec![route(GW1, &["alice"]), route(GW3, &["carol"])]);
+
+    // GW1 is dropped.
+    store.drop_gateway(GW1).await.unwrap();
+    let (routes, cached) = conv_routes(&*store, "conv", &members).await;
+    assert!(!cached);
+    assert_eq!(routes, vec![route(GW3, &["carol"])]);
+    assert_eq!(routes, fresh_routes(&*store, &members).await);
+}
+
+pub async fn conversation_routes_recompute_when_the_member_set_changes<
+    F: Fn(Duration) -> Arc<dyn SessionStore>,
+>(
+    factory: F,
+) {
+    let store = factory(TTL);
+    store.register(session("a1", "alice", GW1)).await.unwrap();
+    store.register(session("b1", "bob", GW2)).await.unwrap();
+    store.register(session("c1", "carol", GW3)).await.unwrap();
+    let before = ids(&["alice", "bob"]);
+    conv_routes(&*store, "conv", &before).await;
+    assert!(conv_routes(&*store, "conv", &before).await.1);
+
+    // carol joins: her gateway appears although nothing about sessions changed.
+    let joined = ids(&["alice", "bob", "carol"]);
+    let (routes, cached) = conv_routes(&*store, "conv", &joined).await;
+    assert!(!cached);
+    assert_eq!(routes, fresh_routes(&*store, &joined).await);
+    assert_eq!(routes.len(), 3);
+
+    // bob leaves: he is not routed to any more.
+    let left = ids(&["alice", "carol"]);
+    let (routes, cached) = conv_routes(&*store, "conv", &left).await;
+    assert!(!cached);
+    assert_eq!(routes, vec![route(GW1, &["alice"]), route(GW3, &["carol"])]);
+
+    // The entry now follows the new member set: a gateway change of carol (who
+    // joined after the first computation) invalidates it. (A former member's change
+    // may invalidate it too: a backend may keep stale reverse entries until they
+    // expire, which costs a recomputation, never a wrong answer.)
+    assert!(conv_routes(&*store, "conv", &left).await.1);
+    store.register(session("c2", "carol", GW1)).await.unwrap();
+    let (routes, cached) = conv_routes(&*store, "conv", &left).await;
+    assert!(!cached);
+    assert_eq!(
+        routes,
+        vec![route(GW1, &["alice", "carol"]), route(GW3, &["carol"])]
+    );
+}
+
+pub async fn conversation_routes_are_not_invalidated_by_other_changes<
+    F: Fn(Duration) -> Arc<dyn SessionStore>,
+>(
+    factory: F,
+) {
+    let store = factory(TTL);
+    store.register(session("a1", "alice", GW1)).await.unwrap();
+    store.register(session("b1", "bob", GW2)).await.unwrap();
+    let first = ids(&["alice", "carol"]);
+    let second = ids(&["bob", "dave"]);
+    conv_routes(&*store, "first", &first).await;
+    conv_routes(&*store, "second", &second).await;
+
+    // Status changes do not change routes.
+    store.set_status("a1", SessionStatus::Away).await.unwrap();
+    store.set_status("a1", SessionStatus::Online).await.unwrap();
+    assert!(conv_routes(&*store, "first", &first).await.1);
+    // A refresh of a session on the same gateway does not either.
+    store.register(session("a1", "alice", GW1)).await.unwrap();
+    assert!(conv_routes(&*store, "first", &first).await.1);
+    // A member of another conversation coming online leaves this one cached.
+    store.register(session("d1", "dave", GW3)).await.unwrap();
+    assert!(conv_routes(&*store, "first", &first).await.1);
+    let (routes, cached) = conv_routes(&*store, "second", &second).await;
+    assert!(!cached);
+    assert_eq!(routes, vec![route(GW2, &["bob"]), route(GW3, &["dave"])]);
+    // A watch is no route change either.
+    store.watch(GW1, "alice", &ids(&["bob"])).await.unwrap();
+    assert!(conv_routes(&*store, "first", &first).await.1);
+}
+
+pub async fn conversation_routes_expire_after_the_interest_ttl<
+    F: Fn(Duration) -> Arc<dyn SessionStore>,
+>(
+    factory: F,
+) {
+    // Sessions outlive the interest TTL here, so only the entry's age matters.
+    let store = factory(INTEREST_TTL * 10);
+    store.register(session("a1", "alice", GW1)).await.unwrap();
+    let members = ids(&["alice"]);
+    conv_routes(&*store, "conv", &members).await;
+    advance_ms(INTEREST_TTL.as_millis() as u64 - 1).await;
+    assert!(conv_routes(&*store, "conv", &members).await.1);
+    advance_ms(1).await;
+    store.expire(store.now_ms()).await.unwrap();
+    let (routes, cached) = conv_routes(&*store, "conv", &members).await;
+    assert!(
+        !cached,
+        "an entry answers for INTEREST_TTL after it was computed, hits or not"
+    );
+    assert_eq!(routes, vec![route(GW1, &["alice"])]);
+    assert!(conv_routes(&*store, "conv", &members).await.1);
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use switchboard_proto::v1::{GatewayRoute, UserPresence};
 
+use super::interest::{self, ConversationRoutes, InterestIndex};
 use super::{
     Clock, DropOutcome, GatewayWatchers, NewSession, PresenceUpdate, SessionStatus, SessionStore,
     StoreStats, LAST_SEEN_RETENTION, MAX_OFFLINE_LAST_SEEN, MAX_WATCHED_PER_WATCHER,
@@ -31,6 +32,8 @@ pub struct MemorySessionStore {
     ttl_ms: i64,
     /// All state; see the module comment for why a std mutex.
     state: Mutex<State>,
+    /// Dropped interest entries (also held by `State::interest`), for `register_metrics`.
+    interest_invalidations: prometheus::IntCounter,
 }
 
 /// One live session.
@@ -53,7 +56,6 @@ struct OnlineUser {
     last_seen_ms: i64,
 }
 
-#[derive(Default)]
 struct State {
     /// Live sessions by id.
     sessions: HashMap<String, Session>,
@@ -75,6 +77,8 @@ struct State {
     /// (gateway URL, watcher id) -> users watched there. An entry exists only while the
     /// watcher has a live session on that gateway.
     watching: HashMap<(String, String), HashSet<String>>,
+    /// Cached conversation routes; an entry goes when a member's gateways change.
+    interest: InterestIndex,
 }
 
 impl MemorySessionStore {
@@ -85,10 +89,22 @@ impl MemorySessionStore {
 
     /// A store using an explicit clock.
     pub fn with_clock(ttl: Duration, clock: Clock) -> Self {
+        let interest_invalidations = interest::invalidations_counter();
         MemorySessionStore {
             clock,
             ttl_ms: i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2),
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                sessions: HashMap::new(),
+                users: HashMap::new(),
+                gateways: HashMap::new(),
+                deadlines: BTreeSet::new(),
+                offline_seen: HashMap::new(),
+                offline_order: BTreeSet::new(),
+                watchers: HashMap::new(),
+                watching: HashMap::new(),
+                interest: InterestIndex::new(interest_invalidations.clone()),
+            }),
+            interest_invalidations,
         }
     }
 
@@ -188,6 +204,7 @@ impl State {
         }
         if !self.has_session_on(&session.user_id, &session.gateway_url) {
             self.drop_watches_of(&session.gateway_url, &session.user_id);
+            self.interest.invalidate_member(&session.user_id);
         }
         Some(session)
     }
@@ -226,11 +243,7 @@ impl State {
     }
 }
 
-/// Distinct ids in first-seen order.
-fn distinct(ids: &[String]) -> Vec<&String> {
-    let mut seen = HashSet::with_capacity(ids.len());
-    ids.iter().filter(|id| seen.insert(id.as_str())).collect()
-}
+use interest::distinct;
 
 #[async_trait]
 impl SessionStore for MemorySessionStore {
@@ -253,6 +266,7 @@ impl SessionStore for MemorySessionStore {
             // Re-registering a live session refreshes it (and moves it if it changed
             // gateway); its status and its watches on an unchanged gateway stay.
             let old_gateway = old.gateway_url.clone();
+            let had_new_gateway = st.has_session_on(&new.user_id, &new.gateway_url);
             let old_deadline = (old.expires_at_ms, new.session_id.clone());
             st.deadlines.remove(&old_deadline);
             st.deadlines.insert((expires_at_ms, new.session_id.clone()));
@@ -275,8 +289,12 @@ impl SessionStore for MemorySessionStore {
                     .entry(new.gateway_url)
                     .or_default()
                     .insert(new.session_id);
-                if !st.has_session_on(&new.user_id, &old_gateway) {
+                let left_old_gateway = !st.has_session_on(&new.user_id, &old_gateway);
+                if left_old_gateway {
                     st.drop_watches_of(&old_gateway, &new.user_id);
+                }
+                if left_old_gateway || !had_new_gateway {
+                    st.interest.invalidate_member(&new.user_id);
                 }
             }
             let presence = st.presence_of(&new.user_id);
@@ -284,6 +302,9 @@ impl SessionStore for MemorySessionStore {
             return Ok(PresenceUpdate { presence, changed });
         }
         st.forget_offline_seen(&new.user_id);
+        if !st.has_session_on(&new.user_id, &new.gateway_url) {
+            st.interest.invalidate_member(&new.user_id);
+        }
         let user = st
             .users
             .entry(new.user_id.clone())
@@ -417,6 +438,41 @@ impl SessionStore for MemorySessionStore {
             .collect())
     }
 
+    async fn route_conversation(
+        &self,
+        conversation_id: &str,
+        member_ids: &[String],
+    ) -> Result<ConversationRoutes, PresenceError> {
+        let fingerprint = interest::members_fingerprint(member_ids);
+        let now = self.clock.now_ms();
+        let mut st = self.lock();
+        if let Some(routes) = st.interest.get(conversation_id, fingerprint, now) {
+            return Ok(ConversationRoutes {
+                routes,
+                cached: true,
+            });
+        }
+        let members = distinct(member_ids);
+        let routes = {
+            let st = &*st;
+            interest::routes_from(members.iter().flat_map(|user_id| {
+                st.users
+                    .get(*user_id)
+                    .into_iter()
+                    .flat_map(|user| user.sessions.iter())
+                    .filter_map(|sid| st.sessions.get(sid))
+                    .map(|session| (user_id.as_str(), session.gateway_url.as_str()))
+            }))
+        };
+        let members = members.into_iter().cloned().collect();
+        st.interest
+            .insert(conversation_id, fingerprint, members, routes.clone(), now);
+        Ok(ConversationRoutes {
+            routes,
+            cached: false,
+        })
+    }
+
     async fn watch(
         &self,
         gateway_url: &str,
@@ -523,6 +579,7 @@ impl SessionStore for MemorySessionStore {
                     .map(|(_, id)| id.clone())
                     .collect();
                 if due.is_empty() {
+                    st.interest.purge_expired(now_ms);
                     let retain_after =
                         now_ms.saturating_sub(LAST_SEEN_RETENTION.as_millis() as i64);
                     while st
@@ -561,6 +618,11 @@ impl SessionStore for MemorySessionStore {
             sessions: st.sessions.len() as u64,
             online_users: st.users.len() as u64,
         })
+    }
+
+    fn register_metrics(&self, registry: &prometheus::Registry) -> anyhow::Result<()> {
+        registry.register(Box::new(self.interest_invalidations.clone()))?;
+        Ok(())
     }
 }
 

@@ -15,12 +15,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::PresenceError;
 
+pub mod interest;
 mod memory;
 pub mod redis;
 
 #[cfg(test)]
 mod conformance;
 
+pub use interest::{ConversationRoutes, INTEREST_TTL};
 pub use memory::MemorySessionStore;
 pub use redis::RedisSessionStore;
 
@@ -165,6 +167,10 @@ impl Default for Clock {
 ///   [`LAST_SEEN_RETENTION`] and [`MAX_OFFLINE_LAST_SEEN`].
 /// - A watch lives only while the watcher has a session on the watch's gateway: when
 ///   the watcher's last session there goes away, its watches there go too.
+/// - [`SessionStore::route_conversation`] answers what `route` would (users sorted per
+///   gateway), from a cached entry only when that entry was computed from the same
+///   member set, within [`INTEREST_TTL`], and no member's set of gateways changed
+///   since (see [`interest`]).
 #[async_trait::async_trait]
 pub trait SessionStore: Send + Sync + 'static {
     /// The store's current time (ms since epoch), as used for deadlines and last-seen.
@@ -200,6 +206,16 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Gateways where the users have live sessions, sorted by gateway URL; per gateway
     /// the users there in request order. Users with no live session appear nowhere.
     async fn route(&self, user_ids: &[String]) -> Result<Vec<GatewayRoute>, PresenceError>;
+
+    /// The routes of a conversation's members (`member_ids` is its complete member
+    /// list, in any order): gateways sorted by URL, per gateway the online members
+    /// there sorted by id. Answered from the interest index when its entry for the
+    /// conversation is valid for this member set; otherwise computed and cached.
+    async fn route_conversation(
+        &self,
+        conversation_id: &str,
+        member_ids: &[String],
+    ) -> Result<ConversationRoutes, PresenceError>;
 
     /// Add watches of `watcher_id` (on `gateway_url`) on `user_ids`. The watcher must
     /// have a live session on that gateway (`NotFound` otherwise), and may watch at

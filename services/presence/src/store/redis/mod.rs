@@ -79,12 +79,14 @@ use switchboard_proto::v1::{GatewayRoute, UserPresence};
 use tokio::sync::{mpsc, OnceCell};
 use tokio_util::sync::CancellationToken;
 
+use super::interest::{distinct, fmix64, fnv1a, ConversationRoutes};
 use super::{
     Clock, DropOutcome, GatewayWatchers, NewSession, PresenceFeed, PresenceUpdate, SessionStatus,
     SessionStore, StoreStats, LAST_SEEN_RETENTION, MAX_WATCHED_PER_WATCHER, STATUS_OFFLINE,
 };
 use crate::error::PresenceError;
 
+mod interest;
 mod scripts;
 #[cfg(test)]
 mod tests;
@@ -165,6 +167,15 @@ impl Keys {
     fn watchers(&self, user: &str) -> String {
         format!("{}:{{u:{user}}}:watchers", self.prefix)
     }
+    fn interest(&self, user: &str) -> String {
+        format!("{}:{{u:{user}}}:convs", self.prefix)
+    }
+    fn routes(&self, conversation: &str) -> String {
+        format!("{}:{{c:{conversation}}}:routes", self.prefix)
+    }
+    fn routes_gen(&self, conversation: &str) -> String {
+        format!("{}:{{c:{conversation}}}:gen", self.prefix)
+    }
     fn online_users(&self) -> String {
         format!("{}:online_users", self.prefix)
     }
@@ -176,26 +187,8 @@ impl Keys {
     }
 }
 
-/// FNV-1a, 64 bit: stable across builds and processes (unlike std's hasher).
-fn fnv1a(parts: &[&[u8]]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for part in parts {
-        for b in *part {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    h
-}
-
 fn shard_of(session_id: &str) -> u64 {
     fnv1a(&[session_id.as_bytes()]) % SHARDS
-}
-
-/// Distinct ids in first-seen order.
-fn distinct(ids: &[String]) -> Vec<&String> {
-    let mut seen = HashSet::with_capacity(ids.len());
-    ids.iter().filter(|id| seen.insert(id.as_str())).collect()
 }
 
 fn member(gateway_url: &str, id: &str) -> String {
@@ -211,6 +204,8 @@ struct RedisMetrics {
     errors: IntCounterVec,
     /// Changes received from the feed but dropped because the notifier queue was full.
     feed_dropped: IntCounter,
+    /// Cached conversation routes dropped because a member's gateways changed.
+    interest_invalidations: IntCounter,
 }
 
 impl RedisMetrics {
@@ -235,6 +230,7 @@ impl RedisMetrics {
                 "switchboard_presence_feed_dropped_total",
                 "presence changes received from Redis pub/sub and dropped (notifier queue full)",
             )?,
+            interest_invalidations: super::interest::invalidations_counter(),
         })
     }
 }
@@ -253,9 +249,21 @@ struct UserChange {
     unlinked_gateway: String,
     /// Users the user stopped watching there.
     unlinked: Vec<String>,
+    /// Conversations with a possibly cached interest entry listing the user, when the
+    /// user's set of gateways changed (empty otherwise): their entries are dropped.
+    interested: Vec<String>,
 }
 
-type UserReply = (String, String, u32, i64, Vec<String>, String, Vec<String>);
+type UserReply = (
+    String,
+    String,
+    u32,
+    i64,
+    Vec<String>,
+    String,
+    Vec<String>,
+    Vec<String>,
+);
 
 impl UserChange {
     fn from_reply(user_id: &str, r: UserReply) -> UserChange {
@@ -268,6 +276,7 @@ impl UserChange {
             session_ids: r.4,
             unlinked_gateway: r.5,
             unlinked: r.6,
+            interested: r.7,
         }
     }
 }
@@ -451,8 +460,12 @@ impl Inner {
         ]
     }
 
-    fn user_keys(&self, user: &str) -> [String; 2] {
-        [self.keys.user(user), self.keys.watching(user)]
+    fn user_keys(&self, user: &str) -> [String; 3] {
+        [
+            self.keys.user(user),
+            self.keys.watching(user),
+            self.keys.interest(user),
+        ]
     }
 
     /// Remove the user entries of removed sessions: `(sid, user, gen, seen at)`.
@@ -467,9 +480,10 @@ impl Inner {
             let mut pipe = redis::pipe();
             for (sid, user, gen, seen_at) in chunk {
                 let mut inv = self.scripts.user_remove.prepare_invoke();
-                let [k1, k2] = self.user_keys(user);
+                let [k1, k2, k3] = self.user_keys(user);
                 inv.key(k1)
                     .key(k2)
+                    .key(k3)
                     .arg(sid)
                     .arg(gen)
                     .arg(*seen_at)
@@ -488,8 +502,18 @@ impl Inner {
     }
 
     /// The cross-tag follow-ups of user changes: unlink dropped watches from the
-    /// watched users' `watchers` hashes and adjust the online-users counter.
+    /// watched users' `watchers` hashes, adjust the online-users counter, and drop the
+    /// interest entries of the conversations of users whose gateways changed.
     async fn settle(&self, op: &str, changes: &[UserChange]) -> Result<(), PresenceError> {
+        self.settle_watches(op, changes).await?;
+        let conversations: BTreeSet<&str> = changes
+            .iter()
+            .flat_map(|c| c.interested.iter().map(String::as_str))
+            .collect();
+        self.invalidate_interest(op, &conversations).await
+    }
+
+    async fn settle_watches(&self, op: &str, changes: &[UserChange]) -> Result<(), PresenceError> {
         let mut pipe = redis::pipe();
         let mut commands = 0;
         let mut online_delta: i64 = 0;
@@ -689,6 +713,19 @@ async fn sleep_or_shutdown(d: Duration, shutdown: &CancellationToken) -> bool {
         _ = shutdown.cancelled() => false,
         _ = tokio::time::sleep(d) => true,
     }
+}
+
+/// The gateways of the live sessions in a user hash.
+fn session_gateways(hash: &HashMap<String, String>) -> Result<BTreeSet<String>, PresenceError> {
+    let mut gateways = BTreeSet::new();
+    for (field, value) in hash {
+        if field.starts_with("s:") {
+            let entry: UserEntry = serde_json::from_str(value)
+                .map_err(|e| PresenceError::Internal(format!("bad user entry: {e}")))?;
+            gateways.insert(entry.g);
+        }
+    }
+    Ok(gateways)
 }
 
 /// Records of sessions removed from shards: `(sid, user, gen)` triples flattened.
@@ -919,15 +956,7 @@ impl SessionStore for RedisSessionStore {
         let hashes = s.user_hashes("route", &users).await?;
         let mut routes: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (user, hash) in users.iter().zip(hashes) {
-            let mut gateways = BTreeSet::new();
-            for (field, value) in &hash {
-                if field.starts_with("s:") {
-                    let entry: UserEntry = serde_json::from_str(value)
-                        .map_err(|e| PresenceError::Internal(format!("bad user entry: {e}")))?;
-                    gateways.insert(entry.g);
-                }
-            }
-            for gateway in gateways {
+            for gateway in session_gateways(&hash)? {
                 routes.entry(gateway).or_default().push((*user).clone());
             }
         }
@@ -938,6 +967,16 @@ impl SessionStore for RedisSessionStore {
                 user_ids,
             })
             .collect())
+    }
+
+    async fn route_conversation(
+        &self,
+        conversation_id: &str,
+        member_ids: &[String],
+    ) -> Result<ConversationRoutes, PresenceError> {
+        self.inner
+            .route_conversation(conversation_id, member_ids)
+            .await
     }
 
     async fn watch(
@@ -1162,6 +1201,7 @@ impl SessionStore for RedisSessionStore {
         registry.register(Box::new(m.seconds.clone()))?;
         registry.register(Box::new(m.errors.clone()))?;
         registry.register(Box::new(m.feed_dropped.clone()))?;
+        registry.register(Box::new(m.interest_invalidations.clone()))?;
         Ok(())
     }
 }
@@ -1210,20 +1250,12 @@ impl PresenceFeed for Inner {
     }
 }
 
-/// The instance responsible for a gateway: highest hash of (instance, gateway).
+/// The instance responsible for a gateway: highest hash of (instance, gateway). FNV
+/// alone mixes the last bytes too weakly for ranking (URLs that differ only at the end
+/// would all rank the same instance first), hence `fmix64`.
 fn rendezvous<'a>(instances: &'a [String], gateway_url: &str) -> Option<&'a str> {
     instances
         .iter()
         .max_by_key(|id| fmix64(fnv1a(&[id.as_bytes(), b"\0", gateway_url.as_bytes()])))
         .map(String::as_str)
-}
-
-/// MurmurHash3's finalizer: FNV alone mixes the last bytes too weakly for ranking
-/// (URLs that differ only at the end would all rank the same instance first).
-fn fmix64(mut h: u64) -> u64 {
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^ (h >> 33)
 }

@@ -7,6 +7,11 @@
 //!   "gen": registration generation, "x": 1 while being expired}`.
 //! User entry (`<p>:{u:<user>}`, field `s:<session id>`): `{"st": status, "gen", "g"}`;
 //! field `seen` holds the last-seen time of the user's removed sessions.
+//! Interest (`<p>:{u:<user>}:convs`, sorted set): conversation id, score = expiry (ms)
+//! of the interest entry that lists the user as a member.
+//! Conversation routes (`<p>:{c:<conv>}:routes`, hash): `fp` -> member fingerprint,
+//! `exp` -> expiry ms, `g:<gateway>` -> JSON array of the online members there;
+//! `<p>:{c:<conv>}:gen` counts the invalidations of the conversation's entry.
 
 use redis::Script;
 
@@ -142,10 +147,11 @@ end
 return out
 "#;
 
-/// Shared by the user scripts: aggregate a user hash, and drop the watches a user
-/// holds through a gateway where it has no session left.
+/// Shared by the user scripts: aggregate a user hash, drop the watches a user holds
+/// through a gateway where it has no session left, and list the conversations whose
+/// interest entry lists the user (when its gateways changed).
 /// A user script returns `{before, after, sessions, seen, {sid...}, unlinked gateway,
-/// {unlinked watched user...}}`.
+/// {unlinked watched user...}, {conversation to invalidate...}}`.
 const USER_LIB: &str = r#"
 local function agg(h)
   local flat = redis.call('HGETALL', h)
@@ -178,6 +184,15 @@ local function unlink(watching, gw)
   end
   return out
 end
+local function same_set(a, b)
+  for k, _ in pairs(a) do if not b[k] then return false end end
+  for k, _ in pairs(b) do if not a[k] then return false end end
+  return true
+end
+local function interested(convs, now)
+  redis.call('ZREMRANGEBYSCORE', convs, '-inf', '(' .. now)
+  return redis.call('ZRANGE', convs, 0, -1)
+end
 local function raise_seen(h, t)
   local seen = tonumber(redis.call('HGET', h, 'seen') or '0')
   if t > seen then redis.call('HSET', h, 'seen', string.format('%d', t)) end
@@ -185,9 +200,9 @@ end
 "#;
 
 /// Add or refresh a session in its user's hash (status kept on refresh).
-/// KEYS: user, watching. ARGV: sid, gen, gateway, now.
+/// KEYS: user, watching, convs. ARGV: sid, gen, gateway, now.
 const USER_ADD: &str = r#"
-local before = agg(KEYS[1])
+local before, _, _, _, gws_before = agg(KEYS[1])
 local f = 's:' .. ARGV[1]
 local raw = redis.call('HGET', KEYS[1], f)
 local st = 'online'
@@ -207,11 +222,13 @@ if old_gw and old_gw ~= ARGV[3] and not gws[old_gw] then
   unlinked_gw = old_gw
   unlinked = unlink(KEYS[2], old_gw)
 end
-return {before, after, n, seen, sids, unlinked_gw, unlinked}
+local convs = {}
+if not same_set(gws_before, gws) then convs = interested(KEYS[3], ARGV[4]) end
+return {before, after, n, seen, sids, unlinked_gw, unlinked, convs}
 "#;
 
 /// Remove a session from its user's hash when its generation matches (an empty gen
-/// matches any). KEYS: user, watching. ARGV: sid, gen, seen at, retention ms.
+/// matches any). KEYS: user, watching, convs. ARGV: sid, gen, seen at, retention ms.
 /// Returns nil when the entry is absent or of another generation.
 const USER_REMOVE: &str = r#"
 local f = 's:' .. ARGV[1]
@@ -225,15 +242,18 @@ raise_seen(KEYS[1], tonumber(ARGV[3]))
 local after, n, seen, sids, gws = agg(KEYS[1])
 local unlinked = {}
 local unlinked_gw = ''
+local convs = {}
 if not gws[e.g] then
   unlinked_gw = e.g
   unlinked = unlink(KEYS[2], e.g)
+  convs = interested(KEYS[3], ARGV[3])
 end
 if n == 0 then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
-return {before, after, n, seen, sids, unlinked_gw, unlinked}
+return {before, after, n, seen, sids, unlinked_gw, unlinked, convs}
 "#;
 
-/// Set the status of a session in its user's hash. KEYS: user, watching.
+/// Set the status of a session in its user's hash (routes do not change).
+/// KEYS: user, watching, convs.
 /// ARGV: sid, status. Returns nil when the session is not there.
 const USER_STATUS: &str = r#"
 local f = 's:' .. ARGV[1]
@@ -244,11 +264,11 @@ local e = cjson.decode(raw)
 e.st = ARGV[2]
 redis.call('HSET', KEYS[1], f, cjson.encode(e))
 local after, n, seen, sids = agg(KEYS[1])
-return {before, after, n, seen, sids, '', {}}
+return {before, after, n, seen, sids, '', {}, {}}
 "#;
 
 /// Record watches of the watcher (KEYS[1] is the watcher's user hash) through a
-/// gateway, capped per gateway. KEYS: user, watching. ARGV: gateway, cap, user...
+/// gateway, capped per gateway. KEYS: user, watching, convs. ARGV: gateway, cap, user...
 /// Returns `{0, total}` when added, `{1, 0}` without a session on that gateway,
 /// `{2, total}` above the cap (nothing added).
 const USER_WATCH: &str = r#"
@@ -272,6 +292,32 @@ for m, _ in pairs(fresh) do redis.call('ZADD', KEYS[2], 0, m) end
 return {0, total}
 "#;
 
+/// Cache a conversation's routes unless its entry was invalidated since the caller
+/// read the generation (the caller then answers without caching).
+/// KEYS: routes, gen. ARGV: generation read ("0" when absent), fingerprint, expiry ms,
+/// key TTL ms, then gateway, packed members, gateway, packed members, ...
+/// Returns 1 when stored, 0 when refused.
+const CONV_STORE: &str = r#"
+local gen = redis.call('GET', KEYS[2]) or '0'
+if gen ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'fp', ARGV[2], 'exp', ARGV[3])
+for i = 5, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], 'g:' .. ARGV[i], ARGV[i + 1])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+"#;
+
+/// Drop a conversation's cached routes and bump its generation (so that a
+/// computation that started before cannot store its result).
+/// KEYS: routes, gen. ARGV: generation TTL ms. Returns 1 when an entry was dropped.
+const CONV_INVALIDATE: &str = r#"
+redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+return redis.call('DEL', KEYS[1])
+"#;
+
 /// Every script of the store, compiled once (the SHA1 is what `EVALSHA` sends).
 pub(super) struct Scripts {
     pub shard_register: Script,
@@ -284,6 +330,8 @@ pub(super) struct Scripts {
     pub user_remove: Script,
     pub user_status: Script,
     pub user_watch: Script,
+    pub conv_store: Script,
+    pub conv_invalidate: Script,
 }
 
 impl Scripts {
@@ -300,10 +348,12 @@ impl Scripts {
             user_remove: user(USER_REMOVE),
             user_status: user(USER_STATUS),
             user_watch: user(USER_WATCH),
+            conv_store: Script::new(CONV_STORE),
+            conv_invalidate: Script::new(CONV_INVALIDATE),
         }
     }
 
-    pub fn all(&self) -> [&Script; 10] {
+    pub fn all(&self) -> [&Script; 12] {
         [
             &self.shard_register,
             &self.shard_heartbeat,
@@ -315,6 +365,8 @@ impl Scripts {
             &self.user_remove,
             &self.user_status,
             &self.user_watch,
+            &self.conv_store,
+            &self.conv_invalidate,
         ]
     }
 }

@@ -110,6 +110,13 @@ impl SessionStore for TestStore {
     async fn route(&self, users: &[String]) -> Result<Vec<GatewayRoute>, PresenceError> {
         self.store.route(users).await
     }
+    async fn route_conversation(
+        &self,
+        conversation: &str,
+        members: &[String],
+    ) -> Result<ConversationRoutes, PresenceError> {
+        self.store.route_conversation(conversation, members).await
+    }
     async fn watch(&self, gw: &str, watcher: &str, users: &[String]) -> Result<(), PresenceError> {
         self.store.watch(gw, watcher, users).await
     }
