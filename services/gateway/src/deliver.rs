@@ -24,7 +24,22 @@ impl Gateway for GatewayService {
         &self,
         request: Request<DeliverRequest>,
     ) -> Result<Response<DeliverResponse>, Status> {
-        Ok(Response::new(deliver(&self.shared, request.into_inner())))
+        // The server side of routing's `routing.deliver` span.
+        let span = tracing::info_span!(
+            "gateway.Deliver",
+            otel.kind = "server",
+            service = "gateway",
+            deliveries = request.get_ref().deliveries.len(),
+            delivered = tracing::field::Empty,
+        );
+        switchboard_telemetry::set_parent(
+            &span,
+            switchboard_telemetry::extract(request.metadata()),
+        );
+        let _entered = span.enter();
+        let response = deliver(&self.shared, request.into_inner());
+        span.record("delivered", response.delivered);
+        Ok(Response::new(response))
     }
 
     async fn drain(

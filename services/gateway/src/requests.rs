@@ -23,7 +23,7 @@ use switchboard_proto::v1::{
 };
 use switchboard_proto::ErrorCode;
 use tonic::transport::Channel;
-use tracing::warn;
+use tracing::{warn, Instrument as _};
 
 use crate::error::GatewayError;
 use crate::sessions::{lock, Session};
@@ -136,10 +136,20 @@ async fn dispatch(
                     format!("body is larger than {max_body} bytes"),
                 ));
             }
-            let result = peers
-                .routing
-                .clone()
-                .send(v1::RouteSendRequest {
+            // The root of the message's trace (the client protocol carries no
+            // trace context of its own).
+            let span = tracing::info_span!(
+                "gateway.send",
+                otel.kind = "server",
+                otel.status_code = tracing::field::Empty,
+                service = "gateway",
+                conversation_id = %req.conversation_id,
+                session_id = %session.session_id,
+                seq = tracing::field::Empty,
+                duplicate = tracing::field::Empty,
+            );
+            let send = async {
+                let mut request = tonic::Request::new(v1::RouteSendRequest {
                     sender_id: user.to_owned(),
                     sender_device: session.device_id.to_string(),
                     session_id: session.session_id.to_string(),
@@ -147,10 +157,26 @@ async fn dispatch(
                     client_msg_id: req.client_msg_id,
                     body: req.body,
                     content_type: req.content_type,
-                    traceparent: String::new(),
-                })
-                .await
-                .map_err(GatewayError::backend("routing.send"))?;
+                    // Also in the metadata; the field is what routing writes into
+                    // the event log's record when it exports no span of its own.
+                    traceparent: switchboard_telemetry::traceparent(
+                        &switchboard_telemetry::current_context(),
+                    ),
+                });
+                switchboard_telemetry::inject(&mut request);
+                peers.routing.clone().send(request).await
+            };
+            let result = send.instrument(span.clone()).await;
+            match &result {
+                Ok(r) => {
+                    span.record("seq", r.get_ref().seq);
+                    span.record("duplicate", r.get_ref().duplicate);
+                }
+                Err(_) => {
+                    span.record("otel.status_code", "error");
+                }
+            }
+            let result = result.map_err(GatewayError::backend("routing.send"))?;
             Ok(ack::Result::Send(result.into_inner()))
         }
         Request::History(req) => {

@@ -21,8 +21,10 @@ use prost::Message as _;
 use switchboard_proto::v1::gateway_client::GatewayClient;
 use switchboard_proto::v1::{DeliverRequest, Delivery};
 use switchboard_rpc::ChannelPool;
+use switchboard_telemetry::TraceContext;
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::metrics::Metrics;
 
@@ -68,8 +70,15 @@ struct Inner {
 }
 
 struct Queue {
-    tx: mpsc::Sender<Delivery>,
+    tx: mpsc::Sender<Queued>,
     generation: u64,
+}
+
+/// A delivery waiting for its gateway, with the trace context of the work that
+/// queued it (the partition owner's `sequence` span; empty when not exported).
+struct Queued {
+    delivery: Delivery,
+    trace: TraceContext,
 }
 
 impl Fanout {
@@ -95,12 +104,16 @@ impl Fanout {
     }
 
     /// Queue a delivery of a sequenced message, waiting while the queue is full.
-    pub async fn enqueue_ordered(&self, gateway: &str, mut delivery: Delivery) {
+    pub async fn enqueue_ordered(&self, gateway: &str, delivery: Delivery) {
+        let mut queued = Queued {
+            delivery,
+            trace: switchboard_telemetry::current_context(),
+        };
         loop {
-            match self.inner.try_enqueue(gateway, delivery) {
+            match self.inner.try_enqueue(gateway, queued) {
                 Ok(()) => return,
                 Err(Enqueue::Full(d, tx)) => {
-                    delivery = *d;
+                    queued = *d;
                     // Wait for room outside the lock, then push again under it. A
                     // closed queue (failed gateway) is replaced on the next attempt.
                     tokio::select! {
@@ -118,7 +131,11 @@ impl Fanout {
 
     /// Queue an ephemeral delivery; false (and counted) if the queue is full.
     pub fn enqueue_ephemeral(&self, gateway: &str, delivery: Delivery) -> bool {
-        match self.inner.try_enqueue(gateway, delivery) {
+        let queued = Queued {
+            delivery,
+            trace: switchboard_telemetry::current_context(),
+        };
+        match self.inner.try_enqueue(gateway, queued) {
             Ok(()) => true,
             Err(Enqueue::Full(..)) => {
                 self.inner.dropped("queue_full", 1);
@@ -154,13 +171,13 @@ impl Fanout {
 /// Why a delivery was not queued.
 enum Enqueue {
     /// The queue is full: the delivery back, and the queue to wait on.
-    Full(Box<Delivery>, mpsc::Sender<Delivery>),
+    Full(Box<Queued>, mpsc::Sender<Queued>),
     /// Shutting down.
     Closed,
 }
 
 impl Inner {
-    fn try_enqueue(self: &Arc<Self>, gateway: &str, delivery: Delivery) -> Result<(), Enqueue> {
+    fn try_enqueue(self: &Arc<Self>, gateway: &str, delivery: Queued) -> Result<(), Enqueue> {
         let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
         let mut delivery = delivery;
         // At most two rounds: a closed queue is replaced once by a fresh one.
@@ -211,7 +228,7 @@ impl Inner {
         Some(Queue { tx, generation })
     }
 
-    fn set_depth(&self, gateway: &str, tx: &mpsc::Sender<Delivery>) {
+    fn set_depth(&self, gateway: &str, tx: &mpsc::Sender<Queued>) {
         let depth = tx.max_capacity() - tx.capacity();
         self.metrics
             .gateway_queue_depth
@@ -232,7 +249,7 @@ impl Inner {
         &self,
         gateway: &str,
         generation: u64,
-        rx: &mpsc::Receiver<Delivery>,
+        rx: &mpsc::Receiver<Queued>,
         only_if_empty: bool,
     ) -> bool {
         let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
@@ -252,7 +269,7 @@ impl Inner {
         true
     }
 
-    async fn run_sender(&self, url: String, generation: u64, mut rx: mpsc::Receiver<Delivery>) {
+    async fn run_sender(&self, url: String, generation: u64, mut rx: mpsc::Receiver<Queued>) {
         let mut client = match self.pool.get(&url) {
             Ok(channel) => GatewayClient::new(channel),
             Err(e) => {
@@ -283,13 +300,15 @@ impl Inner {
                 self.remove_queue(&url, generation, &rx, false);
                 return;
             };
-            let mut size = first.encoded_len();
-            let mut batch = vec![first];
+            let mut size = first.delivery.encoded_len();
+            let mut batch = vec![first.delivery];
+            let mut traces = vec![first.trace];
             while batch.len() < self.options.batch && size < MAX_BATCH_BYTES {
                 match rx.try_recv() {
-                    Ok(d) => {
-                        size += d.encoded_len();
-                        batch.push(d);
+                    Ok(q) => {
+                        size += q.delivery.encoded_len();
+                        batch.push(q.delivery);
+                        traces.push(q.trace);
                     }
                     Err(_) => break,
                 }
@@ -298,7 +317,13 @@ impl Inner {
                 .gateway_queue_depth
                 .with_label_values(&[url.as_str()])
                 .set(rx.len() as i64);
-            if !self.deliver(&mut client, &url, batch).await {
+            let span = deliver_span(&url, batch.len(), &traces);
+            drop(traces);
+            if !self
+                .deliver(&mut client, &url, batch)
+                .instrument(span)
+                .await
+            {
                 // Give up on this gateway for now: drop what is queued and let the
                 // next event open a fresh queue (and connection).
                 self.remove_queue(&url, generation, &rx, false);
@@ -326,7 +351,10 @@ impl Inner {
         let mut backoff = DELIVER_BACKOFF;
         for attempt in 1..=DELIVER_ATTEMPTS {
             self.metrics.deliver_calls.inc();
-            let call = client.deliver(request.clone());
+            tracing::Span::current().record("attempts", attempt);
+            let mut call = tonic::Request::new(request.clone());
+            switchboard_telemetry::inject(&mut call);
+            let call = client.deliver(call);
             let result = tokio::select! {
                 r = call => r,
                 _ = self.abort.cancelled() => {
@@ -350,6 +378,34 @@ impl Inner {
             }
         }
         self.dropped("deliver_failed", n);
+        tracing::Span::current().record("otel.status_code", "error");
         false
     }
+}
+
+/// The span of one Deliver batch. Its parent is the trace of the batch's first
+/// traced delivery; the other messages' traces are linked (one call serves them all).
+fn deliver_span(gateway: &str, deliveries: usize, traces: &[TraceContext]) -> tracing::Span {
+    let span = tracing::info_span!(
+        parent: None,
+        "routing.deliver",
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        service = "routing",
+        gateway = %gateway,
+        deliveries,
+        attempts = tracing::field::Empty,
+    );
+    let mut traced = traces.iter().filter(|t| switchboard_telemetry::has_span(t));
+    if let Some(parent) = traced.next() {
+        switchboard_telemetry::set_parent(&span, parent.clone());
+        let mut previous = parent;
+        for trace in traced {
+            if !switchboard_telemetry::same_span(trace, previous) {
+                switchboard_telemetry::add_link(&span, trace);
+            }
+            previous = trace;
+        }
+    }
+    span
 }

@@ -18,6 +18,7 @@ use prost::Message as _;
 use switchboard_proto::v1::{AppendRequest, LastSeqRequest, Message};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::eventlog::LogRecord;
 use crate::node::Node;
@@ -186,7 +187,28 @@ impl Owner {
         }
     }
 
+    /// Sequence, persist and fan out one record, in a `routing.sequence` span that
+    /// continues the trace of the Send that appended it (the record's `traceparent`).
     async fn process(&mut self, record: LogRecord) -> Result<(), Stopped> {
+        let span = tracing::info_span!(
+            parent: None,
+            "routing.sequence",
+            otel.kind = "consumer",
+            service = "routing",
+            partition = self.partition,
+            offset = record.offset,
+            conversation_id = tracing::field::Empty,
+            seq = tracing::field::Empty,
+            duplicate = tracing::field::Empty,
+        );
+        switchboard_telemetry::set_parent(
+            &span,
+            switchboard_telemetry::context_from_traceparent(&record.traceparent),
+        );
+        self.process_in_span(record).instrument(span).await
+    }
+
+    async fn process_in_span(&mut self, record: LogRecord) -> Result<(), Stopped> {
         let message = match Message::decode(record.value.as_slice()) {
             Ok(m) if !m.conversation_id.is_empty() => m,
             other => {
@@ -201,7 +223,9 @@ impl Owner {
                 return Ok(());
             }
         };
+        tracing::Span::current().record("conversation_id", message.conversation_id.as_str());
         let stored = self.persist(message).await?;
+        tracing::Span::current().record("seq", stored.seq);
         // The sender is waiting for this; its other devices can be a moment later.
         self.node.waiters.complete(&stored);
         self.node.fan_out_message(&stored).await;
@@ -221,14 +245,11 @@ impl Owner {
             let mut candidate = message.clone();
             candidate.seq = last + 1;
             let started = Instant::now();
-            let reply = self
-                .node
-                .storage
-                .clone()
-                .append(AppendRequest {
-                    message: Some(candidate),
-                })
-                .await;
+            let mut request = tonic::Request::new(AppendRequest {
+                message: Some(candidate),
+            });
+            switchboard_telemetry::inject(&mut request);
+            let reply = self.node.storage.clone().append(request).await;
             self.node
                 .metrics
                 .storage_append_seconds
@@ -242,6 +263,7 @@ impl Owner {
                         continue;
                     };
                     self.node.health.set_failing(self.partition, false);
+                    tracing::Span::current().record("duplicate", reply.duplicate);
                     if reply.duplicate {
                         // A retry or a replay: it keeps its stored sequence and the
                         // conversation's sequence does not advance.

@@ -15,6 +15,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
 use crate::error::RoutingError;
 use crate::eventlog::{partition_for, NewRecord};
@@ -112,6 +113,7 @@ impl RoutingService {
             .into_inner()
             .message;
         if let Some(stored) = known {
+            tracing::Span::current().record("seq", stored.seq);
             return Ok(result_of(&stored, true));
         }
 
@@ -139,7 +141,7 @@ impl RoutingService {
         let record = NewRecord {
             key: message.conversation_id.as_bytes().to_vec(),
             value: message.encode_to_vec(),
-            traceparent: carried_traceparent(req.traceparent),
+            traceparent: record_traceparent(req.traceparent),
         };
         let append_timeout = Duration::from_millis(self.node.config.cluster.rpc_timeout_ms);
         let started = Instant::now();
@@ -149,6 +151,9 @@ impl RoutingService {
                     .metrics
                     .log_append_seconds
                     .observe(started.elapsed().as_secs_f64());
+                let span = tracing::Span::current();
+                span.record("partition", partition);
+                span.record("offset", offset);
                 tracing::debug!(conversation_id = %message.conversation_id, partition, offset, "message appended");
             }
             Ok(Err(e)) => return Err(RoutingError::Unavailable(e.to_string())),
@@ -164,6 +169,7 @@ impl RoutingService {
         match tokio::time::timeout(wait, &mut waiter.rx).await {
             Ok(Ok(stored)) => {
                 let duplicate = stored.message_id != message.message_id;
+                tracing::Span::current().record("seq", stored.seq);
                 Ok(result_of(&stored, duplicate))
             }
             _ => {
@@ -253,13 +259,21 @@ impl Routing for RoutingService {
         request: Request<RouteSendRequest>,
     ) -> Result<Response<SendResult>, Status> {
         let metrics = &self.node.metrics;
-        match self.handle_send(request.into_inner()).await {
+        let span = send_span(&request);
+        let result = self
+            .handle_send(request.into_inner())
+            .instrument(span.clone())
+            .await;
+        match result {
             Ok(result) => {
                 let duplicate = if result.duplicate { "true" } else { "false" };
+                span.record("duplicate", result.duplicate);
                 metrics.sends_accepted.with_label_values(&[duplicate]).inc();
                 Ok(Response::new(result))
             }
             Err(e) => {
+                span.record("otel.status_code", "error");
+                span.record("error.code", e.code().as_str());
                 metrics
                     .sends_rejected
                     .with_label_values(&[e.code().as_str()])
@@ -290,6 +304,43 @@ fn validate_id(field: &str, value: &str) -> Result<(), RoutingError> {
         )));
     }
     Ok(())
+}
+
+/// The server span of a Send, child of the caller's span: from the gRPC metadata,
+/// else from the request's `traceparent` field (callers that only fill the field).
+fn send_span(request: &Request<RouteSendRequest>) -> tracing::Span {
+    let span = tracing::info_span!(
+        "routing.Send",
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        service = "routing",
+        conversation_id = %request.get_ref().conversation_id,
+        partition = tracing::field::Empty,
+        offset = tracing::field::Empty,
+        seq = tracing::field::Empty,
+        duplicate = tracing::field::Empty,
+        error.code = tracing::field::Empty,
+    );
+    let mut parent = switchboard_telemetry::extract(request.metadata());
+    if !switchboard_telemetry::has_span(&parent) {
+        parent = switchboard_telemetry::context_from_traceparent(&carried_traceparent(
+            request.get_ref().traceparent.clone(),
+        ));
+    }
+    switchboard_telemetry::set_parent(&span, parent);
+    span
+}
+
+/// The `traceparent` written into the record: the Send span's own context when
+/// traces are exported (the partition owner's `sequence` span continues from it),
+/// else the caller's as it came.
+fn record_traceparent(caller: String) -> String {
+    let own = switchboard_telemetry::traceparent(&switchboard_telemetry::current_context());
+    if own.is_empty() {
+        carried_traceparent(caller)
+    } else {
+        own
+    }
 }
 
 /// The caller's `traceparent` as the record carries it: a malformed or oversized

@@ -16,6 +16,7 @@ use switchboard_proto::{
 };
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
 use crate::coalesce::SingleFlight;
 use crate::error::{Result, StorageError};
@@ -427,7 +428,31 @@ impl Storage for StorageGrpc {
         &self,
         request: Request<AppendRequest>,
     ) -> std::result::Result<Response<AppendResponse>, Status> {
-        reply(self.service.append(request.into_inner()).await)
+        // Child of the partition owner's `routing.sequence` span.
+        let message = request.get_ref().message.as_ref();
+        let span = tracing::info_span!(
+            "storage.Append",
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            service = "storage",
+            conversation_id = message.map_or("", |m| m.conversation_id.as_str()),
+            seq = message.map_or(0, |m| m.seq),
+            duplicate = tracing::field::Empty,
+        );
+        switchboard_telemetry::set_parent(
+            &span,
+            switchboard_telemetry::extract(request.metadata()),
+        );
+        let result = self
+            .service
+            .append(request.into_inner())
+            .instrument(span.clone())
+            .await;
+        match &result {
+            Ok(r) => span.record("duplicate", r.duplicate),
+            Err(_) => span.record("otel.status_code", "error"),
+        };
+        reply(result)
     }
 
     async fn lookup_dedupe(

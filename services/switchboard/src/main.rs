@@ -125,8 +125,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Migrate => {
             let config = Config::load(cli.config.as_deref(), env)?;
-            switchboard_telemetry::init_tracing(&config.log)?;
-            let version = runtime()?.block_on(switchboard_storage::migrate(&config))?;
+            let version = runtime()?.block_on(async {
+                let _tracing =
+                    switchboard_telemetry::init_tracing(&config.log, &config.telemetry, "migrate")?;
+                switchboard_storage::migrate(&config).await
+            })?;
             println!(
                 "storage schema ({} backend) is at version {version}",
                 config.storage.backend
@@ -196,7 +199,15 @@ async fn terminate_signal() {
 }
 
 async fn single(config: Arc<Config>, command: Command) -> anyhow::Result<()> {
-    switchboard_telemetry::init_tracing(&config.log)?;
+    let service = match command {
+        Command::Gateway => "gateway",
+        Command::Presence => "presence",
+        Command::Routing => "routing",
+        Command::Storage => "storage",
+        _ => unreachable!("single() is only called with a service command"),
+    };
+    // Held until the service stopped, so its last spans are flushed.
+    let _tracing = switchboard_telemetry::init_tracing(&config.log, &config.telemetry, service)?;
     let shutdown = CancellationToken::new();
     let (name, task) = match command {
         Command::Gateway => (
@@ -238,7 +249,10 @@ fn flatten(
 }
 
 async fn standalone(config: Arc<Config>, generated_secret: bool) -> anyhow::Result<()> {
-    switchboard_telemetry::init_tracing(&config.log)?;
+    // One exporter for the four services, named `<prefix>-standalone`; each span
+    // names its service in its `service` field.
+    let _tracing =
+        switchboard_telemetry::init_tracing(&config.log, &config.telemetry, "standalone")?;
     // Backends stop only after the gateway has drained, so no accepted message is cut
     // off mid-flight.
     let backend_stop = CancellationToken::new();

@@ -1,6 +1,9 @@
 //! Logs, metrics and health endpoints, the same for every service.
 //!
-//! - [`init_tracing`]: `tracing` output as text or JSON, filtered by `log.level`.
+//! - [`init_tracing`]: `tracing` output as text or JSON, filtered by `log.level`, and
+//!   spans exported by OpenTelemetry OTLP/gRPC when `telemetry.otlp_endpoint` is set.
+//! - [`trace`]: the W3C trace context across services (gRPC metadata and the event
+//!   log's `traceparent` record header).
 //! - [`Readiness`]: the flag behind `/readyz` (false until a service can serve, and
 //!   false again as soon as it starts draining).
 //! - [`admin_router`] / [`serve_admin`]: `/healthz`, `/readyz` and Prometheus
@@ -14,27 +17,93 @@ use std::sync::Arc;
 
 use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
 use prometheus::{Encoder, Registry, TextEncoder};
-use switchboard_config::LogConfig;
+use switchboard_config::{LogConfig, TelemetryConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::{fmt, EnvFilter};
+use tracing::Level;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{fmt, EnvFilter, Layer as _};
 
-/// Install the global tracing subscriber. Call once per process.
-pub fn init_tracing(log: &LogConfig) -> anyhow::Result<()> {
+pub mod trace;
+
+pub use trace::{
+    add_link, context_from_traceparent, current_context, extract, has_span, inject, inject_context,
+    same_span, set_parent, traceparent, TraceContext,
+};
+
+/// Install the global tracing subscriber: log lines (text or JSON, filtered by
+/// `log.level`) and, when `telemetry.otlp_endpoint` is set, spans exported over
+/// OTLP/gRPC as the service `<telemetry.service_name_prefix>-<service>` (one name
+/// per process: `switchboard-routing`, or `switchboard-standalone` for all four).
+///
+/// Call once per process, inside the tokio runtime when exporting. Keep the guard
+/// until exit: dropping it flushes the spans still queued (waiting at most a few
+/// seconds for the collector).
+pub fn init_tracing(
+    log: &LogConfig,
+    telemetry: &TelemetryConfig,
+    service: &str,
+) -> anyhow::Result<TracingGuard> {
     let filter = EnvFilter::try_new(&log.level)
         .map_err(|e| anyhow::anyhow!("invalid log.level `{}`: {e}", log.level))?;
     // Colours only for a person at a terminal, not in files or log collectors.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let builder = fmt()
-        .with_env_filter(filter)
-        .with_target(true)
-        .with_ansi(ansi);
-    let result = if log.format == "json" {
-        builder.json().flatten_event(true).try_init()
+    let fmt_layer = if log.format == "json" {
+        fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_target(true)
+            .boxed()
     } else {
-        builder.try_init()
+        fmt::layer().with_target(true).with_ansi(ansi).boxed()
     };
-    result.map_err(|e| anyhow::anyhow!("cannot install tracing subscriber: {e}"))
+    let provider = if telemetry.otlp_endpoint.is_empty() {
+        None
+    } else {
+        Some(trace::provider(
+            telemetry,
+            &format!("{}-{service}", telemetry.service_name_prefix),
+        )?)
+    };
+    // Spans are exported independently of `log.level`: Switchboard's own spans and
+    // the events inside them, at info and above.
+    let otel_layer = provider.as_ref().map(|p| {
+        trace::layer(p).with_filter(Targets::new().with_target("switchboard", Level::INFO))
+    });
+    tracing_subscriber::registry()
+        .with(fmt_layer.with_filter(filter))
+        .with(otel_layer)
+        .try_init()
+        .map_err(|e| anyhow::anyhow!("cannot install tracing subscriber: {e}"))?;
+    if provider.is_some() {
+        tracing::info!(
+            endpoint = %telemetry.otlp_endpoint,
+            sample_ratio = telemetry.sample_ratio,
+            "exporting traces"
+        );
+    }
+    Ok(TracingGuard { provider })
+}
+
+/// Keeps the span exporter of [`init_tracing`] alive; dropping it flushes what is
+/// queued and stops the exporter. Drop it on a multi-threaded runtime or outside the
+/// runtime (the flush blocks the dropping thread while the runtime sends).
+#[must_use = "dropping the guard stops exporting traces"]
+pub struct TracingGuard {
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Drop for TracingGuard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            if let Err(e) = provider.shutdown_with_timeout(trace::SHUTDOWN_TIMEOUT) {
+                // The subscriber may already be gone: say it plainly on stderr.
+                eprintln!("cannot flush traces at exit: {e}");
+            }
+        }
+    }
 }
 
 /// Whether a service is ready for traffic. Cloning shares the flag.

@@ -1,0 +1,252 @@
+//! One message's trace across four separate processes, exported over OTLP/gRPC to a
+//! collector run by the test: the spans of the sending gateway, routing (Send, the
+//! partition owner's sequence step continued from the event log record's
+//! `traceparent`, the Deliver fan-out), storage (Append) and the delivering gateway
+//! form one trace with the expected parents.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::{any_value::Value, KeyValue};
+use switchboard_client::{Encoding, Event};
+
+/// One exported span, as the collector received it.
+#[derive(Clone, Debug)]
+struct Exported {
+    /// `service.name` of the exporting process.
+    service: String,
+    name: String,
+    trace_id: Vec<u8>,
+    span_id: Vec<u8>,
+    parent_span_id: Vec<u8>,
+    attributes: HashMap<String, String>,
+}
+
+/// An OTLP/gRPC trace collector that keeps every span it receives.
+#[derive(Clone, Default)]
+struct Collector {
+    spans: Arc<Mutex<Vec<Exported>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut received = Vec::new();
+        for resource_spans in request.into_inner().resource_spans {
+            let resource = resource_spans
+                .resource
+                .map(|r| attributes(&r.attributes))
+                .unwrap_or_default();
+            let service = resource.get("service.name").cloned().unwrap_or_default();
+            for scope in resource_spans.scope_spans {
+                for span in scope.spans {
+                    received.push(Exported {
+                        service: service.clone(),
+                        name: span.name,
+                        trace_id: span.trace_id,
+                        span_id: span.span_id,
+                        parent_span_id: span.parent_span_id,
+                        attributes: attributes(&span.attributes),
+                    });
+                }
+            }
+        }
+        self.spans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(received);
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+fn attributes(kvs: &[KeyValue]) -> HashMap<String, String> {
+    kvs.iter()
+        .filter_map(|kv| {
+            let value = match kv.value.as_ref()?.value.as_ref()? {
+                Value::StringValue(s) => s.clone(),
+                Value::BoolValue(b) => b.to_string(),
+                Value::IntValue(i) => i.to_string(),
+                Value::DoubleValue(d) => d.to_string(),
+                _ => return None,
+            };
+            Some((kv.key.clone(), value))
+        })
+        .collect()
+}
+
+/// Start the collector on a free loopback port; returns its URL.
+async fn start_collector(collector: Collector) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the collector");
+    let addr = listener.local_addr().expect("collector address");
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(collector))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    format!("http://{addr}")
+}
+
+fn admin_port(setup: &Setup, setting: &str) -> u16 {
+    setup
+        .env
+        .iter()
+        .find(|(k, _)| k == setting)
+        .and_then(|(_, v)| v.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .expect("admin port in the environment")
+}
+
+/// The one span named `name` among `spans`; panics (listing them) otherwise.
+fn one<'a>(spans: &'a [&'a Exported], name: &str) -> &'a Exported {
+    let found: Vec<_> = spans.iter().filter(|s| s.name == name).collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one `{name}` span in the trace, got {}: {spans:#?}",
+        found.len()
+    );
+    found[0]
+}
+
+// Two workers: the collector keeps answering while the test thread waits for the
+// processes to exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_message_is_one_trace_from_the_sending_to_the_delivering_gateway() {
+    let collector = Collector::default();
+    let endpoint = start_collector(collector.clone()).await;
+
+    let mut setup = Setup::new(true);
+    setup.set("SWITCHBOARD_TELEMETRY__OTLP_ENDPOINT", &endpoint);
+    setup.set("SWITCHBOARD_GATEWAY__DRAIN_DEADLINE_MS", "500");
+    let mut storage = setup.spawn(&["storage"], &[]);
+    let mut presence = setup.spawn(&["presence"], &[]);
+    let mut routing = setup.spawn(&["routing"], &[]);
+    let mut sending = setup.spawn(&["gateway"], &setup.gateway.env());
+    let second = GatewayPorts::new();
+    let mut delivering = setup.spawn(&["gateway"], &second.env());
+    for (setting, proc) in [
+        ("SWITCHBOARD_STORAGE__ADMIN_LISTEN", &storage),
+        ("SWITCHBOARD_PRESENCE__ADMIN_LISTEN", &presence),
+        ("SWITCHBOARD_ROUTING__ADMIN_LISTEN", &routing),
+    ] {
+        wait_ready(admin_port(&setup, setting), proc).await;
+    }
+    wait_ready(setup.gateway.listen, &sending).await;
+    wait_ready(second.listen, &delivering).await;
+
+    // alice sends from the first gateway; bob is only on the second.
+    let (alice, _alice_ev) = connect_to(
+        &setup.gateway,
+        &setup.token("alice"),
+        "phone",
+        Encoding::Json,
+    )
+    .await;
+    let (bob, mut bob_ev) = connect_to(&second, &setup.token("bob"), "phone", Encoding::Json).await;
+    let conversation = alice.create_direct("bob").await.expect("create");
+    let id = conversation.conversation_id.clone();
+    let ack = alice.send(&id, "traced").await.expect("send");
+    let got = next_matching(&mut bob_ev, "the traced message", |ev| match ev {
+        Event::Message(m) if m.conversation_id == id => Some(m.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(got.seq, ack.seq);
+    alice.close().await;
+    bob.close().await;
+
+    // Stopping flushes each process's queued spans before it exits.
+    for proc in [
+        &mut sending,
+        &mut delivering,
+        &mut routing,
+        &mut storage,
+        &mut presence,
+    ] {
+        let status = proc
+            .terminate(Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("no exit after SIGTERM; log:\n{}", proc.output()));
+        assert!(status.success(), "exit {status:?}; log:\n{}", proc.output());
+    }
+
+    let all = collector
+        .spans
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let send = all
+        .iter()
+        .find(|s| {
+            s.name == "gateway.send"
+                && s.attributes.get("conversation_id").map(String::as_str) == Some(id.as_str())
+        })
+        .unwrap_or_else(|| panic!("no gateway.send span for {id}; exported: {all:#?}"));
+    let trace: Vec<&Exported> = all.iter().filter(|s| s.trace_id == send.trace_id).collect();
+
+    // The sending gateway starts the trace.
+    assert!(send.parent_span_id.is_empty(), "{send:#?}");
+    assert_eq!(send.service, "switchboard-gateway");
+    assert_eq!(send.attributes["seq"], ack.seq.to_string());
+
+    // routing's Send is the server side of the gateway's call.
+    let route = one(&trace, "routing.Send");
+    assert_eq!(route.service, "switchboard-routing");
+    assert_eq!(route.parent_span_id, send.span_id);
+    assert_eq!(route.attributes["conversation_id"], id);
+
+    // The partition owner continues from the record's traceparent, which names the
+    // Send span that appended it.
+    let sequence = one(&trace, "routing.sequence");
+    assert_eq!(sequence.service, "switchboard-routing");
+    assert_eq!(sequence.parent_span_id, route.span_id);
+    assert_eq!(sequence.attributes["seq"], ack.seq.to_string());
+    assert_eq!(sequence.attributes["offset"], route.attributes["offset"]);
+
+    // storage persists it as a child of the sequencing step.
+    let append = one(&trace, "storage.Append");
+    assert_eq!(append.service, "switchboard-storage");
+    assert_eq!(append.parent_span_id, sequence.span_id);
+    assert_eq!(append.attributes["seq"], ack.seq.to_string());
+    assert_eq!(append.attributes["duplicate"], "false");
+
+    // Fan-out to the gateway bob is on, and that gateway's Deliver under it.
+    let second_url = format!("http://127.0.0.1:{}", second.grpc);
+    let deliver = trace
+        .iter()
+        .find(|s| s.name == "routing.deliver" && s.attributes["gateway"] == second_url)
+        .unwrap_or_else(|| panic!("no routing.deliver to {second_url}: {trace:#?}"));
+    assert_eq!(deliver.service, "switchboard-routing");
+    assert_eq!(deliver.parent_span_id, sequence.span_id);
+    let delivered = trace
+        .iter()
+        .find(|s| s.name == "gateway.Deliver" && s.parent_span_id == deliver.span_id)
+        .unwrap_or_else(|| panic!("no gateway.Deliver under the fan-out: {trace:#?}"));
+    assert_eq!(delivered.service, "switchboard-gateway");
+    let count: u32 = delivered.attributes["delivered"].parse().expect("a count");
+    assert!(count >= 1, "{delivered:#?}");
+
+    // No span of the trace carries the message body.
+    for span in &trace {
+        assert!(
+            span.attributes.values().all(|v| !v.contains("traced")),
+            "{span:#?}"
+        );
+    }
+}
