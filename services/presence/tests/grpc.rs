@@ -9,10 +9,11 @@ use switchboard_config::Config;
 use switchboard_presence::{build_store, serve};
 use switchboard_proto::v1::gateway_server::{Gateway, GatewayServer};
 use switchboard_proto::v1::presence_client::PresenceClient;
+use switchboard_proto::v1::presence_interest_client::PresenceInterestClient;
 use switchboard_proto::v1::{
     server_frame, DeliverRequest, DeliverResponse, DrainRequest, DrainResponse, DropGatewayRequest,
-    HeartbeatRequest, QueryRequest, RegisterSessionRequest, SessionInfo, SetStatusRequest,
-    UserPresence, WatchRequest,
+    GatewayRoute, HeartbeatRequest, QueryRequest, RegisterSessionRequest, RouteConversationRequest,
+    SessionInfo, SetStatusRequest, UnregisterSessionRequest, UserPresence, WatchRequest,
 };
 use switchboard_proto::{status_error_code, ErrorCode};
 use tokio::net::TcpListener;
@@ -54,6 +55,8 @@ impl Gateway for FakeGateway {
 
 struct Harness {
     client: PresenceClient<Channel>,
+    /// The interest index service, on the same port.
+    interest: PresenceInterestClient<Channel>,
     /// URL of the fake gateway (where watchers sit).
     gateway_url: String,
     delivered_rx: mpsc::Receiver<DeliverRequest>,
@@ -91,8 +94,12 @@ async fn start(session_ttl_ms: u64) -> Harness {
     let client = PresenceClient::connect(format!("http://{grpc_addr}"))
         .await
         .unwrap();
+    let interest = PresenceInterestClient::connect(format!("http://{grpc_addr}"))
+        .await
+        .unwrap();
     Harness {
         client,
+        interest,
         gateway_url,
         delivered_rx,
         admin_addr,
@@ -398,5 +405,85 @@ async fn invalid_requests_get_stable_error_codes() {
         .await
         .unwrap_err();
     assert_eq!(status_error_code(&err), ErrorCode::NotFound);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn route_conversation_follows_members_and_counts_hits_and_misses() {
+    let mut h = start(30_000).await;
+    let (gw1, gw2) = ("http://gw1.test:50051", "http://gw2.test:50051");
+    h.register("a1", "alice", gw1).await;
+    h.register("b1", "bob", gw2).await;
+    let members: Vec<String> = ["alice", "bob", "carol"].map(String::from).to_vec();
+    let ask = |members: Vec<String>| RouteConversationRequest {
+        conversation_id: "c1".into(),
+        member_ids: members,
+    };
+    let routes = |users: &[(&str, &[&str])]| -> Vec<GatewayRoute> {
+        users
+            .iter()
+            .map(|(gw, ids)| GatewayRoute {
+                gateway_addr: gw.to_string(),
+                user_ids: ids.iter().map(|s| s.to_string()).collect(),
+            })
+            .collect()
+    };
+
+    for _ in 0..3 {
+        let got = h
+            .interest
+            .route_conversation(ask(members.clone()))
+            .await
+            .unwrap();
+        assert_eq!(
+            got.into_inner().routes,
+            routes(&[(gw1, &["alice"]), (gw2, &["bob"])])
+        );
+    }
+    // carol comes online on GW1; bob leaves.
+    h.register("c1", "carol", gw1).await;
+    h.client
+        .unregister_session(UnregisterSessionRequest {
+            session_id: "b1".into(),
+        })
+        .await
+        .unwrap();
+    let got = h.interest.route_conversation(ask(members)).await.unwrap();
+    assert_eq!(
+        got.into_inner().routes,
+        routes(&[(gw1, &["alice", "carol"])])
+    );
+
+    let metrics = http_get(h.admin_addr, "/metrics").await;
+    for line in [
+        "switchboard_presence_interest_lookups_total{result=\"hit\"} 2",
+        "switchboard_presence_interest_lookups_total{result=\"miss\"} 2",
+        "switchboard_presence_interest_invalidations_total 1",
+    ] {
+        assert!(metrics.contains(line), "missing `{line}` in:\n{metrics}");
+    }
+
+    let err = h
+        .interest
+        .route_conversation(ask(vec!["alice".into(), String::new()]))
+        .await
+        .unwrap_err();
+    assert_eq!(status_error_code(&err), ErrorCode::InvalidRequest);
+    let too_many: Vec<String> = (0..10_001).map(|i| format!("u{i}")).collect();
+    let err = h
+        .interest
+        .route_conversation(ask(too_many))
+        .await
+        .unwrap_err();
+    assert_eq!(status_error_code(&err), ErrorCode::InvalidRequest);
+    let err = h
+        .interest
+        .route_conversation(RouteConversationRequest {
+            conversation_id: String::new(),
+            member_ids: vec!["alice".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status_error_code(&err), ErrorCode::InvalidRequest);
     h.stop().await;
 }

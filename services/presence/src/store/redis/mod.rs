@@ -13,7 +13,10 @@
 //! | `<p>:{x<n>}:gw` | sorted set | `<gateway>\0<session id>`, score 0 (sessions by gateway, read by lex range) |
 //! | `<p>:{u:<user>}` | hash | `s:<session id>` -> `{status, generation, gateway}` for each live session (status aggregation, route table); `seen` -> last seen of the user's removed sessions. Without sessions it expires after [`LAST_SEEN_RETENTION`](super::LAST_SEEN_RETENTION) |
 //! | `<p>:{u:<user>}:watching` | sorted set | `<gateway>\0<watched user>`: what the user watches, per gateway (cap, cleanup) |
-//! | `<p>:{u:<user>}:watchers` | hash | `<gateway>\0<watcher>` -> `1`: who watches the user (the interest index) |
+//! | `<p>:{u:<user>}:watchers` | hash | `<gateway>\0<watcher>` -> `1`: who watches the user (presence watches) |
+//! | `<p>:{u:<user>}:convs` | sorted set | conversation id, score = expiry ms of a cached routes entry listing the user as a member (reverse interest index). Key TTL 2 x [`INTEREST_TTL`](super::INTEREST_TTL), refreshed when such an entry is computed |
+//! | `<p>:{c:<conv>}:routes` | hash | the conversation's cached routes: `fp` -> member fingerprint (32 hex), `exp` -> expiry ms (store clock), `g:<gateway>` -> JSON array of the online members there, sorted. Key TTL 2 x `INTEREST_TTL` |
+//! | `<p>:{c:<conv>}:gen` | string | counter of invalidations of the conversation's entry. Key TTL 2 x `INTEREST_TTL` after the last one |
 //! | `<p>:online_users` | string | counter of users with a live session (the gauge) |
 //! | `<p>:instances` | sorted set | presence instance id, score = deadline ms (live instances) |
 //! | `<p>:presence` | pub/sub channel | protobuf `UserPresence` of every change |
@@ -44,6 +47,34 @@
 //! order. A watch racing the removal of the watcher's last session on that gateway can
 //! leave a stale `watchers` entry: the gateway then reports that watcher absent.
 //! `online_users` is adjusted after the user step; a crash in between skews the gauge.
+//!
+//! # Interest index
+//!
+//! `route_conversation` reads `routes` and `gen` (one tag, one round trip) and answers
+//! from `routes` when `fp` matches the request's member list and `exp` is ahead of the
+//! store clock. Otherwise it computes (R1..R3) and answers:
+//! - R1: the `gen` read with the entry;
+//! - R2: one pipeline that, per member, `ZADD`s the conversation to the member's
+//!   `convs` (score = the new entry's expiry), refreshes its TTL, then `HGETALL`s the
+//!   member's user hash (same tag, so these run in this order even on Cluster);
+//! - R3: a script on the conversation's tag writes the entry only if `gen` still has
+//!   the value read in R1.
+//!
+//! A user's gateway set changes inside the user scripts (`USER_ADD`, `USER_REMOVE`),
+//! which in the same atomic step read (and trim) the user's `convs` (U1). The caller
+//! then runs, per conversation listed, a script that increments `gen` and deletes
+//! `routes` (U2). Why a racing computation cannot cache a stale entry: if R2 read a
+//! member's hash before U1 changed it, then R2's `ZADD` preceded U1 (same key order),
+//! so U1 lists the conversation and U2 runs after R2, hence after R1: either U2 bumps
+//! `gen` before R3 (which then refuses to cache) or U2 deletes what R3 wrote. The
+//! remaining windows are bounded by the entry's expiry ([`INTEREST_TTL`](super::INTEREST_TTL),
+//! 60 s, judged on the store clock; hits do not extend it): an instance dying between
+//! U1 and U2 (or U2 failing), and a computation stalled between R1 and R3 for longer
+//! than the `gen` key's TTL. Invalidation may also be broader than needed (`convs`
+//! keeps conversations a user has left until their entries expire): that costs a
+//! recomputation, never a wrong answer. Status changes and heartbeats touch no route.
+//!
+//! Cost: a hit is one round trip; a miss is three, with 3 commands per member.
 //!
 //! # Notifications across instances
 //!

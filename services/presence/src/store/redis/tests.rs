@@ -9,6 +9,7 @@ use tokio::task::JoinSet;
 
 use super::*;
 use crate::store::conformance::TTL;
+use crate::store::interest::{members_fingerprint, INTEREST_TTL};
 
 fn redis_url() -> String {
     std::env::var("SB_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
@@ -420,6 +421,113 @@ async fn unreachable_redis_fails_fast_and_recovery_is_automatic() {
     assert_eq!(presence[0].status, "online");
 }
 
+#[tokio::test]
+async fn a_computation_racing_an_invalidation_is_not_cached() {
+    let (a, b, _cleanup) = two_instances(TTL);
+    let s = &*a.inner;
+    let members = ids(&["alice", "bob"]);
+    a.register(session("a1", "alice", GW1)).await.unwrap();
+    // Instance A starts computing the routes (reads the generation, records the
+    // interest and reads bob's hash while bob is offline)...
+    let cached = s.read_interest("conv").await.unwrap();
+    let exp = s.clock.now_ms() + INTEREST_TTL.as_millis() as i64;
+    let stale = s.compute_routes("conv", &members, exp).await.unwrap();
+    assert_eq!(stale.len(), 1);
+    // ...bob comes online through instance B before A stores its result...
+    b.register(session("b1", "bob", GW2)).await.unwrap();
+    // ...so A's stale result is refused rather than cached.
+    let fp = format!("{:032x}", members_fingerprint(&members));
+    let stored = s
+        .store_interest("conv", &cached.gen, &fp, exp, &stale)
+        .await
+        .unwrap();
+    assert!(
+        !stored,
+        "a result computed before an invalidation is not cached"
+    );
+    let answer = a.route_conversation("conv", &members).await.unwrap();
+    assert!(!answer.cached);
+    assert_eq!(answer.routes.len(), 2, "bob's gateway is there: {answer:?}");
+
+    // Without a racing change, the same steps cache the entry.
+    let cached = s.read_interest("conv2").await.unwrap();
+    let routes = s.compute_routes("conv2", &members, exp).await.unwrap();
+    assert!(s
+        .store_interest("conv2", &cached.gen, &fp, exp, &routes)
+        .await
+        .unwrap());
+    assert!(
+        a.route_conversation("conv2", &members)
+            .await
+            .unwrap()
+            .cached
+    );
+}
+
+#[tokio::test]
+async fn an_entry_cached_through_one_instance_is_invalidated_through_another() {
+    let (a, b, _cleanup) = two_instances(TTL);
+    let registry = prometheus::Registry::new();
+    a.register_metrics(&registry).unwrap();
+    a.register(session("a1", "alice", GW1)).await.unwrap();
+    let members = ids(&["alice", "bob"]);
+    assert!(!a.route_conversation("conv", &members).await.unwrap().cached);
+    assert!(b.route_conversation("conv", &members).await.unwrap().cached);
+    // bob comes online through B; A's next answer includes him.
+    b.register(session("b1", "bob", GW2)).await.unwrap();
+    let answer = a.route_conversation("conv", &members).await.unwrap();
+    assert!(!answer.cached);
+    assert_eq!(
+        answer.routes,
+        vec![
+            GatewayRoute {
+                gateway_addr: GW1.into(),
+                user_ids: ids(&["alice"]),
+            },
+            GatewayRoute {
+                gateway_addr: GW2.into(),
+                user_ids: ids(&["bob"]),
+            },
+        ]
+    );
+    // The invalidation was made (and counted) by B; A counted none.
+    assert_eq!(a.inner.metrics.interest_invalidations.get(), 0);
+    assert_eq!(b.inner.metrics.interest_invalidations.get(), 1);
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .unwrap();
+    assert!(text.contains("switchboard_presence_interest_invalidations_total 0"));
+}
+
+#[tokio::test]
+async fn interest_keys_expire_in_redis() {
+    let (a, _b, _cleanup) = two_instances(TTL);
+    a.register(session("a1", "alice", GW1)).await.unwrap();
+    a.route_conversation("conv", &ids(&["alice", "bob"]))
+        .await
+        .unwrap();
+    a.register(session("b1", "bob", GW1)).await.unwrap();
+    let keys = &a.inner.keys;
+    let mut conn = require_redis();
+    let limit = 2 * INTEREST_TTL.as_millis() as i64;
+    for key in [
+        keys.interest("alice"),
+        keys.interest("bob"),
+        keys.routes_gen("conv"),
+    ] {
+        let ttl: i64 = redis::cmd("PTTL").arg(&key).query(&mut conn).unwrap();
+        assert!(ttl > 0 && ttl <= limit, "{key} has TTL {ttl}");
+    }
+    a.route_conversation("conv", &ids(&["alice", "bob"]))
+        .await
+        .unwrap();
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(keys.routes("conv"))
+        .query(&mut conn)
+        .unwrap();
+    assert!(ttl > 0 && ttl <= limit, "routes key has TTL {ttl}");
+}
+
 #[test]
 fn keys_of_one_operation_share_a_hash_tag() {
     let keys = Keys {
@@ -434,6 +542,9 @@ fn keys_of_one_operation_share_a_hash_tag() {
     assert_eq!(tag(&keys.sessions(shard)), tag(&keys.deadlines(shard)));
     assert_eq!(tag(&keys.sessions(shard)), tag(&keys.by_gateway(shard)));
     assert_eq!(tag(&keys.user("alice")), tag(&keys.watching("alice")));
+    assert_eq!(tag(&keys.user("alice")), tag(&keys.interest("alice")));
+    assert_eq!(tag(&keys.routes("c1")), tag(&keys.routes_gen("c1")));
+    assert_eq!(tag(&keys.routes("c1")), "c:c1");
     assert_eq!(tag(&keys.user("alice")), "u:alice");
     assert!(keys.user("alice").starts_with("sb:"));
     assert!(shard < SHARDS);
@@ -446,4 +557,86 @@ fn passwords_are_not_logged() {
         "redis://***@host:6379/0"
     );
     assert_eq!(redacted("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+}
+
+/// Latency of the interest index against Route for a 10,000-member conversation with
+/// 2,000 members online on 10 gateways. A measurement, not a test (no assertion on
+/// time): `cargo test -p switchboard-presence --lib --release measure_interest -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement; run with --ignored --nocapture"]
+async fn measure_interest_index_against_route() {
+    let (store, _other, _cleanup) = two_instances(Duration::from_secs(600));
+    let members: Vec<String> = (0..10_000).map(|i| format!("user-{i:05}")).collect();
+    for (i, user) in members.iter().step_by(5).enumerate() {
+        let gateway = format!("http://10.0.0.{}:50051", i % 10);
+        store
+            .register(session(&format!("s-{i}"), user, &gateway))
+            .await
+            .unwrap();
+    }
+    let fresh = store.route(&members).await.unwrap();
+    assert_eq!(fresh.len(), 10);
+    assert_eq!(fresh.iter().map(|r| r.user_ids.len()).sum::<usize>(), 2_000);
+
+    async fn time<F, Fut>(n: usize, mut f: F) -> Vec<Duration>
+    where
+        F: FnMut(usize) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let start = Instant::now();
+            f(i).await;
+            out.push(start.elapsed());
+        }
+        out.sort();
+        out
+    }
+    fn report(name: &str, d: &[Duration]) {
+        let mean = d.iter().sum::<Duration>() / d.len() as u32;
+        println!(
+            "{name:<44} n={:<4} p50={:>8.2?} p90={:>8.2?} max={:>8.2?} mean={:>8.2?}",
+            d.len(),
+            d[d.len() / 2],
+            d[d.len() * 9 / 10],
+            d[d.len() - 1],
+            mean
+        );
+    }
+
+    // Warm up the connection and scripts.
+    store.route_conversation("warm", &members).await.unwrap();
+    let route = time(30, |_| async {
+        store.route(&members).await.unwrap();
+    })
+    .await;
+    let miss = time(30, |i| {
+        let (store, members) = (&store, &members);
+        async move {
+            let answer = store
+                .route_conversation(&format!("miss-{i}"), members)
+                .await
+                .unwrap();
+            assert!(!answer.cached);
+        }
+    })
+    .await;
+    store.route_conversation("hot", &members).await.unwrap();
+    let hit = time(300, |_| async {
+        let answer = store.route_conversation("hot", &members).await.unwrap();
+        assert!(answer.cached);
+    })
+    .await;
+    let fingerprint = time(300, |_| async {
+        std::hint::black_box(members_fingerprint(std::hint::black_box(&members)));
+    })
+    .await;
+    println!(
+        "10,000 members, 2,000 online on 10 gateways, Redis at {}",
+        redis_url()
+    );
+    report("Route(all members)", &route);
+    report("RouteConversation, miss (compute + cache)", &miss);
+    report("RouteConversation, hit", &hit);
+    report("  of which fingerprint of 10,000 ids", &fingerprint);
 }
