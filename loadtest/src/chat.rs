@@ -589,7 +589,7 @@ fn settle(s: &SendLoop, sent: Sent) {
 
 /// Whether a failed send certainly did not create a message. Timeouts, lost
 /// connections and the server's own timeout or unavailability leave it open.
-fn outcome_known(error: &ClientError) -> bool {
+pub(crate) fn outcome_known(error: &ClientError) -> bool {
     match error {
         ClientError::Server { code, .. } => !matches!(
             code,
@@ -601,7 +601,7 @@ fn outcome_known(error: &ClientError) -> bool {
 }
 
 /// CPU and memory of the generator and (when known) the server over the window.
-async fn measure_usage(
+pub(crate) async fn measure_usage(
     start: Instant,
     end: Instant,
     server_pid: Option<u32>,

@@ -39,8 +39,13 @@ pub struct ConnectSettings {
 
 impl ConnectSettings {
     fn options(&self, token: String, index: usize) -> ConnectOptions {
-        let mut options = ConnectOptions::new(self.url.clone(), token)
-            .device(format!("load-d{index}"))
+        self.options_for(&self.url, token, format!("load-d{index}"))
+    }
+
+    /// Options for one connection to `url` as `device`.
+    pub fn options_for(&self, url: &str, token: String, device: String) -> ConnectOptions {
+        let mut options = ConnectOptions::new(url, token)
+            .device(device)
             .encoding(self.encoding)
             .request_timeout(self.request_timeout);
         options.connect_timeout = self.connect_timeout;

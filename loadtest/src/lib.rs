@@ -15,8 +15,15 @@ pub mod chat;
 pub mod check;
 pub mod connect;
 pub mod idle;
+pub mod ledger;
+pub mod measure;
+pub mod plan;
+pub mod report;
+pub mod runner;
+pub mod scenario;
 pub mod schedule;
 pub mod stats;
+pub mod svg;
 pub mod system;
 
 use std::time::Duration;

@@ -1,9 +1,14 @@
 //! `switchboard-load`: the load harness's command line.
 //!
-//! - `switchboard-load chat-1to1 ...`: 1:1 traffic on an open-loop schedule, every
-//!   delivery checked; exits non-zero when the delivery contract was broken.
-//! - `switchboard-load idle ...`: many idle connections held open; connect latency
-//!   and the server's memory per connection.
+//! - `switchboard-load run SCENARIO.toml --report-dir DIR`: one scenario (users,
+//!   devices, conversation mix, open-loop rate, churn, thresholds), every delivery
+//!   checked; a live progress line, a summary, and JSON, Markdown and SVG reports.
+//!   Exits 1 when correctness or a threshold failed, 2 on an error.
+//! - `switchboard-load max-throughput SCENARIO.toml`: steps the rate up until e2e
+//!   p99 passes a target; reports the knee.
+//! - `switchboard-load merge DIR... --report-dir OUT`: one report from the raw
+//!   files of several agents (`run --agent-index i --agent-count n`).
+//! - `switchboard-load chat-1to1 ...` and `idle ...`: the earlier fixed scenarios.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,6 +21,9 @@ use switchboard_client::Encoding;
 use switchboard_load::chat::{self, ChatSettings};
 use switchboard_load::connect::ConnectSettings;
 use switchboard_load::idle::{self, IdleSettings};
+use switchboard_load::report::{self, MaxThroughputReport};
+use switchboard_load::runner::{self, RunOptions, Steps};
+use switchboard_load::scenario::{Overrides, Scenario};
 use switchboard_load::{parse_duration, system};
 
 /// Shortest HS256 secret accepted, as on the server.
@@ -33,12 +41,160 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a scenario file.
+    Run(RunArgs),
+    /// Step a scenario's rate up until e2e p99 passes a target; report the knee.
+    #[command(name = "max-throughput")]
+    MaxThroughput(MaxThroughputArgs),
+    /// Merge the raw files of a distributed run's agents into one report.
+    Merge(MergeArgs),
     /// Pairs of clients in direct conversations, sending on an open-loop schedule;
     /// every delivery is checked.
     #[command(name = "chat-1to1")]
     Chat1to1(ChatArgs),
     /// Idle connections held open (they only keep alive).
     Idle(IdleArgs),
+}
+
+#[derive(Args)]
+struct ScenarioArgs {
+    /// The scenario file (TOML).
+    scenario: PathBuf,
+    /// Write raw-agent-<i>.json, report.json, report.md and SVG plots here.
+    #[arg(long)]
+    report_dir: Option<PathBuf>,
+    /// Gateway endpoint(s), replacing the scenario's `target.urls` (repeatable).
+    #[arg(long = "url")]
+    urls: Vec<String>,
+    /// HS256 secret the server verifies tokens with.
+    #[arg(long, env = "SWITCHBOARD_LOAD_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// File holding the HS256 secret (else the scenario's `target.secret_file`).
+    #[arg(long, conflicts_with = "secret")]
+    secret_file: Option<PathBuf>,
+    /// Replaces the scenario's measured duration.
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Replaces the scenario's warmup.
+    #[arg(long, value_parser = parse_duration)]
+    warmup: Option<Duration>,
+    /// This agent's index in a distributed run (0-based).
+    #[arg(long, env = "JOB_COMPLETION_INDEX", default_value_t = 0)]
+    agent_index: usize,
+    /// Agents in the distributed run.
+    #[arg(long, default_value_t = 1)]
+    agent_count: usize,
+    /// Process id of the server, to report its CPU and memory.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// No progress line on stderr.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    scenario: ScenarioArgs,
+    /// Replaces the scenario's message rate (msg/s over all agents).
+    #[arg(long)]
+    rate: Option<f64>,
+}
+
+#[derive(Args)]
+struct MaxThroughputArgs {
+    #[command(flatten)]
+    scenario: ScenarioArgs,
+    /// First rate (msg/s over all agents); default from `[max_throughput]`.
+    #[arg(long)]
+    start: Option<f64>,
+    #[arg(long)]
+    step: Option<f64>,
+    #[arg(long)]
+    max: Option<f64>,
+    /// A step passes while e2e p99 is at most this many milliseconds.
+    #[arg(long)]
+    target_p99_ms: Option<f64>,
+    /// Measured length of each step.
+    #[arg(long, value_parser = parse_duration)]
+    step_duration: Option<Duration>,
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    /// Report directories of the agents (or raw-agent-*.json files).
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
+    /// Where the merged report goes.
+    #[arg(long)]
+    report_dir: PathBuf,
+}
+
+/// The HS256 signer from a secret, a secret file, or the scenario's secret file.
+fn signer_from(
+    secret: Option<&str>,
+    secret_file: Option<&PathBuf>,
+    fallback_file: Option<&PathBuf>,
+) -> anyhow::Result<Signer> {
+    let secret = match (secret, secret_file.or(fallback_file)) {
+        (Some(secret), _) => secret.as_bytes().to_vec(),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the secret from {}", path.display()))?;
+            text.trim().as_bytes().to_vec()
+        }
+        (None, None) => anyhow::bail!(
+            "give the server's HS256 secret with --secret, SWITCHBOARD_LOAD_SECRET or --secret-file"
+        ),
+    };
+    anyhow::ensure!(
+        secret.len() >= MIN_SECRET_BYTES,
+        "the HS256 secret must be at least {MIN_SECRET_BYTES} bytes"
+    );
+    Ok(Signer::hs256(&secret))
+}
+
+impl ScenarioArgs {
+    fn load(&self, rate: Option<f64>) -> anyhow::Result<(Scenario, Signer)> {
+        let mut scenario = Scenario::load(&self.scenario)?;
+        scenario.apply(&Overrides {
+            urls: self.urls.clone(),
+            duration: self.duration,
+            warmup: self.warmup,
+            rate,
+        })?;
+        let signer = signer_from(
+            self.secret.as_deref(),
+            self.secret_file.as_ref(),
+            scenario.target.secret_file.as_ref(),
+        )?;
+        Ok((scenario, signer))
+    }
+
+    fn options(&self, scenario: Scenario) -> RunOptions {
+        RunOptions {
+            scenario,
+            agent_index: self.agent_index,
+            agent_count: self.agent_count,
+            server_pid: self.server_pid,
+            progress: !self.quiet,
+        }
+    }
+}
+
+/// Print the summary and write the files of a finished run; returns whether it passed.
+fn conclude(
+    raw: &switchboard_load::measure::RawRun,
+    dir: Option<&PathBuf>,
+) -> anyhow::Result<bool> {
+    let built = report::build(raw)?;
+    print!("{}", report::render_text(&built.report));
+    if let Some(dir) = dir {
+        report::write_raw(dir, raw)?;
+        report::write_all(dir, &built)?;
+        println!("  reports in {}", dir.display());
+    }
+    Ok(built.report.passed)
 }
 
 #[derive(Args)]
@@ -213,6 +369,52 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         .build()
         .context("starting the runtime")?;
     match cli.command {
+        Command::Run(args) => {
+            let (scenario, signer) = args.scenario.load(args.rate)?;
+            let options = args.scenario.options(scenario);
+            let raw = runtime.block_on(runner::run(options, signer))?;
+            conclude(&raw, args.scenario.report_dir.as_ref())
+        }
+        Command::MaxThroughput(args) => {
+            let (scenario, signer) = args.scenario.load(None)?;
+            let defaults = scenario.max_throughput.clone();
+            let steps = Steps {
+                start: args.start.unwrap_or(defaults.start),
+                step: args.step.unwrap_or(defaults.step),
+                max: args.max.unwrap_or(defaults.max),
+                target_p99_ms: args.target_p99_ms.unwrap_or(defaults.target_p99_ms),
+                step_duration: args.step_duration.unwrap_or(defaults.step_duration),
+            };
+            anyhow::ensure!(
+                steps.start > 0.0 && steps.step > 0.0 && steps.max >= steps.start,
+                "max-throughput needs --start > 0, --step > 0 and --max >= --start"
+            );
+            let name = scenario.name.clone();
+            let options = args.scenario.options(scenario);
+            let (raw, results) =
+                runtime.block_on(runner::max_throughput(options, signer, steps))?;
+            let summary = MaxThroughputReport {
+                scenario: name,
+                target_p99_ms: steps.target_p99_ms,
+                knee: runner::knee(&results),
+                steps: results,
+            };
+            let correct =
+                conclude(&raw, args.scenario.report_dir.as_ref())? || !raw.correctness.violated();
+            print!("{}", report::render_steps(&summary));
+            if let Some(dir) = &args.scenario.report_dir {
+                report::write_steps(dir, &summary)?;
+            }
+            Ok(correct && !raw.correctness.violated() && summary.knee.is_some())
+        }
+        Command::Merge(args) => {
+            let raw = report::merge_paths(&args.inputs)?;
+            let built = report::build(&raw)?;
+            print!("{}", report::render_text(&built.report));
+            report::write_all(&args.report_dir, &built)?;
+            println!("  reports in {}", args.report_dir.display());
+            Ok(built.report.passed)
+        }
         Command::Chat1to1(args) => {
             let common = &args.common;
             let signer = common.signer()?;

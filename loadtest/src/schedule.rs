@@ -49,6 +49,18 @@ impl Schedule {
         (at < self.end).then_some(at)
     }
 
+    /// Due time of global send number `global` (made by sender `global % senders`),
+    /// or `None` when it falls at or after the end of the schedule.
+    pub fn due_global(&self, global: u64) -> Option<Instant> {
+        let at = self.start + Duration::from_secs_f64(global as f64 / self.rate);
+        (at < self.end).then_some(at)
+    }
+
+    /// The sender that makes global send number `global`.
+    pub fn sender_of(&self, global: u64) -> usize {
+        (global % self.senders as u64) as usize
+    }
+
     /// The interval between two sends of one sender.
     pub fn sender_interval(&self) -> Duration {
         Duration::from_secs_f64(self.senders as f64 / self.rate)
@@ -98,6 +110,15 @@ mod tests {
             })
             .sum();
         assert_eq!(total, 700);
+    }
+
+    #[test]
+    fn global_numbers_agree_with_per_sender_numbers() {
+        let start = Instant::now();
+        let schedule = Schedule::new(start, start + Duration::from_secs(1), 3, 30.0);
+        assert_eq!(schedule.due_global(7), schedule.due(1, 2));
+        assert_eq!(schedule.sender_of(7), 1);
+        assert_eq!(schedule.due_global(30), None);
     }
 
     #[test]
