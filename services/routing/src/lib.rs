@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use switchboard_config::Config;
 use switchboard_proto::v1::presence_client::PresenceClient;
+use switchboard_proto::v1::presence_interest_client::PresenceInterestClient;
 use switchboard_proto::v1::routing_server::RoutingServer;
 use switchboard_proto::v1::storage_client::StorageClient;
 use switchboard_rpc::ChannelPool;
@@ -176,10 +177,9 @@ fn build_node(
         &config.cluster.storage_url,
         &config.cluster,
     )?);
-    let presence = PresenceClient::new(switchboard_rpc::channel(
-        &config.cluster.presence_url,
-        &config.cluster,
-    )?);
+    let presence_channel = switchboard_rpc::channel(&config.cluster.presence_url, &config.cluster)?;
+    let interest = PresenceInterestClient::new(presence_channel.clone());
+    let presence = PresenceClient::new(presence_channel);
     let fanout = fanout::Fanout::new(
         ChannelPool::new(config.cluster.clone()),
         fanout::FanoutOptions {
@@ -196,6 +196,8 @@ fn build_node(
         log,
         storage,
         presence,
+        interest,
+        interest_supported: std::sync::atomic::AtomicBool::new(true),
         fanout,
         metrics,
     }))

@@ -7,10 +7,12 @@ use std::time::Duration;
 
 use switchboard_config::Config;
 use switchboard_proto::v1::presence_client::PresenceClient;
+use switchboard_proto::v1::presence_interest_client::PresenceInterestClient;
 use switchboard_proto::v1::server_frame::Event;
 use switchboard_proto::v1::storage_client::StorageClient;
 use switchboard_proto::v1::{
-    Delivery, GatewayRoute, Message, MessageEvent, RouteRequest, ServerFrame,
+    Delivery, GatewayRoute, Message, MessageEvent, RouteConversationRequest, RouteRequest,
+    ServerFrame,
 };
 use switchboard_telemetry::Readiness;
 use tonic::transport::Channel;
@@ -30,6 +32,11 @@ pub(crate) struct Node {
     pub log: Arc<dyn EventLog>,
     pub storage: StorageClient<Channel>,
     pub presence: PresenceClient<Channel>,
+    /// Presence's cached per-conversation routes (the interest index).
+    pub interest: PresenceInterestClient<Channel>,
+    /// False once presence answered `unimplemented` (an older presence): fan-out then
+    /// routes every member with `Route`.
+    pub interest_supported: AtomicBool,
     pub members: MemberCache,
     pub waiters: Arc<Waiters>,
     pub fanout: Fanout,
@@ -53,6 +60,39 @@ impl Node {
             .map_err(|st| RoutingError::peer("presence Route", &st))
     }
 
+    /// Where the members of a conversation have live sessions, from presence's
+    /// interest index: for a hot conversation one cached lookup however many members
+    /// it has, instead of one lookup per member.
+    pub async fn route_conversation(
+        &self,
+        conversation_id: &str,
+        members: &[String],
+    ) -> Result<Vec<GatewayRoute>, RoutingError> {
+        if members.is_empty() {
+            return Ok(Vec::new());
+        }
+        if !self.interest_supported.load(Ordering::Relaxed) {
+            return self.route(members).await;
+        }
+        let reply = self
+            .interest
+            .clone()
+            .route_conversation(RouteConversationRequest {
+                conversation_id: conversation_id.to_owned(),
+                member_ids: members.to_vec(),
+            })
+            .await;
+        match reply {
+            Ok(r) => Ok(r.into_inner().routes),
+            Err(st) if st.code() == tonic::Code::Unimplemented => {
+                tracing::warn!("presence has no interest index; routing every member instead");
+                self.interest_supported.store(false, Ordering::Relaxed);
+                self.route(members).await
+            }
+            Err(st) => Err(RoutingError::peer("presence RouteConversation", &st)),
+        }
+    }
+
     /// Fan a stored message out to the gateways of its conversation's online
     /// members, in order, waiting for queue room (backpressure).
     pub async fn fan_out_message(&self, message: &Message) {
@@ -67,7 +107,10 @@ impl Node {
         let mut backoff = Duration::from_millis(20);
         let mut routes = None;
         for attempt in 1..=ROUTE_ATTEMPTS {
-            match self.route(members.as_slice()).await {
+            match self
+                .route_conversation(&message.conversation_id, members.as_slice())
+                .await
+            {
                 Ok(r) => {
                     routes = Some(r);
                     break;

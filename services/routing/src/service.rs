@@ -219,16 +219,18 @@ impl RoutingService {
                 }
             }
         }
-        let recipients: Vec<String> = if !req.user_ids.is_empty() {
-            req.user_ids
+        let routes = if !req.user_ids.is_empty() {
+            self.node.route(&req.user_ids).await?
         } else if let Some(members) = &members {
-            members.as_slice().to_vec()
+            // Typing and receipts go to the whole conversation: the interest index.
+            self.node
+                .route_conversation(&req.conversation_id, members.as_slice())
+                .await?
         } else {
             return Err(RoutingError::InvalidRequest(
                 "conversation_id or user_ids is required".into(),
             ));
         };
-        let routes = self.node.route(&recipients).await?;
         let mut gateways = 0;
         for route in routes {
             if route.user_ids.is_empty() {
@@ -372,4 +374,20 @@ fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod trace_tests {
+    use super::*;
+
+    const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn without_an_exported_span_the_record_carries_the_callers_traceparent() {
+        assert_eq!(record_traceparent(TP.to_owned()), TP);
+        assert_eq!(record_traceparent(String::new()), "");
+        // Malformed or oversized context is dropped, never refused.
+        assert_eq!(record_traceparent("not a traceparent".to_owned()), "");
+        assert_eq!(record_traceparent(format!("{TP}-{}", "x".repeat(200))), "");
+    }
 }
