@@ -231,6 +231,10 @@ struct State {
     hists: Hists,
     step_hists: Hists,
     finished: Vec<RawInterval>,
+    /// What the progress line shows of each finished interval.
+    progress: Vec<Progress>,
+    /// Finished intervals already handed to the progress line.
+    reported: usize,
     live: LiveInterval,
     /// Index of `live`.
     live_index: usize,
@@ -267,6 +271,8 @@ impl Recorder {
                 hists: Hists::default(),
                 step_hists: Hists::default(),
                 finished: Vec::new(),
+                progress: Vec::new(),
+                reported: 0,
                 live: LiveInterval::new(),
                 live_index: 0,
                 errors: BTreeMap::new(),
@@ -333,20 +339,20 @@ impl Recorder {
         }
     }
 
-    /// Close intervals up to now; the last closed one gets `cpu_cores`. Returns
-    /// the progress of the last interval closed, if any.
-    pub fn tick(&self, cpu_cores: f64) -> Option<Progress> {
-        let index = (Instant::now()
-            .saturating_duration_since(self.epoch)
-            .as_nanos()
-            / INTERVAL.as_nanos()) as usize;
-        let mut state = self.state();
-        let mut progress = None;
-        while state.live_index < index {
-            let online = self.online.load(Ordering::Relaxed).max(0) as u64;
-            progress = Some(finish(&mut state, online, cpu_cores));
+    /// Close intervals up to now and give the last closed one `cpu_cores` (the
+    /// generator's CPU since the previous tick). Returns the intervals finished
+    /// since the previous tick, for the progress line.
+    pub fn tick(&self, cpu_cores: f64) -> Vec<Progress> {
+        let mut state = self.current();
+        if let Some(last) = state.finished.last_mut() {
+            last.cpu_cores = cpu_cores;
         }
-        progress
+        if let Some(last) = state.progress.last_mut() {
+            last.cpu_cores = cpu_cores;
+        }
+        let new = state.progress[state.reported..].to_vec();
+        state.reported = state.progress.len();
+        new
     }
 
     pub fn totals(&self) -> Counters {
@@ -394,6 +400,7 @@ fn finish(state: &mut State, online: u64, cpu_cores: f64) -> Progress {
         lag: encode(&live.lag),
     });
     state.live_index += 1;
+    state.progress.push(progress);
     progress
 }
 
@@ -436,10 +443,11 @@ impl Probes {
                     let now = Instant::now();
                     let cores = system::cores_used(now_cpu.saturating_sub(cpu), now - at);
                     (cpu, at) = (now_cpu, now);
-                    if let Some(p) = recorder.tick(cores) {
-                        if progress {
-                            let name = *phase.lock().unwrap_or_else(|e| e.into_inner());
-                            progress_line(&p, name);
+                    let finished = recorder.tick(cores);
+                    if progress {
+                        let name = *phase.lock().unwrap_or_else(|e| e.into_inner());
+                        for p in &finished {
+                            progress_line(p, name);
                         }
                     }
                 }

@@ -490,7 +490,8 @@ pub fn latency_chart(r: &Report) -> Chart {
     let pick = |f: fn(&IntervalRow) -> f64| -> Vec<(f64, f64)> {
         r.intervals
             .iter()
-            .filter(|row| row.counters.delivered > 0)
+            // Intervals with measured deliveries only (warmup ones have none).
+            .filter(|row| row.e2e_max_ms > 0.0)
             .map(|row| (row.t_s, f(row)))
             .collect()
     };
