@@ -96,3 +96,50 @@ impl ChannelPool {
             .remove(url);
     }
 }
+
+/// Exponential backoff with jitter, for retrying a peer or backend that is away: each
+/// wait is the current step scaled by a random factor in [0.5, 1.0] (so restarted
+/// instances spread out), and the step doubles up to `max`.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    step: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub fn new(start: Duration, max: Duration) -> Backoff {
+        Backoff {
+            step: start.min(max),
+            max,
+        }
+    }
+
+    /// How long to wait before the next attempt.
+    pub fn next_wait(&mut self) -> Duration {
+        let wait = self
+            .step
+            .mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..=1.0));
+        self.step = (self.step * 2).min(self.max);
+        wait
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_within_jitter_and_caps() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(350));
+        let steps = [100, 200, 350, 350];
+        for step in steps {
+            let wait = b.next_wait();
+            let step = Duration::from_millis(step);
+            assert!(
+                wait >= step / 2 && wait <= step,
+                "{wait:?} outside [{:?}, {step:?}]",
+                step / 2
+            );
+        }
+    }
+}

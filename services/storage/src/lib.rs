@@ -96,7 +96,7 @@ async fn open_store(
     config: &Config,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<Arc<dyn HistoryStore>>> {
-    let mut backoff = OPEN_BACKOFF_START;
+    let mut backoff = switchboard_rpc::Backoff::new(OPEN_BACKOFF_START, OPEN_BACKOFF_MAX);
     loop {
         let attempt = tokio::select! {
             _ = shutdown.cancelled() => return Ok(None),
@@ -108,7 +108,7 @@ async fn open_store(
                 if e.downcast_ref::<scylla::OpenError>()
                     .is_some_and(scylla::OpenError::is_transient) =>
             {
-                let wait = jitter(backoff);
+                let wait = backoff.next_wait();
                 tracing::warn!(
                     error = %e,
                     retry_in_ms = wait.as_millis() as u64,
@@ -118,20 +118,10 @@ async fn open_store(
                     _ = shutdown.cancelled() => return Ok(None),
                     _ = tokio::time::sleep(wait) => {}
                 }
-                backoff = (backoff * 2).min(OPEN_BACKOFF_MAX);
             }
             Err(e) => return Err(e),
         }
     }
-}
-
-/// `base` plus up to a quarter more, so that restarted instances do not retry in step.
-fn jitter(base: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    base + base.mul_f64(f64::from(nanos % 1000) / 4000.0)
 }
 
 /// Run the storage service until `shutdown` is cancelled.

@@ -147,12 +147,12 @@ pub async fn open(config: &Config) -> anyhow::Result<Arc<dyn EventLog>> {
         }
         "kafka" => {
             let options = KafkaLogOptions::from_config(config);
-            let mut backoff = OPEN_BACKOFF_START;
+            let mut backoff = switchboard_rpc::Backoff::new(OPEN_BACKOFF_START, OPEN_BACKOFF_MAX);
             loop {
                 match KafkaLog::open(options.clone()).await {
                     Ok(log) => return Ok(Arc::new(log)),
                     Err(KafkaOpenError::Unreachable(reason)) => {
-                        let retry_in = jittered(backoff);
+                        let retry_in = backoff.next_wait();
                         tracing::error!(
                             brokers = %options.brokers,
                             topic = %options.topic,
@@ -161,7 +161,6 @@ pub async fn open(config: &Config) -> anyhow::Result<Arc<dyn EventLog>> {
                             "kafka unreachable; the event log is not open yet, retrying"
                         );
                         tokio::time::sleep(retry_in).await;
-                        backoff = (backoff * 2).min(OPEN_BACKOFF_MAX);
                     }
                     Err(e) => return Err(e.into()),
                 }
@@ -173,11 +172,6 @@ pub async fn open(config: &Config) -> anyhow::Result<Arc<dyn EventLog>> {
 
 const OPEN_BACKOFF_START: Duration = Duration::from_millis(500);
 const OPEN_BACKOFF_MAX: Duration = Duration::from_secs(10);
-
-/// `d` scaled by a random factor in [0.5, 1.0], so restarting instances spread out.
-fn jittered(d: Duration) -> Duration {
-    d.mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..=1.0))
-}
 
 /// The partition of a conversation: FNV-1a (64 bit) of its id modulo `partitions`.
 ///
