@@ -730,6 +730,22 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn every_finished_interval_reaches_the_progress_line_once() {
+        let recorder = Recorder::new(Instant::now());
+        recorder.count(Count::Sent);
+        tokio::time::advance(Duration::from_millis(1_500)).await;
+        // A record closes interval 0 before the ticker runs.
+        recorder.count(Count::Sent);
+        tokio::time::advance(Duration::from_millis(1_000)).await;
+        let progress = recorder.tick(0.5);
+        let indices: Vec<usize> = progress.iter().map(|p| p.index).collect();
+        assert_eq!(indices, [0, 1]);
+        assert_eq!(progress[1].counters.sent, 1);
+        assert_eq!(progress[1].cpu_cores, 0.5);
+        assert!(recorder.tick(0.1).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_step_is_taken_and_reset() {
         let recorder = Recorder::new(Instant::now());
         recorder.count(Count::Accepted);

@@ -122,7 +122,9 @@ impl Plan {
             }
         }
 
-        // Every member sends; a member's devices take turns by conversation.
+        // Every member sends; a member's devices take turns by conversation. Slots
+        // are ordered member by member across the class's conversations, so that
+        // consecutive sends of the schedule go to different conversations.
         let total_share: f64 = scenario
             .conversations
             .iter()
@@ -132,15 +134,14 @@ impl Plan {
         let mut classes = Vec::new();
         for (class, mix) in scenario.conversations.iter().enumerate() {
             let mut slots = Vec::new();
-            for (index, conversation) in conversations.iter().enumerate() {
-                if conversation.class != class {
-                    continue;
-                }
-                for (m, &user) in conversation.members.iter().enumerate() {
-                    slots.push(SenderSlot {
-                        session: session_of(user, (index + m) % devices),
-                        conversation: index,
-                    });
+            for m in 0..mix.members() {
+                for (index, conversation) in conversations.iter().enumerate() {
+                    if conversation.class == class {
+                        slots.push(SenderSlot {
+                            session: session_of(conversation.members[m], (index + m) % devices),
+                            conversation: index,
+                        });
+                    }
                 }
             }
             let mine = share_of(mix.count, agent_count, agent_index);
@@ -229,6 +230,13 @@ mod tests {
         assert!((plan.classes[1].rate - 60.0).abs() < 1e-9);
         assert_eq!(plan.classes[0].slots.len(), 6);
         assert_eq!(plan.classes[1].slots.len(), 8);
+        // Consecutive sends go to different conversations.
+        let order: Vec<usize> = plan.classes[1]
+            .slots
+            .iter()
+            .map(|s| s.conversation)
+            .collect();
+        assert_eq!(order, [3, 4, 3, 4, 3, 4, 3, 4]);
         // Both devices of both members of the first pair receive it.
         assert_eq!(plan.member_sessions(0).collect::<Vec<_>>(), [0, 1, 2, 3]);
         assert_eq!(plan.sessions[3].conversations, [0]);

@@ -384,6 +384,11 @@ impl Session {
 
     /// Messages that came back from sync or history.
     fn apply_recovered(&mut self, messages: Vec<Message>) {
+        tracing::debug!(
+            session = self.index,
+            messages = messages.len(),
+            "recovered after reconnect"
+        );
         let ctx = self.ctx.clone();
         let Some(convs) = ctx.convs() else {
             return;
