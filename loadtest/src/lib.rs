@@ -1,15 +1,19 @@
 //! Switchboard's load harness: an open-loop traffic generator that checks every
 //! delivery against the delivery contract while it measures.
 //!
-//! It owns: connecting many clients at a bounded rate ([`connect`]), the open-loop
-//! send schedule ([`schedule`]), the per-conversation delivery checker ([`check`]),
-//! latency histograms and counters with their summary and JSON report ([`stats`]),
-//! the process-level measurements of the generator and the server ([`system`]), and
-//! the scenarios themselves ([`chat`] for 1:1 traffic, [`idle`] for idle
-//! connections).
+//! It owns: scenario files ([`scenario`]) and an agent's share of one ([`plan`]);
+//! running a scenario ([`runner`]: the connect ramp, conversation forming, the
+//! open-loop send schedule ([`schedule`]), reconnect churn with sync recovery, the
+//! drain, `max-throughput` steps); the delivery checkers ([`ledger`] for scenario
+//! runs, [`check`] for `chat-1to1`); measurements ([`measure`]: HDR histograms
+//! overall and per interval, counters, event-loop lag, CPU, the raw files that
+//! distributed agents write and `merge` adds up); reports ([`report`], plots in
+//! [`svg`]); connecting many clients ([`connect`]); process measurements
+//! ([`system`]); and the earlier fixed scenarios ([`chat`], [`idle`]).
 //!
 //! It does not own: the client protocol (that is `switchboard-client`), starting or
-//! configuring the server, or distributed runs (one process generates all load).
+//! configuring the server, or scheduling distributed agents (a Kubernetes Indexed
+//! Job does, `loadtest/k8s/job.yaml`; each agent is one `run` process).
 
 pub mod chat;
 pub mod check;
