@@ -177,7 +177,8 @@ impl Plan {
 
     /// Messages per second this agent offers in all.
     pub fn rate(&self) -> f64 {
-        self.classes.iter().map(|c| c.rate).sum()
+        // `+ 0.0`: an empty f64 sum is -0.0.
+        self.classes.iter().map(|c| c.rate).sum::<f64>() + 0.0
     }
 
     /// The highest send rate of one user (every user is in at most one

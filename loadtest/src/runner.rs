@@ -444,8 +444,11 @@ impl Session {
     async fn reconnect(&mut self) -> Option<Recovery> {
         let mut backoff = RECONNECT_BACKOFF;
         loop {
+            let began = Instant::now();
             match self.connect_once().await {
                 Ok((client, events)) => {
+                    // Reconnects are connects too: their time is in the same histogram.
+                    self.ctx.recorder.latency(Lat::Connect, began.elapsed());
                     self.ctx.recorder.count(Count::Reconnect);
                     self.online(client.clone(), events);
                     for (_, cursor) in &mut self.end.cursors {
