@@ -36,10 +36,11 @@ step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "cargo test"
+# The load harness's smoke test runs the server binary: build it first.
+cargo build --locked -p switchboard
 cargo test --workspace --locked
 
 step "browser test of the chat page"
-cargo build --locked -p switchboard
 SWITCHBOARD_BIN="$root/target/debug/switchboard" node --test tests/browser/
 
 step "Helm chart and Dockerfile validation"
