@@ -31,11 +31,23 @@ fn server_binary() -> PathBuf {
 
 /// A free loopback port (bound then released; the race with other processes is
 /// acceptable in tests).
+/// A free loopback port below Linux's ephemeral range (32768-60999), so that no
+/// outgoing connection of the harness can take it between the check and the server's
+/// bind; a counter keeps this process's choices distinct.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral loopback port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let offset = (std::process::id() % 40) * 300;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = (FIRST + (offset + n) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between {FIRST} and {}", FIRST + SPAN)
 }
 
 /// A running standalone server; killed on drop.

@@ -19,13 +19,28 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_switchboard")
 }
 
-/// A free loopback port (bound then released; the race with other processes is
-/// acceptable in tests).
+/// A free loopback port for a server under test.
+///
+/// Not an ephemeral port (`127.0.0.1:0`): between releasing such a port and the server
+/// binding it, the kernel may hand it to one of the many outgoing connections the
+/// tests make, and the server then fails with "address in use". These ports come from
+/// below Linux's ephemeral range (32768-60999), which outgoing connections never use,
+/// from a counter that never repeats within this test process, starting at an offset
+/// taken from the process id; one that something else holds is skipped.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral loopback port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let offset = (std::process::id() % 40) * 300;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = (FIRST + (offset + n) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between {FIRST} and {}", FIRST + SPAN)
 }
 
 /// Ports of one gateway.

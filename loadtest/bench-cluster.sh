@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Measure the four services as separate processes on the real backends (Redis,
+# Kafka, Cassandra from deploy/local/up.sh) with the load harness's chat-1to1 mode,
+# then report where the time goes per hop from each service's /metrics.
+#
+#   nice cargo build --release -p switchboard -p switchboard-load
+#   deploy/local/up.sh
+#   loadtest/bench-cluster.sh                 # reports land in $OUT
+#
+# Environment: SB and LOAD (binaries), OUT (report directory), RATES, CLIENTS,
+# DURATION, WARMUP, PARTITIONS. A fresh key prefix, topic, consumer group and keyspace
+# per rate. Everything targets 127.0.0.1 and stops by itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SB=${SB:-target/release/switchboard}
+LOAD=${LOAD:-target/release/switchboard-load}
+OUT=${OUT:-$(mktemp -d /tmp/switchboard-bench-cluster.XXXXXX)}
+RATES=${RATES-"250 500 1000"}
+CLIENTS=${CLIENTS:-1000}
+DURATION=${DURATION:-30s}
+WARMUP=${WARMUP:-5s}
+PARTITIONS=${PARTITIONS:-16}
+mkdir -p "$OUT"
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+SECRET=$(head -c 48 /dev/urandom | base64 | tr -d '\n')
+export SWITCHBOARD_LOAD_SECRET=$SECRET
+PIDS=()
+DATA=
+
+stop_all() {
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    PIDS=()
+    [ -n "$DATA" ] && rm -rf "$DATA"
+    DATA=
+}
+trap stop_all EXIT
+
+wait_ready() { # port name
+    for _ in $(seq 1 900); do
+        curl -fs "http://127.0.0.1:$1/readyz" >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    echo "$2 did not become ready; see $OUT" >&2
+    exit 1
+}
+
+start_cluster() { # run id
+    DATA=$(mktemp -d /tmp/switchboard-bench-cluster-data.XXXXXX)
+    local id=$1
+    # The server reads every SWITCHBOARD_* variable as a setting and refuses unknown
+    # ones, so the harness's secret variable must not reach it.
+    local env=(env -u SWITCHBOARD_LOAD_SECRET
+        SWITCHBOARD_DATA_DIR="$DATA"
+        SWITCHBOARD_AUTH__HS256_SECRET="$SECRET"
+        SWITCHBOARD_LOG__LEVEL=warn
+        SWITCHBOARD_GATEWAY__LISTEN=127.0.0.1:8080
+        SWITCHBOARD_GATEWAY__ADMIN_LISTEN=127.0.0.1:19191
+        SWITCHBOARD_PRESENCE__ADMIN_LISTEN=127.0.0.1:19192
+        SWITCHBOARD_ROUTING__ADMIN_LISTEN=127.0.0.1:19193
+        SWITCHBOARD_STORAGE__ADMIN_LISTEN=127.0.0.1:19194
+        SWITCHBOARD_PRESENCE__BACKEND=redis
+        SWITCHBOARD_PRESENCE__REDIS_KEY_PREFIX="sbbench$id"
+        SWITCHBOARD_ROUTING__BACKEND=kafka
+        SWITCHBOARD_ROUTING__KAFKA_TOPIC="sbbench-$id"
+        SWITCHBOARD_ROUTING__KAFKA_GROUP="sbbench-$id"
+        SWITCHBOARD_ROUTING__PARTITIONS="$PARTITIONS"
+        SWITCHBOARD_STORAGE__BACKEND=scylla
+        SWITCHBOARD_STORAGE__SCYLLA_KEYSPACE="sbbench_$id")
+    "${env[@]}" "$SB" storage >"$OUT/storage-$id.log" 2>&1 & PIDS+=($!)
+    wait_ready 19194 storage
+    "${env[@]}" "$SB" presence >"$OUT/presence-$id.log" 2>&1 & PIDS+=($!)
+    "${env[@]}" "$SB" routing >"$OUT/routing-$id.log" 2>&1 & PIDS+=($!)
+    "${env[@]}" "$SB" gateway >"$OUT/gateway-$id.log" 2>&1 & PIDS+=($!)
+    wait_ready 19192 presence
+    wait_ready 19193 routing
+    wait_ready 19191 gateway
+}
+
+# Mean latency per hop from the Prometheus histograms (_sum / _count).
+hops() { # run id
+    local id=$1
+    for port in 19191 19192 19193 19194; do
+        curl -fs "http://127.0.0.1:$port/metrics"
+    done >"$OUT/metrics-$id.txt"
+    python3 - "$OUT/metrics-$id.txt" <<'PY'
+import re, sys
+sums, counts = {}, {}
+for line in open(sys.argv[1]):
+    m = re.match(r'^(\w+)_(sum|count)(\{[^}]*\})? ([0-9.e+-]+)$', line.strip())
+    if not m:
+        continue
+    key = m.group(1) + (m.group(3) or "")
+    (sums if m.group(2) == "sum" else counts)[key] = float(m.group(4))
+hops = [
+    ("gateway: accept -> delivered to a session (send_to_deliver)", "switchboard_gateway_send_to_deliver_seconds"),
+    ("routing: Kafka append, acks=all (log_append)", "switchboard_routing_log_append_seconds"),
+    ("routing: storage Append round trip (storage_append)", "switchboard_routing_storage_append_seconds"),
+    ("storage: CQL append (LWT commit point)", 'switchboard_storage_backend_duration_seconds{op="append"}'),
+    ("storage: CQL dedupe lookup", 'switchboard_storage_backend_duration_seconds{op="lookup_dedupe"}'),
+    ("storage: CQL last seq", 'switchboard_storage_backend_duration_seconds{op="last_seq"}'),
+    ("presence: RouteConversation (interest index)", 'switchboard_presence_rpc_seconds{method="route_conversation"}'),
+]
+print("| hop | calls | mean |")
+print("|---|---:|---:|")
+for name, key in hops:
+    c = counts.get(key, 0)
+    mean = sums.get(key, 0) / c * 1000 if c else float("nan")
+    print(f"| {name} | {int(c)} | {mean:.2f} ms |")
+PY
+}
+
+for rate in $RATES; do
+    id="$(date +%s)r$rate"
+    echo "== $rate msg/s ($id)" >&2
+    start_cluster "$id"
+    "$LOAD" chat-1to1 --url ws://127.0.0.1:8080/v1/connect --clients "$CLIENTS" \
+        --rate "$rate" --duration "$DURATION" --warmup "$WARMUP" --connect-rate 500 \
+        --body-bytes 100 --json "$OUT/chat-$rate.json" | tee "$OUT/chat-$rate.txt" || true
+    hops "$id" | tee "$OUT/hops-$rate.md"
+    stop_all
+done
+echo "reports in $OUT" >&2
