@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -19,7 +20,7 @@ use switchboard_proto::v1::{
     ack, client_frame::Request, server_frame, ClientFrame, ConversationEvent, ErrorEvent, GoAway,
     Message, ReadMarker, ServerFrame, TypingEvent, UserPresence, Welcome,
 };
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{
@@ -86,6 +87,11 @@ pub struct ConnectOptions {
     pub ping_interval: Option<Duration>,
     /// Disable Nagle's algorithm on the TCP socket (lower latency for small frames).
     pub nodelay: bool,
+    /// Source address of the TCP connection (port chosen by the system). `None`
+    /// lets the system pick. One source address gives at most about 64k connections
+    /// to one server address and port; spreading clients over several local
+    /// addresses (127.0.0.0/8 is all loopback on Linux) lifts that limit.
+    pub local_addr: Option<IpAddr>,
 }
 
 impl ConnectOptions {
@@ -107,6 +113,7 @@ impl ConnectOptions {
             max_message_size: 16 * 1024 * 1024,
             ping_interval: None,
             nodelay: true,
+            local_addr: None,
         }
     }
 
@@ -122,6 +129,12 @@ impl ConnectOptions {
 
     pub fn request_timeout(mut self, timeout: Duration) -> ConnectOptions {
         self.request_timeout = timeout;
+        self
+    }
+
+    /// Bind the TCP connection to this source address before connecting.
+    pub fn local_addr(mut self, ip: IpAddr) -> ConnectOptions {
+        self.local_addr = Some(ip);
         self
     }
 
@@ -165,6 +178,7 @@ impl std::fmt::Debug for ConnectOptions {
             .field("max_message_size", &self.max_message_size)
             .field("ping_interval", &self.ping_interval)
             .field("nodelay", &self.nodelay)
+            .field("local_addr", &self.local_addr)
             .finish()
     }
 }
@@ -530,9 +544,13 @@ async fn open(options: &ConnectOptions) -> Result<(Socket, Welcome), ClientError
             uri.scheme_str()
         )));
     }
-    let tcp = TcpStream::connect((host.trim_start_matches('[').trim_end_matches(']'), port))
-        .await
-        .map_err(|e| connect_error(format!("tcp connect to {host}:{port}: {e}")))?;
+    let tcp = tcp_connect(
+        host.trim_start_matches('[').trim_end_matches(']'),
+        port,
+        options.local_addr,
+    )
+    .await
+    .map_err(|e| connect_error(format!("tcp connect to {host}:{port}: {e}")))?;
     if options.nodelay {
         let _ = tcp.set_nodelay(true);
     }
@@ -573,6 +591,35 @@ async fn open(options: &ConnectOptions) -> Result<(Socket, Welcome), ClientError
         }
     };
     Ok((ws, welcome))
+}
+
+/// Open the TCP stream to `host:port`, from `local_addr` when one is given (the
+/// first resolved server address of the same family is used then).
+async fn tcp_connect(
+    host: &str,
+    port: u16,
+    local_addr: Option<IpAddr>,
+) -> std::io::Result<TcpStream> {
+    let Some(local_ip) = local_addr else {
+        return TcpStream::connect((host, port)).await;
+    };
+    let remote = tokio::net::lookup_host((host, port))
+        .await?
+        .find(|remote| remote.is_ipv4() == local_ip.is_ipv4())
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::AddrNotAvailable,
+                format!("no address of {host} in the family of source address {local_ip}"),
+            )
+        })?;
+    let socket = match local_ip {
+        IpAddr::V4(_) => TcpSocket::new_v4()?,
+        IpAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket
+        .bind(SocketAddr::new(local_ip, 0))
+        .map_err(|e| std::io::Error::new(e.kind(), format!("bind {local_ip}: {e}")))?;
+    socket.connect(remote).await
 }
 
 /// A refused upgrade keeps its status and body; anything else is a plain connect error.

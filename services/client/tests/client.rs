@@ -2,6 +2,7 @@
 //! tokio-tungstenite's server side. Each test scripts what the server does.
 
 use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -42,6 +43,8 @@ struct Conn {
     upgrade: Upgrade,
     /// 0 for the first connection to this server, 1 for the next, ...
     index: usize,
+    /// The client's address as the server's accept saw it.
+    peer: SocketAddr,
 }
 
 impl Conn {
@@ -116,7 +119,7 @@ where
     let handler = Arc::new(handler);
     let connections = Arc::new(AtomicUsize::new(0));
     tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
+        while let Ok((tcp, peer)) = listener.accept().await {
             let handler = handler.clone();
             let index = connections.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
@@ -182,6 +185,7 @@ where
                     encoding,
                     upgrade,
                     index,
+                    peer,
                 })
                 .await;
             });
@@ -253,6 +257,50 @@ async fn token_can_travel_in_the_query() {
     let upgrade = upgrade_rx.recv().await.unwrap();
     assert_eq!(upgrade.authorization, None);
     assert_eq!(upgrade.path_and_query, "/v1/connect?token=good-token");
+}
+
+#[tokio::test]
+async fn local_addr_sets_the_source_address() {
+    let (peer_tx, mut peer_rx) = mpsc::channel(1);
+    let url = fake_server(move |mut conn| {
+        let peer_tx = peer_tx.clone();
+        async move {
+            peer_tx.send(conn.peer).await.unwrap();
+            conn.welcome().await;
+            while conn.recv().await.is_some() {}
+        }
+    })
+    .await;
+    let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+    let (client, _events) = Client::connect(options(&url, Encoding::Json).local_addr(source))
+        .await
+        .unwrap();
+    assert_eq!(client.welcome().user_id, "alice");
+    assert_eq!(peer_rx.recv().await.unwrap().ip(), source);
+    client.close().await;
+
+    // Without it the system picks the source, which for 127.0.0.1 is 127.0.0.1.
+    let (client, _events) = Client::connect(options(&url, Encoding::Json))
+        .await
+        .unwrap();
+    assert_eq!(
+        peer_rx.recv().await.unwrap().ip(),
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    );
+    client.close().await;
+}
+
+#[tokio::test]
+async fn local_addr_of_another_family_is_a_connect_error() {
+    let url = fake_server(|_conn| async {}).await;
+    let source = IpAddr::V6(std::net::Ipv6Addr::LOCALHOST);
+    let error = Client::connect(options(&url, Encoding::Json).local_addr(source))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, ClientError::Connect { status: None, reason } if reason.contains("family")),
+        "{error:?}"
+    );
 }
 
 #[tokio::test]
