@@ -1,6 +1,7 @@
 //! Opening many client connections at a bounded rate, measuring each.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -18,6 +19,9 @@ use crate::stats;
 pub struct ConnectSettings {
     /// WebSocket URL of the gateway's client endpoint.
     pub url: String,
+    /// Local addresses the connections come from, round-robin by client index;
+    /// empty lets the system pick.
+    pub source_addrs: Vec<IpAddr>,
     pub encoding: Encoding,
     /// New connections started per second (the ramp).
     pub rate: f64,
@@ -39,7 +43,10 @@ pub struct ConnectSettings {
 
 impl ConnectSettings {
     fn options(&self, token: String, index: usize) -> ConnectOptions {
-        self.options_for(&self.url, token, format!("load-d{index}"))
+        let mut options = self.options_for(&self.url, token, format!("load-d{index}"));
+        let (_, source) = crate::plan::endpoints(index, 1, self.source_addrs.len());
+        options.local_addr = source.map(|source| self.source_addrs[source]);
+        options
     }
 
     /// Options for one connection to `url` as `device`.

@@ -10,6 +10,7 @@
 //!   files of several agents (`run --agent-index i --agent-count n`).
 //! - `switchboard-load chat-1to1 ...` and `idle ...`: the earlier fixed scenarios.
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -66,6 +67,10 @@ struct ScenarioArgs {
     /// Gateway endpoint(s), replacing the scenario's `target.urls` (repeatable).
     #[arg(long = "url")]
     urls: Vec<String>,
+    /// Local source address(es) for the connections, round-robin, replacing the
+    /// scenario's `target.source_addrs` (repeatable).
+    #[arg(long = "source-addr")]
+    source_addrs: Vec<IpAddr>,
     /// HS256 secret the server verifies tokens with.
     #[arg(long, env = "SWITCHBOARD_LOAD_SECRET", hide_env_values = true)]
     secret: Option<String>,
@@ -159,6 +164,7 @@ impl ScenarioArgs {
         let mut scenario = Scenario::load(&self.scenario)?;
         scenario.apply(&Overrides {
             urls: self.urls.clone(),
+            source_addrs: self.source_addrs.clone(),
             duration: self.duration,
             warmup: self.warmup,
             rate,
@@ -202,6 +208,9 @@ struct Common {
     /// The gateway's client endpoint.
     #[arg(long, default_value = "ws://127.0.0.1:8080/v1/connect")]
     url: String,
+    /// Local source address(es) for the connections, round-robin (repeatable).
+    #[arg(long = "source-addr")]
+    source_addrs: Vec<IpAddr>,
     /// HS256 secret the server verifies tokens with.
     #[arg(long, env = "SWITCHBOARD_LOAD_SECRET", hide_env_values = true)]
     secret: Option<String>,
@@ -315,6 +324,7 @@ impl Common {
     ) -> ConnectSettings {
         ConnectSettings {
             url: self.url.clone(),
+            source_addrs: self.source_addrs.clone(),
             encoding: self.encoding.into(),
             rate: self.connect_rate,
             // Outlives the run, the connect ramp and a generous margin.

@@ -16,6 +16,8 @@ pub struct SessionSpec {
     pub device: usize,
     /// Index into the scenario's target URLs.
     pub url: usize,
+    /// Index into the scenario's source addresses, if it names any.
+    pub source: Option<usize>,
     /// Conversations (indices into [`Plan::conversations`]) this session receives.
     pub conversations: Vec<usize>,
 }
@@ -61,6 +63,18 @@ pub struct Plan {
     pub classes: Vec<SendClass>,
 }
 
+/// The target URL and source address (indices) of session number `session`, with
+/// `urls` target URLs and `sources` source addresses. URLs take turns first, then
+/// the source advances once per round of URLs, so that every (source, URL) pair
+/// carries the same number of sessions even when the two counts share a factor:
+/// the connections from one source address to one gateway address are what one
+/// port range bounds.
+pub fn endpoints(session: usize, urls: usize, sources: usize) -> (usize, Option<usize>) {
+    let urls = urls.max(1);
+    let source = (sources > 0).then(|| (session / urls) % sources);
+    (session % urls, source)
+}
+
 /// `total` split over `parts`: part `index`'s share (the first ones take the rest).
 pub fn share_of(total: usize, parts: usize, index: usize) -> usize {
     total / parts + usize::from(index < total % parts)
@@ -83,7 +97,8 @@ impl Plan {
             .sum();
         let users = share_of(total_users, agent_count, agent_index);
         let devices = scenario.users.devices;
-        let urls = scenario.target.urls.len().max(1);
+        let urls = scenario.target.urls.len();
+        let sources = scenario.target.source_addrs.len();
 
         let mut conversations = Vec::new();
         let mut next_user = 0;
@@ -106,11 +121,15 @@ impl Plan {
         }
 
         let mut sessions: Vec<SessionSpec> = (0..users * devices)
-            .map(|s| SessionSpec {
-                user: first_user + s / devices,
-                device: s % devices,
-                url: s % urls,
-                conversations: Vec::new(),
+            .map(|s| {
+                let (url, source) = endpoints(s, urls, sources);
+                SessionSpec {
+                    user: first_user + s / devices,
+                    device: s % devices,
+                    url,
+                    source,
+                    conversations: Vec::new(),
+                }
             })
             .collect();
         let session_of = |user: usize, device: usize| (user - first_user) * devices + device;
@@ -216,6 +235,45 @@ mod tests {
             "#,
         )
         .expect("valid")
+    }
+
+    #[test]
+    fn sessions_spread_round_robin_over_urls_and_sources() {
+        let mut s = scenario();
+        s.target.urls = vec!["ws://a/v1/connect".into(), "ws://b/v1/connect".into()];
+        s.target.source_addrs = ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4"]
+            .iter()
+            .map(|a| a.parse().expect("address"))
+            .collect();
+        let plan = Plan::new(&s, 0, 1).expect("plan");
+        let pairs: Vec<(usize, Option<usize>)> =
+            plan.sessions.iter().map(|s| (s.url, s.source)).collect();
+        assert_eq!(
+            pairs[..9],
+            [
+                (0, Some(0)),
+                (1, Some(0)),
+                (0, Some(1)),
+                (1, Some(1)),
+                (0, Some(2)),
+                (1, Some(2)),
+                (0, Some(3)),
+                (1, Some(3)),
+                (0, Some(0)),
+            ]
+        );
+        // 50 sessions over 8 (url, source) pairs: each pair gets 6 or 7.
+        let mut counts = std::collections::BTreeMap::new();
+        for pair in &pairs {
+            *counts.entry(*pair).or_insert(0) += 1;
+        }
+        assert_eq!(counts.len(), 8);
+        assert!(counts.values().all(|&n| n == 6 || n == 7), "{counts:?}");
+
+        // Without source addresses the system picks: no source index.
+        let plan = Plan::new(&scenario(), 0, 1).expect("plan");
+        assert!(plan.sessions.iter().all(|s| s.source.is_none()));
+        assert_eq!(endpoints(5, 0, 3), (0, Some(2)));
     }
 
     #[test]

@@ -280,10 +280,13 @@ impl Session {
             .sign(&user, self.ctx.connect.token_ttl)
             .map_err(|e| ClientError::Protocol(format!("signing a token: {e}")))?;
         let url = &self.ctx.scenario.target.urls[spec.url];
-        let options = self
-            .ctx
-            .connect
-            .options_for(url, token, format!("load-d{}", spec.device));
+        let mut options =
+            self.ctx
+                .connect
+                .options_for(url, token, format!("load-d{}", spec.device));
+        options.local_addr = spec
+            .source
+            .map(|source| self.ctx.scenario.target.source_addrs[source]);
         Client::connect(options).await
     }
 
@@ -890,6 +893,7 @@ async fn set_up(options: &RunOptions, signer: Signer, total: Duration) -> anyhow
     let max_in_flight = scenario.load.max_in_flight;
     let connect = ConnectSettings {
         url: scenario.target.urls[0].clone(),
+        source_addrs: scenario.target.source_addrs.clone(),
         encoding: match scenario.target.encoding {
             WireEncoding::Json => switchboard_client::Encoding::Json,
             WireEncoding::Proto => switchboard_client::Encoding::Proto,

@@ -5,6 +5,7 @@
 //! measured duration, drain), optional reconnect churn and the pass/fail thresholds.
 //! Unknown keys are refused so that a typo cannot silently change a run.
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -54,6 +55,10 @@ pub struct Target {
     /// File holding the HS256 secret (the command line and environment take
     /// precedence; the secret itself is never written in a scenario).
     pub secret_file: Option<PathBuf>,
+    /// Local addresses the connections come from, spread round-robin; empty lets
+    /// the system pick. Each source address has its own ephemeral ports, so more
+    /// addresses allow more connections than one address's port range.
+    pub source_addrs: Vec<IpAddr>,
 }
 
 impl Default for Target {
@@ -62,6 +67,7 @@ impl Default for Target {
             urls: vec![DEFAULT_URL.into()],
             encoding: WireEncoding::Json,
             secret_file: None,
+            source_addrs: Vec::new(),
         }
     }
 }
@@ -261,6 +267,7 @@ impl Default for MaxThroughput {
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
     pub urls: Vec<String>,
+    pub source_addrs: Vec<IpAddr>,
     pub duration: Option<Duration>,
     pub warmup: Option<Duration>,
     pub rate: Option<f64>,
@@ -282,6 +289,9 @@ impl Scenario {
     pub fn apply(&mut self, overrides: &Overrides) -> anyhow::Result<()> {
         if !overrides.urls.is_empty() {
             self.target.urls = overrides.urls.clone();
+        }
+        if !overrides.source_addrs.is_empty() {
+            self.target.source_addrs = overrides.source_addrs.clone();
         }
         if let Some(duration) = overrides.duration {
             self.load.duration = duration;
@@ -420,6 +430,7 @@ mod tests {
         name = "example"
         [target]
         urls = ["ws://127.0.0.1:8080/v1/connect", "ws://127.0.0.1:8081/v1/connect"]
+        source_addrs = ["127.0.0.1", "127.0.0.2"]
         [users]
         count = 20
         devices = 2
@@ -451,6 +462,7 @@ mod tests {
     fn a_full_scenario_parses() {
         let s = Scenario::parse(EXAMPLE).expect("valid");
         assert_eq!(s.target.urls.len(), 2);
+        assert_eq!(s.target.source_addrs.len(), 2);
         assert_eq!(s.users.devices, 2);
         assert_eq!(s.conversations[1].members(), 5);
         assert_eq!(s.users_in_conversations(), 18);
@@ -484,12 +496,17 @@ mod tests {
         let mut s = Scenario::parse(EXAMPLE).expect("valid");
         s.apply(&Overrides {
             urls: vec!["ws://127.0.0.2:9000/v1/connect".into()],
+            source_addrs: vec!["127.0.0.3".parse().expect("address")],
             duration: Some(Duration::from_secs(1)),
             warmup: None,
             rate: Some(7.0),
         })
         .expect("still valid");
         assert_eq!(s.target.urls, ["ws://127.0.0.2:9000/v1/connect"]);
+        assert_eq!(
+            s.target.source_addrs,
+            ["127.0.0.3".parse::<IpAddr>().expect("address")]
+        );
         assert_eq!(s.load.duration, Duration::from_secs(1));
         assert_eq!(s.load.rate, 7.0);
     }
