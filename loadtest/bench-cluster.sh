@@ -6,13 +6,23 @@
 #   nice cargo build --release -p switchboard -p switchboard-load
 #   deploy/local/up.sh
 #   loadtest/bench-cluster.sh                 # reports land in $OUT
+#   SCENARIO="loadtest/scenarios/smoke.toml loadtest/scenarios/groups.toml" \
+#       DURATION=20s loadtest/bench-cluster.sh
 #
 # Environment: SB and LOAD (binaries), OUT (report directory), RATES, CLIENTS,
 # DURATION, WARMUP, PARTITIONS. A fresh key prefix, topic, consumer group and keyspace
-# per rate. Everything targets 127.0.0.1 and stops by itself.
+# per run. SCENARIO (one or more scenario files) replaces the chat-1to1 runs with
+# `switchboard-load run` of each file, its report (report.md, report.json, SVG
+# plots) in $OUT/<scenario name>/; DURATION and WARMUP replace the scenario's only
+# when set. Everything targets 127.0.0.1 and stops by itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+SCENARIO=${SCENARIO:-}
+# Only given values replace a scenario's own phases.
+SCENARIO_PHASES=()
+[ -n "${DURATION:-}" ] && SCENARIO_PHASES+=(--duration "$DURATION")
+[ -n "${WARMUP:-}" ] && SCENARIO_PHASES+=(--warmup "$WARMUP")
 SB=${SB:-target/release/switchboard}
 LOAD=${LOAD:-target/release/switchboard-load}
 OUT=${OUT:-$(mktemp -d /tmp/switchboard-bench-cluster.XXXXXX)}
@@ -111,6 +121,24 @@ for name, key in hops:
     print(f"| {name} | {int(c)} | {mean:.2f} ms |")
 PY
 }
+
+if [ -n "$SCENARIO" ]; then
+    status=0
+    for file in $SCENARIO; do
+        name=$(basename "$file" .toml)
+        id="$(date +%s)s${name//[^a-z0-9]/}"
+        echo "== $file ($id)" >&2
+        start_cluster "$id"
+        mkdir -p "$OUT/$name"
+        # Targets the gateway started here, whatever the file names.
+        "$LOAD" run "$file" --url ws://127.0.0.1:8080/v1/connect \
+            --report-dir "$OUT/$name" "${SCENARIO_PHASES[@]}" || status=1
+        hops "$id" | tee "$OUT/$name/hops.md"
+        stop_all
+    done
+    echo "reports in $OUT" >&2
+    exit $status
+fi
 
 for rate in $RATES; do
     id="$(date +%s)r$rate"

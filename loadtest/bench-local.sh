@@ -5,14 +5,24 @@
 #
 #   cargo build --release -p switchboard -p switchboard-load
 #   loadtest/bench-local.sh                 # reports land in $OUT
+#   SCENARIO=loadtest/scenarios/groups.toml loadtest/bench-local.sh
 #
 # Environment: SB and LOAD (binaries), OUT (report directory), RATES (empty: no
 # chat runs), CLIENTS, DURATION, WARMUP, IDLE_CLIENTS (0: no idle run), HOLD;
-# other SWITCHBOARD_* variables reach the server (e.g. gateway buffer sizes). Everything targets 127.0.0.1 and stops by
-# itself; the server is stopped after each run.
+# other SWITCHBOARD_* variables reach the server (e.g. gateway buffer sizes).
+# SCENARIO (one or more scenario files) replaces the chat and idle runs with
+# `switchboard-load run` of each file against a fresh server, its report
+# (report.md, report.json, SVG plots) in $OUT/<scenario name>/; DURATION and
+# WARMUP replace the scenario's only when set. Everything targets 127.0.0.1 and
+# stops by itself; the server is stopped after each run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+SCENARIO=${SCENARIO:-}
+# Only given values replace a scenario's own phases.
+SCENARIO_PHASES=()
+[ -n "${DURATION:-}" ] && SCENARIO_PHASES+=(--duration "$DURATION")
+[ -n "${WARMUP:-}" ] && SCENARIO_PHASES+=(--warmup "$WARMUP")
 SB=${SB:-target/release/switchboard}
 LOAD=${LOAD:-target/release/switchboard-load}
 OUT=${OUT:-$(mktemp -d /tmp/switchboard-bench.XXXXXX)}
@@ -75,6 +85,21 @@ stop_server() {
 trap stop_server EXIT
 
 status=0
+if [ -n "$SCENARIO" ]; then
+    for file in $SCENARIO; do
+        name=$(basename "$file" .toml)
+        start_server "$name"
+        mkdir -p "$OUT/$name"
+        # Targets the server started here, whatever the file names.
+        "$LOAD" run "$file" --url ws://127.0.0.1:8080/v1/connect \
+            --report-dir "$OUT/$name" --server-pid "$SERVER_PID" \
+            "${SCENARIO_PHASES[@]}" || status=1
+        stop_server
+    done
+    echo "reports in $OUT"
+    exit $status
+fi
+
 for rate in $RATES; do
     start_server "chat-$rate"
     "$LOAD" chat-1to1 --url ws://127.0.0.1:8080/v1/connect --clients "$CLIENTS" \
