@@ -50,8 +50,8 @@ start_server() {
     # The server reads every SWITCHBOARD_* variable as a setting and refuses
     # unknown ones, so the harness's secret variable must not reach it.
     env -u SWITCHBOARD_LOAD_SECRET \
-    SWITCHBOARD_DATA_DIR=$DATA \
-    SWITCHBOARD_AUTH__HS256_SECRET=$SECRET \
+    SWITCHBOARD_DATA_DIR="$DATA" \
+    SWITCHBOARD_AUTH__HS256_SECRET="$SECRET" \
     SWITCHBOARD_DEV_MODE=false \
     SWITCHBOARD_LOG__LEVEL=warn \
     SWITCHBOARD_GATEWAY__LISTEN=127.0.0.1:8080 \
