@@ -60,18 +60,6 @@ async fn start(setup: Setup) -> Services {
     }
 }
 
-/// Like `wait_ready`, with room for schema creation and a consumer-group join.
-async fn wait_ready_long(port: u16, proc: &Proc) {
-    let start = std::time::Instant::now();
-    while start.elapsed() < Duration::from_secs(90) {
-        if let Ok((200, _)) = http_get(port, "/readyz").await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("port {port} not ready after 90 s; log:\n{}", proc.output());
-}
-
 /// Send with retries of the same client_msg_id until accepted (as a client riding
 /// out a restart would); returns the ack's sequence (0 if sequenced later).
 async fn send_until_accepted(client: &Client, conversation: &str, id: &str, body: &str) -> u64 {

@@ -114,18 +114,6 @@ fn admin_port(setup: &Setup, setting: &str) -> u16 {
         .expect("admin port in the environment")
 }
 
-/// Like `wait_ready`, with room for schema creation and a consumer-group join.
-async fn wait_ready_long(port: u16, proc: &Proc) {
-    let start = std::time::Instant::now();
-    while start.elapsed() < Duration::from_secs(90) {
-        if let Ok((200, _)) = http_get(port, "/readyz").await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("port {port} not ready after 90 s; log:\n{}", proc.output());
-}
-
 /// The one span named `name` among `spans`; panics (listing them) otherwise.
 fn one<'a>(spans: &'a [&'a Exported], name: &str) -> &'a Exported {
     let found: Vec<_> = spans.iter().filter(|s| s.name == name).collect();

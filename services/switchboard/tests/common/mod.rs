@@ -374,14 +374,27 @@ pub async fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
 
 /// Wait until `/readyz` on `port` answers 200; panics with the process log otherwise.
 pub async fn wait_ready(port: u16, proc: &Proc) {
+    wait_ready_within(port, proc, Duration::from_secs(30)).await
+}
+
+/// [`wait_ready`] with room for what real backends take at start: creating a keyspace
+/// and its schema, joining a Kafka consumer group, on a busy machine.
+pub async fn wait_ready_long(port: u16, proc: &Proc) {
+    wait_ready_within(port, proc, Duration::from_secs(180)).await
+}
+
+async fn wait_ready_within(port: u16, proc: &Proc, limit: Duration) {
     let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(30) {
+    while start.elapsed() < limit {
         if let Ok((200, _)) = http_get(port, "/readyz").await {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("port {port} not ready after 30 s; log:\n{}", proc.output());
+    panic!(
+        "port {port} not ready after {limit:?}; log:\n{}",
+        proc.output()
+    );
 }
 
 /// The next event matching `pred`, skipping others; panics after `WAIT`.
