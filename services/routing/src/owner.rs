@@ -5,13 +5,19 @@
 //! initialised from storage `LastSeq` on first touch), has storage persist the
 //! message (`Append`, retried with capped backoff forever, so no record is ever
 //! skipped and the sequence stays gapless), wakes the send waiting for it, and fans
-//! it out. Offsets are committed only after storage has persisted the records
-//! below them, every [`COMMIT_EVERY`] records or [`COMMIT_INTERVAL`]. Replaying
+//! it out. Records of one conversation are handled strictly one after the other, in
+//! offset order; the conversations of one polled batch proceed side by side (at most
+//! [`CONCURRENT_CONVERSATIONS`] at once), so one slow conversation or a storage
+//! round trip per message does not hold up the rest of the partition. Offsets are
+//! committed only after storage has persisted every record below them (a whole
+//! batch), every [`COMMIT_EVERY`] records or [`COMMIT_INTERVAL`]. Replaying
 //! records after a crash is safe: `Append` dedupes by (sender, client_msg_id) and
 //! returns the stored message, and gateways drop sequences a session already has.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt as _;
 use std::time::Duration;
 
 use prost::Message as _;
@@ -33,6 +39,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// cache is cleared; entries reload from storage, which holds every sequence this
 /// owner assigned (the cache is only updated after storage persisted).
 const MAX_CACHED_CONVERSATIONS: usize = 100_000;
+/// Conversations of one polled batch persisted and fanned out at the same time.
+const CONCURRENT_CONVERSATIONS: usize = 32;
 
 /// The owner was told to stop before finishing the record in hand.
 struct Stopped;
@@ -91,10 +99,10 @@ pub(crate) async fn run_owner(
     start: Option<u64>,
     stop: CancellationToken,
 ) {
-    let mut owner = Owner {
+    let owner = Owner {
         node,
         partition,
-        seqs: HashMap::new(),
+        seqs: Mutex::new(HashMap::new()),
         stop,
     };
     let Ok(mut position) = owner.start_position(start).await else {
@@ -119,15 +127,11 @@ pub(crate) async fn run_owner(
             }
         };
         let idle = records.is_empty();
-        for record in records {
-            if owner.stop.is_cancelled() {
+        if let Some(end) = records.last().map(|r| r.offset + 1) {
+            if owner.stop.is_cancelled() || owner.process_batch(records).await.is_err() {
                 break 'records;
             }
-            let next = record.offset + 1;
-            if owner.process(record).await.is_err() {
-                break 'records;
-            }
-            position = next;
+            position = end;
             if position - committed >= COMMIT_EVERY || last_commit.elapsed() >= COMMIT_INTERVAL {
                 owner.commit(position, &mut committed).await;
                 last_commit = Instant::now();
@@ -147,8 +151,10 @@ pub(crate) async fn run_owner(
 struct Owner {
     node: Arc<Node>,
     partition: u32,
-    /// Last assigned sequence per conversation of this partition.
-    seqs: HashMap<String, u64>,
+    /// Last assigned sequence per conversation of this partition. A std mutex: only
+    /// lookups and inserts, never held across an await; a conversation's entry is
+    /// only touched by the one task handling that conversation's records.
+    seqs: Mutex<HashMap<String, u64>>,
     stop: CancellationToken,
 }
 
@@ -187,9 +193,61 @@ impl Owner {
         }
     }
 
+    /// Process one polled batch: its records grouped by conversation (the record key),
+    /// each group in offset order, groups side by side. Returns once every record is
+    /// persisted and fanned out, or `Stopped` (then nothing after the last commit is
+    /// counted as done, and those records are replayed by the next owner).
+    async fn process_batch(&self, records: Vec<LogRecord>) -> Result<(), Stopped> {
+        let mut index: HashMap<Vec<u8>, usize> = HashMap::new();
+        let mut groups: Vec<Vec<LogRecord>> = Vec::new();
+        for record in records {
+            match index.get(&record.key) {
+                Some(&i) => groups[i].push(record),
+                None => {
+                    index.insert(record.key.clone(), groups.len());
+                    groups.push(vec![record]);
+                }
+            }
+        }
+        let results: Vec<Result<(), Stopped>> = futures::stream::iter(groups)
+            .map(|group| async move {
+                for record in group {
+                    self.process(record).await?;
+                }
+                Ok(())
+            })
+            .buffer_unordered(CONCURRENT_CONVERSATIONS)
+            .collect()
+            .await;
+        results.into_iter().collect()
+    }
+
+    fn cached_seq(&self, conversation_id: &str) -> Option<u64> {
+        self.seqs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(conversation_id)
+            .copied()
+    }
+
+    fn cache_seq(&self, conversation_id: &str, seq: Option<u64>) {
+        let mut seqs = self.seqs.lock().unwrap_or_else(|p| p.into_inner());
+        match seq {
+            Some(seq) => {
+                if seqs.len() >= MAX_CACHED_CONVERSATIONS && !seqs.contains_key(conversation_id) {
+                    seqs.clear();
+                }
+                seqs.insert(conversation_id.to_owned(), seq);
+            }
+            None => {
+                seqs.remove(conversation_id);
+            }
+        }
+    }
+
     /// Sequence, persist and fan out one record, in a `routing.sequence` span that
     /// continues the trace of the Send that appended it (the record's `traceparent`).
-    async fn process(&mut self, record: LogRecord) -> Result<(), Stopped> {
+    async fn process(&self, record: LogRecord) -> Result<(), Stopped> {
         let span = tracing::info_span!(
             parent: None,
             "routing.sequence",
@@ -208,7 +266,7 @@ impl Owner {
         self.process_in_span(record).instrument(span).await
     }
 
-    async fn process_in_span(&mut self, record: LogRecord) -> Result<(), Stopped> {
+    async fn process_in_span(&self, record: LogRecord) -> Result<(), Stopped> {
         let message = match Message::decode(record.value.as_slice()) {
             Ok(m) if !m.conversation_id.is_empty() => m,
             other => {
@@ -234,12 +292,12 @@ impl Owner {
 
     /// Assign the next sequence and have storage persist the message; returns the
     /// stored message (the earlier one if this was a duplicate).
-    async fn persist(&mut self, message: Message) -> Result<Message, Stopped> {
+    async fn persist(&self, message: Message) -> Result<Message, Stopped> {
         let conversation_id = message.conversation_id.clone();
         let mut backoff = BACKOFF_START;
         loop {
-            let last = match self.seqs.get(&conversation_id) {
-                Some(last) => *last,
+            let last = match self.cached_seq(&conversation_id) {
+                Some(last) => last,
                 None => self.load_last_seq(&conversation_id).await?,
             };
             let mut candidate = message.clone();
@@ -269,10 +327,7 @@ impl Owner {
                         // conversation's sequence does not advance.
                         self.node.metrics.duplicates_sequenced.inc();
                     } else {
-                        if self.seqs.len() >= MAX_CACHED_CONVERSATIONS {
-                            self.seqs.clear();
-                        }
-                        self.seqs.insert(conversation_id.clone(), stored.seq);
+                        self.cache_seq(&conversation_id, Some(stored.seq));
                         self.node.metrics.messages_sequenced.inc();
                         tracing::debug!(conversation_id = %conversation_id, seq = stored.seq, "message sequenced");
                     }
@@ -281,7 +336,7 @@ impl Owner {
                 Err(status) if is_sequence_conflict(&status) => {
                     // Someone else wrote this sequence: our cache is stale.
                     tracing::warn!(conversation_id = %conversation_id, seq = last + 1, "sequence conflict; reloading last sequence");
-                    self.seqs.remove(&conversation_id);
+                    self.cache_seq(&conversation_id, None);
                     self.sleep(BACKOFF_START).await?;
                 }
                 Err(status) => {
@@ -295,7 +350,7 @@ impl Owner {
         }
     }
 
-    async fn load_last_seq(&mut self, conversation_id: &str) -> Result<u64, Stopped> {
+    async fn load_last_seq(&self, conversation_id: &str) -> Result<u64, Stopped> {
         let mut backoff = BACKOFF_START;
         loop {
             let reply = self
@@ -309,10 +364,7 @@ impl Owner {
             match reply {
                 Ok(r) => {
                     let last = r.into_inner().last_seq;
-                    if self.seqs.len() >= MAX_CACHED_CONVERSATIONS {
-                        self.seqs.clear();
-                    }
-                    self.seqs.insert(conversation_id.to_owned(), last);
+                    self.cache_seq(conversation_id, Some(last));
                     return Ok(last);
                 }
                 Err(status) => {
