@@ -240,8 +240,8 @@ pub struct PresenceConfig {
     pub backend: String,
     /// A session not heartbeated for this long goes offline, in milliseconds.
     pub session_ttl_ms: u64,
-    /// Redis URL for the `redis` backend (`redis://[:password@]host:port[/db]`,
-    /// `rediss://` for TLS).
+    /// Redis URL for the `redis` backend (`redis://[:password@]host:port[/db]`). TLS
+    /// (`rediss://`) is not supported yet and is refused.
     pub redis_url: String,
     /// Prefix of every Redis key this service writes.
     pub redis_key_prefix: String,
@@ -532,13 +532,21 @@ impl Config {
         addr("presence.grpc_listen", &p.grpc_listen)?;
         addr("presence.admin_listen", &p.admin_listen)?;
         one_of("presence.backend", &p.backend, &["memory", "redis"])?;
-        if p.backend == "redis"
-            && !(p.redis_url.starts_with("redis://") || p.redis_url.starts_with("rediss://"))
-        {
-            return Err(ConfigError::Invalid {
-                key: "presence.redis_url",
-                reason: format!("`{}` is not a redis:// or rediss:// URL", p.redis_url),
-            });
+        if p.backend == "redis" {
+            if p.redis_url.starts_with("rediss://") {
+                return Err(ConfigError::Invalid {
+                    key: "presence.redis_url",
+                    reason: "TLS to Redis (rediss://) is not supported by this build; \
+                             use redis:// on a private network"
+                        .into(),
+                });
+            }
+            if !p.redis_url.starts_with("redis://") {
+                return Err(ConfigError::Invalid {
+                    key: "presence.redis_url",
+                    reason: format!("`{}` is not a redis:// URL", p.redis_url),
+                });
+            }
         }
         positive("presence.session_ttl_ms", p.session_ttl_ms)?;
         if g.heartbeat_interval_ms >= p.session_ttl_ms {

@@ -42,7 +42,7 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ("presence.grpc_listen", "presence gRPC listener"),
     ("presence.admin_listen", "presence admin listener: /healthz, /readyz, /metrics"),
     ("presence.backend", "session store: memory or redis"),
-    ("presence.redis_url", "Redis URL of the redis backend: redis://[:password@]host:port[/db], rediss:// for TLS"),
+    ("presence.redis_url", "Redis URL of the redis backend: redis://[:password@]host:port[/db] (TLS not supported yet)"),
     ("presence.redis_key_prefix", "prefix of every Redis key presence writes"),
     ("presence.session_ttl_ms", "a session not heartbeated for this long goes offline, ms"),
     ("routing.grpc_listen", "routing gRPC listener"),

@@ -148,7 +148,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How to reach Redis and name keys.
 #[derive(Debug, Clone)]
 pub struct RedisOptions {
-    /// `redis://` or `rediss://` URL.
+    /// `redis://` URL (TLS is refused by configuration validation).
     pub url: String,
     /// Prefix of every key and channel.
     pub key_prefix: String,
