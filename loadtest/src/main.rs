@@ -298,22 +298,7 @@ impl From<Wire> for Encoding {
 
 impl Common {
     fn signer(&self) -> anyhow::Result<Signer> {
-        let secret = match (&self.secret, &self.secret_file) {
-            (Some(secret), _) => secret.as_bytes().to_vec(),
-            (None, Some(path)) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading the secret from {}", path.display()))?;
-                text.trim().as_bytes().to_vec()
-            }
-            (None, None) => anyhow::bail!(
-                "give the server's HS256 secret with --secret, SWITCHBOARD_LOAD_SECRET or --secret-file"
-            ),
-        };
-        anyhow::ensure!(
-            secret.len() >= MIN_SECRET_BYTES,
-            "the HS256 secret must be at least {MIN_SECRET_BYTES} bytes"
-        );
-        Ok(Signer::hs256(&secret))
+        signer_from(self.secret.as_deref(), self.secret_file.as_ref(), None)
     }
 
     fn connect_settings(

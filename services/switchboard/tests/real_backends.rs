@@ -104,6 +104,23 @@ async fn full_history(client: &Client, conversation: &str) -> Vec<switchboard_pr
     }
 }
 
+/// The conversation's history once it holds at least `expected` messages (records
+/// accepted before a restart are sequenced a little later), or as it is at `deadline`.
+async fn settled_history(
+    client: &Client,
+    conversation: &str,
+    expected: usize,
+    deadline: std::time::Instant,
+) -> Vec<switchboard_proto::Message> {
+    loop {
+        let stored = full_history(client, conversation).await;
+        if stored.len() >= expected || std::time::Instant::now() > deadline {
+            return stored;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn assert_gapless_and_complete(stored: &[switchboard_proto::Message], sent: &[String]) {
     let seqs: Vec<u64> = stored.iter().map(|m| m.seq).collect();
     assert_eq!(
@@ -208,13 +225,7 @@ async fn routing_killed_mid_stream_loses_nothing_and_keeps_the_sequence() {
     }
     // Everything accepted is sequenced and stored exactly once, 1..=30.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let stored = loop {
-        let stored = full_history(&alice, &id).await;
-        if stored.len() >= sent.len() || std::time::Instant::now() > deadline {
-            break stored;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let stored = settled_history(&alice, &id, sent.len(), deadline).await;
     assert_gapless_and_complete(&stored, &sent);
 }
 
@@ -250,13 +261,7 @@ async fn storage_killed_mid_stream_loses_nothing_and_keeps_the_sequence() {
         sent.push(cid);
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let stored = loop {
-        let stored = full_history(&alice, &id).await;
-        if stored.len() >= sent.len() || std::time::Instant::now() > deadline {
-            break stored;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let stored = settled_history(&alice, &id, sent.len(), deadline).await;
     assert_gapless_and_complete(&stored, &sent);
 }
 
@@ -316,13 +321,7 @@ async fn a_second_routing_instance_takes_over_the_partitions_of_a_killed_one() {
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     for (c, conv) in conversations.iter().enumerate() {
-        let stored = loop {
-            let stored = full_history(&alice, conv).await;
-            if stored.len() >= sent[c].len() || std::time::Instant::now() > deadline {
-                break stored;
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        };
+        let stored = settled_history(&alice, conv, sent[c].len(), deadline).await;
         assert_gapless_and_complete(&stored, &sent[c]);
     }
     drop(gateway2);
