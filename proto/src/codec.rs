@@ -183,7 +183,7 @@ mod tests {
                 conversation_id: "c1".into(),
                 client_msg_id: "m1".into(),
                 body: "hello".into(),
-                content_type: String::new(),
+                ..Default::default()
             })),
         }
     }

@@ -29,6 +29,8 @@ pub enum ErrorCode {
     Forbidden,
     /// The conversation (or other object) does not exist.
     NotFound,
+    /// The user is banned from the conversation.
+    Banned,
     /// Too many requests; slow down and retry later.
     RateLimited,
     /// A backend or service is unavailable; retry with backoff.
@@ -54,6 +56,7 @@ impl ErrorCode {
         ErrorCode::NotMember,
         ErrorCode::Forbidden,
         ErrorCode::NotFound,
+        ErrorCode::Banned,
         ErrorCode::RateLimited,
         ErrorCode::Unavailable,
         ErrorCode::Timeout,
@@ -74,6 +77,7 @@ impl ErrorCode {
             ErrorCode::NotMember => "not_member",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::NotFound => "not_found",
+            ErrorCode::Banned => "banned",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Timeout => "timeout",
@@ -97,7 +101,9 @@ impl ErrorCode {
             | ErrorCode::BodyTooLarge
             | ErrorCode::InvalidRequest => tonic::Code::InvalidArgument,
             ErrorCode::Unauthorized => tonic::Code::Unauthenticated,
-            ErrorCode::NotMember | ErrorCode::Forbidden => tonic::Code::PermissionDenied,
+            ErrorCode::NotMember | ErrorCode::Forbidden | ErrorCode::Banned => {
+                tonic::Code::PermissionDenied
+            }
             ErrorCode::NotFound => tonic::Code::NotFound,
             ErrorCode::RateLimited | ErrorCode::SlowConsumer => tonic::Code::ResourceExhausted,
             ErrorCode::Unavailable | ErrorCode::Draining => tonic::Code::Unavailable,

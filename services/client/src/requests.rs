@@ -64,6 +64,8 @@ fn unexpected(request: &str, result: &ack::Result) -> ClientError {
         ack::Result::Conversation(_) => "conversation",
         ack::Result::Conversations(_) => "conversations",
         ack::Result::Pong(_) => "pong",
+        ack::Result::Thread(_) => "thread",
+        ack::Result::Receipts(_) => "receipts",
     };
     ClientError::Protocol(format!("`{request}` acked with a `{got}` result"))
 }
@@ -98,6 +100,7 @@ impl Client {
             client_msg_id: client_msg_id.to_owned(),
             body: body.to_owned(),
             content_type: content_type.to_owned(),
+            ..Default::default()
         })
         .await
     }
@@ -152,6 +155,7 @@ impl Client {
         self.request(Request::Read(ReadRequest {
             conversation_id: conversation_id.to_owned(),
             seq,
+            ..Default::default()
         }))
         .await
         .map(drop)
@@ -171,6 +175,7 @@ impl Client {
     pub async fn presence_set(&self, status: &str) -> Result<(), ClientError> {
         self.request(Request::PresenceSet(PresenceSetRequest {
             status: status.to_owned(),
+            ..Default::default()
         }))
         .await
         .map(drop)

@@ -516,6 +516,7 @@ mod tests {
             }],
             messages: (11..=20).map(|s| msg("a", s)).collect(),
             truncated: vec!["a".into()],
+            ..Default::default()
         };
         assert_eq!(seqs(&t.apply_sync(&sync)), (11..=20).collect::<Vec<_>>());
         assert_eq!(

@@ -468,6 +468,7 @@ async fn events_arrive_in_order_and_a_server_close_ends_everything() {
             conversation_id: "c1".into(),
             user_id: "bob".into(),
             typing: true,
+            ..Default::default()
         }))
         .await;
         conn.send(server_frame::Event::Goaway(GoAway {
@@ -553,6 +554,7 @@ async fn send_reliable_reconnects_and_retries_with_the_same_id() {
         client_msg_id: String::new(),
         body: "hello".into(),
         content_type: "text/plain".into(),
+        ..Default::default()
     };
     let result = send_reliable(&mut reconnector, request, &policy)
         .await
@@ -604,6 +606,7 @@ async fn send_reliable_on_one_connection_retries_a_timed_out_send_with_the_same_
         client_msg_id: "fixed-id".into(),
         body: "hello".into(),
         content_type: String::new(),
+        ..Default::default()
     };
     let result = client.send_reliable(request, &policy).await.unwrap();
     assert!(result.duplicate);
@@ -639,6 +642,7 @@ async fn timeline_resync_fills_truncated_conversations_from_history() {
                         }],
                         messages: vec![msg(3), msg(4)],
                         truncated: vec!["c1".into()],
+                        ..Default::default()
                     })
                 }
                 Some(Request::History(h)) => {

@@ -467,6 +467,13 @@ fn request_name(frame: &v1::ClientFrame) -> &'static str {
         Some(R::ConversationMembers(_)) => "conversation_members",
         Some(R::ConversationList(_)) => "conversation_list",
         Some(R::Ping(_)) => "ping",
+        Some(R::Edit(_)) => "edit",
+        Some(R::Delete(_)) => "delete",
+        Some(R::React(_)) => "react",
+        Some(R::Thread(_)) => "thread",
+        Some(R::Receipts(_)) => "receipts",
+        Some(R::ConversationUpdate(_)) => "conversation_update",
+        Some(R::NotificationSet(_)) => "notification_set",
         None => "invalid",
     }
 }

@@ -162,6 +162,7 @@ async fn dispatch(
                     traceparent: switchboard_telemetry::traceparent(
                         &switchboard_telemetry::current_context(),
                     ),
+                    ..Default::default()
                 });
                 switchboard_telemetry::inject(&mut request);
                 peers.routing.clone().send(request).await
@@ -213,6 +214,7 @@ async fn dispatch(
                     conversation_id: req.conversation_id.clone(),
                     user_id: user.to_owned(),
                     seq: req.seq,
+                    ..Default::default()
                 })
                 .await
                 .map_err(GatewayError::backend("storage.set_read_marker"))?
@@ -243,6 +245,7 @@ async fn dispatch(
                         conversation_id: req.conversation_id.clone(),
                         user_id: user.to_owned(),
                         typing: req.typing,
+                        ..Default::default()
                     })),
                     conversation_id: req.conversation_id,
                     user_ids: Vec::new(),
@@ -261,6 +264,7 @@ async fn dispatch(
                 .set_status(v1::SetStatusRequest {
                     session_id: session.session_id.to_string(),
                     status: req.status,
+                    ..Default::default()
                 })
                 .await
                 .map_err(GatewayError::backend("presence.set_status"))?
@@ -377,6 +381,10 @@ async fn dispatch(
         Request::Ping(_) => Ok(ack::Result::Pong(v1::PongResult {
             server_time_ms: crate::now_ms(),
         })),
+        _ => Err(GatewayError::rejected(
+            ErrorCode::UnknownFrame,
+            "this request is not served by this gateway yet",
+        )),
     }
 }
 

@@ -240,6 +240,7 @@ async fn watcher_hears_when_a_user_connects_and_when_the_session_expires() {
         .client
         .query(QueryRequest {
             user_ids: vec!["alice".into(), "watcher".into()],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -302,6 +303,7 @@ async fn status_changes_and_dropped_gateways_notify_watchers() {
         .set_status(SetStatusRequest {
             session_id: "b1".into(),
             status: "away".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -309,6 +311,7 @@ async fn status_changes_and_dropped_gateways_notify_watchers() {
         .set_status(SetStatusRequest {
             session_id: "b2".into(),
             status: "away".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -357,6 +360,7 @@ async fn invalid_requests_get_stable_error_codes() {
         .set_status(SetStatusRequest {
             session_id: "ghost".into(),
             status: "away".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -368,6 +372,7 @@ async fn invalid_requests_get_stable_error_codes() {
         .set_status(SetStatusRequest {
             session_id: "s1".into(),
             status: "busy".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -131,6 +131,7 @@ impl RoutingService {
                 req.content_type
             },
             sent_at_ms: now_ms(),
+            ..Default::default()
         };
         let partition = partition_for(&message.conversation_id, self.node.log.partitions());
         // Register before appending so the owner cannot complete before we listen.

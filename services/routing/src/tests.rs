@@ -82,6 +82,68 @@ impl FakeStorage {
 
 #[tonic::async_trait]
 impl Storage for FakeStorage {
+    async fn authorize(
+        &self,
+        _request: tonic::Request<switchboard_proto::v1::AuthorizeRequest>,
+    ) -> Result<tonic::Response<switchboard_proto::v1::AuthorizeResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("authorize"))
+    }
+    async fn thread(
+        &self,
+        _request: tonic::Request<switchboard_proto::v1::StorageThreadRequest>,
+    ) -> Result<tonic::Response<switchboard_proto::v1::ThreadResult>, tonic::Status> {
+        Err(tonic::Status::unimplemented("thread"))
+    }
+    async fn receipts(
+        &self,
+        _request: tonic::Request<switchboard_proto::v1::StorageReceiptsRequest>,
+    ) -> Result<tonic::Response<switchboard_proto::v1::ReceiptsResult>, tonic::Status> {
+        Err(tonic::Status::unimplemented("receipts"))
+    }
+    async fn set_notification(
+        &self,
+        _request: tonic::Request<switchboard_proto::v1::SetNotificationRequest>,
+    ) -> Result<tonic::Response<switchboard_proto::v1::SetNotificationResponse>, tonic::Status>
+    {
+        Err(tonic::Status::unimplemented("set_notification"))
+    }
+    async fn notification_targets(
+        &self,
+        _request: tonic::Request<switchboard_proto::v1::NotificationTargetsRequest>,
+    ) -> Result<tonic::Response<switchboard_proto::v1::NotificationTargetsResponse>, tonic::Status>
+    {
+        Err(tonic::Status::unimplemented("notification_targets"))
+    }
+    async fn shared_contacts(
+        &self,
+        _request: tonic::Request<switchboard_proto::v1::SharedContactsRequest>,
+    ) -> Result<tonic::Response<switchboard_proto::v1::SharedContactsResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("shared_contacts"))
+    }
+    async fn put_webhook(
+        &self,
+        _request: tonic::Request<switchboard_proto::v1::PutWebhookRequest>,
+    ) -> Result<tonic::Response<switchboard_proto::v1::Webhook>, tonic::Status> {
+        Err(tonic::Status::unimplemented("put_webhook"))
+    }
+    async fn list_webhooks(
+        &self,
+        _request: tonic::Request<switchboard_proto::v1::ListWebhooksRequest>,
+    ) -> Result<tonic::Response<switchboard_proto::v1::ListWebhooksResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("list_webhooks"))
+    }
+    async fn delete_webhook(
+        &self,
+        _request: tonic::Request<switchboard_proto::v1::DeleteWebhookRequest>,
+    ) -> Result<tonic::Response<switchboard_proto::v1::DeleteWebhookResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("delete_webhook"))
+    }
+    async fn advance_webhook(
+        &self,
+        _request: tonic::Request<switchboard_proto::v1::AdvanceWebhookRequest>,
+    ) -> Result<tonic::Response<switchboard_proto::v1::Webhook>, tonic::Status> {
+        Err(tonic::Status::unimplemented("advance_webhook"))
+    }
     async fn create_conversation(
         &self,
         _: Request<CreateConversationRequest>,
@@ -482,6 +544,7 @@ fn send_req(sender: &str, conversation: &str, client_msg_id: &str, body: &str) -
         body: body.into(),
         content_type: String::new(),
         traceparent: String::new(),
+        ..Default::default()
     }
 }
 
@@ -805,6 +868,7 @@ async fn publish_reaches_online_members_and_checks_the_actor() {
             conversation_id: "c1".into(),
             user_id: "alice".into(),
             typing: true,
+            ..Default::default()
         })),
     };
 

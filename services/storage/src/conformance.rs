@@ -186,6 +186,7 @@ impl Harness {
                 conversation_id: conv.into(),
                 user_id: user.into(),
                 seq,
+                ..Default::default()
             })
             .await
             .map(|m| m.seq)
@@ -203,6 +204,7 @@ pub(crate) fn message(conv: &str, seq: u64, sender: &str, client_msg_id: &str) -
         body: format!("body {seq}"),
         content_type: "text/plain".into(),
         sent_at_ms: 0,
+        ..Default::default()
     }
 }
 
@@ -727,6 +729,7 @@ pub(crate) async fn read_markers_only_move_forward(factory: &dyn StoreFactory) {
             conversation_id: id.clone(),
             user_id: "alice".into(),
             seq: 2,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -741,6 +744,7 @@ pub(crate) async fn read_markers_only_move_forward(factory: &dyn StoreFactory) {
             conversation_id: id.clone(),
             user_id: "alice".into(),
             seq: 99,
+            ..Default::default()
         })
         .await
         .unwrap();

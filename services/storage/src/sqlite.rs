@@ -306,6 +306,7 @@ fn conversation_from_row(row: &Row<'_>) -> rusqlite::Result<Conversation> {
         last_seq: row.get::<_, i64>(4)? as u64,
         created_at_ms: row.get(5)?,
         updated_at_ms: row.get(6)?,
+        ..Default::default()
     })
 }
 
@@ -320,6 +321,7 @@ fn message_from_row(row: &Row<'_>) -> rusqlite::Result<Message> {
         body: row.get(6)?,
         content_type: row.get(7)?,
         sent_at_ms: row.get(8)?,
+        ..Default::default()
     })
 }
 
@@ -810,6 +812,7 @@ impl HistoryStore for SqliteStore {
                         user_id: user,
                         seq: stored_seq as u64,
                         at_ms,
+                        ..Default::default()
                     },
                     _ => {
                         tx.prepare_cached(
@@ -822,6 +825,7 @@ impl HistoryStore for SqliteStore {
                             user_id: user,
                             seq: wanted,
                             at_ms: now_ms,
+                            ..Default::default()
                         }
                     }
                 };

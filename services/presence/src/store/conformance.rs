@@ -376,6 +376,7 @@ pub async fn query_reports_unknown_users_offline_once_each<
             status: STATUS_OFFLINE.into(),
             last_seen_ms: 0,
             sessions: 0,
+            ..Default::default()
         }
     );
     assert_eq!(got[1].user_id, "alice");

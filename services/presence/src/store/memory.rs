@@ -137,12 +137,14 @@ impl State {
                 status: self.status_of(user_id).to_owned(),
                 last_seen_ms: user.last_seen_ms,
                 sessions: user.sessions.len() as u32,
+                ..Default::default()
             },
             None => UserPresence {
                 user_id: user_id.to_owned(),
                 status: STATUS_OFFLINE.to_owned(),
                 last_seen_ms: self.offline_seen.get(user_id).copied().unwrap_or(0),
                 sessions: 0,
+                ..Default::default()
             },
         }
     }

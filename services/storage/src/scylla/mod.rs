@@ -608,6 +608,7 @@ impl ConvRow {
             last_seq: self.last_seq.max(0) as u64,
             created_at_ms: self.created_at_ms,
             updated_at_ms: self.updated_at_ms,
+            ..Default::default()
         }
     }
 }
@@ -635,6 +636,7 @@ fn message_from_tuple(t: MessageTuple) -> Message {
         body: t.6,
         content_type: t.7,
         sent_at_ms: t.8,
+        ..Default::default()
     }
 }
 
@@ -1564,6 +1566,7 @@ impl ScyllaStore {
             last_seq: 0,
             created_at_ms: new.now_ms,
             updated_at_ms: new.now_ms,
+            ..Default::default()
         })
     }
 }
@@ -1886,6 +1889,7 @@ impl HistoryStore for ScyllaStore {
             user_id: user_id.to_owned(),
             seq: seq.max(0) as u64,
             at_ms,
+            ..Default::default()
         };
         for _ in 0..MAX_LWT_ATTEMPTS {
             let stored = self

@@ -380,6 +380,7 @@ async fn concurrent_changes_serialize_through_conditional_updates() {
                     conversation_id: group,
                     user_id: "u0".into(),
                     seq,
+                    ..Default::default()
                 })
                 .await
             })

@@ -611,6 +611,7 @@ impl Inner {
             status: change.after.clone(),
             last_seen_ms: seen.values().copied().fold(change.seen, i64::max),
             sessions: change.sessions,
+            ..Default::default()
         })
     }
 
@@ -963,6 +964,7 @@ impl SessionStore for RedisSessionStore {
                     .to_owned(),
                 last_seen_ms: seen,
                 sessions: sids.len() as u32,
+                ..Default::default()
             });
             live.push(sids);
         }

@@ -233,6 +233,7 @@ async fn a_change_published_by_one_instance_reaches_the_others_subscription() {
         status: "online".into(),
         last_seen_ms: 42,
         sessions: 1,
+        ..Default::default()
     };
     a.feed()
         .expect("feed")
