@@ -32,6 +32,9 @@ pub struct Claims {
     pub iat: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
+    /// `"bot": true` marks a bot account (its messages carry `from_bot`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bot: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -258,6 +261,16 @@ impl Signer {
 
     /// A token for `user_id` valid for `ttl`.
     pub fn sign(&self, user_id: &str, ttl: Duration) -> Result<String, AuthError> {
+        self.sign_account(user_id, ttl, false)
+    }
+
+    /// A token for `user_id` valid for `ttl`, marked as a bot account when `bot`.
+    pub fn sign_account(
+        &self,
+        user_id: &str,
+        ttl: Duration,
+        bot: bool,
+    ) -> Result<String, AuthError> {
         validate_user_id(user_id)?;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -268,6 +281,7 @@ impl Signer {
             exp: now + ttl.as_secs().max(1),
             iat: now,
             iss: None,
+            bot,
         };
         encode(&Header::new(Algorithm::HS256), &claims, &self.key)
             .map_err(|e| AuthError::Config(format!("cannot sign: {e}")))
@@ -361,6 +375,7 @@ mod tests {
                 exp: 1_000,
                 iat: 0,
                 iss: None,
+                bot: false,
             },
             &EncodingKey::from_secret(SECRET.as_bytes()),
         )
