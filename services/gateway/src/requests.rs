@@ -118,7 +118,7 @@ fn event(event: Event) -> Option<ServerFrame> {
     Some(ServerFrame { event: Some(event) })
 }
 
-async fn dispatch(
+pub(crate) async fn dispatch(
     shared: &Shared,
     session: &Session,
     request: Request,
