@@ -20,9 +20,12 @@ pub enum StorageError {
     /// The caller is a member but lacks the role (or the conversation the kind) for the action.
     #[error("forbidden: {0}")]
     Forbidden(String),
-    /// The conversation does not exist.
-    #[error("conversation {0} not found")]
+    /// The conversation (or the message, webhook, ... named in the text) does not exist.
+    #[error("not found: {0}")]
     NotFound(String),
+    /// The user is banned from the conversation.
+    #[error("banned: {0}")]
+    Banned(String),
     /// An appended sequence is not the conversation's next one. Appends must keep the
     /// sequence gapless, so this is a bug or a second partition owner: it travels as
     /// `internal`.
@@ -50,6 +53,7 @@ impl StorageError {
             StorageError::NotMember { .. } => ErrorCode::NotMember,
             StorageError::Forbidden(_) => ErrorCode::Forbidden,
             StorageError::NotFound(_) => ErrorCode::NotFound,
+            StorageError::Banned(_) => ErrorCode::Banned,
             StorageError::Unavailable(_) => ErrorCode::Unavailable,
             StorageError::SequenceConflict { .. } | StorageError::Internal(_) => {
                 ErrorCode::Internal
@@ -99,6 +103,7 @@ mod tests {
             (StorageError::not_member("c", "u"), ErrorCode::NotMember),
             (StorageError::Forbidden("x".into()), ErrorCode::Forbidden),
             (StorageError::NotFound("c".into()), ErrorCode::NotFound),
+            (StorageError::Banned("u".into()), ErrorCode::Banned),
             (
                 StorageError::Unavailable("x".into()),
                 ErrorCode::Unavailable,

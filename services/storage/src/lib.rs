@@ -47,8 +47,9 @@ pub use service::{
     PURGE_INTERVAL,
 };
 pub use store::{
-    Appended, ConversationKind, Direction, HistoryStore, MemberAction, MemberChange,
-    NewConversation, PageQuery,
+    actions, kinds, roles, Appended, ConversationKind, Direction, HistoryStore, MarkerKind,
+    MemberAction, MemberChange, MemberNotification, NewConversation, NewWebhook, PageQuery,
+    ThreadPage, ThreadQuery,
 };
 
 /// The history store named by `storage.backend`, opened once (no retry): SQLite on a

@@ -8,10 +8,15 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
-use switchboard_proto::{Conversation, HistoryResult, Message, ReadMarker, SyncResult};
+use switchboard_proto::{
+    Conversation, HistoryResult, MemberReceipt, Message, ReadMarker, SyncResult, Webhook,
+};
 
 use crate::error::Result;
-use crate::store::{Appended, HistoryStore, MemberChange, NewConversation, PageQuery};
+use crate::store::{
+    Appended, HistoryStore, MemberChange, MemberNotification, NewConversation, NewWebhook,
+    PageQuery, ThreadPage, ThreadQuery,
+};
 
 /// Metrics of the storage service.
 #[derive(Clone)]
@@ -182,6 +187,130 @@ impl HistoryStore for Instrumented {
             "set_read_marker",
             self.inner
                 .set_read_marker(conversation_id, user_id, seq, now_ms),
+        )
+        .await
+    }
+
+    async fn set_delivered_marker(
+        &self,
+        conversation_id: &str,
+        user_id: &str,
+        seq: u64,
+        now_ms: i64,
+    ) -> Result<ReadMarker> {
+        self.observe(
+            "set_delivered_marker",
+            self.inner
+                .set_delivered_marker(conversation_id, user_id, seq, now_ms),
+        )
+        .await
+    }
+
+    async fn message_at(&self, conversation_id: &str, seq: u64) -> Result<Option<Message>> {
+        self.observe("message_at", self.inner.message_at(conversation_id, seq))
+            .await
+    }
+
+    async fn banned_among(
+        &self,
+        conversation_id: &str,
+        user_ids: &[String],
+    ) -> Result<Vec<String>> {
+        self.observe(
+            "banned_among",
+            self.inner.banned_among(conversation_id, user_ids),
+        )
+        .await
+    }
+
+    async fn my_reactions(
+        &self,
+        conversation_id: &str,
+        user_id: &str,
+        from_seq: u64,
+        to_seq: u64,
+    ) -> Result<Vec<(u64, String)>> {
+        self.observe(
+            "my_reactions",
+            self.inner
+                .my_reactions(conversation_id, user_id, from_seq, to_seq),
+        )
+        .await
+    }
+
+    async fn thread_page(&self, query: &ThreadQuery) -> Result<ThreadPage> {
+        self.observe("thread_page", self.inner.thread_page(query))
+            .await
+    }
+
+    async fn receipts(&self, conversation_id: &str) -> Result<Vec<MemberReceipt>> {
+        self.observe("receipts", self.inner.receipts(conversation_id))
+            .await
+    }
+
+    async fn set_notification(
+        &self,
+        user_id: &str,
+        conversation_id: &str,
+        until_ms: i64,
+    ) -> Result<()> {
+        self.observe(
+            "set_notification",
+            self.inner
+                .set_notification(user_id, conversation_id, until_ms),
+        )
+        .await
+    }
+
+    async fn dnd_until(&self, user_id: &str) -> Result<i64> {
+        self.observe("dnd_until", self.inner.dnd_until(user_id))
+            .await
+    }
+
+    async fn notification_state(&self, conversation_id: &str) -> Result<Vec<MemberNotification>> {
+        self.observe(
+            "notification_state",
+            self.inner.notification_state(conversation_id),
+        )
+        .await
+    }
+
+    async fn shared_contacts(&self, user_id: &str, other_ids: &[String]) -> Result<Vec<String>> {
+        self.observe(
+            "shared_contacts",
+            self.inner.shared_contacts(user_id, other_ids),
+        )
+        .await
+    }
+
+    async fn put_webhook(&self, webhook: NewWebhook) -> Result<Webhook> {
+        self.observe("put_webhook", self.inner.put_webhook(webhook))
+            .await
+    }
+
+    async fn list_webhooks(&self, conversation_id: Option<&str>) -> Result<Vec<Webhook>> {
+        self.observe("list_webhooks", self.inner.list_webhooks(conversation_id))
+            .await
+    }
+
+    async fn delete_webhook(&self, conversation_id: &str, webhook_id: &str) -> Result<()> {
+        self.observe(
+            "delete_webhook",
+            self.inner.delete_webhook(conversation_id, webhook_id),
+        )
+        .await
+    }
+
+    async fn advance_webhook(
+        &self,
+        conversation_id: &str,
+        webhook_id: &str,
+        delivered_seq: u64,
+    ) -> Result<Webhook> {
+        self.observe(
+            "advance_webhook",
+            self.inner
+                .advance_webhook(conversation_id, webhook_id, delivered_seq),
         )
         .await
     }
