@@ -53,7 +53,7 @@ pub fn new_client_msg_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
-fn unexpected(request: &str, result: &ack::Result) -> ClientError {
+pub(crate) fn unexpected(request: &str, result: &ack::Result) -> ClientError {
     let got = match result {
         ack::Result::Error(_) => "error",
         ack::Result::Send(_) => "send",
@@ -70,7 +70,7 @@ fn unexpected(request: &str, result: &ack::Result) -> ClientError {
     ClientError::Protocol(format!("`{request}` acked with a `{got}` result"))
 }
 
-fn strings(items: impl IntoIterator<Item = impl Into<String>>) -> Vec<String> {
+pub(crate) fn strings(items: impl IntoIterator<Item = impl Into<String>>) -> Vec<String> {
     items.into_iter().map(Into::into).collect()
 }
 
@@ -150,7 +150,7 @@ impl Client {
         }
     }
 
-    /// Mark everything up to `seq` as read.
+    /// Mark everything up to `seq` as read (see [`Client::mark`] for delivered).
     pub async fn read(&self, conversation_id: &str, seq: u64) -> Result<(), ClientError> {
         self.request(Request::Read(ReadRequest {
             conversation_id: conversation_id.to_owned(),
@@ -171,7 +171,8 @@ impl Client {
         .map(drop)
     }
 
-    /// Set this session's status ("online" or "away").
+    /// Set this session's status ("online", "away", "busy" or "invisible"); see
+    /// [`Client::presence_update`] for the status text and last-seen privacy.
     pub async fn presence_set(&self, status: &str) -> Result<(), ClientError> {
         self.request(Request::PresenceSet(PresenceSetRequest {
             status: status.to_owned(),

@@ -1,6 +1,14 @@
 //! Per-conversation ordering on the client side: drop duplicates, hold messages that
 //! arrive ahead of a gap, fill gaps from history, and produce sync cursors.
 //!
+//! Every timeline event counts, whatever its kind: edits, deletes, reactions and
+//! system events have their own sequences like messages, so they are ordered, held
+//! and filled the same way. The timeline keeps no delivered messages; it releases
+//! events in sequence order, so an edit, delete or reaction always comes after the
+//! message it targets, and the application applies it to the message it holds
+//! with [`apply_event`]. (A held message is never edited in place: the events
+//! targeting it are held too and released right after it.)
+//!
 //! [`Timeline`] is a plain struct; its async methods take the history source as an
 //! argument ([`HistorySource`], implemented by [`Client`]), so it is tested without a
 //! connection.
@@ -8,7 +16,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 
-use switchboard_proto::v1::{HistoryResult, Message, SyncCursor, SyncResult};
+use switchboard_proto::v1::{HistoryResult, Message, ReactionCount, SyncCursor, SyncResult};
 
 use crate::{Client, ClientError, Direction};
 
@@ -326,6 +334,104 @@ impl Timeline {
     }
 }
 
+/// The kind of a timeline event (`Message::kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// A message (also an empty kind).
+    Message,
+    /// A new body for the message at `target_seq`.
+    Edit,
+    /// The message at `target_seq` was deleted.
+    Delete,
+    /// A reaction added to (or, with `remove`, taken from) the message at `target_seq`.
+    Reaction,
+    /// A membership or settings change (`system`).
+    System,
+    /// A kind this client does not know; it still takes its place in the timeline.
+    Other,
+}
+
+impl EventKind {
+    pub fn of(message: &Message) -> EventKind {
+        match message.kind.as_str() {
+            "" | "message" => EventKind::Message,
+            "edit" => EventKind::Edit,
+            "delete" => EventKind::Delete,
+            "reaction" => EventKind::Reaction,
+            "system" => EventKind::System,
+            _ => EventKind::Other,
+        }
+    }
+}
+
+/// Apply an edit, delete or reaction `event` to the message it targets, bringing a
+/// held copy to the state history would return (`me` is the user the copy is held
+/// for, who owns the `mine` flags). Returns false, changing nothing, when the event
+/// is of another kind, targets another message, or no longer applies (the target
+/// is deleted). Reactions of other users are counted as they arrive: an event the
+/// server treated as a no-op (the same user adding the same emoji twice) can make
+/// their counts differ from history's, which stays authoritative.
+pub fn apply_event(target: &mut Message, event: &Message, me: &str) -> bool {
+    if event.conversation_id != target.conversation_id
+        || event.target_seq != target.seq
+        || EventKind::of(target) != EventKind::Message
+        || target.deleted
+    {
+        return false;
+    }
+    match EventKind::of(event) {
+        EventKind::Edit => {
+            target.body = event.body.clone();
+            target.content_type = event.content_type.clone();
+            target.edited_at_ms = event.sent_at_ms;
+        }
+        EventKind::Delete => {
+            target.body.clear();
+            target.content_type.clear();
+            target.deleted = true;
+            target.reactions.clear();
+        }
+        EventKind::Reaction => apply_reaction(target, event, me),
+        _ => return false,
+    }
+    true
+}
+
+fn apply_reaction(target: &mut Message, event: &Message, me: &str) {
+    let mine = event.sender_id == me;
+    let index = target.reactions.iter().position(|r| r.emoji == event.emoji);
+    match (index, event.remove) {
+        (Some(i), true) => {
+            let reaction = &mut target.reactions[i];
+            if mine && !reaction.mine {
+                return;
+            }
+            reaction.count = reaction.count.saturating_sub(1);
+            reaction.mine &= !mine;
+            if reaction.count == 0 {
+                target.reactions.remove(i);
+            }
+        }
+        (None, true) => {}
+        (Some(i), false) => {
+            let reaction = &mut target.reactions[i];
+            if mine && reaction.mine {
+                return;
+            }
+            reaction.count += 1;
+            reaction.mine |= mine;
+        }
+        (None, false) => {
+            target.reactions.push(ReactionCount {
+                emoji: event.emoji.clone(),
+                count: 1,
+                mine,
+            });
+            target.reactions.sort_by(|a, b| a.emoji.cmp(&b.emoji));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -383,6 +489,151 @@ mod tests {
                 has_more,
             }))
         }
+    }
+
+    fn event(seq: u64, kind: &str, target_seq: u64, sender: &str) -> Message {
+        Message {
+            kind: kind.into(),
+            target_seq,
+            sender_id: sender.into(),
+            ..msg("c", seq)
+        }
+    }
+
+    #[test]
+    fn every_event_kind_takes_its_place_and_gaps_count_them() {
+        let mut t = Timeline::new();
+        assert!(matches!(t.observe(msg("c", 1)), Observed::InOrder(_)));
+        // 2 (an edit) and 3 (a reaction) are missing; the system event 4 is held.
+        let system = Message {
+            system: Some(switchboard_proto::v1::SystemEvent {
+                action: "renamed".into(),
+                name: "new".into(),
+                ..Default::default()
+            }),
+            ..event(4, "system", 0, "alice")
+        };
+        assert_eq!(
+            t.observe(system),
+            Observed::Gap(Gap {
+                conversation_id: "c".into(),
+                expected: 2,
+                got: 4
+            })
+        );
+        assert!(matches!(
+            t.observe(event(2, "edit", 1, "alice")),
+            Observed::InOrder(_)
+        ));
+        let Observed::InOrder(released) = t.observe(event(3, "reaction", 1, "bob")) else {
+            panic!("3 closes the gap");
+        };
+        assert_eq!(seqs(&released), vec![3, 4]);
+        let kinds: Vec<EventKind> = released.iter().map(EventKind::of).collect();
+        assert_eq!(kinds, [EventKind::Reaction, EventKind::System]);
+        assert_eq!(t.last_seq("c"), Some(4));
+        assert_eq!(EventKind::of(&msg("c", 9)), EventKind::Message);
+    }
+
+    #[test]
+    fn edits_deletes_and_reactions_apply_to_the_held_message() {
+        let mut original = Message {
+            body: "helo".into(),
+            content_type: "text/plain".into(),
+            sender_id: "alice".into(),
+            ..msg("c", 1)
+        };
+        let edit = Message {
+            body: "hello".into(),
+            content_type: "text/markdown".into(),
+            sent_at_ms: 77,
+            ..event(2, "edit", 1, "alice")
+        };
+        assert!(apply_event(&mut original, &edit, "bob"));
+        assert_eq!(
+            (original.body.as_str(), original.content_type.as_str()),
+            ("hello", "text/markdown")
+        );
+        assert_eq!(original.edited_at_ms, 77);
+
+        let react = |seq, sender: &str, emoji: &str, remove| Message {
+            emoji: emoji.into(),
+            remove,
+            ..event(seq, "reaction", 1, sender)
+        };
+        assert!(apply_event(
+            &mut original,
+            &react(3, "bob", "👍", false),
+            "bob"
+        ));
+        assert!(apply_event(
+            &mut original,
+            &react(4, "carol", "👍", false),
+            "bob"
+        ));
+        assert!(apply_event(
+            &mut original,
+            &react(5, "carol", "🎉", false),
+            "bob"
+        ));
+        // bob's second identical reaction is a no-op, as on the server.
+        assert!(apply_event(
+            &mut original,
+            &react(6, "bob", "👍", false),
+            "bob"
+        ));
+        let counts: Vec<(&str, u32, bool)> = original
+            .reactions
+            .iter()
+            .map(|r| (r.emoji.as_str(), r.count, r.mine))
+            .collect();
+        // Sorted by emoji, as history returns them.
+        assert_eq!(counts, [("🎉", 1, false), ("👍", 2, true)]);
+        assert!(apply_event(
+            &mut original,
+            &react(7, "bob", "👍", true),
+            "bob"
+        ));
+        assert!(apply_event(
+            &mut original,
+            &react(8, "carol", "🎉", true),
+            "bob"
+        ));
+        let counts: Vec<(&str, u32, bool)> = original
+            .reactions
+            .iter()
+            .map(|r| (r.emoji.as_str(), r.count, r.mine))
+            .collect();
+        assert_eq!(counts, [("👍", 1, false)]);
+
+        // Events for another message or of another kind change nothing.
+        assert!(!apply_event(
+            &mut original,
+            &event(9, "edit", 5, "alice"),
+            "bob"
+        ));
+        assert!(!apply_event(
+            &mut original,
+            &event(9, "system", 1, "alice"),
+            "bob"
+        ));
+
+        assert!(apply_event(
+            &mut original,
+            &event(10, "delete", 1, "alice"),
+            "bob"
+        ));
+        assert!(original.deleted);
+        assert!(original.body.is_empty() && original.content_type.is_empty());
+        assert!(original.reactions.is_empty());
+        // A deleted message takes no more edits or reactions.
+        assert!(!apply_event(&mut original, &edit, "bob"));
+        assert!(!apply_event(
+            &mut original,
+            &react(11, "bob", "👍", false),
+            "bob"
+        ));
+        assert!(original.body.is_empty());
     }
 
     #[test]

@@ -741,3 +741,196 @@ async fn dropping_every_handle_closes_the_connection() {
         })
     ));
 }
+
+/// The fake server's answer to each conversation-feature request, and what it saw.
+fn feature_ack(request: &Request) -> ack::Result {
+    use switchboard_proto::v1::{ReceiptsResult, ThreadResult};
+    let sent = |conversation_id: &str, seq| {
+        ack::Result::Send(SendResult {
+            conversation_id: conversation_id.into(),
+            message_id: format!("m{seq}"),
+            seq,
+            duplicate: false,
+            sent_at_ms: 1,
+        })
+    };
+    match request {
+        Request::Send(s) => sent(&s.conversation_id, 2),
+        Request::Edit(e) => sent(&e.conversation_id, 3),
+        Request::Delete(d) => sent(&d.conversation_id, 4),
+        Request::React(r) => sent(&r.conversation_id, 5),
+        Request::ConversationUpdate(u) => sent(&u.conversation_id, 6),
+        Request::Thread(t) => ack::Result::Thread(ThreadResult {
+            conversation_id: t.conversation_id.clone(),
+            root: Some(Message {
+                seq: t.root_seq,
+                reply_count: 1,
+                ..Default::default()
+            }),
+            replies: vec![],
+            has_more: false,
+        }),
+        Request::Receipts(r) => ack::Result::Receipts(ReceiptsResult {
+            conversation_id: r.conversation_id.clone(),
+            seq: 7,
+            read_by: 1,
+            delivered_to: 2,
+            members: vec![],
+        }),
+        Request::Read(_) | Request::NotificationSet(_) | Request::PresenceSet(_) => {
+            ack::Result::Ok(Default::default())
+        }
+        other => panic!("unexpected request {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn conversation_feature_requests_carry_their_fields_and_read_their_acks() {
+    use switchboard_client::{MarkerKind, PresenceUpdate, SendOptions};
+
+    for encoding in [Encoding::Json, Encoding::Proto] {
+        let (seen_tx, mut seen_rx) = mpsc::channel(64);
+        let url = fake_server(move |mut conn| {
+            let seen_tx = seen_tx.clone();
+            async move {
+                conn.welcome().await;
+                while let Some(frame) = conn.recv().await {
+                    let request = frame.request.expect("a request");
+                    let result = feature_ack(&request);
+                    seen_tx.send(request).await.unwrap();
+                    conn.ack(&frame.id, result).await;
+                }
+            }
+        })
+        .await;
+        let (client, _events) = Client::connect(options(&url, encoding)).await.unwrap();
+        let mut next = || seen_rx.try_recv().expect("the server saw the request");
+
+        let options = SendOptions::new().reply_to(1).in_thread(1).mention("bob");
+        assert_eq!(client.send_with("c", "re", &options).await.unwrap().seq, 2);
+        let Request::Send(send) = next() else {
+            panic!("send")
+        };
+        assert_eq!((send.reply_to_seq, send.thread_root_seq), (1, 1));
+        assert_eq!(send.mentions, ["bob"]);
+        assert_eq!(send.content_type, "text/plain");
+        assert!(!send.client_msg_id.is_empty());
+
+        assert_eq!(client.edit("c", 2, "fixed").await.unwrap().seq, 3);
+        let Request::Edit(edit) = next() else {
+            panic!("edit")
+        };
+        assert_eq!((edit.seq, edit.body.as_str()), (2, "fixed"));
+        assert!(!edit.client_msg_id.is_empty());
+
+        assert_eq!(client.delete("c", 2).await.unwrap().seq, 4);
+        assert!(matches!(next(), Request::Delete(d) if d.seq == 2 && !d.client_msg_id.is_empty()));
+
+        assert_eq!(client.react("c", 1, "👍").await.unwrap().seq, 5);
+        assert!(matches!(next(), Request::React(r) if r.emoji == "👍" && !r.remove && r.seq == 1));
+        client.unreact("c", 1, "👍").await.unwrap();
+        assert!(matches!(next(), Request::React(r) if r.remove));
+
+        let thread = client.thread("c", 1, 0, 10).await.unwrap();
+        assert_eq!(thread.root.map(|r| r.reply_count), Some(1));
+        assert!(matches!(next(), Request::Thread(t) if t.root_seq == 1 && t.limit == 10));
+
+        let receipts = client.receipts("c", 0).await.unwrap();
+        assert_eq!(
+            (receipts.seq, receipts.read_by, receipts.delivered_to),
+            (7, 1, 2)
+        );
+        assert!(matches!(next(), Request::Receipts(r) if r.seq == 0));
+
+        client.mark("c", 7, MarkerKind::Delivered).await.unwrap();
+        assert!(matches!(next(), Request::Read(r) if r.kind == "delivered" && r.seq == 7));
+        client.read("c", 7).await.unwrap();
+        assert!(matches!(next(), Request::Read(r) if r.kind.is_empty() || r.kind == "read"));
+
+        let updates: Vec<(&str, Result<SendResult, ClientError>)> = vec![
+            ("rename", client.rename("c", "team").await),
+            ("topic", client.set_topic("c", "plans").await),
+            ("add", client.add_members("c", ["dave"]).await),
+            ("kick", client.kick("c", ["dave"]).await),
+            ("ban", client.ban("c", ["eve"]).await),
+            ("unban", client.unban("c", ["eve"]).await),
+            ("role", client.set_role("c", ["bob"], "admin").await),
+            ("leave", client.leave("c").await),
+        ];
+        for (action, result) in updates {
+            assert_eq!(result.unwrap().seq, 6, "{action}");
+            let Request::ConversationUpdate(update) = next() else {
+                panic!("conversation_update")
+            };
+            assert_eq!(update.action, action);
+            assert!(!update.client_msg_id.is_empty());
+            match action {
+                "rename" => assert_eq!(update.name, "team"),
+                "topic" => assert_eq!(update.topic, "plans"),
+                "role" => assert_eq!(
+                    (update.user_ids.as_slice(), update.role.as_str()),
+                    (&["bob".to_owned()][..], "admin")
+                ),
+                "leave" => assert!(update.user_ids.is_empty()),
+                _ => assert_eq!(update.user_ids.len(), 1),
+            }
+        }
+
+        client.mute("c", -1).await.unwrap();
+        assert!(
+            matches!(next(), Request::NotificationSet(n) if n.conversation_id == "c" && n.until_ms == -1)
+        );
+        client.do_not_disturb(123).await.unwrap();
+        assert!(
+            matches!(next(), Request::NotificationSet(n) if n.conversation_id.is_empty() && n.until_ms == 123)
+        );
+
+        client
+            .presence_update(
+                PresenceUpdate::new()
+                    .status("busy")
+                    .status_text("in a meeting"),
+            )
+            .await
+            .unwrap();
+        let Request::PresenceSet(presence) = next() else {
+            panic!("presence_set")
+        };
+        assert_eq!(presence.status, "busy");
+        assert_eq!(presence.status_text.as_deref(), Some("in a meeting"));
+        assert_eq!(presence.last_seen_privacy, "");
+        client
+            .presence_update(PresenceUpdate::new().last_seen_privacy("contacts"))
+            .await
+            .unwrap();
+        let Request::PresenceSet(presence) = next() else {
+            panic!("presence_set")
+        };
+        assert_eq!((presence.status.as_str(), presence.status_text), ("", None));
+        assert_eq!(presence.last_seen_privacy, "contacts");
+        client.close().await;
+    }
+}
+
+#[tokio::test]
+async fn a_feature_request_acked_with_the_wrong_result_is_a_protocol_error() {
+    let url = fake_server(|mut conn| async move {
+        conn.welcome().await;
+        while let Some(frame) = conn.recv().await {
+            conn.ack(&frame.id, pong(1)).await;
+        }
+    })
+    .await;
+    let (client, _events) = Client::connect(options(&url, Encoding::Json))
+        .await
+        .unwrap();
+    let error = client.edit("c", 1, "x").await.unwrap_err();
+    assert!(
+        matches!(error, ClientError::Protocol(ref m) if m.contains("edit")),
+        "{error:?}"
+    );
+    assert!(matches!(
+        client.receipts("c", 0).await,
+        Err(ClientError::Protocol(_))
+    ));
+}
