@@ -205,6 +205,15 @@ pub struct GatewayConfig {
     pub request_burst: u32,
     /// Protocol violations tolerated on one connection before it is closed.
     pub max_violations: u32,
+    /// `TypingEvent.expires_in_ms`: clients treat a typing user as stopped after
+    /// this long without another typing event, in ms.
+    pub typing_expiry_ms: u64,
+    /// Least time between two forwarded `typing: true` of one session in one
+    /// conversation, in ms (sooner ones are answered `rate_limited`; 0 = no limit).
+    pub typing_interval_ms: u64,
+    /// A session that sent no frame other than ping for this long is set to "away"
+    /// (automatically, undone by its next frame), in ms; 0 = never.
+    pub idle_away_after_ms: u64,
 }
 
 impl Default for GatewayConfig {
@@ -227,6 +236,9 @@ impl Default for GatewayConfig {
             requests_per_second: 50,
             request_burst: 100,
             max_violations: 10,
+            typing_expiry_ms: 6_000,
+            typing_interval_ms: 1_000,
+            idle_away_after_ms: 300_000,
         }
     }
 }
@@ -240,11 +252,24 @@ pub struct PresenceConfig {
     pub backend: String,
     /// A session not heartbeated for this long goes offline, in milliseconds.
     pub session_ttl_ms: u64,
-    /// Redis URL for the `redis` backend (`redis://[:password@]host:port[/db]`). TLS
-    /// (`rediss://`) is not supported yet and is refused.
+    /// Redis URL for the `redis` backend (`redis://[user:password@]host:port[/db]`, or
+    /// `rediss://` for TLS).
     pub redis_url: String,
     /// Prefix of every Redis key this service writes.
     pub redis_key_prefix: String,
+    /// Redis ACL user name; empty = the URL's (or none).
+    pub redis_username: String,
+    /// Redis password; empty = the URL's or `redis_password_file`'s (or none).
+    pub redis_password: String,
+    /// File holding the Redis password (trailing newline ignored).
+    pub redis_password_file: String,
+    /// PEM file of the CA(s) that sign the Redis server certificate (`rediss://`);
+    /// empty = the system's trust store.
+    pub redis_ca_file: String,
+    /// PEM client certificate for mutual TLS (with `redis_key_file`).
+    pub redis_cert_file: String,
+    /// PEM private key of `redis_cert_file`.
+    pub redis_key_file: String,
 }
 
 impl Default for PresenceConfig {
@@ -256,6 +281,12 @@ impl Default for PresenceConfig {
             session_ttl_ms: 30_000,
             redis_url: "redis://127.0.0.1:6379".into(),
             redis_key_prefix: "sb".into(),
+            redis_username: String::new(),
+            redis_password: String::new(),
+            redis_password_file: String::new(),
+            redis_ca_file: String::new(),
+            redis_cert_file: String::new(),
+            redis_key_file: String::new(),
         }
     }
 }
@@ -276,6 +307,23 @@ pub struct RoutingConfig {
     pub kafka_group: String,
     /// Replication factor used when the topic is created.
     pub kafka_replication_factor: u32,
+    /// Kafka `security.protocol`: `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl`.
+    pub kafka_security_protocol: String,
+    /// SASL mechanism with `sasl_*`: `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.
+    pub kafka_sasl_mechanism: String,
+    /// SASL user name.
+    pub kafka_sasl_username: String,
+    /// SASL password (prefer `kafka_sasl_password_file`).
+    pub kafka_sasl_password: String,
+    /// File holding the SASL password (trailing newline ignored).
+    pub kafka_sasl_password_file: String,
+    /// PEM file of the CA(s) that sign the broker certificates (`ssl`, `sasl_ssl`);
+    /// empty = the system's trust store.
+    pub kafka_ssl_ca_file: String,
+    /// PEM client certificate for mutual TLS (with `kafka_ssl_key_file`).
+    pub kafka_ssl_cert_file: String,
+    /// PEM private key of `kafka_ssl_cert_file`.
+    pub kafka_ssl_key_file: String,
     /// Number of log partitions (conversations are hashed onto them).
     pub partitions: u32,
     /// Largest message body accepted, in bytes.
@@ -290,6 +338,8 @@ pub struct RoutingConfig {
     pub deliver_batch: usize,
     /// Events queued per gateway before the partition owner waits.
     pub deliver_queue: usize,
+    /// Timeout of one outgoing webhook POST (connect, send and response), in ms.
+    pub webhook_timeout_ms: u64,
 }
 
 impl Default for RoutingConfig {
@@ -302,6 +352,14 @@ impl Default for RoutingConfig {
             kafka_topic: "switchboard.messages".into(),
             kafka_group: "switchboard-routing".into(),
             kafka_replication_factor: 1,
+            kafka_security_protocol: "plaintext".into(),
+            kafka_sasl_mechanism: String::new(),
+            kafka_sasl_username: String::new(),
+            kafka_sasl_password: String::new(),
+            kafka_sasl_password_file: String::new(),
+            kafka_ssl_ca_file: String::new(),
+            kafka_ssl_cert_file: String::new(),
+            kafka_ssl_key_file: String::new(),
             partitions: 16,
             max_body_bytes: 64 * 1024,
             send_rate_per_user: 50,
@@ -309,6 +367,7 @@ impl Default for RoutingConfig {
             sequence_wait_ms: 3_000,
             deliver_batch: 256,
             deliver_queue: 4_096,
+            webhook_timeout_ms: 10_000,
         }
     }
 }
@@ -330,8 +389,19 @@ pub struct StorageConfig {
     pub scylla_datacenter: String,
     /// CQL user name; empty = no authentication.
     pub scylla_username: String,
-    /// CQL password.
+    /// CQL password (prefer `scylla_password_file`).
     pub scylla_password: String,
+    /// File holding the CQL password (trailing newline ignored).
+    pub scylla_password_file: String,
+    /// Connect to the CQL nodes over TLS.
+    pub scylla_tls: bool,
+    /// PEM file of the CA(s) that sign the node certificates (with `scylla_tls`);
+    /// empty = the system's trust store.
+    pub scylla_ca_file: String,
+    /// PEM client certificate for mutual TLS (with `scylla_key_file`).
+    pub scylla_cert_file: String,
+    /// PEM private key of `scylla_cert_file`.
+    pub scylla_key_file: String,
     /// Run pending schema migrations when the storage service starts.
     pub migrate_on_start: bool,
     /// SQLite database file; empty = `<data_dir>/storage.sqlite3`.
@@ -354,6 +424,11 @@ impl Default for StorageConfig {
             scylla_datacenter: String::new(),
             scylla_username: String::new(),
             scylla_password: String::new(),
+            scylla_password_file: String::new(),
+            scylla_tls: false,
+            scylla_ca_file: String::new(),
+            scylla_cert_file: String::new(),
+            scylla_key_file: String::new(),
             migrate_on_start: true,
             sqlite_path: String::new(),
             dedupe_window_secs: 24 * 3600,
@@ -527,26 +602,41 @@ impl Config {
         positive("gateway.client_idle_timeout_ms", g.client_idle_timeout_ms)?;
         positive("gateway.requests_per_second", g.requests_per_second as u64)?;
         positive("gateway.max_violations", g.max_violations as u64)?;
+        positive("gateway.typing_expiry_ms", g.typing_expiry_ms)?;
+        if g.typing_expiry_ms > u64::from(u32::MAX) {
+            return Err(ConfigError::Invalid {
+                key: "gateway.typing_expiry_ms",
+                reason: format!("must be at most {}", u32::MAX),
+            });
+        }
 
         let p = &self.presence;
         addr("presence.grpc_listen", &p.grpc_listen)?;
         addr("presence.admin_listen", &p.admin_listen)?;
         one_of("presence.backend", &p.backend, &["memory", "redis"])?;
         if p.backend == "redis" {
-            if p.redis_url.starts_with("rediss://") {
+            let tls = p.redis_url.starts_with("rediss://");
+            if !tls && !p.redis_url.starts_with("redis://") {
                 return Err(ConfigError::Invalid {
                     key: "presence.redis_url",
-                    reason: "TLS to Redis (rediss://) is not supported by this build; \
-                             use redis:// on a private network"
-                        .into(),
+                    reason: format!("`{}` is not a redis:// or rediss:// URL", p.redis_url),
                 });
             }
-            if !p.redis_url.starts_with("redis://") {
-                return Err(ConfigError::Invalid {
-                    key: "presence.redis_url",
-                    reason: format!("`{}` is not a redis:// URL", p.redis_url),
-                });
-            }
+            secret_source(
+                "presence.redis_password",
+                "presence.redis_password_file",
+                &p.redis_password,
+                &p.redis_password_file,
+            )?;
+            tls_files(
+                tls,
+                "a rediss:// presence.redis_url",
+                [
+                    ("presence.redis_ca_file", &p.redis_ca_file),
+                    ("presence.redis_cert_file", &p.redis_cert_file),
+                    ("presence.redis_key_file", &p.redis_key_file),
+                ],
+            )?;
         }
         positive("presence.session_ttl_ms", p.session_ttl_ms)?;
         if g.heartbeat_interval_ms >= p.session_ttl_ms {
@@ -580,12 +670,14 @@ impl Config {
                 "routing.kafka_replication_factor",
                 r.kafka_replication_factor as u64,
             )?;
+            kafka_security(r)?;
         }
         positive("routing.partitions", r.partitions as u64)?;
         positive("routing.max_body_bytes", r.max_body_bytes as u64)?;
         positive("routing.send_rate_per_user", r.send_rate_per_user as u64)?;
         positive("routing.deliver_batch", r.deliver_batch as u64)?;
         positive("routing.deliver_queue", r.deliver_queue as u64)?;
+        positive("routing.webhook_timeout_ms", r.webhook_timeout_ms)?;
         // A body must fit in a frame with room for the envelope.
         if r.max_body_bytes + 1024 > g.max_frame_bytes {
             return Err(ConfigError::Invalid {
@@ -623,6 +715,28 @@ impl Config {
                 "storage.scylla_replication_factor",
                 s.scylla_replication_factor as u64,
             )?;
+            secret_source(
+                "storage.scylla_password",
+                "storage.scylla_password_file",
+                &s.scylla_password,
+                &s.scylla_password_file,
+            )?;
+            let has_password = !s.scylla_password.is_empty() || !s.scylla_password_file.is_empty();
+            if has_password && s.scylla_username.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: "storage.scylla_username",
+                    reason: "must be set when a CQL password is".into(),
+                });
+            }
+            tls_files(
+                s.scylla_tls,
+                "storage.scylla_tls = true",
+                [
+                    ("storage.scylla_ca_file", &s.scylla_ca_file),
+                    ("storage.scylla_cert_file", &s.scylla_cert_file),
+                    ("storage.scylla_key_file", &s.scylla_key_file),
+                ],
+            )?;
         }
         positive("storage.dedupe_window_secs", s.dedupe_window_secs)?;
         if s.max_page == 0 || s.max_page > 200 {
@@ -654,6 +768,163 @@ impl Config {
             Err(_) => format!("http://{}", self.gateway.grpc_listen),
         }
     }
+}
+
+/// A secret given inline or in a file (e.g. a mounted Kubernetes Secret): the inline
+/// value when set, else the file's content without its trailing newline, else empty.
+/// [`Config::validate`] has checked that at most one is set and that the file is readable.
+pub fn read_secret(inline: &str, file: &str) -> std::io::Result<String> {
+    if !inline.is_empty() || file.is_empty() {
+        return Ok(inline.to_owned());
+    }
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot read {file}: {e}")))?;
+    Ok(text.trim_end_matches(['\r', '\n']).to_owned())
+}
+
+/// The setting `key` names a file this process can read.
+fn readable_file(key: &'static str, path: &str) -> Result<(), ConfigError> {
+    let invalid = |reason: String| ConfigError::Invalid { key, reason };
+    let meta =
+        std::fs::metadata(path).map_err(|e| invalid(format!("cannot read `{path}`: {e}")))?;
+    if !meta.is_file() {
+        return Err(invalid(format!("`{path}` is not a file")));
+    }
+    std::fs::File::open(path).map_err(|e| invalid(format!("cannot read `{path}`: {e}")))?;
+    Ok(())
+}
+
+/// A secret setting `key` and its file setting `file_key` are not both set; the file
+/// is readable.
+fn secret_source(
+    key: &'static str,
+    file_key: &'static str,
+    inline: &str,
+    file: &str,
+) -> Result<(), ConfigError> {
+    if !inline.is_empty() && !file.is_empty() {
+        return Err(ConfigError::Invalid {
+            key,
+            reason: format!("set either {key} or {file_key}, not both"),
+        });
+    }
+    if !file.is_empty() {
+        readable_file(file_key, file)?;
+    }
+    Ok(())
+}
+
+/// The CA, certificate and key files (in this order) of one TLS connection: used only
+/// when `enabled` (`what` says how to enable it), certificate and key together, every
+/// one given readable.
+fn tls_files(
+    enabled: bool,
+    what: &str,
+    files: [(&'static str, &String); 3],
+) -> Result<(), ConfigError> {
+    for (key, path) in files {
+        if path.is_empty() {
+            continue;
+        }
+        if !enabled {
+            return Err(ConfigError::Invalid {
+                key,
+                reason: format!("is used only with {what}"),
+            });
+        }
+        readable_file(key, path)?;
+    }
+    let [_, (cert_key, cert), (key_key, key)] = files;
+    if cert.is_empty() != key.is_empty() {
+        let missing = if cert.is_empty() { cert_key } else { key_key };
+        return Err(ConfigError::Invalid {
+            key: missing,
+            reason: format!(
+                "must be set together with {}",
+                if cert.is_empty() { key_key } else { cert_key }
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The SASL and TLS settings of the Kafka clients agree with the security protocol.
+fn kafka_security(r: &RoutingConfig) -> Result<(), ConfigError> {
+    const PROTOCOLS: &[&str] = &["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"];
+    const MECHANISMS: &[&str] = &["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"];
+    let protocol = r.kafka_security_protocol.as_str();
+    if !PROTOCOLS.contains(&protocol) {
+        return Err(ConfigError::Invalid {
+            key: "routing.kafka_security_protocol",
+            reason: format!("`{protocol}` is not one of {PROTOCOLS:?}"),
+        });
+    }
+    let sasl = protocol.starts_with("sasl_");
+    let has_password = !r.kafka_sasl_password.is_empty() || !r.kafka_sasl_password_file.is_empty();
+    if sasl {
+        if !MECHANISMS.contains(&r.kafka_sasl_mechanism.as_str()) {
+            return Err(ConfigError::Invalid {
+                key: "routing.kafka_sasl_mechanism",
+                reason: format!(
+                    "`{}` is not one of {MECHANISMS:?} (required with security protocol {protocol})",
+                    r.kafka_sasl_mechanism
+                ),
+            });
+        }
+        if r.kafka_sasl_username.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "routing.kafka_sasl_username",
+                reason: format!("is required with SASL mechanism {}", r.kafka_sasl_mechanism),
+            });
+        }
+        if !has_password {
+            return Err(ConfigError::Invalid {
+                key: "routing.kafka_sasl_password",
+                reason: format!(
+                    "kafka_sasl_password or kafka_sasl_password_file is required with SASL \
+                     mechanism {}",
+                    r.kafka_sasl_mechanism
+                ),
+            });
+        }
+        secret_source(
+            "routing.kafka_sasl_password",
+            "routing.kafka_sasl_password_file",
+            &r.kafka_sasl_password,
+            &r.kafka_sasl_password_file,
+        )?;
+    } else {
+        for (key, set) in [
+            (
+                "routing.kafka_sasl_mechanism",
+                !r.kafka_sasl_mechanism.is_empty(),
+            ),
+            (
+                "routing.kafka_sasl_username",
+                !r.kafka_sasl_username.is_empty(),
+            ),
+            ("routing.kafka_sasl_password", has_password),
+        ] {
+            if set {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: format!(
+                        "is used only with routing.kafka_security_protocol sasl_plaintext or \
+                         sasl_ssl (not {protocol})"
+                    ),
+                });
+            }
+        }
+    }
+    tls_files(
+        protocol.ends_with("ssl"),
+        "routing.kafka_security_protocol ssl or sasl_ssl",
+        [
+            ("routing.kafka_ssl_ca_file", &r.kafka_ssl_ca_file),
+            ("routing.kafka_ssl_cert_file", &r.kafka_ssl_cert_file),
+            ("routing.kafka_ssl_key_file", &r.kafka_ssl_key_file),
+        ],
+    )
 }
 
 /// Deep-merge `over` into `base` (tables merge, other values replace).
@@ -819,6 +1090,120 @@ mod tests {
                 Config::from_toml_and_env(&format!("[telemetry]\n{toml}\n"), env(&[])).unwrap_err();
             assert!(e.to_string().contains(key), "{toml}: {e}");
         }
+    }
+
+    #[test]
+    fn backend_tls_and_credentials_are_validated() {
+        // Not under tempfile_dir(): another test removes that one.
+        let dir = std::env::temp_dir().join(format!("sb-config-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, "pem").unwrap();
+        let pw = dir.join("pw");
+        std::fs::write(&pw, "s3cret\n").unwrap();
+        let (ca, pw) = (ca.display().to_string(), pw.display().to_string());
+        let missing = dir.join("missing.pem").display().to_string();
+        let ok = |toml: &str| {
+            Config::from_toml_and_env(toml, env(&[])).unwrap_or_else(|e| panic!("{toml}: {e}"))
+        };
+        let refused = |toml: &str, key: &str, words: &str| {
+            let e = Config::from_toml_and_env(toml, env(&[]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key) && e.contains(words), "{toml}: {e}");
+        };
+
+        let c = ok(&format!(
+            "[presence]\nbackend = \"redis\"\nredis_url = \"rediss://r:6380\"\n\
+             redis_ca_file = \"{ca}\"\nredis_password_file = \"{pw}\"\n"
+        ));
+        assert_eq!(
+            read_secret(&c.presence.redis_password, &c.presence.redis_password_file).unwrap(),
+            "s3cret"
+        );
+        refused(
+            &format!("[presence]\nbackend = \"redis\"\nredis_url = \"rediss://r\"\nredis_ca_file = \"{missing}\"\n"),
+            "presence.redis_ca_file",
+            "cannot read",
+        );
+        refused(
+            &format!("[presence]\nbackend = \"redis\"\nredis_ca_file = \"{ca}\"\n"),
+            "presence.redis_ca_file",
+            "rediss://",
+        );
+        refused(
+            &format!("[presence]\nbackend = \"redis\"\nredis_url = \"rediss://r\"\nredis_cert_file = \"{ca}\"\n"),
+            "presence.redis_key_file",
+            "together",
+        );
+        refused(
+            &format!("[presence]\nbackend = \"redis\"\nredis_password = \"x\"\nredis_password_file = \"{pw}\"\n"),
+            "presence.redis_password",
+            "not both",
+        );
+
+        let kafka = "[routing]\nbackend = \"kafka\"\n";
+        ok(&format!(
+            "{kafka}kafka_security_protocol = \"sasl_ssl\"\nkafka_sasl_mechanism = \"SCRAM-SHA-512\"\n\
+             kafka_sasl_username = \"u\"\nkafka_sasl_password_file = \"{pw}\"\nkafka_ssl_ca_file = \"{ca}\"\n"
+        ));
+        ok(&format!("{kafka}kafka_security_protocol = \"ssl\"\n"));
+        refused(
+            &format!("{kafka}kafka_security_protocol = \"tls\"\n"),
+            "routing.kafka_security_protocol",
+            "not one of",
+        );
+        refused(
+            &format!("{kafka}kafka_security_protocol = \"sasl_ssl\"\nkafka_sasl_mechanism = \"GSSAPI\"\n"),
+            "routing.kafka_sasl_mechanism",
+            "not one of",
+        );
+        refused(
+            &format!("{kafka}kafka_security_protocol = \"sasl_plaintext\"\nkafka_sasl_mechanism = \"PLAIN\"\n"),
+            "routing.kafka_sasl_username",
+            "required",
+        );
+        refused(
+            &format!("{kafka}kafka_security_protocol = \"sasl_plaintext\"\nkafka_sasl_mechanism = \"PLAIN\"\nkafka_sasl_username = \"u\"\n"),
+            "routing.kafka_sasl_password",
+            "required",
+        );
+        refused(
+            &format!("{kafka}kafka_sasl_mechanism = \"PLAIN\"\n"),
+            "routing.kafka_sasl_mechanism",
+            "sasl_ssl",
+        );
+        refused(
+            &format!("{kafka}kafka_ssl_ca_file = \"{ca}\"\n"),
+            "routing.kafka_ssl_ca_file",
+            "ssl",
+        );
+        refused(
+            &format!("{kafka}kafka_security_protocol = \"sasl_ssl\"\nkafka_sasl_mechanism = \"PLAIN\"\nkafka_sasl_username = \"u\"\nkafka_sasl_password_file = \"{missing}\"\n"),
+            "routing.kafka_sasl_password_file",
+            "cannot read",
+        );
+
+        let scylla = "[storage]\nbackend = \"scylla\"\n";
+        ok(&format!(
+            "{scylla}scylla_tls = true\nscylla_ca_file = \"{ca}\"\nscylla_username = \"u\"\nscylla_password_file = \"{pw}\"\n"
+        ));
+        refused(
+            &format!("{scylla}scylla_ca_file = \"{ca}\"\n"),
+            "storage.scylla_ca_file",
+            "scylla_tls",
+        );
+        refused(
+            &format!("{scylla}scylla_password = \"p\"\n"),
+            "storage.scylla_username",
+            "must be set",
+        );
+        refused(
+            &format!("{scylla}scylla_tls = true\nscylla_key_file = \"{ca}\"\n"),
+            "storage.scylla_cert_file",
+            "together",
+        );
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
