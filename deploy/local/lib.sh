@@ -20,6 +20,17 @@ ALL_SERVICES=(redis kafka cassandra)
   CASSANDRA_PORT="${LOCAL_CASSANDRA_PORT:-9042}"
   CASSANDRA_STORAGE_PORT="${LOCAL_CASSANDRA_STORAGE_PORT:-7000}"
   CASSANDRA_JMX_PORT="${LOCAL_CASSANDRA_JMX_PORT:-7199}"
+  # TLS listeners next to the plain ones (Cassandra takes TLS on its one CQL port).
+  REDIS_TLS_PORT="${LOCAL_REDIS_TLS_PORT:-6380}"
+  KAFKA_SASL_SSL_PORT="${LOCAL_KAFKA_SASL_SSL_PORT:-9094}"
+  # Throwaway CA, server and client certificates (see tls_material in up.sh), and the
+  # test users of the TLS listeners.
+  TLS_DIR="$LOCAL_DIR/tls"
+  TLS_STORE_PASSWORD="switchboard-local"
+  REDIS_TLS_USER="sbtls"
+  REDIS_TLS_PASSWORD="sbtls-local-password"
+  KAFKA_SASL_USER="sbtls"
+  KAFKA_SASL_PASSWORD="sbtls-local-password"
 }
 
 log() { printf '[local] %s\n' "$*" >&2; }
