@@ -6,7 +6,7 @@
 use switchboard_proto::v1::{
     ack, client_frame::Request, ConversationUpdateRequest, DeleteRequest, EditRequest,
     NotificationSetRequest, PresenceSetRequest, ReactRequest, ReadRequest, ReceiptsRequest,
-    ReceiptsResult, SendRequest, SendResult, ThreadRequest, ThreadResult,
+    ReceiptsResult, SendRequest, SendResult, ThreadRequest, ThreadResult, UserPresence,
 };
 
 use crate::requests::{strings, unexpected};
@@ -438,11 +438,20 @@ impl Client {
     }
 
     /// Change the caller's presence: this session's status, the status text, the
-    /// last-seen privacy.
-    pub async fn presence_update(&self, update: PresenceUpdate) -> Result<(), ClientError> {
-        self.request(Request::PresenceSet(update.into_request()))
-            .await
-            .map(drop)
+    /// last-seen privacy. Returns the caller's own presence after the change when
+    /// the server's ack carries it (`None` for a plain ok).
+    pub async fn presence_update(
+        &self,
+        update: PresenceUpdate,
+    ) -> Result<Option<UserPresence>, ClientError> {
+        match self
+            .request(Request::PresenceSet(update.into_request()))
+            .await?
+        {
+            ack::Result::Presence(result) => Ok(result.users.into_iter().next()),
+            ack::Result::Ok(_) => Ok(None),
+            other => Err(unexpected("presence_set", &other)),
+        }
     }
 }
 
