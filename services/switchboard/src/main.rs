@@ -3,7 +3,8 @@
 //! - `switchboard standalone`: all four services in one process on embedded backends.
 //! - `switchboard gateway|presence|routing|storage`: one service per process.
 //! - `switchboard token --user alice`: a development token signed with the configured
-//!   HS256 secret (in standalone's data directory, the generated one).
+//!   HS256 secret (in standalone's data directory, the generated one); `--bot` marks
+//!   a bot account (for the HTTP API's integrations).
 //! - `switchboard config defaults|check`: every setting with its default and meaning;
 //!   validate a configuration.
 //! - `switchboard migrate`: apply pending storage schema migrations and exit.
@@ -52,6 +53,9 @@ enum Command {
         /// Lifetime, e.g. 30m, 1h, 7d.
         #[arg(long, default_value = "1h", value_parser = parse_ttl)]
         ttl: Duration,
+        /// Mark the account as a bot: its messages carry `from_bot`.
+        #[arg(long)]
+        bot: bool,
     },
     /// Apply pending schema migrations of the configured history store, then exit.
     Migrate,
@@ -136,10 +140,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Token { user, ttl } => {
+        Command::Token { user, ttl, bot } => {
             let mut config = Config::load_with_base(STANDALONE_BASE, cli.config.as_deref(), env)?;
             switchboard_auth::ensure_dev_secret(&mut config.auth, &config.data_dir)?;
-            let token = switchboard_auth::Signer::from_config(&config.auth)?.sign(&user, ttl)?;
+            let token = switchboard_auth::Signer::from_config(&config.auth)?
+                .sign_account(&user, ttl, bot)?;
             println!("{token}");
             Ok(())
         }
@@ -366,6 +371,9 @@ mod tests {
     #[test]
     fn cli_parses() {
         Cli::try_parse_from(["switchboard", "token", "--user", "alice", "--ttl", "2h"]).unwrap();
+        let bot =
+            Cli::try_parse_from(["switchboard", "token", "--user", "relay", "--bot"]).unwrap();
+        assert!(matches!(bot.command, Command::Token { bot: true, .. }));
         Cli::try_parse_from(["switchboard", "--config", "x.toml", "standalone"]).unwrap();
         Cli::try_parse_from(["switchboard", "config", "defaults"]).unwrap();
         Cli::try_parse_from(["switchboard", "migrate"]).unwrap();
