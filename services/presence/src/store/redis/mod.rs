@@ -117,11 +117,13 @@ use super::{
 };
 use crate::error::PresenceError;
 
+mod connect;
 mod interest;
 mod scripts;
 #[cfg(test)]
 mod tests;
 
+pub use connect::RedisConnection;
 use scripts::Scripts;
 
 /// Shards of the session records and the expiry index. Fixed: every instance sharing
@@ -148,8 +150,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How to reach Redis and name keys.
 #[derive(Debug, Clone)]
 pub struct RedisOptions {
-    /// `redis://` URL (TLS is refused by configuration validation).
+    /// `redis://` URL, or `rediss://` for TLS.
     pub url: String,
+    /// Credentials and TLS files beyond the URL.
+    pub connection: RedisConnection,
     /// Prefix of every key and channel.
     pub key_prefix: String,
     /// Session TTL without heartbeat.
@@ -166,6 +170,7 @@ impl RedisOptions {
     pub fn from_config(config: &PresenceConfig) -> RedisOptions {
         RedisOptions {
             url: config.redis_url.clone(),
+            connection: RedisConnection::from_config(config),
             key_prefix: config.redis_key_prefix.clone(),
             session_ttl: Duration::from_millis(config.session_ttl_ms),
             connect_timeout: Some(CONNECT_TIMEOUT),
@@ -369,10 +374,10 @@ fn redis_error(e: &RedisError) -> PresenceError {
 
 impl RedisSessionStore {
     /// A store on `opts.url`; no connection is made until first use or
-    /// [`SessionStore::wait_ready`]. Fails only on an invalid URL.
+    /// [`SessionStore::wait_ready`]. Fails only on an invalid URL or unreadable
+    /// credential or TLS files.
     pub fn new(opts: RedisOptions, clock: Clock) -> anyhow::Result<RedisSessionStore> {
-        let client = redis::Client::open(opts.url.as_str())
-            .map_err(|e| anyhow::anyhow!("invalid presence.redis_url: {e}"))?;
+        let client = opts.connection.client(&opts.url)?;
         Ok(RedisSessionStore {
             inner: Arc::new(Inner {
                 client,

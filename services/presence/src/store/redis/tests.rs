@@ -37,6 +37,7 @@ fn unique_prefix() -> String {
 fn options(url: &str, prefix: &str, ttl: Duration, timeouts: bool) -> RedisOptions {
     RedisOptions {
         url: url.to_owned(),
+        connection: RedisConnection::default(),
         key_prefix: prefix.to_owned(),
         session_ttl: ttl,
         // Paused tokio time would fire these at once while Redis answers.
