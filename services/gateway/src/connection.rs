@@ -1,5 +1,8 @@
 //! One client connection: a single task that `select!`s over the socket, the session's
-//! outbound queue (filled by `Deliver`), the in-flight request, drain signals and the idle timer.
+//! outbound queue (filled by `Deliver`), the in-flight request, drain signals, the idle
+//! timer and the idle-away timer (`gateway.idle_away_after_ms`: no frame other than a
+//! ping for that long sets the session "away" in presence, automatically; the next
+//! such frame sets it back "online").
 //!
 //! Requests are processed one at a time in arrival order. This keeps one client's
 //! sends in order (a client's later message never overtakes an earlier one), while
@@ -133,6 +136,8 @@ struct Connection {
     socket: WebSocket,
     limiter: TokenBucket,
     violations: u32,
+    /// The latest automatic status change sent to presence (idle away / back).
+    status_change: Option<tokio::task::JoinHandle<()>>,
 }
 
 fn server_frame(event: Event) -> ServerFrame {
@@ -171,7 +176,10 @@ impl Rejection {
     }
 }
 
-async fn next_ack(inflight: &mut Option<BoxFuture<'static, v1::Ack>>) -> v1::Ack {
+/// A request's ack and, when its failure is the client's fault, the error code.
+type Handled = (v1::Ack, Option<ErrorCode>);
+
+async fn next_ack(inflight: &mut Option<BoxFuture<'static, Handled>>) -> Handled {
     match inflight {
         Some(request) => request.await,
         None => std::future::pending().await,
@@ -193,6 +201,7 @@ pub(crate) async fn serve(socket: WebSocket, guard: SessionGuard) {
             Instant::now(),
         ),
         violations: 0,
+        status_change: None,
     };
     debug!(session_id = %session.session_id, user_id = %session.user_id, "connected");
 
@@ -225,7 +234,13 @@ impl Connection {
         let idle_timeout = Duration::from_millis(shared.config.gateway.client_idle_timeout_ms);
         let idle = tokio::time::sleep(idle_timeout);
         tokio::pin!(idle);
-        let mut inflight: Option<BoxFuture<'static, v1::Ack>> = None;
+        let mut inflight: Option<BoxFuture<'static, Handled>> = None;
+        // Automatic away: armed while the client is active (0 = off).
+        let away_after = Duration::from_millis(shared.config.gateway.idle_away_after_ms);
+        let away_enabled = !away_after.is_zero();
+        let away = tokio::time::sleep(away_after);
+        tokio::pin!(away);
+        let mut auto_away = false;
         let mut pending: VecDeque<Box<v1::ClientFrame>> = VecDeque::new();
         let mut goaway_sent = false;
         let mut batch: Vec<Arc<OutFrame>> = Vec::new();
@@ -246,13 +261,9 @@ impl Connection {
                         return end;
                     }
                 }
-                ack = next_ack(&mut inflight) => {
+                (ack, code) = next_ack(&mut inflight) => {
                     inflight = None;
                     idle.as_mut().reset(Instant::now() + idle_timeout);
-                    let code = match &ack.result {
-                        Some(ack::Result::Error(e)) => ErrorCode::parse(&e.code),
-                        _ => None,
-                    };
                     if let Err(end) = self.write(server_frame(Event::Ack(ack))).await {
                         return end;
                     }
@@ -295,6 +306,14 @@ impl Connection {
                     };
                     match self.accept(payload) {
                         Ok(frame) => {
+                            if !matches!(frame.request, Some(v1::client_frame::Request::Ping(_))) {
+                                // Activity: the client is back if it was set away.
+                                away.as_mut().reset(Instant::now() + away_after);
+                                if auto_away {
+                                    auto_away = false;
+                                    self.set_automatic_status("online");
+                                }
+                            }
                             if inflight.is_none() {
                                 inflight = Some(self.start(frame));
                             } else {
@@ -313,11 +332,30 @@ impl Connection {
                     }
                 }
                 () = &mut idle => return End::Idle,
+                () = &mut away, if away_enabled && !auto_away => {
+                    auto_away = true;
+                    self.set_automatic_status("away");
+                }
             }
         }
     }
 
-    fn start(&self, frame: v1::ClientFrame) -> BoxFuture<'static, v1::Ack> {
+    /// Tell presence about an automatic status change without holding up the loop.
+    /// Changes run one after another (each waits for the previous one), so "online"
+    /// never overtakes the "away" it undoes.
+    fn set_automatic_status(&mut self, status: &'static str) {
+        let previous = self.status_change.take();
+        let shared = self.shared.clone();
+        let session = self.session.clone();
+        self.status_change = Some(tokio::spawn(async move {
+            if let Some(previous) = previous {
+                let _ = previous.await;
+            }
+            crate::requests::set_automatic_status(&shared, &session, status).await;
+        }));
+    }
+
+    fn start(&self, frame: v1::ClientFrame) -> BoxFuture<'static, Handled> {
         Box::pin(crate::requests::handle(
             self.shared.clone(),
             self.session.clone(),

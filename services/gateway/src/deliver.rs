@@ -11,6 +11,7 @@ use switchboard_proto::v1::{
 use tonic::{Request, Response, Status};
 use tracing::info;
 
+use crate::last_seen::{self, ContactsCache, Visibility};
 use crate::sessions::{lock, FrameKind, OutFrame, PushError, Session};
 use crate::Shared;
 
@@ -77,9 +78,47 @@ impl Encoded {
     }
 }
 
-/// Enqueue each delivery for the local sessions of its recipients. Never waits: a full
-/// queue drops an ephemeral event or disconnects the session as a slow consumer.
-pub(crate) fn deliver(shared: &Shared, request: DeliverRequest) -> DeliverResponse {
+/// Queue an ephemeral event (presence, typing, receipt) for one session, or drop it
+/// when the session's queue is more than half full. Presence events only reach a
+/// session that watches the user. True when queued.
+pub(crate) fn push_ephemeral(shared: &Shared, session: &Session, frame: &v1::ServerFrame) -> bool {
+    let kind = FrameKind::of(frame);
+    debug_assert!(kind.is_ephemeral());
+    if session.is_slow() {
+        return false;
+    }
+    let out = Arc::new(OutFrame::encode(frame, session.encoding));
+    let mut state = lock(&session.delivery);
+    if let Some(Event::Presence(p)) = &frame.event {
+        let user = p.presence.as_ref().map_or("", |p| p.user_id.as_str());
+        if !state.watched.contains(user) {
+            return false;
+        }
+    }
+    match state.push(out, session.queue_capacity) {
+        Ok(()) => {
+            drop(state);
+            session.wake_writer();
+            shared.metrics.outbound_queued.inc();
+            true
+        }
+        Err(PushError::Full) => {
+            shared
+                .metrics
+                .events_dropped
+                .with_label_values(&[kind.as_str()])
+                .inc();
+            false
+        }
+        Err(PushError::Closed) => false,
+    }
+}
+
+/// Enqueue each delivery for the local sessions of its recipients. Never waits: an
+/// ephemeral event is dropped for a session whose queue is more than half full, a
+/// full queue disconnects the session as a slow consumer. A presence event whose
+/// `last_seen_ms` a viewer may not see is queued without it (see [`last_seen`]).
+pub(crate) fn deliver(shared: &Arc<Shared>, request: DeliverRequest) -> DeliverResponse {
     let mut delivered: u32 = 0;
     let mut absent = Vec::new();
     let mut targets: Vec<Arc<Session>> = Vec::new();
@@ -108,30 +147,55 @@ pub(crate) fn deliver(shared: &Shared, request: DeliverRequest) -> DeliverRespon
         // The same user listed twice must not get the event twice.
         targets.sort_by(|a, b| a.session_id.cmp(&b.session_id));
         targets.dedup_by(|a, b| a.session_id == b.session_id);
-        let (message_key, presence_user) = match &frame.event {
-            Some(Event::Message(m)) => (
-                m.message
-                    .as_ref()
-                    .map(|m| (m.conversation_id.as_str(), m.seq, m.sent_at_ms)),
-                None,
-            ),
-            Some(Event::Presence(p)) => (
-                None,
-                Some(p.presence.as_ref().map_or("", |p| p.user_id.as_str())),
-            ),
-            _ => (None, None),
+        let message_key = match &frame.event {
+            Some(Event::Message(m)) => m
+                .message
+                .as_ref()
+                .map(|m| (m.conversation_id.as_str(), m.seq, m.sent_at_ms)),
+            _ => None,
+        };
+        // A presence event without its presence names nobody and reaches no one.
+        let empty_presence = v1::UserPresence::default();
+        let presence = match &frame.event {
+            Some(Event::Presence(p)) => Some(p.presence.as_ref().unwrap_or(&empty_presence)),
+            _ => None,
         };
         let mut encoded = Encoded::default();
+        // The same event without last_seen_ms, for viewers who may not see it.
+        let mut hidden: Option<(v1::ServerFrame, Encoded)> = None;
         for session in &targets {
             if *session.session_id == *delivery.exclude_session_id || session.is_slow() {
                 continue;
             }
-            let mut state = lock(&session.delivery);
-            if let Some(user) = presence_user {
-                if !state.watched.contains(user) {
+            let mut visible = true;
+            if let Some(p) = presence {
+                // Presence events go only to sessions that watch the user (nobody
+                // unwatches, so this cannot change before the push below).
+                if !lock(&session.delivery).watched.contains(&p.user_id) {
                     continue;
                 }
+                if last_seen::needs_check(&session.user_id, p) {
+                    match ContactsCache::visibility(shared, session, p) {
+                        Visibility::Known(v) => visible = v,
+                        Visibility::Deferred => continue,
+                    }
+                }
             }
+            let out = if visible {
+                encoded.get(&frame, session.encoding)
+            } else {
+                let (frame, encoded) = hidden.get_or_insert_with(|| {
+                    let p = last_seen::hidden(presence.expect("only presence is hidden"));
+                    (
+                        v1::ServerFrame {
+                            event: Some(Event::Presence(v1::PresenceEvent { presence: Some(p) })),
+                        },
+                        Encoded::default(),
+                    )
+                });
+                encoded.get(frame, session.encoding)
+            };
+            let mut state = lock(&session.delivery);
             if let Some((conversation, seq, _)) = message_key {
                 let last = state.last_seq.get(conversation).copied().unwrap_or(0);
                 // seq 0 is a message not sequenced yet; it cannot be deduplicated.
@@ -139,10 +203,7 @@ pub(crate) fn deliver(shared: &Shared, request: DeliverRequest) -> DeliverRespon
                     continue;
                 }
             }
-            match state.push(
-                encoded.get(&frame, session.encoding),
-                session.queue_capacity,
-            ) {
+            match state.push(out, session.queue_capacity) {
                 Ok(()) => {
                     if let Some((conversation, seq, sent_at_ms)) = message_key {
                         if seq != 0 {

@@ -8,6 +8,10 @@ pub(crate) enum GatewayError {
     /// The client sent something the gateway rejects before calling any backend.
     #[error("{message}")]
     Rejected { code: ErrorCode, message: String },
+    /// A request refused because it came too soon after the previous one of its kind
+    /// (`typing`): answered with `rate_limited`, but not a protocol violation.
+    #[error("{message}")]
+    Throttled { message: String },
     /// A backend call failed; its status carries the client code when the backend set one.
     #[error("{call} failed: {}", status.message())]
     Backend {
@@ -28,6 +32,17 @@ impl GatewayError {
         Self::rejected(ErrorCode::InvalidRequest, message)
     }
 
+    pub(crate) fn typing_throttle(message: impl Into<String>) -> Self {
+        GatewayError::Throttled {
+            message: message.into(),
+        }
+    }
+
+    /// True for [`GatewayError::Throttled`].
+    pub(crate) fn is_typing_throttle(&self) -> bool {
+        matches!(self, GatewayError::Throttled { .. })
+    }
+
     /// Context for a failed backend call.
     pub(crate) fn backend(call: &'static str) -> impl FnOnce(tonic::Status) -> GatewayError {
         move |status| GatewayError::Backend { call, status }
@@ -37,6 +52,7 @@ impl GatewayError {
     pub(crate) fn code(&self) -> ErrorCode {
         match self {
             GatewayError::Rejected { code, .. } => *code,
+            GatewayError::Throttled { .. } => ErrorCode::RateLimited,
             GatewayError::Backend { status, .. } => status_error_code(status),
         }
     }
@@ -46,7 +62,9 @@ impl GatewayError {
     pub(crate) fn to_event(&self) -> v1::ErrorEvent {
         let code = self.code();
         let message = match self {
-            GatewayError::Rejected { message, .. } => message.clone(),
+            GatewayError::Rejected { message, .. } | GatewayError::Throttled { message } => {
+                message.clone()
+            }
             GatewayError::Backend { .. } if code == ErrorCode::Internal => {
                 "internal error".to_owned()
             }
@@ -64,6 +82,7 @@ impl From<GatewayError> for tonic::Status {
         match e {
             GatewayError::Backend { status, .. } => status,
             GatewayError::Rejected { code, message } => status(code, message),
+            GatewayError::Throttled { message } => status(ErrorCode::RateLimited, message),
         }
     }
 }

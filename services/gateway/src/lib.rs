@@ -7,12 +7,14 @@
 //! It owns no durable state: sessions live in presence, messages in routing and
 //! storage. It does not decide who receives an event (routing does) nor check
 //! membership (the backends do); it only filters what reaches each local connection
-//! (excluded session, presence watches, duplicate sequences, slow consumers).
+//! (excluded session, presence watches, last-seen privacy, duplicate sequences, slow
+//! consumers).
 
 mod connection;
 mod deliver;
 mod error;
 mod http;
+mod last_seen;
 mod metrics;
 mod requests;
 mod sessions;
@@ -64,6 +66,8 @@ pub(crate) struct Shared {
     pub signer: Option<Signer>,
     pub peers: Peers,
     pub sessions: SessionRegistry,
+    /// Who shares a conversation with whom, for last-seen privacy "contacts".
+    pub contacts: last_seen::ContactsCache,
     pub slots: Arc<ConnectionSlots>,
     pub metrics: Metrics,
     pub readiness: Readiness,
@@ -214,6 +218,7 @@ impl Gateway {
             signer,
             peers: Peers::from_config(&config)?,
             sessions: SessionRegistry::default(),
+            contacts: last_seen::ContactsCache::default(),
             slots: ConnectionSlots::new(
                 config.gateway.max_connections,
                 metrics.connections.clone(),

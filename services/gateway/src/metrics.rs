@@ -22,7 +22,8 @@ pub(crate) struct Metrics {
     pub send_to_deliver: Histogram,
     /// Frames sitting in all outbound queues together.
     pub outbound_queued: IntGauge,
-    /// Ephemeral events dropped because a client's queue was full, by type.
+    /// Ephemeral events (typing, presence, receipt) dropped because a client's queue
+    /// was more than half full, by type.
     pub events_dropped: IntCounterVec,
     /// Sessions closed because they could not keep up.
     pub slow_consumer_disconnects: IntCounter,
@@ -82,7 +83,7 @@ impl Metrics {
             events_dropped: IntCounterVec::new(
                 Opts::new(
                     "switchboard_gateway_events_dropped_total",
-                    "Ephemeral events dropped for clients with a full queue, by type",
+                    "Ephemeral events dropped for clients whose queue is more than half full, by type",
                 ),
                 &["type"],
             )?,

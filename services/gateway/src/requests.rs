@@ -2,35 +2,49 @@
 //!
 //! | request | backend calls | ack result |
 //! |---|---|---|
-//! | `send` | Routing.Send | `send` |
+//! | `send` | Routing.Send (kind message) | `send` |
+//! | `edit`, `delete`, `react` | Routing.Send (kind edit, delete, reaction) | `send` |
+//! | `conversation_update` | Routing.Send (kind system) | `send` |
 //! | `history` | Storage.History | `history` |
 //! | `sync` | Storage.Sync | `sync` |
+//! | `thread` | Storage.Thread | `thread` |
+//! | `receipts` | Storage.Receipts | `receipts` |
 //! | `read` | Storage.SetReadMarker, then Routing.Publish(receipt) | `ok` |
-//! | `typing` | Routing.Publish(typing, without this session) | `ok` |
+//! | `notification_set` | Storage.SetNotification | `ok` |
+//! | `typing` | Routing.Publish(typing, without this session), rate limited | `ok` |
 //! | `presence_set` | Presence.SetStatus | `presence` |
-//! | `presence_watch` | Presence.Watch | `presence` |
+//! | `presence_watch` | Presence.Watch (+ Storage.SharedContacts for last-seen privacy) | `presence` |
 //! | `conversation_create` | Storage.CreateConversation, then Routing.Publish(created) | `conversation` |
-//! | `conversation_members` | Storage.GetConversation, or ChangeMembers then Routing.Publish | `conversation` |
+//! | `conversation_members` | Storage.GetConversation, or Routing.Send (kind system), GetConversation, Routing.Publish | `conversation` |
 //! | `conversation_list` | Storage.ListConversations | `conversations` |
 //! | `ping` | none | `pong` |
 //!
-//! Identity (user, device, session) always comes from the connection, never from the frame.
+//! Identity (user, device, session, bot) always comes from the session, never from
+//! the frame. [`dispatch`] is the one place that turns a request into backend calls,
+//! for WebSocket connections and for HTTP requests alike.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use switchboard_proto::v1::{
     self, ack, client_frame::Request, server_frame::Event, Ack, ServerFrame,
 };
 use switchboard_proto::ErrorCode;
+use tokio::time::Instant;
 use tonic::transport::Channel;
-use tracing::{warn, Instrument as _};
+use tracing::{debug, warn, Instrument as _};
 
 use crate::error::GatewayError;
+use crate::last_seen;
 use crate::sessions::{lock, Session};
 use crate::Shared;
 
 /// Most user ids in one request (watch, members, create).
 pub(crate) const MAX_LIST: usize = 1_000;
+/// Most users one message may mention.
+pub(crate) const MAX_MENTIONS: usize = 50;
+/// Longest reaction emoji, in bytes.
+pub(crate) const MAX_EMOJI_BYTES: usize = 32;
 /// Most users one session may watch.
 pub(crate) const MAX_WATCHED: usize = 1_000;
 
@@ -62,12 +76,13 @@ impl Peers {
     }
 }
 
-/// Handle one request and build its ack.
+/// Handle one request and build its ack. Also returns the error code when the
+/// failure counts as the client's fault (toward `gateway.max_violations`).
 pub(crate) async fn handle(
     shared: Arc<Shared>,
     session: Arc<Session>,
     frame: v1::ClientFrame,
-) -> Ack {
+) -> (Ack, Option<ErrorCode>) {
     let result = match frame.request {
         Some(request) => dispatch(&shared, &session, request).await,
         None => Err(GatewayError::rejected(
@@ -75,11 +90,16 @@ pub(crate) async fn handle(
             "frame names no known request",
         )),
     };
+    let mut fault = None;
     let result = match result {
         Ok(result) => result,
         Err(e) => {
             if e.code() == ErrorCode::Internal || e.code() == ErrorCode::Unavailable {
                 warn!(session_id = %session.session_id, error = %e, "request failed");
+            }
+            // The typing limit is an answer ("not so often"), not misbehaviour.
+            if !e.is_typing_throttle() {
+                fault = Some(e.code());
             }
             ack::Result::Error(e.to_event())
         }
@@ -87,14 +107,22 @@ pub(crate) async fn handle(
     if matches!(result, ack::Result::Send(_)) {
         shared.metrics.messages_accepted.inc();
     }
-    Ack {
+    let ack = Ack {
         id: frame.id,
         result: Some(result),
-    }
+    };
+    (ack, fault)
 }
 
 fn require(value: &str, field: &str) -> Result<(), GatewayError> {
     if value.is_empty() {
+        return Err(GatewayError::invalid(format!("`{field}` is required")));
+    }
+    Ok(())
+}
+
+fn require_seq(seq: u64, field: &str) -> Result<(), GatewayError> {
+    if seq == 0 {
         return Err(GatewayError::invalid(format!("`{field}` is required")));
     }
     Ok(())
@@ -114,10 +142,112 @@ fn bounded_list(list: &[String], field: &str) -> Result<(), GatewayError> {
     Ok(())
 }
 
+fn check_body(shared: &Shared, body: &str) -> Result<(), GatewayError> {
+    let max_body = shared.config.routing.max_body_bytes;
+    if body.len() > max_body {
+        return Err(GatewayError::rejected(
+            ErrorCode::BodyTooLarge,
+            format!("body is larger than {max_body} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_mentions(mentions: &[String]) -> Result<(), GatewayError> {
+    if mentions.len() > MAX_MENTIONS {
+        return Err(GatewayError::invalid(format!(
+            "`mentions` holds more than {MAX_MENTIONS} users"
+        )));
+    }
+    for user in mentions {
+        switchboard_auth::validate_user_id(user)
+            .map_err(|e| GatewayError::invalid(format!("`mentions`: {e}")))?;
+    }
+    Ok(())
+}
+
 fn event(event: Event) -> Option<ServerFrame> {
     Some(ServerFrame { event: Some(event) })
 }
 
+/// The system event action of a `conversation_update` action.
+fn system_action(action: &str) -> Result<&'static str, GatewayError> {
+    Ok(match action {
+        "rename" => "renamed",
+        "topic" => "topic_changed",
+        "add" => "members_added",
+        "kick" => "members_removed",
+        "ban" => "members_banned",
+        "unban" => "members_unbanned",
+        "leave" => "member_left",
+        "role" => "role_changed",
+        other => {
+            return Err(GatewayError::invalid(format!(
+                "unknown action `{other}` (rename, topic, add, kick, ban, unban, leave or role)"
+            )))
+        }
+    })
+}
+
+/// The client's idempotency key, or a new one when it sent none.
+fn msg_id_or_new(client_msg_id: String) -> String {
+    if client_msg_id.is_empty() {
+        uuid::Uuid::new_v4().to_string()
+    } else {
+        client_msg_id
+    }
+}
+
+/// Append one timeline event through routing. Identity (sender, device, session,
+/// bot) comes from the session; the caller fills the event's fields.
+async fn route_send(
+    shared: &Shared,
+    session: &Session,
+    mut send: v1::RouteSendRequest,
+) -> Result<v1::SendResult, GatewayError> {
+    send.sender_id = session.user_id.to_string();
+    send.sender_device = session.device_id.to_string();
+    send.session_id = session.session_id.to_string();
+    send.from_bot = session.bot;
+    // The root of the event's trace (the client protocol carries no trace context
+    // of its own).
+    let span = tracing::info_span!(
+        "gateway.send",
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        service = "gateway",
+        conversation_id = %send.conversation_id,
+        session_id = %session.session_id,
+        kind = %if send.kind.is_empty() { "message" } else { send.kind.as_str() },
+        seq = tracing::field::Empty,
+        duplicate = tracing::field::Empty,
+    );
+    let call = async {
+        // Also in the metadata; the field is what routing writes into the event
+        // log's record when it exports no span of its own.
+        send.traceparent =
+            switchboard_telemetry::traceparent(&switchboard_telemetry::current_context());
+        let mut request = tonic::Request::new(send);
+        switchboard_telemetry::inject(&mut request);
+        shared.peers.routing.clone().send(request).await
+    };
+    let result = call.instrument(span.clone()).await;
+    match &result {
+        Ok(r) => {
+            span.record("seq", r.get_ref().seq);
+            span.record("duplicate", r.get_ref().duplicate);
+        }
+        Err(_) => {
+            span.record("otel.status_code", "error");
+        }
+    }
+    Ok(result
+        .map_err(GatewayError::backend("routing.send"))?
+        .into_inner())
+}
+
+/// Turn one client request into backend calls and its ack result. `session` is the
+/// caller: a WebSocket connection, or a stand-in for one HTTP request.
 pub(crate) async fn dispatch(
     shared: &Shared,
     session: &Session,
@@ -129,56 +259,128 @@ pub(crate) async fn dispatch(
         Request::Send(req) => {
             require(&req.conversation_id, "conversation_id")?;
             require(&req.client_msg_id, "client_msg_id")?;
-            let max_body = shared.config.routing.max_body_bytes;
-            if req.body.len() > max_body {
-                return Err(GatewayError::rejected(
-                    ErrorCode::BodyTooLarge,
-                    format!("body is larger than {max_body} bytes"),
-                ));
-            }
-            // The root of the message's trace (the client protocol carries no
-            // trace context of its own).
-            let span = tracing::info_span!(
-                "gateway.send",
-                otel.kind = "server",
-                otel.status_code = tracing::field::Empty,
-                service = "gateway",
-                conversation_id = %req.conversation_id,
-                session_id = %session.session_id,
-                seq = tracing::field::Empty,
-                duplicate = tracing::field::Empty,
-            );
-            let send = async {
-                let mut request = tonic::Request::new(v1::RouteSendRequest {
-                    sender_id: user.to_owned(),
-                    sender_device: session.device_id.to_string(),
-                    session_id: session.session_id.to_string(),
+            check_body(shared, &req.body)?;
+            check_mentions(&req.mentions)?;
+            let result = route_send(
+                shared,
+                session,
+                v1::RouteSendRequest {
                     conversation_id: req.conversation_id,
                     client_msg_id: req.client_msg_id,
                     body: req.body,
                     content_type: req.content_type,
-                    // Also in the metadata; the field is what routing writes into
-                    // the event log's record when it exports no span of its own.
-                    traceparent: switchboard_telemetry::traceparent(
-                        &switchboard_telemetry::current_context(),
-                    ),
+                    reply_to_seq: req.reply_to_seq,
+                    thread_root_seq: req.thread_root_seq,
+                    mentions: req.mentions,
                     ..Default::default()
-                });
-                switchboard_telemetry::inject(&mut request);
-                peers.routing.clone().send(request).await
-            };
-            let result = send.instrument(span.clone()).await;
-            match &result {
-                Ok(r) => {
-                    span.record("seq", r.get_ref().seq);
-                    span.record("duplicate", r.get_ref().duplicate);
-                }
-                Err(_) => {
-                    span.record("otel.status_code", "error");
-                }
+                },
+            )
+            .await?;
+            Ok(ack::Result::Send(result))
+        }
+        Request::Edit(req) => {
+            require(&req.conversation_id, "conversation_id")?;
+            require_seq(req.seq, "seq")?;
+            require(&req.client_msg_id, "client_msg_id")?;
+            check_body(shared, &req.body)?;
+            let result = route_send(
+                shared,
+                session,
+                v1::RouteSendRequest {
+                    kind: "edit".into(),
+                    conversation_id: req.conversation_id,
+                    client_msg_id: req.client_msg_id,
+                    target_seq: req.seq,
+                    body: req.body,
+                    content_type: req.content_type,
+                    ..Default::default()
+                },
+            )
+            .await?;
+            Ok(ack::Result::Send(result))
+        }
+        Request::Delete(req) => {
+            require(&req.conversation_id, "conversation_id")?;
+            require_seq(req.seq, "seq")?;
+            require(&req.client_msg_id, "client_msg_id")?;
+            let result = route_send(
+                shared,
+                session,
+                v1::RouteSendRequest {
+                    kind: "delete".into(),
+                    conversation_id: req.conversation_id,
+                    client_msg_id: req.client_msg_id,
+                    target_seq: req.seq,
+                    ..Default::default()
+                },
+            )
+            .await?;
+            Ok(ack::Result::Send(result))
+        }
+        Request::React(req) => {
+            require(&req.conversation_id, "conversation_id")?;
+            require_seq(req.seq, "seq")?;
+            require(&req.client_msg_id, "client_msg_id")?;
+            if req.emoji.is_empty() || req.emoji.len() > MAX_EMOJI_BYTES {
+                return Err(GatewayError::invalid(format!(
+                    "`emoji` must be 1 to {MAX_EMOJI_BYTES} bytes"
+                )));
             }
-            let result = result.map_err(GatewayError::backend("routing.send"))?;
-            Ok(ack::Result::Send(result.into_inner()))
+            let result = route_send(
+                shared,
+                session,
+                v1::RouteSendRequest {
+                    kind: "reaction".into(),
+                    conversation_id: req.conversation_id,
+                    client_msg_id: req.client_msg_id,
+                    target_seq: req.seq,
+                    emoji: req.emoji,
+                    remove: req.remove,
+                    ..Default::default()
+                },
+            )
+            .await?;
+            Ok(ack::Result::Send(result))
+        }
+        Request::ConversationUpdate(req) => {
+            require(&req.conversation_id, "conversation_id")?;
+            let action = system_action(&req.action)?;
+            let user_ids = match action {
+                "member_left" => vec![user.to_owned()],
+                "members_added" | "members_removed" | "members_banned" | "members_unbanned"
+                | "role_changed" => {
+                    bounded_list(&req.user_ids, "user_ids")?;
+                    if req.user_ids.is_empty() {
+                        return Err(GatewayError::invalid("`user_ids` is required"));
+                    }
+                    req.user_ids
+                }
+                _ => Vec::new(),
+            };
+            match action {
+                "renamed" => require(&req.name, "name")?,
+                "role_changed" => require(&req.role, "role")?,
+                _ => {}
+            }
+            let system = v1::SystemEvent {
+                action: action.to_owned(),
+                actor_id: user.to_owned(),
+                user_ids,
+                name: req.name,
+                topic: req.topic,
+                role: req.role,
+            };
+            let result = route_send(
+                shared,
+                session,
+                system_send(
+                    req.conversation_id,
+                    msg_id_or_new(req.client_msg_id),
+                    system,
+                ),
+            )
+            .await?;
+            Ok(ack::Result::Send(result))
         }
         Request::History(req) => {
             require(&req.conversation_id, "conversation_id")?;
@@ -205,8 +407,41 @@ pub(crate) async fn dispatch(
                 .map_err(GatewayError::backend("storage.sync"))?;
             Ok(ack::Result::Sync(result.into_inner()))
         }
+        Request::Thread(req) => {
+            require(&req.conversation_id, "conversation_id")?;
+            require_seq(req.root_seq, "root_seq")?;
+            let result = peers
+                .storage
+                .clone()
+                .thread(v1::StorageThreadRequest {
+                    user_id: user.to_owned(),
+                    request: Some(req),
+                })
+                .await
+                .map_err(GatewayError::backend("storage.thread"))?;
+            Ok(ack::Result::Thread(result.into_inner()))
+        }
+        Request::Receipts(req) => {
+            require(&req.conversation_id, "conversation_id")?;
+            let result = peers
+                .storage
+                .clone()
+                .receipts(v1::StorageReceiptsRequest {
+                    user_id: user.to_owned(),
+                    request: Some(req),
+                })
+                .await
+                .map_err(GatewayError::backend("storage.receipts"))?;
+            Ok(ack::Result::Receipts(result.into_inner()))
+        }
         Request::Read(req) => {
             require(&req.conversation_id, "conversation_id")?;
+            if !matches!(req.kind.as_str(), "" | "read" | "delivered") {
+                return Err(GatewayError::invalid(format!(
+                    "unknown kind `{}` (read or delivered)",
+                    req.kind
+                )));
+            }
             let marker = peers
                 .storage
                 .clone()
@@ -214,7 +449,7 @@ pub(crate) async fn dispatch(
                     conversation_id: req.conversation_id.clone(),
                     user_id: user.to_owned(),
                     seq: req.seq,
-                    ..Default::default()
+                    kind: req.kind,
                 })
                 .await
                 .map_err(GatewayError::backend("storage.set_read_marker"))?
@@ -236,8 +471,35 @@ pub(crate) async fn dispatch(
             .unwrap_or_else(|e| warn!(error = %e, "receipt fan-out failed"));
             Ok(ack::Result::Ok(v1::Empty {}))
         }
+        Request::NotificationSet(req) => {
+            if req.until_ms < -1 {
+                return Err(GatewayError::invalid(
+                    "`until_ms` is -1 (forever), 0 (off) or a time in ms since the epoch",
+                ));
+            }
+            peers
+                .storage
+                .clone()
+                .set_notification(v1::SetNotificationRequest {
+                    user_id: user.to_owned(),
+                    conversation_id: req.conversation_id,
+                    until_ms: req.until_ms,
+                })
+                .await
+                .map_err(GatewayError::backend("storage.set_notification"))?;
+            Ok(ack::Result::Ok(v1::Empty {}))
+        }
         Request::Typing(req) => {
             require(&req.conversation_id, "conversation_id")?;
+            let gateway = &shared.config.gateway;
+            let interval = Duration::from_millis(gateway.typing_interval_ms);
+            let now = Instant::now();
+            if req.typing && !session.typing_allowed(&req.conversation_id, now, interval) {
+                return Err(GatewayError::typing_throttle(format!(
+                    "typing events at most every {} ms per conversation",
+                    gateway.typing_interval_ms
+                )));
+            }
             publish(
                 shared,
                 v1::PublishRequest {
@@ -245,30 +507,43 @@ pub(crate) async fn dispatch(
                         conversation_id: req.conversation_id.clone(),
                         user_id: user.to_owned(),
                         typing: req.typing,
-                        ..Default::default()
+                        expires_in_ms: u32::try_from(gateway.typing_expiry_ms).unwrap_or(u32::MAX),
                     })),
-                    conversation_id: req.conversation_id,
+                    conversation_id: req.conversation_id.clone(),
                     user_ids: Vec::new(),
                     exclude_session_id: session.session_id.to_string(),
                     actor_id: user.to_owned(),
                 },
             )
             .await?;
+            if req.typing {
+                session.typing_forwarded(&req.conversation_id, now, interval);
+            }
             Ok(ack::Result::Ok(v1::Empty {}))
         }
         Request::PresenceSet(req) => {
-            require(&req.status, "status")?;
+            if req.status.is_empty()
+                && req.status_text.is_none()
+                && req.last_seen_privacy.is_empty()
+            {
+                return Err(GatewayError::invalid(
+                    "one of `status`, `status_text` or `last_seen_privacy` is required",
+                ));
+            }
             let response = peers
                 .presence
                 .clone()
                 .set_status(v1::SetStatusRequest {
                     session_id: session.session_id.to_string(),
                     status: req.status,
-                    ..Default::default()
+                    status_text: req.status_text,
+                    last_seen_privacy: req.last_seen_privacy,
+                    automatic: false,
                 })
                 .await
                 .map_err(GatewayError::backend("presence.set_status"))?
                 .into_inner();
+            // The user's own presence: nothing to hide from them.
             Ok(ack::Result::Presence(v1::PresenceResult {
                 users: response.presence.into_iter().collect(),
             }))
@@ -291,7 +566,7 @@ pub(crate) async fn dispatch(
                 }
                 delivery.watched.extend(req.user_ids.iter().cloned());
             }
-            let response = peers
+            let mut users = peers
                 .presence
                 .clone()
                 .watch(v1::WatchRequest {
@@ -301,10 +576,10 @@ pub(crate) async fn dispatch(
                 })
                 .await
                 .map_err(GatewayError::backend("presence.watch"))?
-                .into_inner();
-            Ok(ack::Result::Presence(v1::PresenceResult {
-                users: response.users,
-            }))
+                .into_inner()
+                .users;
+            last_seen::filter(shared, user, &mut users).await;
+            Ok(ack::Result::Presence(v1::PresenceResult { users }))
         }
         Request::ConversationCreate(req) => {
             bounded_list(&req.members, "members")?;
@@ -335,14 +610,15 @@ pub(crate) async fn dispatch(
                     )))
                 }
             };
+            let get = v1::GetConversationRequest {
+                conversation_id: req.conversation_id.clone(),
+                caller_id: user.to_owned(),
+            };
             let Some(change) = change else {
                 let conversation = peers
                     .storage
                     .clone()
-                    .get_conversation(v1::GetConversationRequest {
-                        conversation_id: req.conversation_id,
-                        caller_id: user.to_owned(),
-                    })
+                    .get_conversation(get)
                     .await
                     .map_err(GatewayError::backend("storage.get_conversation"))?
                     .into_inner();
@@ -352,19 +628,45 @@ pub(crate) async fn dispatch(
             if req.user_ids.is_empty() {
                 return Err(GatewayError::invalid("`user_ids` is required"));
             }
-            let conversation = peers
-                .storage
-                .clone()
-                .change_members(v1::ChangeMembersRequest {
+            // Removing only oneself is leaving.
+            let leaving = change == "members_removed" && req.user_ids.iter().all(|u| u == user);
+            let system = v1::SystemEvent {
+                action: if leaving { "member_left" } else { change }.to_owned(),
+                actor_id: user.to_owned(),
+                user_ids: if leaving {
+                    vec![user.to_owned()]
+                } else {
+                    req.user_ids.clone()
+                },
+                ..Default::default()
+            };
+            route_send(
+                shared,
+                session,
+                system_send(
+                    req.conversation_id.clone(),
+                    msg_id_or_new(String::new()),
+                    system,
+                ),
+            )
+            .await?;
+            let read_back = peers.storage.clone().get_conversation(get).await;
+            let conversation = match read_back {
+                Ok(conversation) => conversation.into_inner(),
+                // The caller left and may no longer read the conversation.
+                Err(_) if leaving => v1::Conversation {
                     conversation_id: req.conversation_id,
-                    actor_id: user.to_owned(),
-                    action: req.action,
-                    user_ids: req.user_ids.clone(),
-                })
-                .await
-                .map_err(GatewayError::backend("storage.change_members"))?
-                .into_inner();
-            announce(shared, session, change, &conversation, req.user_ids).await;
+                    ..Default::default()
+                },
+                Err(status) => {
+                    return Err(GatewayError::backend("storage.get_conversation")(status))
+                }
+            };
+            if !leaving {
+                // Clients of the `conversation` event learn the change as before;
+                // the system event in the timeline is the durable record.
+                announce(shared, session, change, &conversation, req.user_ids).await;
+            }
             Ok(ack::Result::Conversation(conversation))
         }
         Request::ConversationList(_) => {
@@ -381,10 +683,46 @@ pub(crate) async fn dispatch(
         Request::Ping(_) => Ok(ack::Result::Pong(v1::PongResult {
             server_time_ms: crate::now_ms(),
         })),
-        _ => Err(GatewayError::rejected(
-            ErrorCode::UnknownFrame,
-            "this request is not served by this gateway yet",
-        )),
+    }
+}
+
+/// A `system` timeline event for routing.
+fn system_send(
+    conversation_id: String,
+    client_msg_id: String,
+    system: v1::SystemEvent,
+) -> v1::RouteSendRequest {
+    v1::RouteSendRequest {
+        kind: "system".into(),
+        conversation_id,
+        client_msg_id,
+        system: Some(system),
+        ..Default::default()
+    }
+}
+
+/// Set the session's status on behalf of the idle timer (`automatic`): "away" after
+/// `gateway.idle_away_after_ms` without a frame other than ping, "online" at the
+/// next one. Presence never lets this override a status the user chose.
+pub(crate) async fn set_automatic_status(shared: &Shared, session: &Session, status: &str) {
+    let result = shared
+        .peers
+        .presence
+        .clone()
+        .set_status(v1::SetStatusRequest {
+            session_id: session.session_id.to_string(),
+            status: status.to_owned(),
+            automatic: true,
+            ..Default::default()
+        })
+        .await;
+    if let Err(e) = result {
+        debug!(
+            session_id = %session.session_id,
+            status,
+            error = %e.message(),
+            "automatic status change failed"
+        );
     }
 }
 

@@ -4,11 +4,13 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use axum::extract::ws::Message as WsMessage;
 use switchboard_proto::codec::{encode, Encoding, Payload};
 use switchboard_proto::v1::{server_frame::Event, ServerFrame};
 use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
 
 /// Lock a std mutex, ignoring poisoning: every critical section here is a few map
 /// operations that leave the data consistent even if a panic interrupted them.
@@ -96,7 +98,9 @@ impl OutFrame {
 /// Why a frame could not be queued.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum PushError {
-    /// The queue holds `gateway.outbound_queue` frames already.
+    /// The queue holds `gateway.outbound_queue` frames already, or, for an ephemeral
+    /// event, more than half of that: a client that falls behind loses typing,
+    /// presence and receipts first, keeping room for the events it must not lose.
     Full,
     /// The connection is ending.
     Closed,
@@ -125,7 +129,9 @@ impl DeliveryState {
         if self.closed {
             return Err(PushError::Closed);
         }
-        if self.queue.len() >= capacity {
+        if self.queue.len() >= capacity
+            || (frame.kind.is_ephemeral() && self.queue.len() * 2 > capacity)
+        {
             return Err(PushError::Full);
         }
         self.queue.push_back(frame);
@@ -133,11 +139,17 @@ impl DeliveryState {
     }
 }
 
-/// One connected client (one WebSocket).
+/// Most conversations whose last forwarded typing time a session remembers; beyond
+/// that, entries older than the typing interval are forgotten first.
+const MAX_TYPING_CONVERSATIONS: usize = 256;
+
+/// One connected client (one WebSocket), or the stand-in for one HTTP request.
 pub(crate) struct Session {
     pub session_id: Arc<str>,
     pub user_id: Arc<str>,
     pub device_id: Arc<str>,
+    /// The token's `bot` claim: sends of this session carry `from_bot`.
+    pub bot: bool,
     pub encoding: Encoding,
     /// Bound of the outbound queue (`gateway.outbound_queue`).
     pub queue_capacity: usize,
@@ -150,12 +162,35 @@ pub(crate) struct Session {
     slow: AtomicBool,
     /// Wakes the connection task when `slow` is set.
     slow_notify: Notify,
+    /// When this session last forwarded `typing: true`, per conversation (the
+    /// typing rate limit). Empty, and allocation free, until the client types.
+    typing: Mutex<HashMap<Box<str>, Instant>>,
 }
 
 impl Session {
+    /// A session of a human account; see [`Session::for_account`].
     pub(crate) fn new(
         session_id: Arc<str>,
         user_id: Arc<str>,
+        device_id: Arc<str>,
+        encoding: Encoding,
+        queue_capacity: usize,
+    ) -> Arc<Session> {
+        Session::for_account(
+            session_id,
+            user_id,
+            false,
+            device_id,
+            encoding,
+            queue_capacity,
+        )
+    }
+
+    /// A session of `user_id`, a bot account when `bot` (the token's `bot` claim).
+    pub(crate) fn for_account(
+        session_id: Arc<str>,
+        user_id: Arc<str>,
+        bot: bool,
         device_id: Arc<str>,
         encoding: Encoding,
         queue_capacity: usize,
@@ -164,13 +199,42 @@ impl Session {
             session_id,
             user_id,
             device_id,
+            bot,
             encoding,
             queue_capacity,
             delivery: Mutex::new(DeliveryState::default()),
             outbound_notify: Notify::new(),
             slow: AtomicBool::new(false),
             slow_notify: Notify::new(),
+            typing: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Whether a `typing: true` in `conversation` may be forwarded at `now`: false
+    /// when the last forwarded one was less than `interval` ago.
+    pub(crate) fn typing_allowed(
+        &self,
+        conversation: &str,
+        now: Instant,
+        interval: Duration,
+    ) -> bool {
+        lock(&self.typing)
+            .get(conversation)
+            .is_none_or(|last| now.saturating_duration_since(*last) >= interval)
+    }
+
+    /// Remember that a `typing: true` in `conversation` was forwarded at `now`.
+    pub(crate) fn typing_forwarded(&self, conversation: &str, now: Instant, interval: Duration) {
+        let mut typing = lock(&self.typing);
+        if typing.len() >= MAX_TYPING_CONVERSATIONS && !typing.contains_key(conversation) {
+            typing.retain(|_, last| now.saturating_duration_since(*last) < interval);
+            if typing.len() >= MAX_TYPING_CONVERSATIONS {
+                // Every entry is recent: forgetting them lets at most one extra typing
+                // event per conversation through.
+                typing.clear();
+            }
+        }
+        typing.insert(conversation.into(), now);
     }
 
     /// Tell the connection task that frames are queued (call after unlocking).
@@ -411,6 +475,48 @@ mod tests {
         lock(&s.delivery).push(frame.clone(), 4).unwrap();
         assert_eq!(s.close_outbound(), 1);
         assert_eq!(lock(&s.delivery).push(frame, 4), Err(PushError::Closed));
+    }
+
+    #[test]
+    fn ephemeral_events_stop_at_half_the_queue_and_messages_do_not() {
+        let s = session("s", "u");
+        let typing = Arc::new(OutFrame::encode(
+            &ServerFrame {
+                event: Some(Event::Typing(Default::default())),
+            },
+            Encoding::Json,
+        ));
+        let message = Arc::new(OutFrame::encode(
+            &ServerFrame {
+                event: Some(Event::Message(Default::default())),
+            },
+            Encoding::Json,
+        ));
+        let mut state = lock(&s.delivery);
+        // Capacity 4: ephemeral events fit while at most 2 frames are queued.
+        state.push(typing.clone(), 4).unwrap();
+        state.push(typing.clone(), 4).unwrap();
+        state.push(typing.clone(), 4).unwrap();
+        assert_eq!(state.push(typing.clone(), 4), Err(PushError::Full));
+        state.push(message.clone(), 4).unwrap();
+        assert_eq!(state.push(message, 4), Err(PushError::Full));
+    }
+
+    #[test]
+    fn typing_is_limited_per_conversation() {
+        let s = session("s", "u");
+        let start = Instant::now();
+        let interval = Duration::from_secs(1);
+        assert!(s.typing_allowed("c1", start, interval));
+        s.typing_forwarded("c1", start, interval);
+        assert!(!s.typing_allowed("c1", start + interval / 2, interval));
+        assert!(s.typing_allowed("c2", start, interval));
+        assert!(s.typing_allowed("c1", start + interval, interval));
+        // The memory is bounded: old entries go first.
+        for i in 0..MAX_TYPING_CONVERSATIONS + 10 {
+            s.typing_forwarded(&format!("x{i}"), start + interval * 2, interval);
+        }
+        assert!(lock(&s.typing).len() <= MAX_TYPING_CONVERSATIONS);
     }
 
     #[tokio::test]
