@@ -3,14 +3,26 @@
 //! It owns, through the session store ([`SessionStore`], picked by [`build_store`] from
 //! `presence.backend`):
 //! - live sessions (session id, user, device, the gateway's advertised gRPC URL), their
-//!   status (`online`/`away`) and their TTL: a session not heartbeated for
-//!   `presence.session_ttl_ms` expires, so a crashed gateway's users go offline by
-//!   themselves (a sweeper task runs every `ttl/4`, clamped to 10 ms..1 s);
+//!   status (`online` at register, `away`, `busy`, `invisible`; an `away` set by the
+//!   gateway's idle timer is marked automatic) and their TTL: a session not
+//!   heartbeated for `presence.session_ttl_ms` expires, so a crashed gateway's users go
+//!   offline by themselves (a sweeper task runs every `ttl/4`, clamped to 10 ms..1 s);
+//! - each user's settings: `status_text` (at most [`store::MAX_STATUS_TEXT_BYTES`]
+//!   bytes, no control characters) and `last_seen_privacy` (`everyone`, `contacts`,
+//!   `nobody`), kept until changed, whether or not the user is online;
 //! - each user's aggregated presence: the most available device wins
-//!   (`online` > `away`), no live session is `offline`; `last_seen_ms` is the last
-//!   register, heartbeat or unregister of any of the user's sessions, kept after they
-//!   go offline for [`store::LAST_SEEN_RETENTION`] (30 days) and for at most
-//!   [`store::MAX_OFFLINE_LAST_SEEN`] users (oldest forgotten first);
+//!   (`online` > `away` > `busy` > `invisible`), no live session is `offline`;
+//!   `last_seen_ms` is the last register, heartbeat or unregister of any of the
+//!   user's sessions, kept after they go offline for [`store::LAST_SEEN_RETENTION`]
+//!   (30 days) and for at most [`store::MAX_OFFLINE_LAST_SEEN`] users (oldest
+//!   forgotten first);
+//! - two views of it ([`store::PresenceState`]): the TRUE view, for the user
+//!   themselves (`Query.viewer_id` or `Watch.watcher_id` equal to the user, and the
+//!   `RegisterSession` / `SetStatus` responses), and the PUBLIC view for everyone
+//!   else: `invisible` reads `offline` with 0 sessions and `last_seen_ms` frozen at
+//!   when the user was last visibly present; privacy `nobody` reads
+//!   `last_seen_ms = 0`; `contacts` is returned as is (the gateway clears it for
+//!   viewers who share no conversation with the user);
 //! - the route table (user -> gateways with a live session of theirs);
 //! - the interest index (conversation -> gateways holding a member's session), served
 //!   by `PresenceInterest.RouteConversation`: cached per conversation and member set,
@@ -20,9 +32,11 @@
 //!   watcher has a session on that gateway; at most [`store::MAX_WATCHED_PER_WATCHER`]
 //!   users per watcher and gateway.
 //!
-//! When a user's aggregated status changes (register, unregister, expiry, set status,
-//! dropped gateway), the service sends a `presence` event through `Gateway.Deliver` to
-//! every gateway holding watchers of that user, with the watchers as recipients. This
+//! When a user's PUBLIC view changes (its status, status text or privacy: through
+//! register, unregister, expiry, set status or a dropped gateway; not a last-seen tick,
+//! another device, or an invisible user going offline), the service sends a `presence`
+//! event carrying the public view through `Gateway.Deliver` to every gateway holding
+//! watchers of that user, with the watchers as recipients. This
 //! happens off the request path through bounded queues that drop (and count) when full:
 //! presence is ephemeral. See [`notifier`].
 //!
@@ -233,8 +247,8 @@ async fn run_sweeper(
         match store.expire(store.now_ms()).await {
             Ok(changed) => {
                 metrics.expired_offline.inc_by(changed.len() as u64);
-                for presence in changed {
-                    notifications.publish(presence);
+                for state in changed {
+                    notifications.publish(state.public_view());
                 }
             }
             Err(e) => tracing::warn!(error = %e, "session expiry failed"),

@@ -147,9 +147,10 @@ pub(crate) async fn run_notifier(
         };
         // Send the presence as it is now, not as it was when the change was queued:
         // handlers racing on one user may queue their changes out of order, but the
-        // last event processed then still carries the user's final presence.
+        // last event processed then still carries the user's final presence. Watchers
+        // are other users: they get the public view.
         let presence = match store.query(std::slice::from_ref(&presence.user_id)).await {
-            Ok(mut now) if now.len() == 1 => now.remove(0),
+            Ok(mut now) if now.len() == 1 => now.remove(0).public_view(),
             Ok(_) => presence,
             Err(e) => {
                 metrics.dropped(DROP_LOOKUP_FAILED, 1);

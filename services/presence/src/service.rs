@@ -18,7 +18,9 @@ use tonic::{Request, Response, Status};
 use crate::error::PresenceError;
 use crate::metrics::{Metrics, INTEREST_HIT, INTEREST_MISS};
 use crate::notifier::Notifications;
-use crate::store::{NewSession, SessionStatus, SessionStore};
+use crate::store::{
+    is_privacy, NewSession, SessionStatus, SessionStore, StatusChange, MAX_STATUS_TEXT_BYTES,
+};
 
 /// Longest id (session, user, device) accepted, in bytes.
 pub const MAX_ID_BYTES: usize = 256;
@@ -160,6 +162,44 @@ fn check_ids(field: &str, values: &[String], max: usize) -> Result<(), PresenceE
     values.iter().try_for_each(|v| check_id(field, v))
 }
 
+/// Validate a `SetStatus` request into the session id and the change it asks for.
+fn status_change(req: SetStatusRequest) -> Result<(String, StatusChange), PresenceError> {
+    let status = match req.status.as_str() {
+        "" => None,
+        s => Some(
+            SessionStatus::parse(s)
+                .ok_or_else(|| invalid("status must be `online`, `away`, `busy` or `invisible`"))?,
+        ),
+    };
+    if req.automatic && !matches!(status, Some(SessionStatus::Away | SessionStatus::Online)) {
+        return Err(invalid("an automatic status is `away` or `online`"));
+    }
+    if let Some(text) = &req.status_text {
+        check_len("status_text", text, MAX_STATUS_TEXT_BYTES)?;
+        if text.chars().any(char::is_control) {
+            return Err(invalid("status_text must not contain control characters"));
+        }
+    }
+    let last_seen_privacy = match req.last_seen_privacy.as_str() {
+        "" => None,
+        p if is_privacy(p) => Some(p.to_owned()),
+        _ => {
+            return Err(invalid(
+                "last_seen_privacy must be `everyone`, `contacts` or `nobody`",
+            ))
+        }
+    };
+    Ok((
+        req.session_id,
+        StatusChange {
+            status,
+            automatic: req.automatic,
+            status_text: req.status_text,
+            last_seen_privacy,
+        },
+    ))
+}
+
 #[tonic::async_trait]
 impl Presence for PresenceService {
     async fn register_session(
@@ -185,10 +225,11 @@ impl Presence for PresenceService {
             })
             .await?;
         if update.changed {
-            self.notifications.publish(update.presence.clone());
+            self.notifications.publish(update.presence.public_view());
         }
+        // The response goes to the user themselves: the true view.
         Ok(Response::new(RegisterSessionResponse {
-            presence: Some(update.presence),
+            presence: Some(update.presence.true_view()),
         }))
     }
 
@@ -201,7 +242,7 @@ impl Presence for PresenceService {
         check_id("session_id", &session_id)?;
         if let Some(update) = self.store.unregister(&session_id).await? {
             if update.changed {
-                self.notifications.publish(update.presence);
+                self.notifications.publish(update.presence.public_view());
             }
         }
         Ok(Response::new(UnregisterSessionResponse {}))
@@ -235,14 +276,14 @@ impl Presence for PresenceService {
         let _timer = self.timer("set_status");
         let req = request.into_inner();
         check_id("session_id", &req.session_id)?;
-        let status = SessionStatus::parse(&req.status)
-            .ok_or_else(|| invalid("status must be `online` or `away`"))?;
-        let update = self.store.set_status(&req.session_id, status).await?;
+        let (session_id, change) = status_change(req)?;
+        let update = self.store.set_status(&session_id, &change).await?;
         if update.changed {
-            self.notifications.publish(update.presence.clone());
+            self.notifications.publish(update.presence.public_view());
         }
+        // The response goes to the user themselves: the true view.
         Ok(Response::new(SetStatusResponse {
-            presence: Some(update.presence),
+            presence: Some(update.presence.true_view()),
         }))
     }
 
@@ -253,7 +294,14 @@ impl Presence for PresenceService {
         let _timer = self.timer("query");
         let req = request.into_inner();
         check_ids("user_ids", &req.user_ids, MAX_USERS_PER_REQUEST)?;
-        let users = self.store.query(&req.user_ids).await?;
+        check_len("viewer_id", &req.viewer_id, MAX_ID_BYTES)?;
+        let users = self
+            .store
+            .query(&req.user_ids)
+            .await?
+            .iter()
+            .map(|state| state.view_for(&req.viewer_id))
+            .collect();
         Ok(Response::new(QueryResponse { users }))
     }
 
@@ -269,7 +317,14 @@ impl Presence for PresenceService {
         self.store
             .watch(&req.gateway_addr, &req.watcher_id, &req.user_ids)
             .await?;
-        let users = self.store.query(&req.user_ids).await?;
+        // The watcher is the viewer (watching oneself gives the true view).
+        let users = self
+            .store
+            .query(&req.user_ids)
+            .await?
+            .iter()
+            .map(|state| state.view_for(&req.watcher_id))
+            .collect();
         Ok(Response::new(QueryResponse { users }))
     }
 
@@ -299,8 +354,8 @@ impl Presence for PresenceService {
             changed_users = outcome.changed.len(),
             "gateway dropped"
         );
-        for presence in outcome.changed {
-            self.notifications.publish(presence);
+        for state in outcome.changed {
+            self.notifications.publish(state.public_view());
         }
         Ok(Response::new(DropGatewayResponse {
             sessions: outcome.sessions,
@@ -324,5 +379,59 @@ mod tests {
         assert!(check_ids("user_ids", &["a".into(), String::new()], 10).is_err());
         assert!(check_ids("user_ids", &["a".into(), "b".into()], 1).is_err());
         assert!(check_ids("user_ids", &[], 1).is_ok());
+    }
+
+    fn request(status: &str, automatic: bool) -> SetStatusRequest {
+        SetStatusRequest {
+            session_id: "s1".into(),
+            status: status.into(),
+            automatic,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn set_status_requests_are_validated() {
+        for status in ["online", "away", "busy", "invisible"] {
+            let (_, change) = status_change(request(status, false)).unwrap();
+            assert_eq!(change.status, SessionStatus::parse(status));
+        }
+        let (_, change) = status_change(request("", false)).unwrap();
+        assert_eq!(change, StatusChange::default(), "empty leaves everything");
+        for status in ["offline", "Online", "dnd"] {
+            assert!(status_change(request(status, false)).is_err(), "{status}");
+        }
+        assert!(status_change(request("away", true)).unwrap().1.automatic);
+        assert!(status_change(request("online", true)).is_ok());
+        for status in ["busy", "invisible", ""] {
+            assert!(status_change(request(status, true)).is_err(), "{status}");
+        }
+
+        let with_text = |text: &str| SetStatusRequest {
+            status_text: Some(text.into()),
+            ..request("", false)
+        };
+        assert_eq!(
+            status_change(with_text("")).unwrap().1.status_text,
+            Some(String::new()),
+            "an empty text clears it"
+        );
+        assert!(
+            status_change(with_text(&"é".repeat(64))).is_ok(),
+            "128 bytes"
+        );
+        assert!(status_change(with_text(&"x".repeat(129))).is_err());
+        assert!(status_change(with_text("line\nbreak")).is_err());
+        assert!(status_change(with_text("nul\0")).is_err());
+
+        let with_privacy = |privacy: &str| SetStatusRequest {
+            last_seen_privacy: privacy.into(),
+            ..request("", false)
+        };
+        for privacy in ["everyone", "contacts", "nobody"] {
+            let (_, change) = status_change(with_privacy(privacy)).unwrap();
+            assert_eq!(change.last_seen_privacy.as_deref(), Some(privacy));
+        }
+        assert!(status_change(with_privacy("friends")).is_err());
     }
 }

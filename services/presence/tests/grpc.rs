@@ -371,8 +371,51 @@ async fn invalid_requests_get_stable_error_codes() {
         .client
         .set_status(SetStatusRequest {
             session_id: "s1".into(),
-            status: "busy".into(),
+            status: "dnd".into(),
             ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status_error_code(&err), ErrorCode::InvalidRequest);
+    let invalid_changes = [
+        SetStatusRequest {
+            status_text: Some("x".repeat(129)),
+            ..Default::default()
+        },
+        SetStatusRequest {
+            status_text: Some("two\nlines".into()),
+            ..Default::default()
+        },
+        SetStatusRequest {
+            last_seen_privacy: "friends".into(),
+            ..Default::default()
+        },
+        SetStatusRequest {
+            status: "busy".into(),
+            automatic: true,
+            ..Default::default()
+        },
+    ];
+    for change in invalid_changes {
+        let err = h
+            .client
+            .set_status(SetStatusRequest {
+                session_id: "s1".into(),
+                ..change.clone()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            status_error_code(&err),
+            ErrorCode::InvalidRequest,
+            "{change:?}"
+        );
+    }
+    let err = h
+        .client
+        .query(QueryRequest {
+            user_ids: vec!["alice".into()],
+            viewer_id: "v".repeat(257),
         })
         .await
         .unwrap_err();
@@ -490,5 +533,159 @@ async fn route_conversation_follows_members_and_counts_hits_and_misses() {
         .await
         .unwrap_err();
     assert_eq!(status_error_code(&err), ErrorCode::InvalidRequest);
+    h.stop().await;
+}
+
+impl Harness {
+    async fn set_status(&mut self, req: SetStatusRequest) -> UserPresence {
+        self.client
+            .set_status(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .presence
+            .unwrap()
+    }
+
+    async fn query_as(&mut self, viewer_id: &str, user_id: &str) -> UserPresence {
+        self.client
+            .query(QueryRequest {
+                user_ids: vec![user_id.into()],
+                viewer_id: viewer_id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .users
+            .remove(0)
+    }
+
+    /// The next presence event: exactly one delivery, to `watcher`.
+    async fn next_event(&mut self) -> UserPresence {
+        let mut deliveries = self.next_delivery().await;
+        assert_eq!(deliveries.len(), 1, "{deliveries:?}");
+        let (recipients, presence) = deliveries.remove(0);
+        assert_eq!(recipients, vec!["watcher".to_string()]);
+        presence
+    }
+}
+
+fn status(session_id: &str, status: &str, automatic: bool) -> SetStatusRequest {
+    SetStatusRequest {
+        session_id: session_id.into(),
+        status: status.into(),
+        automatic,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn others_see_the_public_view_and_hear_only_its_changes() {
+    let mut h = start(30_000).await;
+    let gw = h.gateway_url.clone();
+    let alice_gw = "http://127.0.0.1:9".to_string();
+    h.register("w1", "watcher", &gw).await;
+    h.client
+        .watch(WatchRequest {
+            gateway_addr: gw.clone(),
+            watcher_id: "watcher".into(),
+            user_ids: vec!["alice".into()],
+        })
+        .await
+        .unwrap();
+
+    h.register("a1", "alice", &alice_gw).await;
+    assert_eq!(h.next_event().await.status, "online");
+
+    // Status text: announced, and shown to everyone.
+    let own = h
+        .set_status(SetStatusRequest {
+            session_id: "a1".into(),
+            status_text: Some("lunch".into()),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(
+        (own.status.as_str(), own.status_text.as_str()),
+        ("online", "lunch")
+    );
+    let event = h.next_event().await;
+    assert_eq!(
+        (event.status.as_str(), event.status_text.as_str()),
+        ("online", "lunch")
+    );
+
+    // Invisible: the user sees the truth, everyone else (watchers too) offline.
+    let own = h.set_status(status("a1", "invisible", false)).await;
+    assert_eq!((own.status.as_str(), own.sessions), ("invisible", 1));
+    let event = h.next_event().await;
+    assert_eq!((event.status.as_str(), event.sessions), ("offline", 0));
+    assert!(event.last_seen_ms > 0);
+    assert_eq!(event.status_text, "lunch");
+    let frozen = event.last_seen_ms;
+    assert_eq!(h.query_as("alice", "alice").await.status, "invisible");
+    for viewer in ["bob", ""] {
+        let seen = h.query_as(viewer, "alice").await;
+        assert_eq!(
+            (seen.status.as_str(), seen.sessions, seen.last_seen_ms),
+            ("offline", 0, frozen),
+            "viewer {viewer:?}"
+        );
+    }
+    let watched = h
+        .client
+        .watch(WatchRequest {
+            gateway_addr: gw.clone(),
+            watcher_id: "watcher".into(),
+            user_ids: vec!["alice".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(watched.users[0].status, "offline");
+
+    // Leaving while invisible announces nothing: the next event the gateway gets
+    // (events reach a gateway in order) is alice coming back.
+    h.client
+        .unregister_session(UnregisterSessionRequest {
+            session_id: "a1".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(h.query_as("bob", "alice").await.last_seen_ms, frozen);
+    h.register("a2", "alice", &alice_gw).await;
+    let event = h.next_event().await;
+    assert_eq!((event.status.as_str(), event.sessions), ("online", 1));
+
+    // Privacy nobody: hidden from others, not from the user.
+    let own = h
+        .set_status(SetStatusRequest {
+            session_id: "a2".into(),
+            last_seen_privacy: "nobody".into(),
+            ..Default::default()
+        })
+        .await;
+    assert!(own.last_seen_ms > 0);
+    assert_eq!(own.last_seen_privacy, "nobody");
+    let event = h.next_event().await;
+    assert_eq!(
+        (event.last_seen_privacy.as_str(), event.last_seen_ms),
+        ("nobody", 0)
+    );
+    assert_eq!(h.query_as("bob", "alice").await.last_seen_ms, 0);
+
+    // The idle timer: away replaces online, activity undoes it.
+    h.set_status(status("a2", "away", true)).await;
+    assert_eq!(h.next_event().await.status, "away");
+    h.set_status(status("a2", "online", true)).await;
+    assert_eq!(h.next_event().await.status, "online");
+    // ...but never a status the user chose: no event, the next one is the user's.
+    h.set_status(status("a2", "busy", false)).await;
+    assert_eq!(h.next_event().await.status, "busy");
+    let own = h.set_status(status("a2", "away", true)).await;
+    assert_eq!(own.status, "busy");
+    h.set_status(status("a2", "online", false)).await;
+    assert_eq!(h.next_event().await.status, "online");
+    assert!(h.delivered_rx.try_recv().is_err());
     h.stop().await;
 }

@@ -8,11 +8,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchboard_proto::v1::{GatewayRoute, UserPresence};
+use switchboard_proto::v1::GatewayRoute;
 
 use super::{
-    GatewayWatchers, NewSession, SessionStatus, SessionStore, StoreStats, INTEREST_TTL,
-    MAX_WATCHED_PER_WATCHER, STATUS_AWAY, STATUS_OFFLINE, STATUS_ONLINE,
+    GatewayWatchers, NewSession, PresenceState, SessionStatus, SessionStore, StatusChange,
+    StoreStats, INTEREST_TTL, LAST_SEEN_RETENTION, MAX_WATCHED_PER_WATCHER, PRIVACY_CONTACTS,
+    PRIVACY_EVERYONE, PRIVACY_NOBODY, STATUS_AWAY, STATUS_BUSY, STATUS_INVISIBLE, STATUS_OFFLINE,
+    STATUS_ONLINE,
 };
 use crate::error::PresenceError;
 
@@ -50,6 +52,13 @@ macro_rules! session_store_suite {
             conversation_routes_recompute_when_the_member_set_changes,
             conversation_routes_are_not_invalidated_by_other_changes,
             conversation_routes_expire_after_the_interest_ttl,
+            status_aggregates_by_availability_across_all_statuses,
+            invisible_users_look_offline_with_a_frozen_last_seen,
+            a_visible_session_expiring_next_to_an_invisible_one_freezes_last_seen,
+            only_public_changes_are_reported_by_expiry_and_dropped_gateways,
+            status_text_and_privacy_are_per_user_and_outlive_sessions,
+            status_text_privacy_and_status_change_together_or_not_at_all,
+            automatic_status_never_overrides_the_users_choice,
         );
     };
     (@tests $factory:expr; $($name:ident),* $(,)?) => {
@@ -79,7 +88,24 @@ fn ids(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
 
-async fn presence(store: &dyn SessionStore, user: &str) -> UserPresence {
+/// A status the user chose.
+fn explicit(status: SessionStatus) -> StatusChange {
+    StatusChange {
+        status: Some(status),
+        ..Default::default()
+    }
+}
+
+/// A status set by the gateway's idle timer.
+fn automatic(status: SessionStatus) -> StatusChange {
+    StatusChange {
+        status: Some(status),
+        automatic: true,
+        ..Default::default()
+    }
+}
+
+async fn presence(store: &dyn SessionStore, user: &str) -> PresenceState {
     store
         .query(&ids(&[user]))
         .await
@@ -246,7 +272,7 @@ pub async fn status_aggregates_across_devices<F: Fn(Duration) -> Arc<dyn Session
         .unwrap();
 
     let u = store
-        .set_status("phone", SessionStatus::Away)
+        .set_status("phone", &explicit(SessionStatus::Away))
         .await
         .unwrap();
     assert_eq!(
@@ -254,18 +280,18 @@ pub async fn status_aggregates_across_devices<F: Fn(Duration) -> Arc<dyn Session
         (STATUS_ONLINE, false)
     );
     let u = store
-        .set_status("laptop", SessionStatus::Away)
+        .set_status("laptop", &explicit(SessionStatus::Away))
         .await
         .unwrap();
     assert_eq!((u.presence.status.as_str(), u.changed), (STATUS_AWAY, true));
     assert_eq!(u.presence.sessions, 2);
     let u = store
-        .set_status("laptop", SessionStatus::Away)
+        .set_status("laptop", &explicit(SessionStatus::Away))
         .await
         .unwrap();
     assert!(!u.changed, "same status again is no change");
     let u = store
-        .set_status("phone", SessionStatus::Online)
+        .set_status("phone", &explicit(SessionStatus::Online))
         .await
         .unwrap();
     assert_eq!(
@@ -285,7 +311,10 @@ pub async fn status_aggregates_across_devices<F: Fn(Duration) -> Arc<dyn Session
     // Expiry of several devices at once reports the user once, with the final status.
     store.register(session("a", "bob", GW1)).await.unwrap();
     store.register(session("b", "bob", GW1)).await.unwrap();
-    store.set_status("b", SessionStatus::Away).await.unwrap();
+    store
+        .set_status("b", &explicit(SessionStatus::Away))
+        .await
+        .unwrap();
     advance_ms(TTL.as_millis() as u64).await;
     let changed = store.expire(store.now_ms()).await.unwrap();
     assert_eq!(changed.len(), 1);
@@ -299,7 +328,7 @@ pub async fn set_status_of_unknown_session_is_not_found<
 ) {
     let store = factory(TTL);
     let err = store
-        .set_status("ghost", SessionStatus::Away)
+        .set_status("ghost", &explicit(SessionStatus::Away))
         .await
         .unwrap_err();
     assert!(matches!(err, PresenceError::NotFound(_)), "{err:?}");
@@ -310,7 +339,10 @@ pub async fn reregister_keeps_status_and_moves_gateway<F: Fn(Duration) -> Arc<dy
 ) {
     let store = factory(TTL);
     store.register(session("s1", "alice", GW1)).await.unwrap();
-    store.set_status("s1", SessionStatus::Away).await.unwrap();
+    store
+        .set_status("s1", &explicit(SessionStatus::Away))
+        .await
+        .unwrap();
     advance_ms(20_000).await;
     let u = store.register(session("s1", "alice", GW1)).await.unwrap();
     assert_eq!(
@@ -371,12 +403,14 @@ pub async fn query_reports_unknown_users_offline_once_each<
     assert_eq!(got.len(), 2);
     assert_eq!(
         got[0],
-        UserPresence {
+        PresenceState {
             user_id: "nobody".into(),
             status: STATUS_OFFLINE.into(),
             last_seen_ms: 0,
             sessions: 0,
-            ..Default::default()
+            status_text: String::new(),
+            last_seen_privacy: PRIVACY_EVERYONE.into(),
+            visible_seen_ms: 0,
         }
     );
     assert_eq!(got[1].user_id, "alice");
@@ -867,8 +901,14 @@ pub async fn conversation_routes_are_not_invalidated_by_other_changes<
     conv_routes(&*store, "second", &second).await;
 
     // Status changes do not change routes.
-    store.set_status("a1", SessionStatus::Away).await.unwrap();
-    store.set_status("a1", SessionStatus::Online).await.unwrap();
+    store
+        .set_status("a1", &explicit(SessionStatus::Away))
+        .await
+        .unwrap();
+    store
+        .set_status("a1", &explicit(SessionStatus::Online))
+        .await
+        .unwrap();
     assert!(conv_routes(&*store, "first", &first).await.1);
     // A refresh of a session on the same gateway does not either.
     store.register(session("a1", "alice", GW1)).await.unwrap();
@@ -905,4 +945,407 @@ pub async fn conversation_routes_expire_after_the_interest_ttl<
     );
     assert_eq!(routes, vec![route(GW1, &["alice"])]);
     assert!(conv_routes(&*store, "conv", &members).await.1);
+}
+
+fn text(t: &str) -> StatusChange {
+    StatusChange {
+        status_text: Some(t.into()),
+        ..Default::default()
+    }
+}
+
+fn privacy(p: &str) -> StatusChange {
+    StatusChange {
+        last_seen_privacy: Some(p.into()),
+        ..Default::default()
+    }
+}
+
+pub async fn status_aggregates_by_availability_across_all_statuses<
+    F: Fn(Duration) -> Arc<dyn SessionStore>,
+>(
+    factory: F,
+) {
+    use SessionStatus::{Away, Busy, Invisible, Online};
+    let store = factory(TTL);
+    store.register(session("s1", "alice", GW1)).await.unwrap();
+    store.register(session("s2", "alice", GW2)).await.unwrap();
+    store.register(session("s3", "alice", GW1)).await.unwrap();
+    // (session, status, aggregate after, public view changed)
+    let steps = [
+        ("s1", Invisible, STATUS_ONLINE, false),
+        ("s2", Busy, STATUS_ONLINE, false),
+        ("s3", Away, STATUS_AWAY, true),
+        ("s3", Busy, STATUS_BUSY, true),
+        ("s2", Invisible, STATUS_BUSY, false),
+        ("s3", Invisible, STATUS_INVISIBLE, true),
+        ("s2", Busy, STATUS_BUSY, true),
+        ("s1", Away, STATUS_AWAY, true),
+        ("s3", Online, STATUS_ONLINE, true),
+    ];
+    for (sid, status, aggregate, changed) in steps {
+        let u = store.set_status(sid, &explicit(status)).await.unwrap();
+        assert_eq!(
+            (u.presence.status.as_str(), u.changed),
+            (aggregate, changed),
+            "{sid} -> {status:?}"
+        );
+        assert_eq!(u.presence.sessions, 3);
+        assert_eq!(presence(&*store, "alice").await, u.presence);
+    }
+    // The aggregate follows sessions leaving too.
+    let u = store.unregister("s3").await.unwrap().unwrap();
+    assert_eq!((u.presence.status.as_str(), u.changed), (STATUS_AWAY, true));
+    store.set_status("s2", &explicit(Invisible)).await.unwrap();
+    let u = store.set_status("s1", &explicit(Invisible)).await.unwrap();
+    assert_eq!(
+        (u.presence.status.as_str(), u.changed),
+        (STATUS_INVISIBLE, true)
+    );
+    let u = store.unregister("s2").await.unwrap().unwrap();
+    assert_eq!(
+        (u.presence.status.as_str(), u.changed, u.presence.sessions),
+        (STATUS_INVISIBLE, false, 1),
+        "one invisible device less is invisible to others"
+    );
+}
+
+pub async fn invisible_users_look_offline_with_a_frozen_last_seen<
+    F: Fn(Duration) -> Arc<dyn SessionStore>,
+>(
+    factory: F,
+) {
+    let store = factory(TTL);
+    store.register(session("s1", "alice", GW1)).await.unwrap();
+    advance_ms(1_000).await;
+    let beat = store.now_ms();
+    store.heartbeat(GW1, &ids(&["s1"])).await.unwrap();
+    advance_ms(1_000).await;
+    let hidden_at = store.now_ms();
+    let u = store
+        .set_status("s1", &explicit(SessionStatus::Invisible))
+        .await
+        .unwrap();
+    assert!(u.changed, "others see alice go offline");
+    assert_eq!(u.presence.status, STATUS_INVISIBLE);
+    let own = u.presence.true_view();
+    assert_eq!(
+        (own.status.as_str(), own.sessions, own.last_seen_ms),
+        (STATUS_INVISIBLE, 1, beat)
+    );
+    let public = u.presence.public_view();
+    assert_eq!(
+        (public.status.as_str(), public.sessions, public.last_seen_ms),
+        (STATUS_OFFLINE, 0, hidden_at)
+    );
+
+    // Heartbeats while invisible do not move what others see.
+    advance_ms(1_000).await;
+    store.heartbeat(GW1, &ids(&["s1"])).await.unwrap();
+    let state = presence(&*store, "alice").await;
+    assert_eq!(state.true_view().last_seen_ms, store.now_ms());
+    assert_eq!(state.public_view(), public);
+    assert_eq!(state.view_for("bob"), public);
+    assert_eq!(state.view_for("alice"), state.true_view());
+    assert_eq!(
+        store.route(&ids(&["alice"])).await.unwrap(),
+        vec![route(GW1, &["alice"])],
+        "an invisible user still gets messages"
+    );
+
+    // Going offline while invisible changes nothing others can see.
+    advance_ms(1_000).await;
+    let closed_at = store.now_ms();
+    let u = store.unregister("s1").await.unwrap().unwrap();
+    assert!(!u.changed, "invisible -> offline is no public change");
+    assert_eq!(u.presence.status, STATUS_OFFLINE);
+    assert_eq!(u.presence.true_view().last_seen_ms, closed_at);
+    assert_eq!(
+        u.presence.public_view(),
+        public,
+        "the close time stays hidden"
+    );
+    assert_eq!(presence(&*store, "alice").await.public_view(), public);
+
+    // Back online: visible again, with the current last seen.
+    advance_ms(1_000).await;
+    let back = store.now_ms();
+    let u = store.register(session("s2", "alice", GW1)).await.unwrap();
+    assert!(u.changed);
+    let public = u.presence.public_view();
+    assert_eq!(
+        (public.status.as_str(), public.sessions, public.last_seen_ms),
+        (STATUS_ONLINE, 1, back)
+    );
+    // Leaving while visible: others see the close time.
+    advance_ms(1_000).await;
+    let left = store.now_ms();
+    let u = store.unregister("s2").await.unwrap().unwrap();
+    assert!(u.changed);
+    assert_eq!(u.presence.public_view().last_seen_ms, left);
+    assert_eq!(u.presence.true_view().last_seen_ms, left);
+}
+
+pub async fn a_visible_session_expiring_next_to_an_invisible_one_freezes_last_seen<
+    F: Fn(Duration) -> Arc<dyn SessionStore>,
+>(
+    factory: F,
+) {
+    let store = factory(TTL);
+    let start = store.now_ms();
+    store
+        .register(session("laptop", "alice", GW1))
+        .await
+        .unwrap();
+    store
+        .register(session("phone", "alice", GW2))
+        .await
+        .unwrap();
+    store
+        .set_status("phone", &explicit(SessionStatus::Invisible))
+        .await
+        .unwrap();
+    advance_ms(10_000).await;
+    store.heartbeat(GW2, &ids(&["phone"])).await.unwrap();
+    advance_ms(TTL.as_millis() as u64 - 10_000).await;
+    let changed = store.expire(store.now_ms()).await.unwrap();
+    assert_eq!(changed.len(), 1, "others see alice go offline");
+    let state = &changed[0];
+    assert_eq!(
+        (state.status.as_str(), state.sessions),
+        (STATUS_INVISIBLE, 1)
+    );
+    let public = state.public_view();
+    assert_eq!(
+        (public.status.as_str(), public.sessions, public.last_seen_ms),
+        (STATUS_OFFLINE, 0, start),
+        "last visible moment: the laptop's last sign of life"
+    );
+    assert_eq!(state.true_view().last_seen_ms, start + 10_000);
+}
+
+pub async fn only_public_changes_are_reported_by_expiry_and_dropped_gateways<
+    F: Fn(Duration) -> Arc<dyn SessionStore>,
+>(
+    factory: F,
+) {
+    let store = factory(TTL);
+    store.register(session("a1", "alice", GW1)).await.unwrap();
+    store.register(session("b1", "bob", GW1)).await.unwrap();
+    store
+        .set_status("a1", &explicit(SessionStatus::Invisible))
+        .await
+        .unwrap();
+    let outcome = store.drop_gateway(GW1).await.unwrap();
+    assert_eq!(outcome.sessions, 2);
+    let changed: Vec<&str> = outcome.changed.iter().map(|p| p.user_id.as_str()).collect();
+    assert_eq!(
+        changed,
+        vec!["bob"],
+        "invisible alice was offline to others"
+    );
+    assert_eq!(presence(&*store, "alice").await.status, STATUS_OFFLINE);
+
+    store.register(session("a2", "alice", GW2)).await.unwrap();
+    store
+        .set_status("a2", &explicit(SessionStatus::Invisible))
+        .await
+        .unwrap();
+    store.register(session("c1", "carol", GW2)).await.unwrap();
+    advance_ms(TTL.as_millis() as u64).await;
+    let changed = store.expire(store.now_ms()).await.unwrap();
+    let changed: Vec<&str> = changed.iter().map(|p| p.user_id.as_str()).collect();
+    assert_eq!(changed, vec!["carol"]);
+    assert_eq!(presence(&*store, "alice").await.status, STATUS_OFFLINE);
+}
+
+pub async fn status_text_and_privacy_are_per_user_and_outlive_sessions<
+    F: Fn(Duration) -> Arc<dyn SessionStore>,
+>(
+    factory: F,
+) {
+    let store = factory(TTL);
+    store.register(session("s1", "alice", GW1)).await.unwrap();
+    store.register(session("s2", "alice", GW2)).await.unwrap();
+    let fresh = presence(&*store, "alice").await;
+    assert_eq!(
+        (fresh.status_text.as_str(), fresh.last_seen_privacy.as_str()),
+        ("", PRIVACY_EVERYONE)
+    );
+
+    let u = store.set_status("s1", &text("in a meeting")).await.unwrap();
+    assert!(u.changed);
+    assert_eq!(u.presence.status_text, "in a meeting");
+    assert_eq!(u.presence.status, STATUS_ONLINE, "status untouched");
+    assert_eq!(u.presence.public_view().status_text, "in a meeting");
+    let again = store.set_status("s2", &text("in a meeting")).await.unwrap();
+    assert!(!again.changed, "the same text through another device");
+
+    let u = store
+        .set_status("s2", &privacy(PRIVACY_NOBODY))
+        .await
+        .unwrap();
+    assert!(u.changed);
+    assert_eq!(u.presence.last_seen_privacy, PRIVACY_NOBODY);
+    assert_eq!(u.presence.public_view().last_seen_ms, 0);
+    assert_eq!(u.presence.true_view().last_seen_ms, store.now_ms());
+    let u = store
+        .set_status("s2", &privacy(PRIVACY_CONTACTS))
+        .await
+        .unwrap();
+    assert!(u.changed);
+    assert_eq!(
+        u.presence.public_view().last_seen_ms,
+        store.now_ms(),
+        "contacts is filtered by the gateway"
+    );
+    store
+        .set_status("s1", &privacy(PRIVACY_NOBODY))
+        .await
+        .unwrap();
+
+    // Settings outlive the sessions.
+    store.unregister("s1").await.unwrap();
+    advance_ms(1_000).await;
+    let u = store.unregister("s2").await.unwrap().unwrap();
+    assert_eq!(u.presence.status_text, "in a meeting");
+    assert_eq!(u.presence.last_seen_privacy, PRIVACY_NOBODY);
+    let offline = presence(&*store, "alice").await;
+    assert_eq!(offline.status, STATUS_OFFLINE);
+    assert_eq!(
+        offline.public_view().last_seen_ms,
+        0,
+        "hidden while offline"
+    );
+    assert!(offline.true_view().last_seen_ms > 0);
+    advance_ms(LAST_SEEN_RETENTION.as_millis() as u64 + 1).await;
+    store.expire(store.now_ms()).await.unwrap();
+    let u = store.register(session("s3", "alice", GW1)).await.unwrap();
+    assert_eq!(
+        (
+            u.presence.status_text.as_str(),
+            u.presence.last_seen_privacy.as_str()
+        ),
+        ("in a meeting", PRIVACY_NOBODY),
+        "a privacy choice survives even the last-seen retention"
+    );
+
+    // Clearing returns to the defaults; other users were never affected.
+    let u = store.set_status("s3", &text("")).await.unwrap();
+    assert!(u.changed);
+    let u = store
+        .set_status("s3", &privacy(PRIVACY_EVERYONE))
+        .await
+        .unwrap();
+    assert!(u.changed);
+    assert_eq!(
+        (
+            u.presence.status_text.as_str(),
+            u.presence.last_seen_privacy.as_str()
+        ),
+        ("", PRIVACY_EVERYONE)
+    );
+    let bob = presence(&*store, "bob").await;
+    assert_eq!(
+        (bob.status_text.as_str(), bob.last_seen_privacy.as_str()),
+        ("", PRIVACY_EVERYONE)
+    );
+}
+
+pub async fn status_text_privacy_and_status_change_together_or_not_at_all<
+    F: Fn(Duration) -> Arc<dyn SessionStore>,
+>(
+    factory: F,
+) {
+    let store = factory(TTL);
+    store.register(session("s1", "alice", GW1)).await.unwrap();
+    let all = StatusChange {
+        status: Some(SessionStatus::Busy),
+        automatic: false,
+        status_text: Some("focus".into()),
+        last_seen_privacy: Some(PRIVACY_NOBODY.into()),
+    };
+    let u = store.set_status("s1", &all).await.unwrap();
+    assert!(u.changed);
+    assert_eq!(
+        (
+            u.presence.status.as_str(),
+            u.presence.status_text.as_str(),
+            u.presence.last_seen_privacy.as_str()
+        ),
+        (STATUS_BUSY, "focus", PRIVACY_NOBODY)
+    );
+    let u = store.set_status("s1", &all).await.unwrap();
+    assert!(!u.changed, "the same again is no change");
+
+    let err = store.set_status("ghost", &text("x")).await.unwrap_err();
+    assert!(matches!(err, PresenceError::NotFound(_)), "{err:?}");
+    assert_eq!(presence(&*store, "alice").await.status_text, "focus");
+    let err = store
+        .set_status("ghost", &StatusChange::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PresenceError::NotFound(_)), "{err:?}");
+    let u = store
+        .set_status("s1", &StatusChange::default())
+        .await
+        .unwrap();
+    assert!(!u.changed, "an empty change changes nothing");
+    assert_eq!(u.presence.status, STATUS_BUSY);
+}
+
+pub async fn automatic_status_never_overrides_the_users_choice<
+    F: Fn(Duration) -> Arc<dyn SessionStore>,
+>(
+    factory: F,
+) {
+    use SessionStatus::{Away, Busy, Invisible, Online};
+    let store = factory(TTL);
+    store.register(session("s1", "alice", GW1)).await.unwrap();
+    // (change, session status after)
+    let steps = [
+        (automatic(Away), STATUS_AWAY),
+        (automatic(Away), STATUS_AWAY),
+        (automatic(Online), STATUS_ONLINE),
+        (automatic(Online), STATUS_ONLINE),
+        // An away the user chose is not undone by activity.
+        (explicit(Away), STATUS_AWAY),
+        (automatic(Online), STATUS_AWAY),
+        // An automatic away the user then confirms is theirs.
+        (explicit(Online), STATUS_ONLINE),
+        (automatic(Away), STATUS_AWAY),
+        (explicit(Away), STATUS_AWAY),
+        (automatic(Online), STATUS_AWAY),
+        // Idleness does not replace busy or invisible.
+        (explicit(Busy), STATUS_BUSY),
+        (automatic(Away), STATUS_BUSY),
+        (automatic(Online), STATUS_BUSY),
+        (explicit(Invisible), STATUS_INVISIBLE),
+        (automatic(Away), STATUS_INVISIBLE),
+        (automatic(Online), STATUS_INVISIBLE),
+        // The user's choice always applies, also over an automatic away.
+        (explicit(Online), STATUS_ONLINE),
+        (automatic(Away), STATUS_AWAY),
+        (explicit(Busy), STATUS_BUSY),
+        (automatic(Online), STATUS_BUSY),
+    ];
+    for (i, (change, expected)) in steps.iter().enumerate() {
+        let u = store.set_status("s1", change).await.unwrap();
+        assert_eq!(u.presence.status, *expected, "step {i}: {change:?}");
+    }
+
+    // The automatic mark is per session and survives a refresh of the session.
+    store.set_status("s1", &explicit(Online)).await.unwrap();
+    store.set_status("s1", &automatic(Away)).await.unwrap();
+    store.register(session("s2", "alice", GW2)).await.unwrap();
+    store.set_status("s2", &explicit(Away)).await.unwrap();
+    store.register(session("s1", "alice", GW1)).await.unwrap();
+    assert_eq!(presence(&*store, "alice").await.status, STATUS_AWAY);
+    store.set_status("s2", &automatic(Online)).await.unwrap();
+    assert_eq!(presence(&*store, "alice").await.status, STATUS_AWAY);
+    let u = store.set_status("s1", &automatic(Online)).await.unwrap();
+    assert_eq!(
+        (u.presence.status.as_str(), u.changed),
+        (STATUS_ONLINE, true)
+    );
 }

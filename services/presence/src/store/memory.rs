@@ -6,18 +6,19 @@
 //! chunk of [`CHUNK`] sessions and yield between chunks, so a 100k-session heartbeat
 //! never holds the lock (or a runtime worker) for long.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use switchboard_proto::v1::{GatewayRoute, UserPresence};
+use switchboard_proto::v1::GatewayRoute;
 
 use super::interest::{self, ConversationRoutes, InterestIndex};
 use super::{
-    Clock, DropOutcome, GatewayWatchers, NewSession, PresenceUpdate, SessionStatus, SessionStore,
-    StoreStats, LAST_SEEN_RETENTION, MAX_OFFLINE_LAST_SEEN, MAX_WATCHED_PER_WATCHER,
-    STATUS_OFFLINE,
+    is_visible, Clock, DropOutcome, GatewayWatchers, NewSession, PresenceState, PresenceUpdate,
+    SessionStatus, SessionStore, StatusChange, StoreStats, LAST_SEEN_RETENTION,
+    MAX_OFFLINE_LAST_SEEN, MAX_WATCHED_PER_WATCHER, PRIVACY_EVERYONE, STATUS_OFFLINE,
 };
 use crate::error::PresenceError;
 
@@ -43,6 +44,12 @@ struct Session {
     device_id: String,
     gateway_url: String,
     status: SessionStatus,
+    /// The status is an `away` set automatically (by the gateway's idle timer): only
+    /// such an `away` is undone by an automatic `online`.
+    auto_away: bool,
+    /// Last register or heartbeat of this session: the user's last visible moment
+    /// when this session was the last visible one and expires.
+    last_seen_ms: i64,
     /// When the session expires unless heartbeated (ms since epoch); also its key in
     /// `State::deadlines`.
     expires_at_ms: i64,
@@ -54,6 +61,24 @@ struct OnlineUser {
     sessions: HashSet<String>,
     /// Last register, heartbeat or unregister of any of the sessions.
     last_seen_ms: i64,
+    /// See [`PresenceState::visible_seen_ms`].
+    visible_seen_ms: i64,
+}
+
+/// What is kept of a user with no live session.
+#[derive(Clone, Copy)]
+struct OfflineSeen {
+    last_seen_ms: i64,
+    visible_seen_ms: i64,
+}
+
+/// A user's non-default presence settings (users with defaults have no entry).
+#[derive(Default)]
+struct UserSettings {
+    /// Empty when unset.
+    status_text: String,
+    /// `contacts` or `nobody` (`everyone` is the default: no entry).
+    privacy: Option<String>,
 }
 
 struct State {
@@ -66,9 +91,9 @@ struct State {
     /// (expires_at_ms, session_id) of every live session, oldest first, so expiry
     /// touches only what is due.
     deadlines: BTreeSet<(i64, String)>,
-    /// Last-seen time of users with no live session, bounded by
+    /// Last-seen times of users with no live session, bounded by
     /// `LAST_SEEN_RETENTION` and `MAX_OFFLINE_LAST_SEEN`.
-    offline_seen: HashMap<String, i64>,
+    offline_seen: HashMap<String, OfflineSeen>,
     /// (last_seen_ms, user_id) of every entry of `offline_seen`, oldest first, so the
     /// bounds are enforced without a scan.
     offline_order: BTreeSet<(i64, String)>,
@@ -79,6 +104,11 @@ struct State {
     watching: HashMap<(String, String), HashSet<String>>,
     /// Cached conversation routes; an entry goes when a member's gateways change.
     interest: InterestIndex,
+    /// Status text and last-seen privacy of users who set non-default values. They
+    /// outlive sessions (a privacy choice must survive going offline), so this grows
+    /// with the number of users who ever changed them, like a profile table; setting
+    /// both back to their defaults removes the entry.
+    settings: HashMap<String, UserSettings>,
 }
 
 impl MemorySessionStore {
@@ -103,6 +133,7 @@ impl MemorySessionStore {
                 watchers: HashMap::new(),
                 watching: HashMap::new(),
                 interest: InterestIndex::new(interest_invalidations.clone()),
+                settings: HashMap::new(),
             }),
             interest_invalidations,
         }
@@ -130,22 +161,64 @@ impl State {
         }
     }
 
-    fn presence_of(&self, user_id: &str) -> UserPresence {
-        match self.users.get(user_id) {
-            Some(user) => UserPresence {
-                user_id: user_id.to_owned(),
-                status: self.status_of(user_id).to_owned(),
-                last_seen_ms: user.last_seen_ms,
-                sessions: user.sessions.len() as u32,
-                ..Default::default()
-            },
-            None => UserPresence {
-                user_id: user_id.to_owned(),
-                status: STATUS_OFFLINE.to_owned(),
-                last_seen_ms: self.offline_seen.get(user_id).copied().unwrap_or(0),
-                sessions: 0,
-                ..Default::default()
-            },
+    fn presence_of(&self, user_id: &str) -> PresenceState {
+        let (last_seen_ms, visible_seen_ms, sessions) = match self.users.get(user_id) {
+            Some(user) => (
+                user.last_seen_ms,
+                user.visible_seen_ms,
+                user.sessions.len() as u32,
+            ),
+            None => {
+                let seen = self.offline_seen.get(user_id);
+                (
+                    seen.map_or(0, |s| s.last_seen_ms),
+                    seen.map_or(0, |s| s.visible_seen_ms),
+                    0,
+                )
+            }
+        };
+        let settings = self.settings.get(user_id);
+        PresenceState {
+            user_id: user_id.to_owned(),
+            status: self.status_of(user_id).to_owned(),
+            last_seen_ms,
+            sessions,
+            status_text: settings.map(|s| s.status_text.clone()).unwrap_or_default(),
+            last_seen_privacy: settings
+                .and_then(|s| s.privacy.clone())
+                .unwrap_or_else(|| PRIVACY_EVERYONE.to_owned()),
+            visible_seen_ms,
+        }
+    }
+
+    /// Record that the user stopped being visibly present at `at_ms` when the status
+    /// went from visible (`before`) to invisible or offline (now).
+    fn note_visibility(&mut self, user_id: &str, before: &str, at_ms: i64) {
+        if !is_visible(before) || is_visible(self.status_of(user_id)) {
+            return;
+        }
+        if let Some(user) = self.users.get_mut(user_id) {
+            user.visible_seen_ms = user.visible_seen_ms.max(at_ms);
+        } else if let Some(seen) = self.offline_seen.get_mut(user_id) {
+            seen.visible_seen_ms = seen.visible_seen_ms.max(at_ms);
+        }
+    }
+
+    /// Apply the per-user part of a status change; returns nothing (the caller
+    /// compares public keys).
+    fn apply_settings(&mut self, user_id: &str, change: &StatusChange) {
+        if change.status_text.is_none() && change.last_seen_privacy.is_none() {
+            return;
+        }
+        let entry = self.settings.entry(user_id.to_owned()).or_default();
+        if let Some(text) = &change.status_text {
+            entry.status_text = text.clone();
+        }
+        if let Some(privacy) = &change.last_seen_privacy {
+            entry.privacy = (privacy != PRIVACY_EVERYONE).then(|| privacy.clone());
+        }
+        if entry.status_text.is_empty() && entry.privacy.is_none() {
+            self.settings.remove(user_id);
         }
     }
 
@@ -158,16 +231,18 @@ impl State {
         })
     }
 
-    fn forget_offline_seen(&mut self, user_id: &str) -> Option<i64> {
+    fn forget_offline_seen(&mut self, user_id: &str) -> Option<OfflineSeen> {
         let seen = self.offline_seen.remove(user_id)?;
-        self.offline_order.remove(&(seen, user_id.to_owned()));
+        self.offline_order
+            .remove(&(seen.last_seen_ms, user_id.to_owned()));
         Some(seen)
     }
 
-    fn remember_offline_seen(&mut self, user_id: &str, seen: i64) {
+    fn remember_offline_seen(&mut self, user_id: &str, seen: OfflineSeen) {
         self.forget_offline_seen(user_id);
         self.offline_seen.insert(user_id.to_owned(), seen);
-        self.offline_order.insert((seen, user_id.to_owned()));
+        self.offline_order
+            .insert((seen.last_seen_ms, user_id.to_owned()));
         while self.offline_seen.len() > MAX_OFFLINE_LAST_SEEN {
             self.pop_oldest_offline_seen();
         }
@@ -179,8 +254,18 @@ impl State {
         }
     }
 
-    /// Remove one live session; `seen_ms` (if any) is a last-seen time to record.
+    /// Remove one live session; `seen_ms` (if any) is a last-seen time to record
+    /// (otherwise the session's own last seen is when it was last alive).
     fn remove_session(&mut self, session_id: &str, seen_ms: Option<i64>) -> Option<Session> {
+        let user_id = self.sessions.get(session_id)?.user_id.clone();
+        let before = self.status_of(&user_id);
+        let session = self.remove_session_entry(session_id, seen_ms)?;
+        let at_ms = seen_ms.unwrap_or(session.last_seen_ms);
+        self.note_visibility(&user_id, before, at_ms);
+        Some(session)
+    }
+
+    fn remove_session_entry(&mut self, session_id: &str, seen_ms: Option<i64>) -> Option<Session> {
         let session = self.sessions.remove(session_id)?;
         self.deadlines
             .remove(&(session.expires_at_ms, session_id.to_owned()));
@@ -197,7 +282,10 @@ impl State {
                 user.last_seen_ms = user.last_seen_ms.max(seen);
             }
             if user.sessions.is_empty() {
-                offline_since = Some(user.last_seen_ms);
+                offline_since = Some(OfflineSeen {
+                    last_seen_ms: user.last_seen_ms,
+                    visible_seen_ms: user.visible_seen_ms,
+                });
             }
         }
         if let Some(seen) = offline_since {
@@ -233,12 +321,13 @@ impl State {
         }
     }
 
-    /// The users in `befores` whose status now differs from the recorded one.
-    fn changed_since(&self, befores: &HashMap<String, &'static str>) -> Vec<UserPresence> {
-        let mut changed: Vec<UserPresence> = befores
+    /// The users in `befores` whose public view now differs from the recorded one.
+    fn changed_since(&self, befores: &HashMap<String, PresenceState>) -> Vec<PresenceState> {
+        let mut changed: Vec<PresenceState> = befores
             .iter()
-            .filter(|(user, before)| self.status_of(user) != **before)
-            .map(|(user, _)| self.presence_of(user))
+            .map(|(user, before)| (before, self.presence_of(user)))
+            .filter(|(before, after)| before.public_key() != after.public_key())
+            .map(|(_, after)| after)
             .collect();
         changed.sort_by(|a, b| a.user_id.cmp(&b.user_id));
         changed
@@ -246,6 +335,27 @@ impl State {
 }
 
 use interest::distinct;
+
+/// A session's status and "away set automatically" mark after `change`: an explicit
+/// status replaces it (and clears the mark); an automatic `away` replaces only
+/// `online`, an automatic `online` only undoes an automatic `away`.
+pub(super) fn next_status(
+    current: SessionStatus,
+    auto_away: bool,
+    change: &StatusChange,
+) -> (SessionStatus, bool) {
+    match (change.status, change.automatic) {
+        (None, _) => (current, auto_away),
+        (Some(status), false) => (status, false),
+        (Some(SessionStatus::Away), true) if current == SessionStatus::Online => {
+            (SessionStatus::Away, true)
+        }
+        (Some(SessionStatus::Online), true) if current == SessionStatus::Away && auto_away => {
+            (SessionStatus::Online, false)
+        }
+        (Some(_), true) => (current, auto_away),
+    }
+}
 
 #[async_trait]
 impl SessionStore for MemorySessionStore {
@@ -257,7 +367,7 @@ impl SessionStore for MemorySessionStore {
         let now = self.clock.now_ms();
         let expires_at_ms = now + self.ttl_ms;
         let mut st = self.lock();
-        let before = st.status_of(&new.user_id);
+        let before = st.presence_of(&new.user_id);
         if let Some(old) = st.sessions.get(&new.session_id) {
             if old.user_id != new.user_id {
                 return Err(PresenceError::InvalidRequest(format!(
@@ -277,6 +387,7 @@ impl SessionStore for MemorySessionStore {
             }
             if let Some(session) = st.sessions.get_mut(&new.session_id) {
                 session.expires_at_ms = expires_at_ms;
+                session.last_seen_ms = session.last_seen_ms.max(now);
                 session.device_id = new.device_id;
                 session.gateway_url = new.gateway_url.clone();
             }
@@ -300,10 +411,10 @@ impl SessionStore for MemorySessionStore {
                 }
             }
             let presence = st.presence_of(&new.user_id);
-            let changed = presence.status != before;
+            let changed = presence.public_key() != before.public_key();
             return Ok(PresenceUpdate { presence, changed });
         }
-        st.forget_offline_seen(&new.user_id);
+        let offline = st.forget_offline_seen(&new.user_id);
         if !st.has_session_on(&new.user_id, &new.gateway_url) {
             st.interest.invalidate_member(&new.user_id);
         }
@@ -313,6 +424,7 @@ impl SessionStore for MemorySessionStore {
             .or_insert_with(|| OnlineUser {
                 sessions: HashSet::new(),
                 last_seen_ms: now,
+                visible_seen_ms: offline.map_or(0, |o| o.visible_seen_ms),
             });
         user.sessions.insert(new.session_id.clone());
         user.last_seen_ms = user.last_seen_ms.max(now);
@@ -329,11 +441,13 @@ impl SessionStore for MemorySessionStore {
                 device_id: new.device_id,
                 gateway_url: new.gateway_url,
                 status: SessionStatus::Online,
+                auto_away: false,
+                last_seen_ms: now,
                 expires_at_ms,
             },
         );
         let presence = st.presence_of(&user_id);
-        let changed = presence.status != before;
+        let changed = presence.public_key() != before.public_key();
         Ok(PresenceUpdate { presence, changed })
     }
 
@@ -343,10 +457,10 @@ impl SessionStore for MemorySessionStore {
         let Some(user_id) = st.sessions.get(session_id).map(|s| s.user_id.clone()) else {
             return Ok(None);
         };
-        let before = st.status_of(&user_id);
+        let before = st.presence_of(&user_id);
         st.remove_session(session_id, Some(now));
         let presence = st.presence_of(&user_id);
-        let changed = presence.status != before;
+        let changed = presence.public_key() != before.public_key();
         Ok(Some(PresenceUpdate { presence, changed }))
     }
 
@@ -375,6 +489,7 @@ impl SessionStore for MemorySessionStore {
                 }
                 let old = (session.expires_at_ms, id.clone());
                 session.expires_at_ms = expires_at_ms;
+                session.last_seen_ms = session.last_seen_ms.max(now);
                 let user_id = &session.user_id;
                 if let Some(user) = st.users.get_mut(user_id) {
                     user.last_seen_ms = user.last_seen_ms.max(now);
@@ -389,25 +504,30 @@ impl SessionStore for MemorySessionStore {
     async fn set_status(
         &self,
         session_id: &str,
-        status: SessionStatus,
+        change: &StatusChange,
     ) -> Result<PresenceUpdate, PresenceError> {
+        let now = self.clock.now_ms();
         let mut st = self.lock();
-        let Some(session) = st.sessions.get(session_id) else {
+        let Some(session) = st.sessions.get_mut(session_id) else {
             return Err(PresenceError::NotFound(format!(
                 "session {session_id} is not live"
             )));
         };
         let user_id = session.user_id.clone();
-        let before = st.status_of(&user_id);
+        let (status, auto_away) = next_status(session.status, session.auto_away, change);
+        let before = st.presence_of(&user_id);
         if let Some(session) = st.sessions.get_mut(session_id) {
             session.status = status;
+            session.auto_away = auto_away;
         }
+        st.apply_settings(&user_id, change);
+        st.note_visibility(&user_id, &before.status, now);
         let presence = st.presence_of(&user_id);
-        let changed = presence.status != before;
+        let changed = presence.public_key() != before.public_key();
         Ok(PresenceUpdate { presence, changed })
     }
 
-    async fn query(&self, user_ids: &[String]) -> Result<Vec<UserPresence>, PresenceError> {
+    async fn query(&self, user_ids: &[String]) -> Result<Vec<PresenceState>, PresenceError> {
         let st = self.lock();
         Ok(distinct(user_ids)
             .into_iter()
@@ -536,7 +656,7 @@ impl SessionStore for MemorySessionStore {
     }
 
     async fn drop_gateway(&self, gateway_url: &str) -> Result<DropOutcome, PresenceError> {
-        let mut befores: HashMap<String, &'static str> = HashMap::new();
+        let mut befores: HashMap<String, PresenceState> = HashMap::new();
         let mut removed = 0u32;
         loop {
             let now = self.clock.now_ms();
@@ -557,8 +677,10 @@ impl SessionStore for MemorySessionStore {
                     let Some(user_id) = st.sessions.get(&id).map(|s| s.user_id.clone()) else {
                         continue;
                     };
-                    let before = st.status_of(&user_id);
-                    befores.entry(user_id).or_insert(before);
+                    if let Entry::Vacant(entry) = befores.entry(user_id) {
+                        let before = st.presence_of(entry.key());
+                        entry.insert(before);
+                    }
                     if st.remove_session(&id, Some(now)).is_some() {
                         removed += 1;
                     }
@@ -568,8 +690,8 @@ impl SessionStore for MemorySessionStore {
         }
     }
 
-    async fn expire(&self, now_ms: i64) -> Result<Vec<UserPresence>, PresenceError> {
-        let mut befores: HashMap<String, &'static str> = HashMap::new();
+    async fn expire(&self, now_ms: i64) -> Result<Vec<PresenceState>, PresenceError> {
+        let mut befores: HashMap<String, PresenceState> = HashMap::new();
         loop {
             {
                 let mut st = self.lock();
@@ -597,8 +719,10 @@ impl SessionStore for MemorySessionStore {
                     let Some(user_id) = st.sessions.get(&id).map(|s| s.user_id.clone()) else {
                         continue;
                     };
-                    let before = st.status_of(&user_id);
-                    befores.entry(user_id).or_insert(before);
+                    if let Entry::Vacant(entry) = befores.entry(user_id) {
+                        let before = st.presence_of(entry.key());
+                        entry.insert(before);
+                    }
                     if let Some(session) = st.remove_session(&id, None) {
                         tracing::debug!(
                             session_id = %id,

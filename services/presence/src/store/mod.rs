@@ -26,12 +26,27 @@ pub use interest::{ConversationRoutes, INTEREST_TTL};
 pub use memory::MemorySessionStore;
 pub use redis::RedisSessionStore;
 
-/// Aggregated status of a user with at least one live session whose devices are all away.
-pub const STATUS_AWAY: &str = "away";
-/// Aggregated status of a user with at least one live session marked online.
+/// Status of a session whose user is available.
 pub const STATUS_ONLINE: &str = "online";
+/// Status of a session whose user is away (idle, in the background).
+pub const STATUS_AWAY: &str = "away";
+/// Status of a session whose user does not want to be disturbed.
+pub const STATUS_BUSY: &str = "busy";
+/// Status of a session whose user is connected but appears offline to everyone else.
+pub const STATUS_INVISIBLE: &str = "invisible";
 /// Aggregated status of a user with no live session.
 pub const STATUS_OFFLINE: &str = "offline";
+
+/// Last-seen privacy: everyone sees `last_seen_ms` (the default).
+pub const PRIVACY_EVERYONE: &str = "everyone";
+/// Last-seen privacy: only users sharing a conversation see it. Presence returns it
+/// as is; the gateway clears it for other viewers.
+pub const PRIVACY_CONTACTS: &str = "contacts";
+/// Last-seen privacy: nobody else sees it (`last_seen_ms` = 0 in the public view).
+pub const PRIVACY_NOBODY: &str = "nobody";
+
+/// Longest status text, in bytes.
+pub const MAX_STATUS_TEXT_BYTES: usize = 128;
 
 /// Most users one watcher may watch through one gateway. Each watch costs an entry in
 /// two indexes for as long as the watcher's session lives; the cap keeps a single
@@ -48,21 +63,28 @@ pub const LAST_SEEN_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 pub const MAX_OFFLINE_LAST_SEEN: usize = 1_000_000;
 
 /// The status one session can have. The ordering is availability: the most available
-/// device of a user decides the user's aggregated status.
+/// device of a user decides the user's aggregated status
+/// (`online` > `away` > `busy` > `invisible`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum SessionStatus {
-    /// The client said it is away (idle, in the background).
+    /// Connected, but shown as offline to everyone but the user.
+    Invisible,
+    /// Do not disturb.
+    Busy,
+    /// Idle or in the background (set by the client, or by the gateway's idle timer).
     Away,
     /// The default of a fresh session.
     Online,
 }
 
 impl SessionStatus {
-    /// Parse a status a client may set: `online` or `away`.
+    /// Parse a status a session may have: `online`, `away`, `busy` or `invisible`.
     pub fn parse(s: &str) -> Option<SessionStatus> {
         match s {
             STATUS_ONLINE => Some(SessionStatus::Online),
             STATUS_AWAY => Some(SessionStatus::Away),
+            STATUS_BUSY => Some(SessionStatus::Busy),
+            STATUS_INVISIBLE => Some(SessionStatus::Invisible),
             _ => None,
         }
     }
@@ -71,7 +93,115 @@ impl SessionStatus {
         match self {
             SessionStatus::Online => STATUS_ONLINE,
             SessionStatus::Away => STATUS_AWAY,
+            SessionStatus::Busy => STATUS_BUSY,
+            SessionStatus::Invisible => STATUS_INVISIBLE,
         }
+    }
+}
+
+/// Whether an aggregated status (`online`, `away`, `busy`, `invisible`, `offline`)
+/// shows the user as present to others.
+pub fn is_visible(status: &str) -> bool {
+    matches!(status, STATUS_ONLINE | STATUS_AWAY | STATUS_BUSY)
+}
+
+/// Whether `s` is a last-seen privacy setting.
+pub fn is_privacy(s: &str) -> bool {
+    matches!(s, PRIVACY_EVERYONE | PRIVACY_CONTACTS | PRIVACY_NOBODY)
+}
+
+/// A change asked by `SetStatus` (inputs already validated by the service).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StatusChange {
+    /// The session's new status; `None` leaves it unchanged.
+    pub status: Option<SessionStatus>,
+    /// Set by the gateway's idle timer: `Away` then replaces only `Online`, and
+    /// `Online` only undoes an automatic `Away`; a status the user chose stays.
+    pub automatic: bool,
+    /// The user's status text (all devices); `None` leaves it, `""` clears it.
+    pub status_text: Option<String>,
+    /// The user's last-seen privacy; `None` leaves it.
+    pub last_seen_privacy: Option<String>,
+}
+
+/// Everything the store knows about a user's presence: the TRUE aggregate (what the
+/// user sees of themselves) plus what the public view needs. Turn it into what a
+/// viewer gets with [`PresenceState::view_for`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PresenceState {
+    pub user_id: String,
+    /// The most available status of the live sessions, `invisible` included;
+    /// `offline` without live session.
+    pub status: String,
+    /// Last register, heartbeat or unregister of any of the user's sessions.
+    pub last_seen_ms: i64,
+    /// Live sessions.
+    pub sessions: u32,
+    /// Per user; empty when unset.
+    pub status_text: String,
+    /// Per user: `everyone` (default), `contacts` or `nobody`.
+    pub last_seen_privacy: String,
+    /// Last-seen time as of the moment the user last stopped being visibly present
+    /// (the last visible session removed, or the user turned invisible): what others
+    /// see as last seen while the user is invisible or offline. 0 = never.
+    pub visible_seen_ms: i64,
+}
+
+impl PresenceState {
+    /// What `viewer_id` sees: the true state for the user themselves, the public view
+    /// for everyone else (an empty viewer is "everyone else").
+    pub fn view_for(&self, viewer_id: &str) -> UserPresence {
+        if !viewer_id.is_empty() && viewer_id == self.user_id {
+            self.true_view()
+        } else {
+            self.public_view()
+        }
+    }
+
+    /// The user's own view: `invisible` shown as such, live sessions counted.
+    pub fn true_view(&self) -> UserPresence {
+        UserPresence {
+            user_id: self.user_id.clone(),
+            status: self.status.clone(),
+            last_seen_ms: self.last_seen_ms,
+            sessions: self.sessions,
+            status_text: self.status_text.clone(),
+            last_seen_privacy: self.last_seen_privacy.clone(),
+        }
+    }
+
+    /// What everyone else sees: an invisible user is `offline` with no sessions and
+    /// the last-seen time frozen at when they were last visibly present; with privacy
+    /// `nobody` last seen is 0 (`contacts` is left to the gateway).
+    pub fn public_view(&self) -> UserPresence {
+        let (status, sessions, last_seen_ms) = if is_visible(&self.status) {
+            (self.status.clone(), self.sessions, self.last_seen_ms)
+        } else {
+            (STATUS_OFFLINE.to_owned(), 0, self.visible_seen_ms)
+        };
+        UserPresence {
+            user_id: self.user_id.clone(),
+            status,
+            last_seen_ms: if self.last_seen_privacy == PRIVACY_NOBODY {
+                0
+            } else {
+                last_seen_ms
+            },
+            sessions,
+            status_text: self.status_text.clone(),
+            last_seen_privacy: self.last_seen_privacy.clone(),
+        }
+    }
+
+    /// What presence events are about: a change of any of these is announced to
+    /// watchers (a last-seen tick or another device of a present user is not).
+    pub fn public_key(&self) -> (&str, &str, &str) {
+        let status = if is_visible(&self.status) {
+            self.status.as_str()
+        } else {
+            STATUS_OFFLINE
+        };
+        (status, &self.status_text, &self.last_seen_privacy)
     }
 }
 
@@ -86,11 +216,12 @@ pub struct NewSession {
     pub gateway_url: String,
 }
 
-/// A user's presence after an operation and whether the aggregated status changed.
+/// A user's presence after an operation and whether the public view changed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PresenceUpdate {
-    pub presence: UserPresence,
-    /// True when the aggregated status (`online`/`away`/`offline`) differs from before.
+    pub presence: PresenceState,
+    /// True when what watchers see changed ([`PresenceState::public_key`]): the
+    /// public status (an invisible user is `offline`), status text or privacy.
     pub changed: bool,
 }
 
@@ -99,8 +230,8 @@ pub struct PresenceUpdate {
 pub struct DropOutcome {
     /// Sessions removed.
     pub sessions: u32,
-    /// Users whose aggregated status changed, with their new presence.
-    pub changed: Vec<UserPresence>,
+    /// Users whose public view changed, with their new presence.
+    pub changed: Vec<PresenceState>,
 }
 
 /// The watchers of one user that sit on one gateway.
@@ -161,10 +292,19 @@ impl Default for Clock {
 /// - A session expires `ttl` after its last register or heartbeat; expiry happens in
 ///   [`SessionStore::expire`], which the service calls periodically.
 /// - A user's status is the most available status of their live sessions
-///   (`online` > `away`), or `offline` with no live session.
+///   (`online` > `away` > `busy` > `invisible`), or `offline` with no live session.
+///   A fresh session is `online`; re-registering a live session keeps its status.
 /// - `last_seen_ms` is the last register, heartbeat or unregister time of any of the
 ///   user's sessions, kept after the user goes offline within the bounds
 ///   [`LAST_SEEN_RETENTION`] and [`MAX_OFFLINE_LAST_SEEN`].
+/// - `visible_seen_ms` is raised when the user stops being visibly present (status
+///   `online`/`away`/`busy` before, `invisible`/`offline` after): to "now" by
+///   set_status, unregister and drop_gateway, to the removed session's last seen by
+///   expiry. It has the same retention as `last_seen_ms`.
+/// - `status_text` and `last_seen_privacy` are per user, outlive the sessions and
+///   are kept until changed (a user with default settings costs nothing).
+/// - `changed` (and the users returned by expire and drop_gateway) means the public
+///   view changed ([`PresenceState::public_key`]).
 /// - A watch lives only while the watcher has a session on the watch's gateway: when
 ///   the watcher's last session there goes away, its watches there go too.
 /// - [`SessionStore::route_conversation`] answers what `route` would (users sorted per
@@ -193,15 +333,18 @@ pub trait SessionStore: Send + Sync + 'static {
         session_ids: &[String],
     ) -> Result<Vec<String>, PresenceError>;
 
-    /// Set the status of one live session; `NotFound` when it is not live.
+    /// Apply a `SetStatus` through one live session (its status, its user's status
+    /// text and privacy) atomically; `NotFound` when the session is not live (then
+    /// nothing changes). An automatic status applies only as [`StatusChange`] says;
+    /// an explicit one clears the session's "set automatically" mark.
     async fn set_status(
         &self,
         session_id: &str,
-        status: SessionStatus,
+        change: &StatusChange,
     ) -> Result<PresenceUpdate, PresenceError>;
 
-    /// Aggregated presence of users, one entry per distinct user in request order.
-    async fn query(&self, user_ids: &[String]) -> Result<Vec<UserPresence>, PresenceError>;
+    /// Presence state of users, one entry per distinct user in request order.
+    async fn query(&self, user_ids: &[String]) -> Result<Vec<PresenceState>, PresenceError>;
 
     /// Gateways where the users have live sessions, sorted by gateway URL; per gateway
     /// the users there in request order. Users with no live session appear nowhere.
@@ -235,9 +378,9 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn drop_gateway(&self, gateway_url: &str) -> Result<DropOutcome, PresenceError>;
 
     /// Remove sessions whose deadline is at or before `now_ms` and forget last-seen
-    /// entries beyond the bounds. Returns the new presence of users whose aggregated
-    /// status changed.
-    async fn expire(&self, now_ms: i64) -> Result<Vec<UserPresence>, PresenceError>;
+    /// entries beyond the bounds. Returns the new presence of users whose public view
+    /// changed.
+    async fn expire(&self, now_ms: i64) -> Result<Vec<PresenceState>, PresenceError>;
 
     /// Sizes for the gauges.
     async fn stats(&self) -> Result<StoreStats, PresenceError>;
@@ -301,9 +444,86 @@ mod tests {
     fn statuses_parse_and_order_by_availability() {
         assert_eq!(SessionStatus::parse("online"), Some(SessionStatus::Online));
         assert_eq!(SessionStatus::parse("away"), Some(SessionStatus::Away));
+        assert_eq!(SessionStatus::parse("busy"), Some(SessionStatus::Busy));
+        assert_eq!(
+            SessionStatus::parse("invisible"),
+            Some(SessionStatus::Invisible)
+        );
         assert_eq!(SessionStatus::parse("offline"), None);
         assert_eq!(SessionStatus::parse(""), None);
         assert!(SessionStatus::Online > SessionStatus::Away);
+        assert!(SessionStatus::Away > SessionStatus::Busy);
+        assert!(SessionStatus::Busy > SessionStatus::Invisible);
+        for s in [
+            SessionStatus::Online,
+            SessionStatus::Away,
+            SessionStatus::Busy,
+            SessionStatus::Invisible,
+        ] {
+            assert_eq!(SessionStatus::parse(s.as_str()), Some(s));
+        }
+    }
+
+    fn state(status: &str, privacy: &str) -> PresenceState {
+        PresenceState {
+            user_id: "alice".into(),
+            status: status.into(),
+            last_seen_ms: 2_000,
+            sessions: 2,
+            status_text: "lunch".into(),
+            last_seen_privacy: privacy.into(),
+            visible_seen_ms: 1_000,
+        }
+    }
+
+    #[test]
+    fn the_user_sees_the_truth_and_everyone_else_the_public_view() {
+        let s = state(STATUS_INVISIBLE, PRIVACY_EVERYONE);
+        let own = s.view_for("alice");
+        assert_eq!(
+            (own.status.as_str(), own.sessions, own.last_seen_ms),
+            (STATUS_INVISIBLE, 2, 2_000)
+        );
+        for viewer in ["bob", ""] {
+            let other = s.view_for(viewer);
+            assert_eq!(
+                (other.status.as_str(), other.sessions, other.last_seen_ms),
+                (STATUS_OFFLINE, 0, 1_000),
+                "invisible looks offline, last seen frozen"
+            );
+            assert_eq!(other.status_text, "lunch");
+        }
+        let busy = state(STATUS_BUSY, PRIVACY_EVERYONE).public_view();
+        assert_eq!(
+            (busy.status.as_str(), busy.sessions, busy.last_seen_ms),
+            (STATUS_BUSY, 2, 2_000)
+        );
+        let hidden = state(STATUS_ONLINE, PRIVACY_NOBODY);
+        assert_eq!(hidden.public_view().last_seen_ms, 0);
+        assert_eq!(hidden.true_view().last_seen_ms, 2_000);
+        let contacts = state(STATUS_AWAY, PRIVACY_CONTACTS).public_view();
+        assert_eq!(contacts.last_seen_ms, 2_000, "the gateway filters contacts");
+        assert_eq!(contacts.last_seen_privacy, PRIVACY_CONTACTS);
+    }
+
+    #[test]
+    fn public_key_hides_invisible_and_ignores_last_seen_and_devices() {
+        let invisible = state(STATUS_INVISIBLE, PRIVACY_EVERYONE);
+        let offline = PresenceState {
+            status: STATUS_OFFLINE.into(),
+            sessions: 0,
+            last_seen_ms: 9_000,
+            ..invisible.clone()
+        };
+        assert_eq!(invisible.public_key(), offline.public_key());
+        let online = state(STATUS_ONLINE, PRIVACY_EVERYONE);
+        let more = PresenceState {
+            sessions: 3,
+            last_seen_ms: 5_000,
+            ..online.clone()
+        };
+        assert_eq!(online.public_key(), more.public_key());
+        assert_ne!(online.public_key(), invisible.public_key());
     }
 
     #[test]

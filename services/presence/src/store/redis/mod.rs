@@ -11,7 +11,8 @@
 //! | `<p>:{x<n>}:sess` | hash | session id -> session record (JSON: user, gateway, device, deadline, last seen, generation) |
 //! | `<p>:{x<n>}:dl` | sorted set | session id, score = deadline ms (the expiry index) |
 //! | `<p>:{x<n>}:gw` | sorted set | `<gateway>\0<session id>`, score 0 (sessions by gateway, read by lex range) |
-//! | `<p>:{u:<user>}` | hash | `s:<session id>` -> `{status, generation, gateway}` for each live session (status aggregation, route table); `seen` -> last seen of the user's removed sessions. Without sessions it expires after [`LAST_SEEN_RETENTION`](super::LAST_SEEN_RETENTION) |
+//! | `<p>:{u:<user>}` | hash | `s:<session id>` -> `{status, generation, gateway, automatic-away mark}` for each live session (status aggregation, route table); `seen` -> last seen of the user's removed sessions; `vseen` -> visible last seen (when the user last stopped being visibly present: the public last seen while invisible or offline). Without sessions it expires after [`LAST_SEEN_RETENTION`](super::LAST_SEEN_RETENTION) |
+//! | `<p>:{u:<user>}:settings` | hash | the user's presence settings: `text` -> status text, `privacy` -> `contacts` or `nobody` (absent = default `""` / `everyone`; the key is deleted when both are defaults). No TTL: a privacy choice outlives sessions and last-seen retention |
 //! | `<p>:{u:<user>}:watching` | sorted set | `<gateway>\0<watched user>`: what the user watches, per gateway (cap, cleanup) |
 //! | `<p>:{u:<user>}:watchers` | hash | `<gateway>\0<watcher>` -> `1`: who watches the user (presence watches) |
 //! | `<p>:{u:<user>}:convs` | sorted set | conversation id, score = expiry ms of a cached routes entry listing the user as a member (reverse interest index). Key TTL 2 x [`INTEREST_TTL`](super::INTEREST_TTL), refreshed when such an entry is computed |
@@ -112,8 +113,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::interest::{distinct, fmix64, fnv1a, ConversationRoutes};
 use super::{
-    Clock, DropOutcome, GatewayWatchers, NewSession, PresenceFeed, PresenceUpdate, SessionStatus,
-    SessionStore, StoreStats, LAST_SEEN_RETENTION, MAX_WATCHED_PER_WATCHER, STATUS_OFFLINE,
+    is_visible, Clock, DropOutcome, GatewayWatchers, NewSession, PresenceFeed, PresenceState,
+    PresenceUpdate, SessionStatus, SessionStore, StatusChange, StoreStats, LAST_SEEN_RETENTION,
+    MAX_WATCHED_PER_WATCHER, PRIVACY_EVERYONE, STATUS_OFFLINE,
 };
 use crate::error::PresenceError;
 
@@ -203,6 +205,9 @@ impl Keys {
     fn watchers(&self, user: &str) -> String {
         format!("{}:{{u:{user}}}:watchers", self.prefix)
     }
+    fn settings(&self, user: &str) -> String {
+        format!("{}:{{u:{user}}}:settings", self.prefix)
+    }
     fn interest(&self, user: &str) -> String {
         format!("{}:{{u:{user}}}:convs", self.prefix)
     }
@@ -288,6 +293,8 @@ struct UserChange {
     /// Conversations with a possibly cached interest entry listing the user, when the
     /// user's set of gateways changed (empty otherwise): their entries are dropped.
     interested: Vec<String>,
+    /// The visible last seen after the change.
+    visible_seen: i64,
 }
 
 type UserReply = (
@@ -299,7 +306,11 @@ type UserReply = (
     String,
     Vec<String>,
     Vec<String>,
+    i64,
 );
+
+/// The settings part of a `USER_STATUS` reply: text, privacy, whether they changed.
+type SettingsReply = (String, String, i64);
 
 impl UserChange {
     fn from_reply(user_id: &str, r: UserReply) -> UserChange {
@@ -313,7 +324,22 @@ impl UserChange {
             unlinked_gateway: r.5,
             unlinked: r.6,
             interested: r.7,
+            visible_seen: r.8,
         }
+    }
+
+    /// Whether the public status changed (an invisible user is offline to others).
+    fn public_status_changed(&self) -> bool {
+        public_status(&self.before) != public_status(&self.after)
+    }
+}
+
+/// The status others see for an aggregated status.
+fn public_status(status: &str) -> &str {
+    if is_visible(status) {
+        status
+    } else {
+        STATUS_OFFLINE
     }
 }
 
@@ -578,51 +604,86 @@ impl Inner {
         self.pipe::<()>(op, &pipe).await
     }
 
-    /// Last-seen times of live sessions, by session id (missing records are skipped).
-    async fn live_seen(
+    /// Last-seen times of live sessions, by session id (missing records are skipped),
+    /// and the settings (status text, privacy) of `users`, in one round trip.
+    async fn live_seen_and_settings(
         &self,
         op: &str,
         session_ids: &[&String],
-    ) -> Result<HashMap<String, i64>, PresenceError> {
-        if session_ids.is_empty() {
-            return Ok(HashMap::new());
+        users: &[&String],
+    ) -> Result<(HashMap<String, i64>, Vec<(String, String)>), PresenceError> {
+        if session_ids.is_empty() && users.is_empty() {
+            return Ok((HashMap::new(), Vec::new()));
         }
         let mut pipe = redis::pipe();
         for sid in session_ids {
             pipe.hget(self.keys.sessions(shard_of(sid)), sid.as_str());
         }
-        let raws: Vec<Option<String>> = self.pipe(op, &pipe).await?;
-        Ok(session_ids
+        for user in users {
+            let key = self.keys.settings(user);
+            pipe.hget(&key, "text").hget(&key, "privacy");
+        }
+        let mut raws: Vec<Option<String>> = self.pipe(op, &pipe).await?;
+        let settings_raw = raws.split_off(session_ids.len().min(raws.len()));
+        let seen = session_ids
             .iter()
             .zip(raws)
             .filter_map(|(sid, raw)| {
                 let record: SessionRecord = serde_json::from_str(raw.as_deref()?).ok()?;
                 Some(((*sid).clone(), record.sn as i64))
             })
-            .collect())
+            .collect();
+        let settings = settings_raw
+            .chunks(2)
+            .map(|pair| {
+                (
+                    pair.first().cloned().flatten().unwrap_or_default(),
+                    pair.get(1)
+                        .cloned()
+                        .flatten()
+                        .unwrap_or_else(|| PRIVACY_EVERYONE.to_owned()),
+                )
+            })
+            .collect();
+        Ok((seen, settings))
     }
 
     /// The presence after a user change: last seen is the stored one or the latest
-    /// heartbeat of a live session.
-    async fn presence_after(
+    /// heartbeat of a live session; settings as stored (or as `settings` says).
+    async fn state_after(
         &self,
         op: &str,
         change: &UserChange,
-    ) -> Result<UserPresence, PresenceError> {
+        settings: Option<(String, String)>,
+    ) -> Result<PresenceState, PresenceError> {
         let sids: Vec<&String> = change.session_ids.iter().collect();
-        let seen = self.live_seen(op, &sids).await?;
-        Ok(UserPresence {
+        let read_settings = if settings.is_none() {
+            vec![&change.user_id]
+        } else {
+            Vec::new()
+        };
+        let (seen, stored) = self
+            .live_seen_and_settings(op, &sids, &read_settings)
+            .await?;
+        let (status_text, last_seen_privacy) = settings
+            .or_else(|| stored.into_iter().next())
+            .unwrap_or_else(|| (String::new(), PRIVACY_EVERYONE.to_owned()));
+        Ok(PresenceState {
             user_id: change.user_id.clone(),
             status: change.after.clone(),
             last_seen_ms: seen.values().copied().fold(change.seen, i64::max),
             sessions: change.sessions,
-            ..Default::default()
+            status_text,
+            last_seen_privacy,
+            visible_seen_ms: change.visible_seen,
         })
     }
 
-    fn update(&self, presence: UserPresence, before: &str) -> PresenceUpdate {
-        let changed = presence.status != before;
-        PresenceUpdate { presence, changed }
+    fn update(&self, presence: PresenceState, change: &UserChange) -> PresenceUpdate {
+        PresenceUpdate {
+            presence,
+            changed: change.public_status_changed(),
+        }
     }
 
     /// Read the user hashes of `users` (one pipelined round trip).
@@ -775,7 +836,8 @@ fn triples(flat: Vec<String>) -> Vec<(String, String, String)> {
     out
 }
 
-/// First status before and last status after, per user, over a sequence of changes.
+/// Users whose public status differs between the first status before and the last
+/// status after, over a sequence of changes.
 fn net_changes(changes: &[UserChange]) -> Vec<String> {
     let mut first_last: BTreeMap<&str, (&str, &str)> = BTreeMap::new();
     for c in changes {
@@ -786,7 +848,7 @@ fn net_changes(changes: &[UserChange]) -> Vec<String> {
     }
     first_last
         .into_iter()
-        .filter(|(_, (before, after))| before != after)
+        .filter(|(_, (before, after))| public_status(before) != public_status(after))
         .map(|(user, _)| user.to_owned())
         .collect()
 }
@@ -834,8 +896,8 @@ impl SessionStore for RedisSessionStore {
             .await?;
         let change = UserChange::from_reply(&new.user_id, r);
         s.settle("register", std::slice::from_ref(&change)).await?;
-        let presence = s.presence_after("register", &change).await?;
-        Ok(s.update(presence, &change.before))
+        let presence = s.state_after("register", &change, None).await?;
+        Ok(s.update(presence, &change))
     }
 
     async fn unregister(&self, session_id: &str) -> Result<Option<PresenceUpdate>, PresenceError> {
@@ -866,8 +928,8 @@ impl SessionStore for RedisSessionStore {
                 changed: false,
             }));
         };
-        let presence = s.presence_after("unregister", change).await?;
-        Ok(Some(s.update(presence, &change.before)))
+        let presence = s.state_after("unregister", change, None).await?;
+        Ok(Some(s.update(presence, change)))
     }
 
     async fn heartbeat(
@@ -912,7 +974,7 @@ impl SessionStore for RedisSessionStore {
     async fn set_status(
         &self,
         session_id: &str,
-        status: SessionStatus,
+        change: &StatusChange,
     ) -> Result<PresenceUpdate, PresenceError> {
         let s = &*self.inner;
         let not_found = || PresenceError::NotFound(format!("session {session_id} is not live"));
@@ -924,20 +986,37 @@ impl SessionStore for RedisSessionStore {
                 .map_err(|e| PresenceError::Internal(format!("bad session record: {e}")))?,
             None => return Err(not_found()),
         };
-        let r: Option<UserReply> = s
-            .script(
-                "set_status",
-                &s.scripts.user_status,
-                &s.user_keys(&record.u),
-                &[session_id.to_owned(), status.as_str().to_owned()],
-            )
+        let [k1, k2, k3] = s.user_keys(&record.u);
+        let keys = [k1, k2, k3, s.keys.settings(&record.u)];
+        let args = [
+            session_id.to_owned(),
+            change.status.map_or("", SessionStatus::as_str).to_owned(),
+            if change.automatic { "1" } else { "0" }.to_owned(),
+            if change.status_text.is_some() {
+                "1"
+            } else {
+                "0"
+            }
+            .to_owned(),
+            change.status_text.clone().unwrap_or_default(),
+            change.last_seen_privacy.clone().unwrap_or_default(),
+            s.clock.now_ms().to_string(),
+        ];
+        let r: Option<(UserReply, SettingsReply)> = s
+            .script("set_status", &s.scripts.user_status, &keys, &args)
             .await?;
-        let change = UserChange::from_reply(&record.u, r.ok_or_else(not_found)?);
-        let presence = s.presence_after("set_status", &change).await?;
-        Ok(s.update(presence, &change.before))
+        let (user_reply, (text, privacy, settings_changed)) = r.ok_or_else(not_found)?;
+        let change = UserChange::from_reply(&record.u, user_reply);
+        let presence = s
+            .state_after("set_status", &change, Some((text, privacy)))
+            .await?;
+        Ok(PresenceUpdate {
+            presence,
+            changed: change.public_status_changed() || settings_changed != 0,
+        })
     }
 
-    async fn query(&self, user_ids: &[String]) -> Result<Vec<UserPresence>, PresenceError> {
+    async fn query(&self, user_ids: &[String]) -> Result<Vec<PresenceState>, PresenceError> {
         let s = &*self.inner;
         let users = distinct(user_ids);
         if users.is_empty() {
@@ -958,24 +1037,29 @@ impl SessionStore for RedisSessionStore {
                 best = best.max(SessionStatus::parse(&entry.st));
                 sids.push(sid.to_owned());
             }
-            let seen = hash
-                .get("seen")
-                .and_then(|v| v.parse::<i64>().ok())
-                .unwrap_or(0);
-            out.push(UserPresence {
+            let number = |field: &str| {
+                hash.get(field)
+                    .and_then(|v| v.parse::<i64>().ok())
+                    .unwrap_or(0)
+            };
+            out.push(PresenceState {
                 user_id: (*user).clone(),
                 status: best
                     .map_or(STATUS_OFFLINE, SessionStatus::as_str)
                     .to_owned(),
-                last_seen_ms: seen,
+                last_seen_ms: number("seen"),
                 sessions: sids.len() as u32,
-                ..Default::default()
+                status_text: String::new(),
+                last_seen_privacy: PRIVACY_EVERYONE.to_owned(),
+                visible_seen_ms: number("vseen"),
             });
             live.push(sids);
         }
         let all: Vec<&String> = live.iter().flatten().collect();
-        let seen = s.live_seen("query", &all).await?;
-        for (presence, sids) in out.iter_mut().zip(&live) {
+        let (seen, settings) = s.live_seen_and_settings("query", &all, &users).await?;
+        for ((presence, sids), (text, privacy)) in out.iter_mut().zip(&live).zip(settings) {
+            presence.status_text = text;
+            presence.last_seen_privacy = privacy;
             for sid in sids {
                 if let Some(t) = seen.get(sid) {
                     presence.last_seen_ms = presence.last_seen_ms.max(*t);
@@ -1124,7 +1208,7 @@ impl SessionStore for RedisSessionStore {
         })
     }
 
-    async fn expire(&self, now_ms: i64) -> Result<Vec<UserPresence>, PresenceError> {
+    async fn expire(&self, now_ms: i64) -> Result<Vec<PresenceState>, PresenceError> {
         let s = &*self.inner;
         let mut changes = Vec::new();
         let (now_arg, lease_arg) = (now_ms.to_string(), (now_ms + EXPIRY_LEASE_MS).to_string());

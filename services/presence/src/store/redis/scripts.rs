@@ -5,8 +5,13 @@
 //! Session record (`<p>:{x<n>}:sess`, field = session id):
 //! `{"u": user, "g": gateway URL, "d": device, "dl": deadline ms, "sn": last seen ms,
 //!   "gen": registration generation, "x": 1 while being expired}`.
-//! User entry (`<p>:{u:<user>}`, field `s:<session id>`): `{"st": status, "gen", "g"}`;
-//! field `seen` holds the last-seen time of the user's removed sessions.
+//! User entry (`<p>:{u:<user>}`, field `s:<session id>`): `{"st": status, "gen", "g",
+//! "a": 1 when the status is an automatic away}`; field `seen` holds the last-seen
+//! time of the user's removed sessions (and registrations), field `vseen` the
+//! visible last seen (when the user last stopped being visibly present).
+//! User settings (`<p>:{u:<user>}:settings`, hash, no TTL): `text` -> status text,
+//! `privacy` -> `contacts` or `nobody`; absent fields are the defaults (`""`,
+//! `everyone`), and the key is gone when both are.
 //! Interest (`<p>:{u:<user>}:convs`, sorted set): conversation id, score = expiry (ms)
 //! of the interest entry that lists the user as a member.
 //! Conversation routes (`<p>:{c:<conv>}:routes`, hash): `fp` -> member fingerprint,
@@ -153,26 +158,38 @@ return out
 /// A user script returns `{before, after, sessions, seen, {sid...}, unlinked gateway,
 /// {unlinked watched user...}, {conversation to invalidate...}}`.
 const USER_LIB: &str = r#"
+local RANK = {invisible = 1, busy = 2, away = 3, online = 4}
+local function visible(st)
+  return st == 'online' or st == 'away' or st == 'busy'
+end
 local function agg(h)
   local flat = redis.call('HGETALL', h)
   local best = 'offline'
+  local best_rank = 0
   local n = 0
   local seen = 0
+  local vseen = 0
   local sids = {}
   local gws = {}
   for i = 1, #flat, 2 do
     local f = flat[i]
     if f == 'seen' then
       seen = tonumber(flat[i + 1])
+    elseif f == 'vseen' then
+      vseen = tonumber(flat[i + 1])
     elseif string.sub(f, 1, 2) == 's:' then
       local e = cjson.decode(flat[i + 1])
       n = n + 1
       sids[#sids + 1] = string.sub(f, 3)
       gws[e.g] = true
-      if e.st == 'online' then best = 'online' elseif best == 'offline' then best = 'away' end
+      local r = RANK[e.st] or RANK.online
+      if r > best_rank then
+        best_rank = r
+        best = e.st
+      end
     end
   end
-  return best, n, seen, sids, gws
+  return best, n, seen, sids, gws, vseen
 end
 local function unlink(watching, gw)
   local members = redis.call('ZRANGEBYLEX', watching, '[' .. gw .. '\0', '(' .. gw .. '\1')
@@ -193,29 +210,38 @@ local function interested(convs, now)
   redis.call('ZREMRANGEBYSCORE', convs, '-inf', '(' .. now)
   return redis.call('ZRANGE', convs, 0, -1)
 end
+local function raise(h, field, t)
+  local old = tonumber(redis.call('HGET', h, field) or '0')
+  if t > old then redis.call('HSET', h, field, string.format('%d', t)) end
+end
 local function raise_seen(h, t)
-  local seen = tonumber(redis.call('HGET', h, 'seen') or '0')
-  if t > seen then redis.call('HSET', h, 'seen', string.format('%d', t)) end
+  raise(h, 'seen', t)
+end
+-- The user stopped being visibly present at t: remember it as the visible last seen.
+local function note_visibility(h, before, after, t)
+  if visible(before) and not visible(after) then raise(h, 'vseen', t) end
 end
 "#;
 
-/// Add or refresh a session in its user's hash (status kept on refresh).
-/// KEYS: user, watching, convs. ARGV: sid, gen, gateway, now.
+/// Add or refresh a session in its user's hash (status and its automatic mark kept
+/// on refresh). KEYS: user, watching, convs. ARGV: sid, gen, gateway, now.
 const USER_ADD: &str = r#"
 local before, _, _, _, gws_before = agg(KEYS[1])
 local f = 's:' .. ARGV[1]
 local raw = redis.call('HGET', KEYS[1], f)
 local st = 'online'
+local auto = nil
 local old_gw = nil
 if raw then
   local e = cjson.decode(raw)
   st = e.st
+  auto = e.a
   old_gw = e.g
 end
-redis.call('HSET', KEYS[1], f, cjson.encode({st = st, gen = ARGV[2], g = ARGV[3]}))
+redis.call('HSET', KEYS[1], f, cjson.encode({st = st, gen = ARGV[2], g = ARGV[3], a = auto}))
 raise_seen(KEYS[1], tonumber(ARGV[4]))
 redis.call('PERSIST', KEYS[1])
-local after, n, seen, sids, gws = agg(KEYS[1])
+local after, n, seen, sids, gws, vseen = agg(KEYS[1])
 local unlinked = {}
 local unlinked_gw = ''
 if old_gw and old_gw ~= ARGV[3] and not gws[old_gw] then
@@ -224,7 +250,7 @@ if old_gw and old_gw ~= ARGV[3] and not gws[old_gw] then
 end
 local convs = {}
 if not same_set(gws_before, gws) then convs = interested(KEYS[3], ARGV[4]) end
-return {before, after, n, seen, sids, unlinked_gw, unlinked, convs}
+return {before, after, n, seen, sids, unlinked_gw, unlinked, convs, vseen}
 "#;
 
 /// Remove a session from its user's hash when its generation matches (an empty gen
@@ -239,7 +265,9 @@ if ARGV[2] ~= '' and e.gen ~= ARGV[2] then return false end
 local before = agg(KEYS[1])
 redis.call('HDEL', KEYS[1], f)
 raise_seen(KEYS[1], tonumber(ARGV[3]))
-local after, n, seen, sids, gws = agg(KEYS[1])
+local after = agg(KEYS[1])
+note_visibility(KEYS[1], before, after, tonumber(ARGV[3]))
+local _, n, seen, sids, gws, vseen = agg(KEYS[1])
 local unlinked = {}
 local unlinked_gw = ''
 local convs = {}
@@ -249,22 +277,61 @@ if not gws[e.g] then
   convs = interested(KEYS[3], ARGV[3])
 end
 if n == 0 then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
-return {before, after, n, seen, sids, unlinked_gw, unlinked, convs}
+return {before, after, n, seen, sids, unlinked_gw, unlinked, convs, vseen}
 "#;
 
-/// Set the status of a session in its user's hash (routes do not change).
-/// KEYS: user, watching, convs.
-/// ARGV: sid, status. Returns nil when the session is not there.
+/// Apply a SetStatus: the session's status in its user's hash (routes do not
+/// change) and the user's settings, in one atomic step.
+/// KEYS: user, watching, convs, settings.
+/// ARGV: sid, status ("" = unchanged), automatic ("1"/"0"), has text ("1"/"0"), text,
+/// privacy ("" = unchanged), now.
+/// An automatic "away" replaces only "online" (and marks the entry `a`); an automatic
+/// "online" only undoes a marked "away"; an explicit status clears the mark.
+/// Returns nil when the session is not there, else
+/// `{{user reply}, {text, privacy, settings changed 0/1}}`.
 const USER_STATUS: &str = r#"
 local f = 's:' .. ARGV[1]
 local raw = redis.call('HGET', KEYS[1], f)
 if not raw then return false end
 local before = agg(KEYS[1])
 local e = cjson.decode(raw)
-e.st = ARGV[2]
-redis.call('HSET', KEYS[1], f, cjson.encode(e))
-local after, n, seen, sids = agg(KEYS[1])
-return {before, after, n, seen, sids, '', {}, {}}
+local st = ARGV[2]
+if st ~= '' then
+  if ARGV[3] == '1' then
+    if st == 'away' and e.st == 'online' then
+      e.st = 'away'
+      e.a = 1
+    elseif st == 'online' and e.st == 'away' and e.a then
+      e.st = 'online'
+      e.a = nil
+    end
+  else
+    e.st = st
+    e.a = nil
+  end
+  redis.call('HSET', KEYS[1], f, cjson.encode(e))
+end
+local text = redis.call('HGET', KEYS[4], 'text') or ''
+local privacy = redis.call('HGET', KEYS[4], 'privacy') or 'everyone'
+local changed = 0
+if ARGV[4] == '1' and ARGV[5] ~= text then
+  changed = 1
+  text = ARGV[5]
+  if text == '' then redis.call('HDEL', KEYS[4], 'text') else redis.call('HSET', KEYS[4], 'text', text) end
+end
+if ARGV[6] ~= '' and ARGV[6] ~= privacy then
+  changed = 1
+  privacy = ARGV[6]
+  if privacy == 'everyone' then
+    redis.call('HDEL', KEYS[4], 'privacy')
+  else
+    redis.call('HSET', KEYS[4], 'privacy', privacy)
+  end
+end
+local after, n, seen, sids, _, _ = agg(KEYS[1])
+note_visibility(KEYS[1], before, after, tonumber(ARGV[7]))
+local vseen = tonumber(redis.call('HGET', KEYS[1], 'vseen') or '0')
+return {{before, after, n, seen, sids, '', {}, {}, vseen}, {text, privacy, changed}}
 "#;
 
 /// Record watches of the watcher (KEYS[1] is the watcher's user hash) through a

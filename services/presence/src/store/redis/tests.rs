@@ -102,11 +102,11 @@ impl SessionStore for TestStore {
     async fn set_status(
         &self,
         id: &str,
-        status: SessionStatus,
+        change: &StatusChange,
     ) -> Result<PresenceUpdate, PresenceError> {
-        self.store.set_status(id, status).await
+        self.store.set_status(id, change).await
     }
-    async fn query(&self, users: &[String]) -> Result<Vec<UserPresence>, PresenceError> {
+    async fn query(&self, users: &[String]) -> Result<Vec<PresenceState>, PresenceError> {
         self.store.query(users).await
     }
     async fn route(&self, users: &[String]) -> Result<Vec<GatewayRoute>, PresenceError> {
@@ -128,7 +128,7 @@ impl SessionStore for TestStore {
     async fn drop_gateway(&self, gw: &str) -> Result<DropOutcome, PresenceError> {
         self.store.drop_gateway(gw).await
     }
-    async fn expire(&self, now_ms: i64) -> Result<Vec<UserPresence>, PresenceError> {
+    async fn expire(&self, now_ms: i64) -> Result<Vec<PresenceState>, PresenceError> {
         self.store.expire(now_ms).await
     }
     async fn stats(&self) -> Result<StoreStats, PresenceError> {
@@ -545,6 +545,7 @@ fn keys_of_one_operation_share_a_hash_tag() {
     assert_eq!(tag(&keys.sessions(shard)), tag(&keys.by_gateway(shard)));
     assert_eq!(tag(&keys.user("alice")), tag(&keys.watching("alice")));
     assert_eq!(tag(&keys.user("alice")), tag(&keys.interest("alice")));
+    assert_eq!(tag(&keys.user("alice")), tag(&keys.settings("alice")));
     assert_eq!(tag(&keys.routes("c1")), tag(&keys.routes_gen("c1")));
     assert_eq!(tag(&keys.routes("c1")), "c:c1");
     assert_eq!(tag(&keys.user("alice")), "u:alice");
