@@ -87,6 +87,20 @@ pub struct Counters {
     /// First receipts through sync or history after a reconnect.
     pub recovered: u64,
     pub errors: u64,
+    /// Read markers sent (and acked) for a share of the deliveries
+    /// (`load.read_fraction`). Ephemeral traffic: never part of the delivery check.
+    #[serde(default)]
+    pub reads_acked: u64,
+    /// `receipt` events received (other sessions' read markers).
+    #[serde(default)]
+    pub receipts_received: u64,
+    /// `typing` requests sent (and acked) before a share of the sends
+    /// (`load.typing_fraction`).
+    #[serde(default)]
+    pub typing_acked: u64,
+    /// `typing` events received.
+    #[serde(default)]
+    pub typing_received: u64,
 }
 
 /// Which counter an event bumps.
@@ -105,6 +119,10 @@ pub enum Count {
     Delivered,
     Recovered,
     Error,
+    ReadAcked,
+    ReceiptReceived,
+    TypingAcked,
+    TypingReceived,
 }
 
 impl Counters {
@@ -123,6 +141,10 @@ impl Counters {
             Count::Delivered => &mut self.delivered,
             Count::Recovered => &mut self.recovered,
             Count::Error => &mut self.errors,
+            Count::ReadAcked => &mut self.reads_acked,
+            Count::ReceiptReceived => &mut self.receipts_received,
+            Count::TypingAcked => &mut self.typing_acked,
+            Count::TypingReceived => &mut self.typing_received,
         }
     }
 
@@ -140,6 +162,10 @@ impl Counters {
         self.delivered += o.delivered;
         self.recovered += o.recovered;
         self.errors += o.errors;
+        self.reads_acked += o.reads_acked;
+        self.receipts_received += o.receipts_received;
+        self.typing_acked += o.typing_acked;
+        self.typing_received += o.typing_received;
     }
 }
 

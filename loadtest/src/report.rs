@@ -301,6 +301,11 @@ pub fn render_text(r: &Report) -> String {
         "  connections: connects {}  failures {}  reconnects {}",
         c.connects, c.connect_failures, c.reconnects
     );
+    let _ = writeln!(
+        out,
+        "  ephemeral (not in the delivery check): reads acked {}  receipts received {}  typing acked {}  typing received {}",
+        c.reads_acked, c.receipts_received, c.typing_acked, c.typing_received
+    );
     let k = &r.correctness;
     let _ = writeln!(
         out,
@@ -434,6 +439,11 @@ pub fn render_markdown(r: &Report) -> String {
         "\n## Counts\n\n| scheduled | sent | accepted | refused | unresolved | skipped | skipped offline | connects | connect failures | reconnects |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
         c.scheduled, c.sent, c.accepted, c.refused, c.unresolved, c.skipped, c.skipped_offline,
         c.connects, c.connect_failures, c.reconnects
+    );
+    let _ = writeln!(
+        out,
+        "\n## Receipts and typing\n\nEphemeral traffic next to the messages; never counted as deliveries or losses.\n\n| read markers acked | receipt events received | typing acked | typing events received |\n|---:|---:|---:|---:|\n| {} | {} | {} | {} |",
+        c.reads_acked, c.receipts_received, c.typing_acked, c.typing_received
     );
     if !r.errors.is_empty() {
         let _ = writeln!(out, "\n## Errors\n\n| error | count |\n|---|---:|");

@@ -7,11 +7,17 @@
 //! and recovers what it missed with `sync` and `history`. One dispatcher task per
 //! conversation class makes the sends at their due times without waiting for
 //! answers; latency is measured from the due time.
+//!
+//! Next to the messages, a scenario can add ephemeral traffic: receiving sessions
+//! send read markers for a share of the deliveries (`load.read_fraction`) and
+//! senders send `typing` before a share of their sends (`load.typing_fraction`).
+//! The `receipt` and `typing` events this produces are counted; they are not
+//! timeline events, so they never enter the delivery check.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -66,6 +72,13 @@ const CLOSE_LIMIT: Duration = Duration::from_secs(30);
 
 /// Commands queued per session (churn orders are dropped when it is busy).
 const COMMAND_QUEUE: usize = 4;
+
+/// Read markers awaiting their ack per session; a read due beyond that is not sent.
+const MAX_READS_IN_FLIGHT: usize = 4;
+
+/// Least time between two `typing` of one sender in one conversation: above the
+/// server's default `gateway.typing_interval_ms` (1 s), so none is rate limited.
+const TYPING_MIN_GAP: Duration = Duration::from_secs(2);
 
 /// What a run needs besides the scenario.
 #[derive(Debug, Clone)]
@@ -264,6 +277,10 @@ struct Session {
     events: Option<Events>,
     end: SessionEnd,
     cursors_ready: bool,
+    /// Accumulates `load.read_fraction` per delivery; a read marker is due at 1.
+    read_credit: f64,
+    /// Read markers sent and not yet acked (bounded by [`MAX_READS_IN_FLIGHT`]).
+    reads_in_flight: Arc<AtomicUsize>,
 }
 
 impl Session {
@@ -366,6 +383,9 @@ impl Session {
                         conv.received.fetch_add(1, Ordering::Relaxed);
                         self.end.delivered += 1;
                         recorder.count(Count::Delivered);
+                        if id.is_some_and(|id| id.session != self.index) {
+                            self.maybe_read(&conv.id, message.seq);
+                        }
                         if let Some(id) = id.filter(|id| ctx.measured(id.due_us)) {
                             let which = if id.session == self.index {
                                 Lat::Echo
@@ -378,11 +398,46 @@ impl Session {
                     }
                 }
             }
+            Event::Receipt(_) => recorder.count(Count::ReceiptReceived),
+            Event::Typing(_) => recorder.count(Count::TypingReceived),
             Event::GoAway(_) => recorder.error("goaway"),
             Event::Error(error) => recorder.error(format!("error_event_{}", error.code)),
-            // Conversation events from forming the groups, receipts, presence.
+            // Conversation events from forming the groups, presence.
             _ => {}
         }
+    }
+
+    /// Send a read marker for `seq` if one is due (`load.read_fraction` of the
+    /// deliveries), without waiting for its ack.
+    fn maybe_read(&mut self, conversation_id: &Arc<str>, seq: u64) {
+        let fraction = self.ctx.scenario.load.read_fraction;
+        if fraction <= 0.0 || self.ctx.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        self.read_credit += fraction;
+        if self.read_credit < 1.0 {
+            return;
+        }
+        self.read_credit -= 1.0;
+        if self.reads_in_flight.load(Ordering::Relaxed) >= MAX_READS_IN_FLIGHT {
+            return;
+        }
+        let Some(client) = self.slot().client().clone() else {
+            return;
+        };
+        let in_flight = self.reads_in_flight.clone();
+        in_flight.fetch_add(1, Ordering::Relaxed);
+        let recorder = self.ctx.recorder.clone();
+        let conversation_id = conversation_id.clone();
+        tokio::spawn(async move {
+            match client.read(&conversation_id, seq).await {
+                Ok(()) => recorder.count(Count::ReadAcked),
+                // The connection closed under it (churn or the end of the run).
+                Err(ClientError::Closed { .. }) => {}
+                Err(error) => recorder.error(format!("read_{}", stats::error_label(&error))),
+            }
+            in_flight.fetch_sub(1, Ordering::Relaxed);
+        });
     }
 
     /// Messages that came back from sync or history.
@@ -545,6 +600,8 @@ async fn session_task(
         events: None,
         end: SessionEnd::default(),
         cursors_ready: false,
+        read_credit: 0.0,
+        reads_in_flight: Arc::new(AtomicUsize::new(0)),
     };
     tokio::time::sleep_until(due).await;
     let began = Instant::now();
@@ -674,7 +731,8 @@ async fn create_conversations(ctx: &Arc<Ctx>, connected: &[bool]) -> Convs {
     Convs { list, by_id }
 }
 
-/// Create one conversation; returns its id and highest sequence.
+/// Create one conversation; returns its id and highest sequence (after adding
+/// members beyond the first request, which the timeline records as events).
 async fn create_one(
     client: &Client,
     spec: &ConversationSpec,
@@ -692,16 +750,21 @@ async fn create_one(
             let conversation = client
                 .create_group(&format!("load group {index}"), others[..first].to_vec())
                 .await?;
+            let mut last_seq = conversation.last_seq;
             for chunk in others[first..].chunks(MEMBERS_PER_REQUEST) {
-                client
+                let added = client
                     .members(
                         &conversation.conversation_id,
                         MembersAction::Add,
                         chunk.to_vec(),
                     )
                     .await?;
+                // Adding members appends a system event: the run starts after it.
+                if let Some(added) = added {
+                    last_seq = last_seq.max(added.last_seq);
+                }
             }
-            Ok((conversation.conversation_id, conversation.last_seq))
+            Ok((conversation.conversation_id, last_seq))
         }
     }
 }
@@ -717,6 +780,9 @@ async fn dispatch(
 ) {
     let recorder = ctx.recorder.clone();
     let mut waiting = vec![0usize; slots.len()];
+    let typing_fraction = ctx.scenario.load.typing_fraction;
+    let mut typing_credit = 0.0f64;
+    let mut last_typing: Vec<Option<Instant>> = vec![None; slots.len()];
     let mut in_flight = FuturesUnordered::new();
     let mut global = 0u64;
     while let Some(due) = schedule.due_global(global) {
@@ -753,20 +819,34 @@ async fn dispatch(
         let body = body.clone();
         waiting[slot_index] += 1;
         recorder.count(Count::Sent);
+        typing_credit += typing_fraction;
+        let typing = typing_credit >= 1.0
+            && last_typing[slot_index]
+                .is_none_or(|at| due.saturating_duration_since(at) >= TYPING_MIN_GAP);
+        if typing {
+            typing_credit -= 1.0;
+            last_typing[slot_index] = Some(due);
+        }
         in_flight.push(async move {
-            let result = client
-                .send_with_id(
-                    &conversation_id,
-                    &client_msg_id,
-                    &body,
-                    DEFAULT_CONTENT_TYPE,
-                )
-                .await;
+            let send = client.send_with_id(
+                &conversation_id,
+                &client_msg_id,
+                &body,
+                DEFAULT_CONTENT_TYPE,
+            );
+            // `join` polls the typing request first, so its frame goes out first.
+            let (typed, result) = if typing {
+                let (typed, result) = tokio::join!(client.typing(&conversation_id, true), send);
+                (Some(typed), result)
+            } else {
+                (None, send.await)
+            };
             Sent {
                 slot: slot_index,
                 conversation: slot.conversation,
                 id,
                 result,
+                typed,
                 at: Instant::now(),
             }
         });
@@ -782,12 +862,19 @@ struct Sent {
     conversation: usize,
     id: MsgId,
     result: Result<SendResult, ClientError>,
+    /// The outcome of the `typing` sent before it, if one was.
+    typed: Option<Result<(), ClientError>>,
     at: Instant,
 }
 
 fn settle(ctx: &Ctx, waiting: &mut [usize], sent: Sent) {
     waiting[sent.slot] -= 1;
     let recorder = &ctx.recorder;
+    match &sent.typed {
+        Some(Ok(())) => recorder.count(Count::TypingAcked),
+        Some(Err(ClientError::Closed { .. })) | None => {}
+        Some(Err(error)) => recorder.error(format!("typing_{}", stats::error_label(error))),
+    }
     let Some(conv) = ctx.convs().and_then(|c| c.list[sent.conversation].as_ref()) else {
         return;
     };

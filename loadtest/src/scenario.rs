@@ -162,6 +162,13 @@ pub struct Load {
     /// Sends awaiting an ack per sending session; a due send that finds this many
     /// waiting is skipped and counted (generator saturation).
     pub max_in_flight: usize,
+    /// Share of the deliveries (of other sessions' messages) for which the receiving
+    /// session sends a read marker; the members then get `receipt` events. 0 = none.
+    pub read_fraction: f64,
+    /// Share of the sends that a `typing: true` from the sender precedes (at most
+    /// one per sender and conversation every 2 s, within the server's typing rate
+    /// limit); the other members get `typing` events. 0 = none.
+    pub typing_fraction: f64,
 }
 
 impl Default for Load {
@@ -173,6 +180,8 @@ impl Default for Load {
             duration: Duration::from_secs(10),
             drain: Duration::from_secs(10),
             max_in_flight: 32,
+            read_fraction: 0.0,
+            typing_fraction: 0.0,
         }
     }
 }
@@ -373,6 +382,15 @@ impl Scenario {
             );
         }
         anyhow::ensure!(load.max_in_flight >= 1, "`load.max_in_flight` must be >= 1");
+        for (name, fraction) in [
+            ("read_fraction", load.read_fraction),
+            ("typing_fraction", load.typing_fraction),
+        ] {
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&fraction),
+                "`load.{name}` must be between 0 and 1"
+            );
+        }
         anyhow::ensure!(!load.duration.is_zero(), "`load.duration` must be positive");
         if let Some(churn) = &self.churn {
             anyhow::ensure!(
@@ -489,6 +507,16 @@ mod tests {
         assert!(Scenario::parse(&no_size).is_err());
         let long_downtime = EXAMPLE.replace("downtime = \"200ms\"", "downtime = \"5s\"");
         assert!(Scenario::parse(&long_downtime).is_err());
+        let too_many_reads = EXAMPLE.replace("rate = 50\n", "rate = 50\nread_fraction = 1.5\n");
+        assert!(Scenario::parse(&too_many_reads).is_err());
+        let typing = EXAMPLE.replace("rate = 50\n", "rate = 50\ntyping_fraction = 0.25\n");
+        assert_eq!(
+            Scenario::parse(&typing)
+                .expect("valid")
+                .load
+                .typing_fraction,
+            0.25
+        );
     }
 
     #[test]

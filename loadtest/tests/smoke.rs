@@ -253,6 +253,15 @@ fn the_smoke_scenario_passes_against_standalone() {
     assert_eq!(r["delivered_ratio"], 1.0);
     // Churn ran: sessions reconnected.
     assert!(u(&r, "/totals/reconnects") > 0, "{r:#}");
+    // Read markers and typing ran next to the messages and reached the members.
+    for count in [
+        "reads_acked",
+        "receipts_received",
+        "typing_acked",
+        "typing_received",
+    ] {
+        assert!(u(&r, &format!("/totals/{count}")) > 0, "{count}: {r:#}");
+    }
     // Every threshold of the scenario was checked and held.
     let checks = r["thresholds"].as_array().expect("thresholds");
     let names: Vec<&str> = checks.iter().filter_map(|c| c["name"].as_str()).collect();
