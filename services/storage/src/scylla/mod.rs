@@ -79,6 +79,7 @@
 //! makes requests fail within [`REQUEST_TIMEOUT`] (at once when no connection is
 //! left) with `unavailable`; the driver reconnects by itself.
 
+mod features;
 pub mod schema;
 
 #[cfg(test)]
@@ -107,13 +108,16 @@ use async_trait::async_trait;
 use futures::TryStreamExt;
 use prost::Message as _;
 use switchboard_config::Config;
-use switchboard_proto::{Conversation, HistoryResult, Message, ReadMarker, SyncResult};
+use switchboard_proto::{
+    Conversation, HistoryResult, MemberReceipt, Message, ReadMarker, SyncResult, SystemEvent,
+    Webhook,
+};
 
 use crate::error::{Result, StorageError};
 use crate::rules;
 use crate::store::{
-    Appended, ConversationKind, Direction, HistoryStore, MemberAction, MemberChange,
-    NewConversation, PageQuery,
+    kinds, Appended, ConversationKind, Direction, HistoryStore, MemberAction, MemberChange,
+    MemberNotification, NewConversation, NewWebhook, PageQuery, ThreadPage, ThreadQuery,
 };
 
 /// Sequences per `messages` partition: `bucket = seq / BUCKET_SIZE`. Fixed forever
@@ -194,6 +198,7 @@ pub async fn migrate(config: &Config) -> anyhow::Result<u32> {
 pub struct ScyllaStore {
     session: Session,
     st: Statements,
+    xt: features::FeatureStatements,
 }
 
 impl ScyllaStore {
@@ -221,13 +226,16 @@ impl ScyllaStore {
         let st = Statements::prepare(&session, &storage.scylla_keyspace)
             .await
             .map_err(|e| open_error(&config.storage.scylla_nodes, e))?;
+        let xt = features::FeatureStatements::prepare(&session, &storage.scylla_keyspace)
+            .await
+            .map_err(|e| open_error(&config.storage.scylla_nodes, e))?;
         tracing::info!(
             nodes = %storage.scylla_nodes,
             keyspace = %storage.scylla_keyspace,
             schema_version = version,
             "history store connected"
         );
-        Ok(ScyllaStore { session, st })
+        Ok(ScyllaStore { session, st, xt })
     }
 }
 
@@ -393,6 +401,10 @@ async fn migrate_session(
     for (i, statements) in schema::MIGRATIONS.iter().enumerate().skip(current as usize) {
         let version = i as u32 + 1;
         for cql in *statements {
+            if let Some((table, columns)) = schema::alter_add(cql) {
+                add_missing_columns(session, keyspace, &table, &columns).await?;
+                continue;
+            }
             let cql = qualify(cql, keyspace);
             run_ddl(session, &cql)
                 .await
@@ -410,6 +422,44 @@ async fn migrate_session(
         tracing::info!(keyspace, schema_version = version, "history store migrated");
     }
     Ok(schema::latest_version())
+}
+
+/// Add those of `columns` (name, definition) that `table` lacks, in one statement.
+async fn add_missing_columns(
+    session: &Session,
+    keyspace: &str,
+    table: &str,
+    columns: &[(String, String)],
+) -> std::result::Result<(), OpenError> {
+    let nodes = "the cluster";
+    let existing: HashSet<String> = session
+        .query_unpaged(
+            "SELECT column_name FROM system_schema.columns WHERE keyspace_name = ? AND table_name = ?",
+            (keyspace, table),
+        )
+        .await
+        .map_err(|e| open_error(nodes, e))?
+        .into_rows_result()
+        .map_err(|e| OpenError::Other(e.to_string()))?
+        .rows::<(String,)>()
+        .map_err(|e| OpenError::Other(e.to_string()))?
+        .filter_map(|r| r.ok().map(|(c,)| c))
+        .collect();
+    let missing: Vec<&str> = columns
+        .iter()
+        .filter(|(name, _)| !existing.contains(name))
+        .map(|(_, def)| def.as_str())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let cql = format!(
+        "ALTER TABLE {keyspace}.{table} ADD ({})",
+        missing.join(", ")
+    );
+    run_ddl(session, &cql)
+        .await
+        .map_err(|e| open_error(nodes, e))
 }
 
 /// Prefix the table of a `CREATE TABLE IF NOT EXISTS <table>` with the keyspace.
@@ -530,6 +580,30 @@ struct PendingMembers {
     user_ids: Vec<String>,
     #[prost(int64, tag = "4")]
     at_ms: i64,
+    /// A system event's change (when `user_ids` is empty): members written with
+    /// their role and join time, members removed, ban list changes.
+    #[prost(message, repeated, tag = "5")]
+    upserts: Vec<PendingMember>,
+    #[prost(string, repeated, tag = "6")]
+    removes: Vec<String>,
+    #[prost(string, repeated, tag = "7")]
+    banned: Vec<String>,
+    #[prost(string, repeated, tag = "8")]
+    unbanned: Vec<String>,
+    /// Sequence of the system event (0 for a membership change).
+    #[prost(int64, tag = "9")]
+    seq: i64,
+}
+
+/// A member row written by a system event.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+struct PendingMember {
+    #[prost(string, tag = "1")]
+    user_id: String,
+    #[prost(string, tag = "2")]
+    role: String,
+    #[prost(int64, tag = "3")]
+    joined_at_ms: i64,
 }
 
 /// The outcome of a conditional statement: whether it applied and, when it did not,
@@ -567,12 +641,15 @@ struct ConvRow {
     member_count: i32,
     applied_members_version: i64,
     pending_members: Option<Vec<u8>>,
+    topic: String,
+    /// Sequence of the last system event committed to the membership (0 = none).
+    members_seq: i64,
 }
 
 type ConvTuple = (
     String,
-    String,
-    String,
+    Option<String>,
+    Option<String>,
     i64,
     i64,
     i64,
@@ -580,14 +657,16 @@ type ConvTuple = (
     i32,
     i64,
     Option<Vec<u8>>,
+    Option<String>,
+    Option<i64>,
 );
 
 impl ConvRow {
     fn from_tuple(t: ConvTuple) -> Self {
         ConvRow {
             kind: t.0,
-            name: t.1,
-            owner_id: t.2,
+            name: t.1.unwrap_or_default(),
+            owner_id: t.2.unwrap_or_default(),
             created_at_ms: t.3,
             updated_at_ms: t.4,
             last_seq: t.5,
@@ -595,6 +674,8 @@ impl ConvRow {
             member_count: t.7,
             applied_members_version: t.8,
             pending_members: t.9,
+            topic: t.10.unwrap_or_default(),
+            members_seq: t.11.unwrap_or(0),
         }
     }
 
@@ -608,42 +689,120 @@ impl ConvRow {
             last_seq: self.last_seq.max(0) as u64,
             created_at_ms: self.created_at_ms,
             updated_at_ms: self.updated_at_ms,
+            topic: self.topic.clone(),
             ..Default::default()
         }
     }
 }
 
-type MessageTuple = (
-    String,
-    i64,
-    String,
-    String,
-    String,
-    String,
-    String,
-    String,
-    i64,
-);
+/// A `messages` row: the stored event plus its current state.
+#[derive(::scylla::DeserializeRow)]
+#[scylla(crate = ::scylla)]
+struct MessageRow {
+    conversation_id: String,
+    seq: i64,
+    message_id: String,
+    sender_id: String,
+    sender_device: Option<String>,
+    client_msg_id: Option<String>,
+    body: Option<String>,
+    content_type: Option<String>,
+    sent_at_ms: Option<i64>,
+    kind: Option<String>,
+    target_seq: Option<i64>,
+    reply_to_seq: Option<i64>,
+    thread_root_seq: Option<i64>,
+    mentions: Option<Vec<String>>,
+    emoji: Option<String>,
+    reaction_remove: Option<bool>,
+    system_event: Option<Vec<u8>>,
+    from_bot: Option<bool>,
+    edited_at_ms: Option<i64>,
+    deleted: Option<bool>,
+    reply_count: Option<i32>,
+    reply_last_seq: Option<i64>,
+    edit_seqs: Option<Vec<i64>>,
+}
 
-fn message_from_tuple(t: MessageTuple) -> Message {
-    Message {
-        conversation_id: t.0,
-        seq: t.1.max(0) as u64,
-        message_id: t.2,
-        sender_id: t.3,
-        sender_device: t.4,
-        client_msg_id: t.5,
-        body: t.6,
-        content_type: t.7,
-        sent_at_ms: t.8,
-        ..Default::default()
+fn seq_u64(seq: Option<i64>) -> u64 {
+    seq.unwrap_or(0).max(0) as u64
+}
+
+impl MessageRow {
+    fn is_message(&self) -> bool {
+        kinds::is_message(self.kind.as_deref().unwrap_or_default())
+    }
+
+    fn is_deleted(&self) -> bool {
+        self.deleted.unwrap_or(false)
+    }
+
+    /// The event in its current state (reactions are added by the reader).
+    fn into_message(self) -> Result<Message> {
+        let system = match &self.system_event {
+            Some(blob) if !blob.is_empty() => {
+                Some(SystemEvent::decode(blob.as_slice()).map_err(decode_error)?)
+            }
+            _ => None,
+        };
+        Ok(Message {
+            conversation_id: self.conversation_id,
+            seq: self.seq.max(0) as u64,
+            message_id: self.message_id,
+            sender_id: self.sender_id,
+            sender_device: self.sender_device.unwrap_or_default(),
+            client_msg_id: self.client_msg_id.unwrap_or_default(),
+            body: self.body.unwrap_or_default(),
+            content_type: self.content_type.unwrap_or_default(),
+            sent_at_ms: self.sent_at_ms.unwrap_or(0),
+            kind: self.kind.unwrap_or_default(),
+            target_seq: seq_u64(self.target_seq),
+            reply_to_seq: seq_u64(self.reply_to_seq),
+            thread_root_seq: seq_u64(self.thread_root_seq),
+            mentions: self.mentions.unwrap_or_default(),
+            emoji: self.emoji.unwrap_or_default(),
+            remove: self.reaction_remove.unwrap_or(false),
+            system,
+            from_bot: self.from_bot.unwrap_or(false),
+            edited_at_ms: self.edited_at_ms.unwrap_or(0),
+            deleted: self.deleted.unwrap_or(false),
+            reactions: Vec::new(),
+            reply_count: u32::try_from(self.reply_count.unwrap_or(0).max(0)).unwrap_or(0),
+        })
     }
 }
 
+/// The values of `msg_insert`: every stored field of an event, none of its state.
+#[derive(::scylla::SerializeRow)]
+#[scylla(crate = ::scylla)]
+struct MessageInsert<'a> {
+    conversation_id: &'a str,
+    bucket: i64,
+    seq: i64,
+    message_id: &'a str,
+    sender_id: &'a str,
+    sender_device: &'a str,
+    client_msg_id: &'a str,
+    body: &'a str,
+    content_type: &'a str,
+    sent_at_ms: i64,
+    kind: &'a str,
+    target_seq: i64,
+    reply_to_seq: i64,
+    thread_root_seq: i64,
+    mentions: &'a [String],
+    emoji: &'a str,
+    reaction_remove: bool,
+    system_event: Option<Vec<u8>>,
+    from_bot: bool,
+}
+
 const CONV_COLUMNS: &str = "kind, name, owner_id, created_at_ms, updated_at_ms, last_seq, \
-     members_version, member_count, applied_members_version, pending_members";
+     members_version, member_count, applied_members_version, pending_members, topic, members_seq";
 const MESSAGE_COLUMNS: &str = "conversation_id, seq, message_id, sender_id, sender_device, \
-     client_msg_id, body, content_type, sent_at_ms";
+     client_msg_id, body, content_type, sent_at_ms, kind, target_seq, reply_to_seq, \
+     thread_root_seq, mentions, emoji, reaction_remove, system_event, from_bot, edited_at_ms, \
+     deleted, reply_count, reply_last_seq, edit_seqs";
 
 /// Every statement, prepared once.
 struct Statements {
@@ -829,8 +988,10 @@ impl Statements {
             msg_insert: prep(
                 format!(
                     "INSERT INTO {ks}.messages (conversation_id, bucket, seq, message_id, \
-                     sender_id, sender_device, client_msg_id, body, content_type, sent_at_ms) \
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                     sender_id, sender_device, client_msg_id, body, content_type, sent_at_ms, \
+                     kind, target_seq, reply_to_seq, thread_root_seq, mentions, emoji, \
+                     reaction_remove, system_event, from_bot) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 ),
                 true,
                 false,
@@ -983,7 +1144,7 @@ enum Claim {
     /// The key now points at this append; `created_at_ms` identifies the claim.
     Ours { created_at_ms: i64 },
     /// The key's message is stored: answer it.
-    Duplicate(Message),
+    Duplicate(Box<Message>),
 }
 
 impl ScyllaStore {
@@ -1165,19 +1326,41 @@ impl ScyllaStore {
                 pending.version, row.members_version
             )));
         }
+        let timestamp = member_timestamp(pending.version);
         let users: Vec<(String, &'static str)> = pending
             .user_ids
             .iter()
             .map(|u| (u.clone(), ROLE_MEMBER))
             .collect();
-        self.write_members(
-            id,
-            &users,
-            pending.add,
-            pending.at_ms,
-            member_timestamp(pending.version),
-        )
-        .await?;
+        self.write_members(id, &users, pending.add, pending.at_ms, timestamp)
+            .await?;
+        for group in pending.upserts.chunks(FANOUT) {
+            let writes = group.iter().map(|m| {
+                self.write_member(id, &m.user_id, &m.role, true, m.joined_at_ms, timestamp)
+            });
+            futures::future::try_join_all(writes).await?;
+        }
+        for group in pending.removes.chunks(FANOUT) {
+            let writes = group
+                .iter()
+                .map(|u| self.write_member(id, u, "", false, pending.at_ms, timestamp));
+            futures::future::try_join_all(writes).await?;
+        }
+        for group in pending.banned.chunks(FANOUT) {
+            let writes = group.iter().map(|u| {
+                self.exec(
+                    &self.xt.ban_insert,
+                    (id, u.as_str(), pending.at_ms, timestamp),
+                )
+            });
+            futures::future::try_join_all(writes).await?;
+        }
+        for group in pending.unbanned.chunks(FANOUT) {
+            let writes = group
+                .iter()
+                .map(|u| self.exec(&self.xt.ban_delete, (timestamp, id, u.as_str())));
+            futures::future::try_join_all(writes).await?;
+        }
         self.lwt(
             &self.st.conv_members_applied,
             (pending.version, id, pending.version),
@@ -1187,31 +1370,53 @@ impl ScyllaStore {
         Ok(())
     }
 
-    async fn load_message(&self, id: &str, seq: u64) -> Result<Option<Message>> {
-        Ok(self
-            .first::<MessageTuple>(&self.st.msg_select, (id, bucket_of(seq), seq_i64(seq)))
-            .await?
-            .map(message_from_tuple))
+    async fn load_row(&self, id: &str, seq: u64) -> Result<Option<MessageRow>> {
+        self.first::<MessageRow>(&self.st.msg_select, (id, bucket_of(seq), seq_i64(seq)))
+            .await
     }
 
+    async fn load_message(&self, id: &str, seq: u64) -> Result<Option<Message>> {
+        self.load_row(id, seq)
+            .await?
+            .map(MessageRow::into_message)
+            .transpose()
+    }
+
+    /// The event's own row (plain upsert of the stored fields; its state columns are
+    /// left alone).
     async fn write_message(&self, m: &Message) -> Result<()> {
-        self.exec(
-            &self.st.msg_insert,
-            (
-                m.conversation_id.as_str(),
-                bucket_of(m.seq),
-                seq_i64(m.seq),
-                m.message_id.as_str(),
-                m.sender_id.as_str(),
-                m.sender_device.as_str(),
-                m.client_msg_id.as_str(),
-                m.body.as_str(),
-                m.content_type.as_str(),
-                m.sent_at_ms,
-            ),
-        )
-        .await?;
+        let values = MessageInsert {
+            conversation_id: &m.conversation_id,
+            bucket: bucket_of(m.seq),
+            seq: seq_i64(m.seq),
+            message_id: &m.message_id,
+            sender_id: &m.sender_id,
+            sender_device: &m.sender_device,
+            client_msg_id: &m.client_msg_id,
+            body: &m.body,
+            content_type: &m.content_type,
+            sent_at_ms: m.sent_at_ms,
+            kind: &m.kind,
+            target_seq: seq_i64(m.target_seq),
+            reply_to_seq: seq_i64(m.reply_to_seq),
+            thread_root_seq: seq_i64(m.thread_root_seq),
+            mentions: &m.mentions,
+            emoji: &m.emoji,
+            reaction_remove: m.remove,
+            system_event: m.system.as_ref().map(|e| e.encode_to_vec()),
+            from_bot: m.from_bot,
+        };
+        self.exec(&self.st.msg_insert, values).await?;
         Ok(())
+    }
+
+    /// Roll a committed event forward: its effects, then its own row. The row comes
+    /// last, so a stored row means its effects are in place (a retry that finds the
+    /// row answers "duplicate" without applying anything again). Every step is
+    /// idempotent: running it again after a crash anywhere in between is safe.
+    async fn roll_forward(&self, m: &Message, now_ms: i64) -> Result<()> {
+        self.apply_effects(m, now_ms).await?;
+        self.write_message(m).await
     }
 
     /// Messages with `seq > after`, ascending, at most `want`, walking buckets upwards.
@@ -1221,13 +1426,15 @@ impl ScyllaStore {
         loop {
             let limit = i32::try_from(want - out.len()).unwrap_or(i32::MAX);
             let rows = self
-                .rows::<MessageTuple>(
+                .rows::<MessageRow>(
                     &self.st.msg_after,
                     (id, seq_i64(bucket), seq_i64(after), limit),
                 )
                 .await?;
-            let last = rows.last().map(|r| r.1);
-            out.extend(rows.into_iter().map(message_from_tuple));
+            let last = rows.last().map(|r| r.seq);
+            for row in rows {
+                out.push(row.into_message()?);
+            }
             let bucket_end = seq_i64((bucket + 1) * BUCKET_SIZE - 1);
             // Sequences are gapless: a bucket read short of its end is where data ends.
             if out.len() >= want || last != Some(bucket_end) {
@@ -1244,13 +1451,15 @@ impl ScyllaStore {
         loop {
             let limit = i32::try_from(want - out.len()).unwrap_or(i32::MAX);
             let rows = self
-                .rows::<MessageTuple>(
+                .rows::<MessageRow>(
                     &self.st.msg_upto,
                     (id, seq_i64(bucket), seq_i64(upper), limit),
                 )
                 .await?;
-            let lowest = rows.last().map(|r| r.1);
-            out.extend(rows.into_iter().map(message_from_tuple));
+            let lowest = rows.last().map(|r| r.seq);
+            for row in rows {
+                out.push(row.into_message()?);
+            }
             if out.len() >= want || bucket == 0 || lowest != Some(seq_i64(bucket * BUCKET_SIZE)) {
                 return Ok(out);
             }
@@ -1291,7 +1500,7 @@ impl ScyllaStore {
                 let old_seq_u = old_seq.max(0) as u64;
                 if let Some(stored) = self.load_message(&old_conv, old_seq_u).await? {
                     if stored.sender_id == sender && stored.client_msg_id == cmid {
-                        return Ok(Claim::Duplicate(stored));
+                        return Ok(Claim::Duplicate(Box::new(stored)));
                     }
                     true // the sequence went to another message
                 } else if old_conv == id && old_seq == seq {
@@ -1307,8 +1516,8 @@ impl ScyllaStore {
                                 && pending.client_msg_id == cmid =>
                         {
                             // Committed, crashed before its message row: finish it.
-                            self.write_message(&pending).await?;
-                            return Ok(Claim::Duplicate(pending));
+                            self.roll_forward(&pending, now_ms).await?;
+                            return Ok(Claim::Duplicate(Box::new(pending)));
                         }
                         // Unknown conversation, a sequence that went elsewhere, or an
                         // attempt that never committed.
@@ -1385,12 +1594,14 @@ impl ScyllaStore {
         }
     }
 
-    /// Step 3 of an append: the message row and the dedupe key's age index row.
+    /// Step 3 of an append: the event's effects, its row and the dedupe key's age
+    /// index row.
     async fn store_message(
         &self,
         m: &Message,
         key_ttl: i32,
         created_at_ms: Option<i64>,
+        now_ms: i64,
     ) -> Result<()> {
         let index = async {
             if let Some(created) = created_at_ms {
@@ -1409,7 +1620,7 @@ impl ScyllaStore {
             }
             Ok::<_, StorageError>(())
         };
-        tokio::try_join!(self.write_message(m), index)?;
+        tokio::try_join!(self.roll_forward(m, now_ms), index)?;
         Ok(())
     }
 
@@ -1447,17 +1658,22 @@ impl ScyllaStore {
         &self,
         id: &str,
         row: &ConvRow,
+        user_id: &str,
         cursor: u64,
         limit: usize,
     ) -> Result<(Conversation, Vec<Message>, bool)> {
         self.roll_forward_members(id, row).await?;
-        let (mut messages, members) = tokio::try_join!(
+        let mut conv = row.conversation(id, Vec::new());
+        let (mut messages, (), fields) = tokio::try_join!(
             self.messages_after(id, cursor, limit + 1),
-            self.members_of(id)
+            self.fill_members(&mut conv),
+            self.user_fields(id, row, user_id),
         )?;
+        fields.apply(&mut conv);
         let truncated = messages.len() > limit;
         messages.truncate(limit);
-        Ok((row.conversation(id, members), messages, truncated))
+        self.fill_reactions(id, &mut messages).await?;
+        Ok((conv, messages, truncated))
     }
 
     async fn create_direct(&self, new: NewConversation) -> Result<Conversation> {
@@ -1586,8 +1802,9 @@ impl HistoryStore for ScyllaStore {
             .await?
             .ok_or_else(|| StorageError::NotFound(conversation_id.to_owned()))?;
         self.roll_forward_members(conversation_id, &row).await?;
-        let members = self.members_of(conversation_id).await?;
-        Ok(row.conversation(conversation_id, members))
+        let mut conv = row.conversation(conversation_id, Vec::new());
+        self.fill_members(&mut conv).await?;
+        Ok(conv)
     }
 
     async fn is_member(&self, conversation_id: &str, user_id: &str) -> Result<bool> {
@@ -1639,6 +1856,7 @@ impl HistoryStore for ScyllaStore {
                 add,
                 user_ids: delta,
                 at_ms: change.now_ms,
+                ..Default::default()
             };
             let committed = self
                 .lwt(
@@ -1671,12 +1889,20 @@ impl HistoryStore for ScyllaStore {
     }
 
     async fn list_conversations(&self, user_id: &str) -> Result<Vec<Conversation>> {
-        Ok(self
-            .user_conversations(user_id)
-            .await?
-            .into_iter()
-            .map(|(id, row)| row.conversation(&id, Vec::new()))
-            .collect())
+        let rows = self.user_conversations(user_id).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for group in rows.chunks(FANOUT) {
+            let fields = group
+                .iter()
+                .map(|(id, row)| self.user_fields(id, row, user_id));
+            let fields = futures::future::try_join_all(fields).await?;
+            for ((id, row), fields) in group.iter().zip(fields) {
+                let mut conv = row.conversation(id, Vec::new());
+                fields.apply(&mut conv);
+                out.push(conv);
+            }
+        }
+        Ok(out)
     }
 
     async fn last_seq(&self, conversation_id: &str) -> Result<u64> {
@@ -1685,18 +1911,24 @@ impl HistoryStore for ScyllaStore {
             .await?
             .ok_or_else(|| StorageError::NotFound(conversation_id.to_owned()))?;
         if let Some(pending) = pending {
-            // The partition owner continues from here: make sure `last` is stored.
-            self.write_message(&pending).await?;
+            // The partition owner continues from here: make sure `last` is stored
+            // and its effects applied.
+            self.roll_forward(&pending, now_ms()).await?;
         }
         Ok(last)
     }
 
     async fn append(
         &self,
-        message: Message,
+        mut message: Message,
         dedupe_since_ms: i64,
         now_ms: i64,
     ) -> Result<Appended> {
+        // The current-state fields start empty: effects of later events fill them.
+        message.edited_at_ms = 0;
+        message.deleted = false;
+        message.reactions.clear();
+        message.reply_count = 0;
         let id = message.conversation_id.clone();
         let seq = message.seq;
         let keyed = !message.client_msg_id.is_empty();
@@ -1705,7 +1937,7 @@ impl HistoryStore for ScyllaStore {
             match self.claim_key(&message, dedupe_since_ms, now_ms).await? {
                 Claim::Duplicate(stored) => {
                     return Ok(Appended {
-                        message: stored,
+                        message: *stored,
                         duplicate: true,
                     })
                 }
@@ -1732,7 +1964,8 @@ impl HistoryStore for ScyllaStore {
             )
             .await?;
         if commit.applied {
-            self.store_message(&message, key_ttl, claim_created).await?;
+            self.store_message(&message, key_ttl, claim_created, now_ms)
+                .await?;
             return Ok(Appended {
                 message,
                 duplicate: false,
@@ -1752,7 +1985,8 @@ impl HistoryStore for ScyllaStore {
                         && pending.client_msg_id == message.client_msg_id);
                 if pending.seq == seq && same_record {
                     // An earlier attempt of this record committed, then stopped.
-                    self.store_message(&pending, key_ttl, claim_created).await?;
+                    self.store_message(&pending, key_ttl, claim_created, now_ms)
+                        .await?;
                     return Ok(Appended {
                         message: pending,
                         duplicate: false,
@@ -1825,6 +2059,8 @@ impl HistoryStore for ScyllaStore {
                 }
             }
         };
+        let mut messages = messages;
+        self.fill_reactions(id, &mut messages).await?;
         Ok(HistoryResult {
             conversation_id: query.conversation_id.clone(),
             messages,
@@ -1855,7 +2091,7 @@ impl HistoryStore for ScyllaStore {
         for group in wanted.chunks(FANOUT) {
             let parts = group
                 .iter()
-                .map(|(id, row, cursor)| self.sync_one(id, row, *cursor, limit));
+                .map(|(id, row, cursor)| self.sync_one(id, row, user_id, *cursor, limit));
             for (conv, messages, truncated) in futures::future::try_join_all(parts).await? {
                 if truncated {
                     result.truncated.push(conv.conversation_id.clone());
@@ -1889,7 +2125,7 @@ impl HistoryStore for ScyllaStore {
             user_id: user_id.to_owned(),
             seq: seq.max(0) as u64,
             at_ms,
-            ..Default::default()
+            kind: "read".to_owned(),
         };
         for _ in 0..MAX_LWT_ATTEMPTS {
             let stored = self
@@ -1921,6 +2157,95 @@ impl HistoryStore for ScyllaStore {
         Err(StorageError::Unavailable(format!(
             "read marker of {user_id} keeps changing; try again"
         )))
+    }
+
+    async fn set_delivered_marker(
+        &self,
+        conversation_id: &str,
+        user_id: &str,
+        seq: u64,
+        now_ms: i64,
+    ) -> Result<ReadMarker> {
+        self.delivered_marker(conversation_id, user_id, seq, now_ms)
+            .await
+    }
+
+    async fn message_at(&self, conversation_id: &str, seq: u64) -> Result<Option<Message>> {
+        if seq == 0 {
+            return Ok(None);
+        }
+        self.load_message(conversation_id, seq).await
+    }
+
+    async fn banned_among(
+        &self,
+        conversation_id: &str,
+        user_ids: &[String],
+    ) -> Result<Vec<String>> {
+        self.banned(conversation_id, user_ids).await
+    }
+
+    async fn my_reactions(
+        &self,
+        conversation_id: &str,
+        user_id: &str,
+        from_seq: u64,
+        to_seq: u64,
+    ) -> Result<Vec<(u64, String)>> {
+        self.reactions_of_user(conversation_id, user_id, from_seq, to_seq)
+            .await
+    }
+
+    async fn thread_page(&self, query: &ThreadQuery) -> Result<ThreadPage> {
+        self.thread(query).await
+    }
+
+    async fn receipts(&self, conversation_id: &str) -> Result<Vec<MemberReceipt>> {
+        self.member_receipts(conversation_id).await
+    }
+
+    async fn set_notification(
+        &self,
+        user_id: &str,
+        conversation_id: &str,
+        until_ms: i64,
+    ) -> Result<()> {
+        self.store_notification(user_id, conversation_id, until_ms)
+            .await
+    }
+
+    async fn dnd_until(&self, user_id: &str) -> Result<i64> {
+        self.dnd(user_id).await
+    }
+
+    async fn notification_state(&self, conversation_id: &str) -> Result<Vec<MemberNotification>> {
+        self.notification_states(conversation_id).await
+    }
+
+    async fn shared_contacts(&self, user_id: &str, other_ids: &[String]) -> Result<Vec<String>> {
+        self.shared(user_id, other_ids).await
+    }
+
+    async fn put_webhook(&self, webhook: NewWebhook) -> Result<Webhook> {
+        self.add_webhook(webhook).await
+    }
+
+    async fn list_webhooks(&self, conversation_id: Option<&str>) -> Result<Vec<Webhook>> {
+        self.webhooks(conversation_id).await
+    }
+
+    async fn delete_webhook(&self, conversation_id: &str, webhook_id: &str) -> Result<()> {
+        self.remove_webhook(conversation_id, webhook_id).await
+    }
+
+    async fn advance_webhook(
+        &self,
+        conversation_id: &str,
+        webhook_id: &str,
+        delivered_seq: u64,
+    ) -> Result<Webhook> {
+        self.raise_webhook(conversation_id, webhook_id, delivered_seq)
+            .await
     }
 
     async fn purge_dedupe(&self, before_ms: i64, max_rows: u32) -> Result<u64> {

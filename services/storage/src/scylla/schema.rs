@@ -134,7 +134,102 @@ pub const MIGRATIONS: &[&[&str]] = &[
             PRIMARY KEY ((conversation_id), user_id)
         )",
     ],
+    // 2: timeline events (edits, deletes, reactions, threads, mentions, system
+    // events), roles and bans, delivered markers, notification preferences, webhooks.
+    &[
+        "ALTER TABLE conversations ADD (topic text, members_seq bigint)",
+        "ALTER TABLE messages ADD (kind text, target_seq bigint, reply_to_seq bigint,
+            thread_root_seq bigint, mentions list<text>, emoji text, reaction_remove boolean,
+            system_event blob, from_bot boolean, edited_at_ms bigint, deleted boolean,
+            reply_count int, reply_last_seq bigint, edit_seqs set<bigint>)",
+        "CREATE TABLE IF NOT EXISTS reactions (
+            conversation_id text,
+            bucket          bigint,
+            target_seq      bigint,
+            emoji           text,
+            user_id         text,
+            at_ms           bigint,
+            PRIMARY KEY ((conversation_id, bucket), target_seq, emoji, user_id)
+        )",
+        "CREATE TABLE IF NOT EXISTS reactions_by_user (
+            conversation_id text,
+            user_id         text,
+            target_seq      bigint,
+            emoji           text,
+            PRIMARY KEY ((conversation_id, user_id), target_seq, emoji)
+        )",
+        "CREATE TABLE IF NOT EXISTS thread_replies (
+            conversation_id text,
+            root_seq        bigint,
+            seq             bigint,
+            PRIMARY KEY ((conversation_id, root_seq), seq)
+        )",
+        "CREATE TABLE IF NOT EXISTS delivered_markers (
+            conversation_id text,
+            user_id         text,
+            seq             bigint,
+            at_ms           bigint,
+            PRIMARY KEY ((conversation_id), user_id)
+        )",
+        "CREATE TABLE IF NOT EXISTS bans (
+            conversation_id text,
+            user_id         text,
+            banned_at_ms    bigint,
+            PRIMARY KEY ((conversation_id), user_id)
+        )",
+        "CREATE TABLE IF NOT EXISTS mutes (
+            conversation_id text,
+            user_id         text,
+            until_ms        bigint,
+            PRIMARY KEY ((conversation_id), user_id)
+        )",
+        "CREATE TABLE IF NOT EXISTS do_not_disturb (
+            user_id         text PRIMARY KEY,
+            until_ms        bigint
+        )",
+        "CREATE TABLE IF NOT EXISTS webhooks (
+            conversation_id text,
+            slot            int,
+            webhook_id      text,
+            url             text,
+            secret          text,
+            delivered_seq   bigint,
+            created_at_ms   bigint,
+            created_by      text,
+            PRIMARY KEY ((conversation_id), slot)
+        )",
+        "CREATE TABLE IF NOT EXISTS webhooks_by_shard (
+            shard           int,
+            conversation_id text,
+            webhook_id      text,
+            PRIMARY KEY ((shard), conversation_id, webhook_id)
+        )",
+    ],
 ];
+
+/// The columns an `ALTER TABLE <table> ADD (<column> <type>, ...)` migration statement
+/// adds, as `(table, [(column, definition)])`; `None` for any other statement.
+/// CQL has no portable `ADD IF NOT EXISTS`, so the migration runner adds only the
+/// columns the table lacks, which makes these statements idempotent too.
+pub fn alter_add(cql: &str) -> Option<(String, Vec<(String, String)>)> {
+    let rest = cql.trim().strip_prefix("ALTER TABLE ")?;
+    let (table, rest) = rest.split_once(' ')?;
+    let list = rest
+        .trim()
+        .strip_prefix("ADD")?
+        .trim()
+        .strip_prefix('(')?
+        .strip_suffix(')')?;
+    let columns = list
+        .split(',')
+        .map(|def| {
+            let def = def.split_whitespace().collect::<Vec<_>>().join(" ");
+            let name = def.split(' ').next().unwrap_or_default().to_owned();
+            (name, def)
+        })
+        .collect();
+    Some((table.to_owned(), columns))
+}
 
 /// The schema version this build needs.
 pub fn latest_version() -> u32 {
@@ -182,8 +277,32 @@ mod tests {
     fn every_statement_is_idempotent() {
         for migration in MIGRATIONS {
             for cql in *migration {
-                assert!(cql.contains("IF NOT EXISTS"), "{cql}");
+                assert!(
+                    cql.contains("IF NOT EXISTS") || alter_add(cql).is_some(),
+                    "{cql}"
+                );
             }
         }
+    }
+
+    #[test]
+    fn added_columns_are_read_from_alter_statements() {
+        let (table, columns) =
+            alter_add("ALTER TABLE messages ADD (kind text,\n   mentions list<text>, n int)")
+                .unwrap();
+        assert_eq!(table, "messages");
+        let columns: Vec<(&str, &str)> = columns
+            .iter()
+            .map(|(n, d)| (n.as_str(), d.as_str()))
+            .collect();
+        assert_eq!(
+            columns,
+            [
+                ("kind", "kind text"),
+                ("mentions", "mentions list<text>"),
+                ("n", "n int")
+            ]
+        );
+        assert!(alter_add("CREATE TABLE IF NOT EXISTS x (a int PRIMARY KEY)").is_none());
     }
 }
