@@ -68,6 +68,9 @@ use tokio::sync::watch;
 
 use super::{EventLog, LogError, LogRecord, NewRecord};
 
+mod security;
+pub use security::KafkaSecurity;
+
 /// The record header carrying the W3C trace context.
 pub const TRACEPARENT_HEADER: &str = "traceparent";
 
@@ -90,6 +93,8 @@ pub struct KafkaLogOptions {
     pub session_timeout: Duration,
     /// Longest a revocation waits for the owners to release their partitions.
     pub release_timeout: Duration,
+    /// Security protocol, SASL credentials and TLS files of every client.
+    pub security: KafkaSecurity,
 }
 
 impl KafkaLogOptions {
@@ -107,6 +112,7 @@ impl KafkaLogOptions {
             request_timeout: rpc,
             session_timeout: Duration::from_secs(10),
             release_timeout: Duration::from_secs(30),
+            security: KafkaSecurity::from_config(r),
         }
     }
 }
@@ -357,6 +363,7 @@ fn base_config(options: &KafkaLogOptions) -> ClientConfig {
         )
         .set("reconnect.backoff.max.ms", "2000")
         .set_log_level(RDKafkaLogLevel::Warning);
+    options.security.apply(&mut c);
     c
 }
 
@@ -382,7 +389,11 @@ fn create_producer(options: &KafkaLogOptions) -> Result<FutureProducer<LogContex
 
 impl KafkaLog {
     /// Connect, create or check the topic, join the group and start reading.
-    pub async fn open(options: KafkaLogOptions) -> Result<KafkaLog, KafkaOpenError> {
+    pub async fn open(mut options: KafkaLogOptions) -> Result<KafkaLog, KafkaOpenError> {
+        options
+            .security
+            .resolve()
+            .map_err(KafkaOpenError::Refused)?;
         if options.partitions == 0 || options.partitions > i32::MAX as u32 {
             return Err(KafkaOpenError::Refused(format!(
                 "routing.partitions must be between 1 and {}",

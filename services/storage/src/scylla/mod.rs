@@ -81,6 +81,7 @@
 
 mod features;
 pub mod schema;
+mod tls;
 
 #[cfg(test)]
 mod tests;
@@ -273,7 +274,10 @@ async fn connect(
         .schema_agreement_timeout(SCHEMA_TIMEOUT)
         .default_execution_profile_handle(profile.into_handle());
     if !storage.scylla_username.is_empty() {
-        builder = builder.user(&storage.scylla_username, &storage.scylla_password);
+        builder = builder.user(&storage.scylla_username, tls::password(storage)?);
+    }
+    if let Some(context) = tls::context(storage)? {
+        builder = builder.tls_context(Some(context));
     }
     if let Some(translator) = translator {
         builder = builder.address_translator(translator);

@@ -57,6 +57,7 @@ pub(crate) fn options(name: &str, partitions: u32) -> KafkaLogOptions {
         request_timeout: Duration::from_secs(10),
         session_timeout: Duration::from_secs(6),
         release_timeout: Duration::from_secs(10),
+        security: KafkaSecurity::default(),
     }
 }
 
