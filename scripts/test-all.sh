@@ -12,13 +12,21 @@ root=$(pwd)
 step() { printf '\n==> %s\n' "$*"; }
 
 step "installing test tools"
-if ! command -v chromium >/dev/null 2>&1; then
+# Debian packages the build and the tests need: chromium (the chat page's browser test),
+# libssl-dev and pkg-config (librdkafka's TLS and SASL/SCRAM and the CQL driver's TLS
+# link the system's OpenSSL).
+packages=()
+command -v chromium >/dev/null 2>&1 || packages+=(chromium)
+command -v pkg-config >/dev/null 2>&1 || packages+=(pkg-config)
+dpkg-query -W -f='${Status}' libssl-dev 2>/dev/null | grep -q 'install ok installed' \
+    || packages+=(libssl-dev)
+if [ ${#packages[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ]; then
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}" >/dev/null
     else
         sudo apt-get update -qq
-        sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+        sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}" >/dev/null
     fi
 fi
 (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
