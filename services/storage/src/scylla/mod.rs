@@ -1386,6 +1386,19 @@ impl ScyllaStore {
             .transpose()
     }
 
+    /// Whether `m` (an edit) targets a message that is deleted already. Decided
+    /// before the commit, so that the committed copy (what a roll-forward writes)
+    /// is already the one without text.
+    async fn edits_a_deleted_message(&self, m: &Message) -> Result<bool> {
+        if m.target_seq == 0 || m.target_seq >= m.seq {
+            return Ok(false);
+        }
+        Ok(self
+            .load_row(&m.conversation_id, m.target_seq)
+            .await?
+            .is_some_and(|t| t.is_deleted()))
+    }
+
     /// The event's own row (plain upsert of the stored fields; its state columns are
     /// left alone).
     async fn write_message(&self, m: &Message) -> Result<()> {
@@ -1933,6 +1946,11 @@ impl HistoryStore for ScyllaStore {
         message.deleted = false;
         message.reactions.clear();
         message.reply_count = 0;
+        if message.kind == kinds::EDIT && self.edits_a_deleted_message(&message).await? {
+            // A late edit of a deleted message is stored without its text.
+            message.body.clear();
+            message.content_type.clear();
+        }
         let id = message.conversation_id.clone();
         let seq = message.seq;
         let keyed = !message.client_msg_id.is_empty();
