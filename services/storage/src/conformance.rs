@@ -8,10 +8,14 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use switchboard_proto::{
-    AppendRequest, AppendResponse, ChangeMembersRequest, Conversation, CreateConversationRequest,
-    ErrorCode, GetConversationRequest, HistoryRequest, HistoryResult, LastSeqRequest,
-    ListConversationsRequest, LookupDedupeRequest, Message, SetReadMarkerRequest,
-    StorageHistoryRequest, StorageSyncRequest, SyncCursor, SyncRequest,
+    AdvanceWebhookRequest, AppendRequest, AppendResponse, AuthorizeRequest, ChangeMembersRequest,
+    Conversation, CreateConversationRequest, DeleteWebhookRequest, ErrorCode,
+    GetConversationRequest, HistoryRequest, HistoryResult, LastSeqRequest,
+    ListConversationsRequest, ListWebhooksRequest, LookupDedupeRequest, Message,
+    NotificationTargetsRequest, PutWebhookRequest, ReactionCount, ReadMarker, ReceiptsRequest,
+    ReceiptsResult, SetNotificationRequest, SetReadMarkerRequest, SharedContactsRequest,
+    StorageHistoryRequest, StorageReceiptsRequest, StorageSyncRequest, StorageThreadRequest,
+    SyncCursor, SyncRequest, SyncResult, SystemEvent, ThreadRequest, ThreadResult, Webhook,
 };
 
 use crate::error::StorageError;
@@ -190,6 +194,237 @@ impl Harness {
             })
             .await
             .map(|m| m.seq)
+    }
+}
+
+impl Harness {
+    /// What routing does: authorize, then append at the next sequence. Returns the
+    /// stored event.
+    pub async fn send(&self, event: Message) -> Result<Message, StorageError> {
+        self.authorize(event.clone()).await?;
+        self.append_event(event).await
+    }
+
+    /// Append without authorizing (a partition owner replaying an authorized event).
+    pub async fn append_event(&self, mut event: Message) -> Result<Message, StorageError> {
+        event.seq = self.last_seq(&event.conversation_id).await + 1;
+        let appended = self
+            .svc
+            .append(AppendRequest {
+                message: Some(event),
+            })
+            .await?;
+        Ok(appended.message.expect("appended message"))
+    }
+
+    pub async fn authorize(&self, event: Message) -> Result<(), StorageError> {
+        self.svc
+            .authorize(AuthorizeRequest {
+                message: Some(event),
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Send a plain message; returns its sequence.
+    pub async fn say(&self, conv: &str, sender: &str, body: &str) -> u64 {
+        self.send(text(conv, sender, body)).await.unwrap().seq
+    }
+
+    /// Send a system event.
+    pub async fn admin(
+        &self,
+        conv: &str,
+        actor: &str,
+        action: &str,
+        users: &[&str],
+    ) -> Result<Message, StorageError> {
+        self.send(system(
+            conv,
+            actor,
+            SystemEvent {
+                action: action.into(),
+                user_ids: users.iter().map(|u| u.to_string()).collect(),
+                ..Default::default()
+            },
+        ))
+        .await
+    }
+
+    /// One event of the history as `reader` sees it.
+    pub async fn event(&self, reader: &str, conv: &str, seq: u64) -> Message {
+        let page = self
+            .history(reader, conv, seq - 1, "forward", 1)
+            .await
+            .unwrap();
+        page.messages.into_iter().next().expect("event exists")
+    }
+
+    pub async fn marker(
+        &self,
+        conv: &str,
+        user: &str,
+        seq: u64,
+        kind: &str,
+    ) -> Result<ReadMarker, StorageError> {
+        self.svc
+            .set_read_marker(SetReadMarkerRequest {
+                conversation_id: conv.into(),
+                user_id: user.into(),
+                seq,
+                kind: kind.into(),
+            })
+            .await
+    }
+
+    pub async fn receipts(
+        &self,
+        user: &str,
+        conv: &str,
+        seq: u64,
+    ) -> Result<ReceiptsResult, StorageError> {
+        self.svc
+            .receipts(StorageReceiptsRequest {
+                user_id: user.into(),
+                request: Some(ReceiptsRequest {
+                    conversation_id: conv.into(),
+                    seq,
+                }),
+            })
+            .await
+    }
+
+    pub async fn thread(
+        &self,
+        user: &str,
+        conv: &str,
+        root_seq: u64,
+        from_seq: u64,
+        limit: u32,
+    ) -> Result<ThreadResult, StorageError> {
+        self.svc
+            .thread(StorageThreadRequest {
+                user_id: user.into(),
+                request: Some(ThreadRequest {
+                    conversation_id: conv.into(),
+                    root_seq,
+                    from_seq,
+                    limit,
+                }),
+            })
+            .await
+    }
+
+    /// The user's view of one conversation in ListConversations.
+    pub async fn listed(&self, user: &str, conv: &str) -> Conversation {
+        self.svc
+            .list_conversations(ListConversationsRequest {
+                user_id: user.into(),
+            })
+            .await
+            .unwrap()
+            .conversations
+            .into_iter()
+            .find(|c| c.conversation_id == conv)
+            .expect("listed")
+    }
+
+    pub async fn sync_all(&self, user: &str) -> SyncResult {
+        self.svc
+            .sync(StorageSyncRequest {
+                user_id: user.into(),
+                request: Some(SyncRequest::default()),
+            })
+            .await
+            .unwrap()
+    }
+
+    pub async fn notify(&self, user: &str, conv: &str, until_ms: i64) -> Result<(), StorageError> {
+        self.svc
+            .set_notification(SetNotificationRequest {
+                user_id: user.into(),
+                conversation_id: conv.into(),
+                until_ms,
+            })
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn put_hook(
+        &self,
+        conv: &str,
+        actor: &str,
+        url: &str,
+    ) -> Result<Webhook, StorageError> {
+        self.svc
+            .put_webhook(PutWebhookRequest {
+                conversation_id: conv.into(),
+                actor_id: actor.into(),
+                url: url.into(),
+            })
+            .await
+    }
+
+    pub async fn hooks(&self, conv: &str, actor: &str) -> Result<Vec<Webhook>, StorageError> {
+        self.svc
+            .list_webhooks(ListWebhooksRequest {
+                conversation_id: conv.into(),
+                actor_id: actor.into(),
+            })
+            .await
+            .map(|r| r.webhooks)
+    }
+}
+
+/// A plain message (no client id: never deduplicated).
+pub(crate) fn text(conv: &str, sender: &str, body: &str) -> Message {
+    Message {
+        conversation_id: conv.into(),
+        sender_id: sender.into(),
+        sender_device: "phone".into(),
+        kind: "message".into(),
+        body: body.into(),
+        content_type: "text/plain".into(),
+        ..Default::default()
+    }
+}
+
+pub(crate) fn edit(conv: &str, sender: &str, target: u64, body: &str) -> Message {
+    Message {
+        kind: "edit".into(),
+        target_seq: target,
+        content_type: "text/markdown".into(),
+        ..text(conv, sender, body)
+    }
+}
+
+pub(crate) fn delete(conv: &str, sender: &str, target: u64) -> Message {
+    Message {
+        kind: "delete".into(),
+        target_seq: target,
+        content_type: String::new(),
+        ..text(conv, sender, "")
+    }
+}
+
+pub(crate) fn react(conv: &str, sender: &str, target: u64, emoji: &str, remove: bool) -> Message {
+    Message {
+        kind: "reaction".into(),
+        target_seq: target,
+        emoji: emoji.into(),
+        remove,
+        content_type: String::new(),
+        ..text(conv, sender, "")
+    }
+}
+
+pub(crate) fn system(conv: &str, actor: &str, mut event: SystemEvent) -> Message {
+    event.actor_id = actor.into();
+    Message {
+        kind: "system".into(),
+        system: Some(event),
+        content_type: String::new(),
+        ..text(conv, actor, "")
     }
 }
 
@@ -802,6 +1037,1060 @@ pub(crate) async fn dedupe_keys_expire(factory: &dyn StoreFactory) {
     assert_eq!(seqs(&page.messages), [1, 2, 3, 4]);
 }
 
+fn reactions(m: &Message) -> Vec<(&str, u32, bool)> {
+    m.reactions
+        .iter()
+        .map(|r: &ReactionCount| (r.emoji.as_str(), r.count, r.mine))
+        .collect()
+}
+
+fn roles_of(conv: &Conversation) -> Vec<(&str, &str)> {
+    conv.member_roles
+        .iter()
+        .map(|m| (m.user_id.as_str(), m.role.as_str()))
+        .collect()
+}
+
+pub(crate) async fn edits_replace_the_body_and_only_the_sender_edits(factory: &dyn StoreFactory) {
+    let h = Harness::open(factory, 200).await;
+    let id = h.direct("alice", "bob").await.conversation_id;
+    let m1 = h.say(&id, "alice", "helo").await;
+    assert_eq!(
+        code(h.send(edit(&id, "bob", m1, "hijack")).await),
+        ErrorCode::Forbidden
+    );
+    assert_eq!(
+        code(h.send(edit(&id, "eve", m1, "x")).await),
+        ErrorCode::NotMember
+    );
+    assert_eq!(
+        code(h.send(edit(&id, "alice", 99, "x")).await),
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        code(h.send(edit("no-such", "alice", 1, "x")).await),
+        ErrorCode::NotFound
+    );
+    h.advance(5_000);
+    let e = h.send(edit(&id, "alice", m1, "hello")).await.unwrap();
+    assert_eq!(e.seq, 2, "an edit has its own sequence");
+    assert_eq!(h.last_seq(&id).await, 2);
+    // An edit event is not a message: it cannot be edited itself.
+    assert_eq!(
+        code(h.send(edit(&id, "alice", e.seq, "x")).await),
+        ErrorCode::NotFound
+    );
+
+    let page = h.history("bob", &id, 0, "forward", 0).await.unwrap();
+    assert_eq!(seqs(&page.messages), [1, 2]);
+    let original = &page.messages[0];
+    assert_eq!(
+        (
+            original.body.as_str(),
+            original.content_type.as_str(),
+            original.edited_at_ms,
+            original.deleted
+        ),
+        ("hello", "text/markdown", T0 + 5_000, false),
+        "history carries the current state"
+    );
+    let stored_edit = &page.messages[1];
+    assert_eq!(
+        (
+            stored_edit.kind.as_str(),
+            stored_edit.target_seq,
+            stored_edit.body.as_str()
+        ),
+        ("edit", 1, "hello"),
+        "the edit event is returned as stored"
+    );
+    // Sync shows the same state.
+    let sync = h.sync_all("bob").await;
+    assert_eq!(sync.messages[0].body, "hello");
+    assert_eq!(sync.messages[0].edited_at_ms, T0 + 5_000);
+}
+
+pub(crate) async fn deletes_remove_the_body_from_storage(factory: &dyn StoreFactory) {
+    let h = Harness::open(factory, 200).await;
+    let g = h
+        .group("olga", &["alice", "bob"], "g")
+        .await
+        .conversation_id;
+    let m1 = h.say(&g, "alice", "secret v1").await;
+    h.send(edit(&g, "alice", m1, "secret v2")).await.unwrap();
+    h.send(react(&g, "bob", m1, "👍", false)).await.unwrap();
+    let m4 = h.say(&g, "bob", "bob's").await;
+
+    // A member deletes only their own messages; owner and admins delete any.
+    assert_eq!(
+        code(h.send(delete(&g, "bob", m1)).await),
+        ErrorCode::Forbidden
+    );
+    let d = h.send(delete(&g, "alice", m1)).await.unwrap();
+    assert_eq!((d.kind.as_str(), d.target_seq), ("delete", m1));
+    h.send(delete(&g, "olga", m4)).await.unwrap();
+
+    let gone = h.event("bob", &g, m1).await;
+    assert!(gone.deleted);
+    assert_eq!((gone.body.as_str(), gone.content_type.as_str()), ("", ""));
+    assert!(gone.reactions.is_empty(), "reactions removed");
+    let edit_row = h.event("bob", &g, 2).await;
+    assert_eq!(
+        (edit_row.kind.as_str(), edit_row.body.as_str()),
+        ("edit", ""),
+        "edit bodies of a deleted message are cleared"
+    );
+    // Nothing stored still holds the text.
+    let all = h.history("olga", &g, 0, "forward", 0).await.unwrap();
+    assert!(
+        all.messages.iter().all(|m| !m.body.contains("secret")),
+        "{:?}",
+        all.messages
+    );
+    assert!(h.event("olga", &g, m4).await.deleted);
+
+    // A deleted message is gone for edits, deletes and reactions.
+    assert_eq!(
+        code(h.send(edit(&g, "alice", m1, "again")).await),
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        code(h.send(delete(&g, "alice", m1)).await),
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        code(h.send(react(&g, "bob", m1, "👍", false)).await),
+        ErrorCode::NotFound
+    );
+    // Append does not re-authorize: a late edit of a deleted message is stored
+    // without its text, and the message stays deleted.
+    let late = h
+        .append_event(edit(&g, "alice", m1, "secret v3"))
+        .await
+        .unwrap();
+    assert_eq!(late.body, "");
+    assert_eq!(h.event("olga", &g, late.seq).await.body, "");
+    assert!(h.event("olga", &g, m1).await.deleted);
+
+    // In a direct conversation only the sender deletes.
+    let ab = h.direct("alice", "bob").await.conversation_id;
+    let m = h.say(&ab, "alice", "hi").await;
+    assert_eq!(
+        code(h.send(delete(&ab, "bob", m)).await),
+        ErrorCode::Forbidden
+    );
+    h.send(delete(&ab, "alice", m)).await.unwrap();
+}
+
+pub(crate) async fn reactions_count_per_emoji(factory: &dyn StoreFactory) {
+    let h = Harness::open(factory, 200).await;
+    let g = h
+        .group("olga", &["alice", "bob"], "g")
+        .await
+        .conversation_id;
+    let m1 = h.say(&g, "olga", "vote").await;
+    h.send(react(&g, "alice", m1, "👍", false)).await.unwrap();
+    h.send(react(&g, "bob", m1, "👍", false)).await.unwrap();
+    h.send(react(&g, "bob", m1, "❤", false)).await.unwrap();
+    // Idempotent: a second identical reaction changes nothing.
+    h.send(react(&g, "bob", m1, "❤", false)).await.unwrap();
+
+    let seen_by = |user: &'static str| {
+        let (h, g) = (&h, g.clone());
+        async move { h.event(user, &g, m1).await }
+    };
+    assert_eq!(
+        reactions(&seen_by("alice").await),
+        [("❤", 1, false), ("👍", 2, true)],
+        "sorted by emoji, `mine` for the reader"
+    );
+    assert_eq!(
+        reactions(&seen_by("bob").await),
+        [("❤", 1, true), ("👍", 2, true)]
+    );
+    assert_eq!(
+        reactions(&seen_by("olga").await),
+        [("❤", 1, false), ("👍", 2, false)]
+    );
+    h.send(react(&g, "bob", m1, "👍", true)).await.unwrap();
+    h.send(react(&g, "bob", m1, "❤", true)).await.unwrap();
+    h.send(react(&g, "bob", m1, "❤", true)).await.unwrap();
+    assert_eq!(reactions(&seen_by("bob").await), [("👍", 1, false)]);
+    let sync = h.sync_all("alice").await;
+    let synced = sync.messages.iter().find(|m| m.seq == m1).unwrap();
+    assert_eq!(reactions(synced), [("👍", 1, true)]);
+    // Reaction events are stored and returned as such.
+    let r = h.event("olga", &g, 2).await;
+    assert_eq!(
+        (r.kind.as_str(), r.target_seq, r.emoji.as_str(), r.remove),
+        ("reaction", m1, "👍", false)
+    );
+
+    assert_eq!(
+        code(h.send(react(&g, "bob", 999, "👍", false)).await),
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        code(h.send(react(&g, "bob", 2, "👍", false)).await),
+        ErrorCode::NotFound,
+        "only messages take reactions"
+    );
+    for emoji in ["", "x\u{7}", &"a".repeat(33)] {
+        assert_eq!(
+            code(h.send(react(&g, "bob", m1, emoji, false)).await),
+            ErrorCode::InvalidRequest,
+            "{emoji:?}"
+        );
+    }
+    assert!(h
+        .send(react(&g, "bob", m1, &"a".repeat(32), false))
+        .await
+        .is_ok());
+    assert_eq!(
+        code(h.send(react(&g, "eve", m1, "👍", false)).await),
+        ErrorCode::NotMember
+    );
+}
+
+pub(crate) async fn replies_and_threads(factory: &dyn StoreFactory) {
+    let h = Harness::open(factory, 200).await;
+    let g = h
+        .group("olga", &["alice", "bob"], "g")
+        .await
+        .conversation_id;
+    let root = h.say(&g, "olga", "root").await;
+    let reply = |sender: &str, thread_root_seq, reply_to_seq| Message {
+        thread_root_seq,
+        reply_to_seq,
+        ..text(&g, sender, "re")
+    };
+    assert_eq!(
+        code(h.send(reply("alice", 0, 42)).await),
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        code(h.send(reply("alice", 42, 0)).await),
+        ErrorCode::NotFound
+    );
+    let mut replies = Vec::new();
+    for i in 0..5 {
+        let sender = if i % 2 == 0 { "alice" } else { "bob" };
+        replies.push(h.send(reply(sender, root, root)).await.unwrap().seq);
+        h.say(&g, "olga", "outside the thread").await;
+    }
+    assert_eq!(
+        code(h.send(reply("alice", replies[0], 0)).await),
+        ErrorCode::InvalidRequest,
+        "a thread reply is not a root"
+    );
+    let reaction = h
+        .send(react(&g, "bob", replies[1], "👀", false))
+        .await
+        .unwrap()
+        .seq;
+    assert_eq!(
+        code(h.send(reply("alice", reaction, 0)).await),
+        ErrorCode::NotFound,
+        "a root is a message"
+    );
+    // A plain reply (not in a thread) to a thread reply is fine.
+    h.send(reply("alice", 0, replies[0])).await.unwrap();
+
+    let page = h.thread("bob", &g, root, 0, 2).await.unwrap();
+    let root_msg = page.root.as_ref().unwrap();
+    assert_eq!((root_msg.seq, root_msg.reply_count), (root, 5));
+    assert_eq!(seqs(&page.replies), replies[..2]);
+    assert!(page.has_more);
+    assert_eq!(page.replies[1].reactions[0].emoji, "👀");
+    assert!(page.replies[1].reactions[0].mine, "mine for the reader");
+    let rest = h.thread("alice", &g, root, replies[1], 0).await.unwrap();
+    assert_eq!(seqs(&rest.replies), replies[2..]);
+    assert!(!rest.has_more);
+    assert!(!h.thread("alice", &g, root, 0, 2).await.unwrap().replies[1].reactions[0].mine);
+    assert_eq!(h.event("bob", &g, root).await.reply_count, 5);
+    assert_eq!(h.event("bob", &g, replies[0]).await.thread_root_seq, root);
+
+    assert_eq!(
+        code(h.thread("eve", &g, root, 0, 0).await),
+        ErrorCode::NotMember
+    );
+    assert_eq!(
+        code(h.thread("bob", &g, 999, 0, 0).await),
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        code(h.thread("bob", &g, reaction, 0, 0).await),
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        code(h.thread("bob", &g, 0, 0, 0).await),
+        ErrorCode::InvalidRequest
+    );
+}
+
+pub(crate) async fn unread_counts_and_mentions(factory: &dyn StoreFactory) {
+    let h = Harness::open(factory, 200).await;
+    let g = h
+        .group("olga", &["alice", "bob"], "g")
+        .await
+        .conversation_id;
+    let mention = |sender: &str, users: &[&str]| Message {
+        mentions: users.iter().map(|u| u.to_string()).collect(),
+        ..text(&g, sender, "hey")
+    };
+    let m1 = h.say(&g, "olga", "one").await;
+    h.send(mention("olga", &["alice"])).await.unwrap();
+    h.send(mention("bob", &["alice", "olga"])).await.unwrap();
+    h.say(&g, "alice", "mine").await;
+    let m5 = h.send(mention("bob", &["alice"])).await.unwrap().seq;
+    h.send(react(&g, "bob", m1, "👍", false)).await.unwrap();
+    h.send(delete(&g, "bob", m5)).await.unwrap();
+
+    let alice = h.listed("alice", &g).await;
+    assert_eq!(
+        (alice.unread_count, alice.unread_mentions),
+        (3, 2),
+        "messages from others, not deleted; reactions and deletes are not messages"
+    );
+    assert_eq!(
+        (alice.my_role.as_str(), alice.read_seq, alice.delivered_seq),
+        ("member", 0, 0)
+    );
+    assert!(alice.members.is_empty());
+    let olga = h.listed("olga", &g).await;
+    assert_eq!((olga.unread_count, olga.unread_mentions), (2, 1));
+    assert_eq!(olga.my_role, "owner");
+
+    h.marker(&g, "alice", 2, "read").await.unwrap();
+    let alice = h.listed("alice", &g).await;
+    assert_eq!(
+        (alice.unread_count, alice.unread_mentions, alice.read_seq),
+        (1, 1, 2)
+    );
+    // Sync carries the same per-user fields, with members and roles.
+    let sync = h.sync_all("alice").await;
+    let conv = &sync.conversations[0];
+    assert_eq!((conv.unread_count, conv.unread_mentions), (1, 1));
+    assert_eq!(
+        roles_of(conv),
+        [("alice", "member"), ("bob", "member"), ("olga", "owner")]
+    );
+    assert_eq!(conv.members, ["alice", "bob", "olga"]);
+    h.marker(&g, "alice", 0, "read").await.unwrap();
+    let stored = h
+        .history("alice", &g, 2, "forward", 1)
+        .await
+        .unwrap()
+        .messages[0]
+        .clone();
+    assert_eq!(stored.mentions, ["alice", "olga"]);
+
+    // Mentions: members only, at most 50, distinct.
+    assert_eq!(
+        code(h.send(mention("olga", &["eve"])).await),
+        ErrorCode::InvalidRequest
+    );
+    assert_eq!(
+        code(h.send(mention("olga", &["bob", "bob"])).await),
+        ErrorCode::InvalidRequest
+    );
+    let many: Vec<String> = (0..51).map(|i| format!("u{i}")).collect();
+    let too_many = Message {
+        mentions: many,
+        ..text(&g, "olga", "all")
+    };
+    assert_eq!(code(h.send(too_many).await), ErrorCode::InvalidRequest);
+
+    // The count stops at 1000.
+    let busy = h.direct("alice", "bob").await.conversation_id;
+    h.fill(&busy, "bob", 1001).await;
+    assert_eq!(h.listed("alice", &busy).await.unread_count, 1000);
+    assert_eq!(h.listed("bob", &busy).await.unread_count, 0);
+}
+
+pub(crate) async fn markers_and_receipts(factory: &dyn StoreFactory) {
+    let h = Harness::open(factory, 200).await;
+    let g = h
+        .group("olga", &["alice", "bob"], "g")
+        .await
+        .conversation_id;
+    let empty = h.receipts("alice", &g, 0).await.unwrap();
+    assert_eq!((empty.seq, empty.read_by, empty.delivered_to), (0, 0, 0));
+    h.fill(&g, "olga", 4).await;
+
+    let d = h.marker(&g, "alice", 3, "delivered").await.unwrap();
+    assert_eq!((d.kind.as_str(), d.seq, d.at_ms), ("delivered", 3, T0));
+    h.advance(10);
+    let r = h.marker(&g, "alice", 2, "read").await.unwrap();
+    assert_eq!((r.kind.as_str(), r.seq, r.at_ms), ("read", 2, T0 + 10));
+    let d = h.marker(&g, "alice", 1, "delivered").await.unwrap();
+    assert_eq!(d.seq, 3, "delivered never goes back");
+    h.advance(10);
+    let r = h.marker(&g, "bob", 9, "").await.unwrap();
+    assert_eq!(
+        (r.kind.as_str(), r.seq),
+        ("read", 4),
+        "clamped, read is the default"
+    );
+    let d = h.marker(&g, "bob", 1, "delivered").await.unwrap();
+    assert_eq!(d.seq, 4, "read raises delivered");
+    assert_eq!(
+        code(h.marker(&g, "alice", 1, "seen").await),
+        ErrorCode::InvalidRequest
+    );
+    assert_eq!(
+        code(h.marker(&g, "eve", 1, "delivered").await),
+        ErrorCode::NotMember
+    );
+
+    let latest = h.receipts("alice", &g, 0).await.unwrap();
+    assert_eq!(latest.seq, 4);
+    assert_eq!((latest.read_by, latest.delivered_to), (1, 1), "bob only");
+    let m3 = h.receipts("alice", &g, 3).await.unwrap();
+    assert_eq!((m3.read_by, m3.delivered_to), (1, 2));
+    let m2 = h.receipts("alice", &g, 2).await.unwrap();
+    assert_eq!((m2.read_by, m2.delivered_to), (2, 2));
+    let members: Vec<(&str, u64, u64, i64)> = m2
+        .members
+        .iter()
+        .map(|m| {
+            (
+                m.user_id.as_str(),
+                m.read_seq,
+                m.delivered_seq,
+                m.read_at_ms,
+            )
+        })
+        .collect();
+    assert_eq!(
+        members,
+        [
+            ("alice", 2, 3, T0 + 10),
+            ("bob", 4, 4, T0 + 20),
+            ("olga", 0, 0, 0)
+        ]
+    );
+    // The sender's own markers never count for their message.
+    let bobs = h.say(&g, "bob", "mine").await;
+    h.marker(&g, "olga", bobs, "read").await.unwrap();
+    let r = h.receipts("bob", &g, bobs).await.unwrap();
+    assert_eq!((r.read_by, r.delivered_to), (1, 1));
+    let listed = h.listed("alice", &g).await;
+    assert_eq!((listed.read_seq, listed.delivered_seq), (2, 3));
+
+    assert_eq!(code(h.receipts("eve", &g, 0).await), ErrorCode::NotMember);
+    assert_eq!(code(h.receipts("alice", &g, 99).await), ErrorCode::NotFound);
+}
+
+pub(crate) async fn group_administration_follows_roles(factory: &dyn StoreFactory) {
+    let h = Harness::open(factory, 200).await;
+    let g = h
+        .group("olga", &["adam", "bob", "carl"], "g")
+        .await
+        .conversation_id;
+    let role_by = |actor: &str, user: &str, role: &str| {
+        system(
+            &g,
+            actor,
+            SystemEvent {
+                action: "role_changed".into(),
+                user_ids: vec![user.into()],
+                role: role.into(),
+                ..Default::default()
+            },
+        )
+    };
+    let role = |user: &str, role: &str| role_by("olga", user, role);
+    // Members do not administer.
+    assert_eq!(
+        code(h.admin(&g, "bob", "members_removed", &["carl"]).await),
+        ErrorCode::Forbidden
+    );
+    assert_eq!(
+        code(h.admin(&g, "bob", "members_added", &["dora"]).await),
+        ErrorCode::Forbidden
+    );
+    let rename = |actor: &str, name: &str| {
+        system(
+            &g,
+            actor,
+            SystemEvent {
+                action: "renamed".into(),
+                name: name.into(),
+                ..Default::default()
+            },
+        )
+    };
+    assert_eq!(
+        code(h.send(rename("bob", "mine")).await),
+        ErrorCode::Forbidden
+    );
+    assert_eq!(
+        code(h.send(role_by("bob", "carl", "admin")).await),
+        ErrorCode::Forbidden
+    );
+
+    let promoted = h.send(role("adam", "admin")).await.unwrap();
+    assert_eq!(promoted.system.as_ref().unwrap().role, "admin");
+    let conv = h.get(&g, "adam").await.unwrap();
+    assert_eq!(
+        roles_of(&conv),
+        [
+            ("adam", "admin"),
+            ("bob", "member"),
+            ("carl", "member"),
+            ("olga", "owner")
+        ]
+    );
+    // Only the owner changes roles, even admins cannot.
+    assert_eq!(
+        code(h.send(role_by("adam", "bob", "admin")).await),
+        ErrorCode::Forbidden
+    );
+    assert_eq!(
+        code(h.send(role("olga", "member")).await),
+        ErrorCode::InvalidRequest
+    );
+    assert_eq!(
+        code(h.send(role("zed", "admin")).await),
+        ErrorCode::InvalidRequest
+    );
+    assert_eq!(
+        code(h.send(role("bob", "king")).await),
+        ErrorCode::InvalidRequest
+    );
+
+    // An admin administers members, not the owner or other admins, never themselves.
+    h.send(rename("adam", "renamed")).await.unwrap();
+    let topic = |actor: &str, topic: String| {
+        system(
+            &g,
+            actor,
+            SystemEvent {
+                action: "topic_changed".into(),
+                topic,
+                ..Default::default()
+            },
+        )
+    };
+    h.send(topic("adam", "the topic".into())).await.unwrap();
+    assert_eq!(
+        code(h.send(topic("adam", "x".repeat(1025))).await),
+        ErrorCode::InvalidRequest
+    );
+    assert_eq!(
+        code(h.send(topic("bob", "nope".into())).await),
+        ErrorCode::Forbidden
+    );
+    let conv = h.get(&g, "").await.unwrap();
+    assert_eq!(
+        (conv.name.as_str(), conv.topic.as_str()),
+        ("renamed", "the topic")
+    );
+    h.admin(&g, "adam", "members_added", &["dora", "bob"])
+        .await
+        .unwrap();
+    h.admin(&g, "adam", "members_removed", &["carl"])
+        .await
+        .unwrap();
+    assert_eq!(
+        code(h.admin(&g, "adam", "members_removed", &["olga"]).await),
+        ErrorCode::Forbidden
+    );
+    assert_eq!(
+        code(h.admin(&g, "adam", "members_removed", &["adam"]).await),
+        ErrorCode::Forbidden
+    );
+    h.send(role("bob", "admin")).await.unwrap();
+    assert_eq!(
+        code(h.admin(&g, "adam", "members_removed", &["bob"]).await),
+        ErrorCode::Forbidden
+    );
+    assert_eq!(
+        code(h.admin(&g, "olga", "members_removed", &["olga"]).await),
+        ErrorCode::Forbidden
+    );
+    h.admin(&g, "olga", "members_removed", &["bob"])
+        .await
+        .unwrap();
+    let conv = h.get(&g, "").await.unwrap();
+    assert_eq!(conv.members, ["adam", "dora", "olga"]);
+    assert_eq!(h.listed("dora", &g).await.my_role, "member");
+    assert_eq!(code(h.get(&g, "carl").await), ErrorCode::NotMember);
+    // The kicked see nothing more.
+    assert_eq!(
+        code(h.history("carl", &g, 0, "", 0).await),
+        ErrorCode::NotMember
+    );
+    // Events are malformed without a known action or the users they need.
+    assert_eq!(
+        code(h.admin(&g, "olga", "members_exploded", &["dora"]).await),
+        ErrorCode::InvalidRequest
+    );
+    assert_eq!(
+        code(h.admin(&g, "olga", "members_added", &[]).await),
+        ErrorCode::InvalidRequest
+    );
+    assert_eq!(
+        code(h.admin(&g, "olga", "member_left", &["dora"]).await),
+        ErrorCode::InvalidRequest
+    );
+    assert_eq!(
+        code(
+            h.send(Message {
+                kind: "poke".into(),
+                ..text(&g, "olga", "")
+            })
+            .await
+        ),
+        ErrorCode::InvalidRequest
+    );
+
+    // Direct conversations have no system events.
+    let ab = h.direct("alice", "bob").await.conversation_id;
+    assert_eq!(
+        code(h.admin(&ab, "alice", "members_added", &["carl"]).await),
+        ErrorCode::Forbidden
+    );
+    assert_eq!(
+        code(h.admin(&ab, "alice", "member_left", &["alice"]).await),
+        ErrorCode::Forbidden
+    );
+    // The member cap holds for additions.
+    let crowd: Vec<String> = (0..crate::rules::MAX_MEMBERS)
+        .map(|i| format!("u{i}"))
+        .collect();
+    let crowd: Vec<&str> = crowd.iter().map(String::as_str).collect();
+    assert_eq!(
+        code(h.admin(&g, "olga", "members_added", &crowd).await),
+        ErrorCode::InvalidRequest
+    );
+}
+
+pub(crate) async fn bans_keep_users_out(factory: &dyn StoreFactory) {
+    let h = Harness::open(factory, 200).await;
+    let g = h
+        .group("olga", &["bob", "mallory"], "g")
+        .await
+        .conversation_id;
+    h.admin(&g, "olga", "members_banned", &["mallory", "trudy"])
+        .await
+        .unwrap();
+    assert_eq!(h.get(&g, "").await.unwrap().members, ["bob", "olga"]);
+    for user in ["mallory", "trudy"] {
+        assert_eq!(
+            code(h.admin(&g, "olga", "members_added", &[user]).await),
+            ErrorCode::Banned
+        );
+    }
+    assert_eq!(
+        code(
+            h.admin(&g, "olga", "members_added", &["carol", "trudy"])
+                .await
+        ),
+        ErrorCode::Banned,
+        "nobody is added when one of them is banned"
+    );
+    assert_eq!(h.get(&g, "").await.unwrap().members, ["bob", "olga"]);
+    assert_eq!(
+        code(h.admin(&g, "bob", "members_unbanned", &["mallory"]).await),
+        ErrorCode::Forbidden
+    );
+    assert_eq!(
+        code(h.admin(&g, "olga", "members_banned", &["olga"]).await),
+        ErrorCode::Forbidden
+    );
+    h.admin(&g, "olga", "members_unbanned", &["mallory"])
+        .await
+        .unwrap();
+    h.admin(&g, "olga", "members_added", &["mallory"])
+        .await
+        .unwrap();
+    assert_eq!(
+        h.get(&g, "").await.unwrap().members,
+        ["bob", "mallory", "olga"]
+    );
+    assert_eq!(
+        code(h.admin(&g, "olga", "members_added", &["trudy"]).await),
+        ErrorCode::Banned
+    );
+}
+
+pub(crate) async fn ownership_passes_on(factory: &dyn StoreFactory) {
+    let h = Harness::open(factory, 200).await;
+    let g = h.group("olga", &["ann"], "g").await.conversation_id;
+    h.advance(1);
+    h.admin(&g, "olga", "members_added", &["zoe"])
+        .await
+        .unwrap();
+    h.advance(1);
+    h.admin(&g, "olga", "members_added", &["abe"])
+        .await
+        .unwrap();
+    let transfer = |from: &str, to: &str| {
+        system(
+            &g,
+            from,
+            SystemEvent {
+                action: "role_changed".into(),
+                user_ids: vec![to.into()],
+                role: "owner".into(),
+                ..Default::default()
+            },
+        )
+    };
+    let two = Message {
+        system: Some(SystemEvent {
+            user_ids: vec!["ann".into(), "zoe".into()],
+            ..transfer("olga", "ann").system.unwrap()
+        }),
+        ..transfer("olga", "ann")
+    };
+    assert_eq!(code(h.send(two).await), ErrorCode::InvalidRequest);
+    assert_eq!(
+        code(h.send(transfer("ann", "zoe")).await),
+        ErrorCode::Forbidden
+    );
+    h.send(transfer("olga", "zoe")).await.unwrap();
+    let conv = h.get(&g, "").await.unwrap();
+    assert_eq!(conv.owner_id, "zoe");
+    assert_eq!(
+        roles_of(&conv),
+        [
+            ("abe", "member"),
+            ("ann", "member"),
+            ("olga", "admin"),
+            ("zoe", "owner")
+        ]
+    );
+    // The owner leaving: the earliest-joined admin takes over.
+    h.admin(&g, "zoe", "member_left", &["zoe"]).await.unwrap();
+    let conv = h.get(&g, "").await.unwrap();
+    assert_eq!(conv.owner_id, "olga");
+    assert_eq!(h.listed("olga", &g).await.my_role, "owner");
+    // No admin left: the earliest-joined member (ann joined with the group).
+    h.admin(&g, "olga", "member_left", &[]).await.unwrap();
+    let conv = h.get(&g, "").await.unwrap();
+    assert_eq!(conv.owner_id, "ann");
+    assert_eq!(roles_of(&conv), [("abe", "member"), ("ann", "owner")]);
+    // Any member leaves.
+    h.admin(&g, "abe", "member_left", &["abe"]).await.unwrap();
+    assert_eq!(h.get(&g, "").await.unwrap().members, ["ann"]);
+    assert_eq!(
+        code(h.admin(&g, "abe", "member_left", &["abe"]).await),
+        ErrorCode::NotMember
+    );
+}
+
+pub(crate) async fn notification_preferences(factory: &dyn StoreFactory) {
+    let h = Harness::open(factory, 200).await;
+    let g = h
+        .group("olga", &["ann", "bob", "cid", "dan"], "g")
+        .await
+        .conversation_id;
+    let targets = |sender: &str, mentions: &[&str]| {
+        let svc = Arc::clone(&h.svc);
+        let req = NotificationTargetsRequest {
+            conversation_id: g.clone(),
+            sender_id: sender.into(),
+            mentions: mentions.iter().map(|m| m.to_string()).collect(),
+            now_ms: 0,
+        };
+        async move {
+            let r = svc.notification_targets(req).await.unwrap();
+            (r.notify, r.silenced)
+        }
+    };
+    assert_eq!(
+        targets("olga", &[]).await,
+        (
+            vec!["ann".into(), "bob".into(), "cid".into(), "dan".into()],
+            vec![]
+        )
+    );
+    // ann mutes forever, bob for 1 s, cid turns on do-not-disturb for 1 s, dan forever.
+    h.notify("ann", &g, -1).await.unwrap();
+    h.notify("bob", &g, T0 + 1_000).await.unwrap();
+    h.notify("cid", "", T0 + 1_000).await.unwrap();
+    h.notify("dan", "", -1).await.unwrap();
+    assert_eq!(
+        targets("olga", &[]).await,
+        (
+            vec![],
+            vec!["ann".into(), "bob".into(), "cid".into(), "dan".into()]
+        )
+    );
+    assert_eq!(
+        targets("olga", &["ann", "cid"]).await,
+        (
+            vec!["ann".into()],
+            vec!["bob".into(), "cid".into(), "dan".into()]
+        ),
+        "a mention passes a mute, not do-not-disturb"
+    );
+    assert_eq!(h.listed("ann", &g).await.muted_until_ms, -1);
+    assert_eq!(h.listed("bob", &g).await.muted_until_ms, T0 + 1_000);
+    assert_eq!(h.sync_all("cid").await.dnd_until_ms, T0 + 1_000);
+    assert_eq!(h.sync_all("dan").await.dnd_until_ms, -1);
+    assert_eq!(
+        h.sync_all("bob").await.conversations[0].muted_until_ms,
+        T0 + 1_000
+    );
+
+    // Expired preferences read as off.
+    h.advance(1_000);
+    assert_eq!(h.listed("bob", &g).await.muted_until_ms, 0);
+    assert_eq!(h.sync_all("bob").await.conversations[0].muted_until_ms, 0);
+    assert_eq!(h.sync_all("cid").await.dnd_until_ms, 0);
+    assert_eq!(
+        targets("ann", &[]).await,
+        (
+            vec!["bob".into(), "cid".into(), "olga".into()],
+            vec!["dan".into()]
+        ),
+        "the sender is in neither list"
+    );
+    // Turning off.
+    h.notify("ann", &g, 0).await.unwrap();
+    h.notify("dan", "", 0).await.unwrap();
+    assert_eq!(h.listed("ann", &g).await.muted_until_ms, 0);
+    assert_eq!(h.sync_all("dan").await.dnd_until_ms, 0);
+    assert_eq!(targets("olga", &[]).await.1, Vec::<String>::new());
+
+    assert_eq!(code(h.notify("eve", &g, -1).await), ErrorCode::NotMember);
+    assert_eq!(
+        code(h.notify("ann", &g, -2).await),
+        ErrorCode::InvalidRequest
+    );
+    let unknown = h
+        .svc
+        .notification_targets(NotificationTargetsRequest {
+            conversation_id: "no-such".into(),
+            sender_id: "olga".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(code(unknown), ErrorCode::NotFound);
+}
+
+pub(crate) async fn shared_contacts_are_co_members(factory: &dyn StoreFactory) {
+    let h = Harness::open(factory, 200).await;
+    h.direct("alice", "bob").await;
+    let g = h
+        .group("carol", &["alice", "dan"], "g")
+        .await
+        .conversation_id;
+    h.group("erin", &["frank"], "other").await;
+    let shared = |user: &str, others: &[&str]| {
+        let svc = Arc::clone(&h.svc);
+        let req = SharedContactsRequest {
+            user_id: user.into(),
+            other_ids: others.iter().map(|o| o.to_string()).collect(),
+        };
+        async move { svc.shared_contacts(req).await.map(|r| r.shared) }
+    };
+    assert_eq!(
+        shared("alice", &["frank", "dan", "bob", "zed", "alice", "bob"])
+            .await
+            .unwrap(),
+        ["bob", "dan"]
+    );
+    assert_eq!(
+        shared("bob", &["dan", "carol"]).await.unwrap(),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        shared("nobody", &["alice"]).await.unwrap(),
+        Vec::<String>::new()
+    );
+    h.admin(&g, "dan", "member_left", &["dan"]).await.unwrap();
+    assert_eq!(shared("alice", &["dan", "carol"]).await.unwrap(), ["carol"]);
+    assert_eq!(code(shared("", &["a"]).await), ErrorCode::InvalidRequest);
+}
+
+pub(crate) async fn webhooks_are_managed_by_admins(factory: &dyn StoreFactory) {
+    let h = Harness::open(factory, 200).await;
+    let g = h.group("olga", &["adam", "bob"], "g").await.conversation_id;
+    h.send(system(
+        &g,
+        "olga",
+        SystemEvent {
+            action: "role_changed".into(),
+            user_ids: vec!["adam".into()],
+            role: "admin".into(),
+            ..Default::default()
+        },
+    ))
+    .await
+    .unwrap();
+    h.fill(&g, "bob", 3).await;
+
+    for url in [
+        "ftp://example.com/hook",
+        "example.com/hook",
+        "https://",
+        "https:///path",
+        "http://exa mple.com/",
+        "javascript:alert(1)",
+    ] {
+        assert_eq!(
+            code(h.put_hook(&g, "olga", url).await),
+            ErrorCode::InvalidRequest,
+            "{url}"
+        );
+    }
+    let long = format!("https://example.com/{}", "a".repeat(2048));
+    assert_eq!(
+        code(h.put_hook(&g, "olga", &long).await),
+        ErrorCode::InvalidRequest
+    );
+    assert_eq!(
+        code(h.put_hook(&g, "bob", "https://example.com/h").await),
+        ErrorCode::Forbidden
+    );
+    assert_eq!(
+        code(h.put_hook(&g, "eve", "https://example.com/h").await),
+        ErrorCode::NotMember
+    );
+    assert_eq!(
+        code(h.put_hook("no-such", "olga", "https://example.com/h").await),
+        ErrorCode::NotFound
+    );
+
+    let hook = h
+        .put_hook(&g, "adam", "https://hooks.example.com:8443/in?x=1")
+        .await
+        .unwrap();
+    assert!(uuid::Uuid::parse_str(&hook.webhook_id).is_ok());
+    assert_eq!(hook.secret.len(), 64);
+    assert!(hook
+        .secret
+        .chars()
+        .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+    assert_eq!(
+        (
+            hook.delivered_seq,
+            hook.created_by.as_str(),
+            hook.created_at_ms
+        ),
+        (4, "adam", T0),
+        "delivery starts after the events that exist"
+    );
+    let second = h.put_hook(&g, "olga", "http://10.0.0.1/x").await.unwrap();
+    assert_ne!(second.secret, hook.secret);
+
+    // Members see urls, only owner and admins see secrets; internal callers see all.
+    let seen = h.hooks(&g, "bob").await.unwrap();
+    assert_eq!(seen.len(), 2);
+    assert!(seen.iter().all(|w| w.secret.is_empty()));
+    let seen = h.hooks(&g, "adam").await.unwrap();
+    assert!(seen.iter().all(|w| w.secret.len() == 64));
+    assert_eq!(code(h.hooks(&g, "eve").await), ErrorCode::NotMember);
+    let ab = h.direct("alice", "bob").await.conversation_id;
+    let direct = h
+        .put_hook(&ab, "bob", "https://example.com/d")
+        .await
+        .unwrap();
+    assert_eq!(direct.delivered_seq, 0);
+    let everything = h.hooks("", "").await.unwrap();
+    assert_eq!(everything.len(), 3);
+    assert!(everything.iter().all(|w| !w.secret.is_empty()));
+
+    // The cursor only moves forward.
+    let advance = |seq| {
+        let svc = Arc::clone(&h.svc);
+        let req = AdvanceWebhookRequest {
+            conversation_id: g.clone(),
+            webhook_id: hook.webhook_id.clone(),
+            delivered_seq: seq,
+        };
+        async move { svc.advance_webhook(req).await }
+    };
+    assert_eq!(advance(6).await.unwrap().delivered_seq, 6);
+    assert_eq!(advance(5).await.unwrap().delivered_seq, 6);
+    let stored = h.hooks(&g, "").await.unwrap();
+    let stored = stored
+        .iter()
+        .find(|w| w.webhook_id == hook.webhook_id)
+        .unwrap();
+    assert_eq!(
+        (stored.delivered_seq, stored.secret.as_str()),
+        (6, hook.secret.as_str())
+    );
+
+    // Deleting: who may add may delete; unknown ids are not found.
+    let del = |actor: &str, conv: &str, id: &str| {
+        let svc = Arc::clone(&h.svc);
+        let req = DeleteWebhookRequest {
+            conversation_id: conv.into(),
+            actor_id: actor.into(),
+            webhook_id: id.into(),
+        };
+        async move { svc.delete_webhook(req).await.map(|_| ()) }
+    };
+    assert_eq!(
+        code(del("bob", &g, &hook.webhook_id).await),
+        ErrorCode::Forbidden
+    );
+    assert_eq!(code(del("olga", &g, "missing").await), ErrorCode::NotFound);
+    assert_eq!(
+        code(del("alice", &ab, &hook.webhook_id).await),
+        ErrorCode::NotFound,
+        "a webhook of another conversation"
+    );
+    del("olga", &g, &hook.webhook_id).await.unwrap();
+    assert_eq!(
+        code(del("olga", &g, &hook.webhook_id).await),
+        ErrorCode::NotFound
+    );
+    assert_eq!(code(advance(7).await), ErrorCode::NotFound);
+    del("alice", &ab, &direct.webhook_id).await.unwrap();
+    assert_eq!(h.hooks("", "").await.unwrap().len(), 1);
+
+    // At most 10 per conversation.
+    for i in 1..10 {
+        h.put_hook(&g, "olga", &format!("https://example.com/{i}"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        code(h.put_hook(&g, "olga", "https://example.com/11").await),
+        ErrorCode::InvalidRequest
+    );
+}
+
+pub(crate) async fn conversation_state_survives_reopening(factory: &dyn StoreFactory) {
+    let (g, m1) = {
+        let h = Harness::open(factory, 200).await;
+        let g = h.group("olga", &["bob"], "g").await.conversation_id;
+        let m1 = h.say(&g, "bob", "first").await;
+        h.send(edit(&g, "bob", m1, "edited")).await.unwrap();
+        h.send(react(&g, "olga", m1, "👍", false)).await.unwrap();
+        h.admin(&g, "olga", "members_banned", &["eve"])
+            .await
+            .unwrap();
+        h.notify("bob", &g, -1).await.unwrap();
+        h.marker(&g, "olga", 1, "delivered").await.unwrap();
+        h.put_hook(&g, "olga", "https://example.com/h")
+            .await
+            .unwrap();
+        (g, m1)
+    };
+    let h = Harness::open(factory, 200).await;
+    let m = h.event("olga", &g, m1).await;
+    assert_eq!(
+        (m.body.as_str(), reactions(&m)),
+        ("edited", vec![("👍", 1, true)])
+    );
+    assert_eq!(
+        code(h.admin(&g, "olga", "members_added", &["eve"]).await),
+        ErrorCode::Banned
+    );
+    assert_eq!(h.listed("bob", &g).await.muted_until_ms, -1);
+    assert_eq!(h.listed("olga", &g).await.delivered_seq, 1);
+    assert_eq!(h.hooks(&g, "olga").await.unwrap().len(), 1);
+}
+
 /// One `#[tokio::test]` per conformance case for the factory built by `$factory()`.
 macro_rules! history_store_conformance {
     ($factory:expr) => {
@@ -816,6 +2105,19 @@ macro_rules! history_store_conformance {
             sync_returns_what_was_missed,
             read_markers_only_move_forward,
             dedupe_keys_expire,
+            edits_replace_the_body_and_only_the_sender_edits,
+            deletes_remove_the_body_from_storage,
+            reactions_count_per_emoji,
+            replies_and_threads,
+            unread_counts_and_mentions,
+            markers_and_receipts,
+            group_administration_follows_roles,
+            bans_keep_users_out,
+            ownership_passes_on,
+            notification_preferences,
+            shared_contacts_are_co_members,
+            webhooks_are_managed_by_admins,
+            conversation_state_survives_reopening,
         );
     };
     (@cases $factory:expr; $($case:ident),* $(,)?) => {

@@ -1,7 +1,9 @@
 //! Validation and authorization rules, written once for every backend.
 
+use switchboard_proto::{Conversation, MemberReceipt, Message, SystemEvent};
+
 use crate::error::{Result, StorageError};
-use crate::store::{ConversationKind, MemberAction};
+use crate::store::{actions, kinds, roles, ConversationKind, MemberAction, MemberNotification};
 
 /// Longest id (user, conversation, client message id), in bytes.
 pub const MAX_ID_BYTES: usize = 128;
@@ -56,6 +58,459 @@ pub fn validate_name(name: &str) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Longest topic, in bytes.
+pub const MAX_TOPIC_BYTES: usize = 1024;
+/// Most users one message may mention.
+pub const MAX_MENTIONS: usize = 50;
+/// Longest reaction emoji, in bytes.
+pub const MAX_EMOJI_BYTES: usize = 32;
+/// Most webhooks a conversation may have.
+pub const MAX_WEBHOOKS: usize = 10;
+/// Longest webhook URL, in bytes.
+pub const MAX_WEBHOOK_URL_BYTES: usize = 2048;
+/// Thread page size when the request says 0.
+pub const DEFAULT_THREAD_LIMIT: u32 = 50;
+/// Hard cap of a thread page.
+pub const MAX_THREAD_LIMIT: u32 = 200;
+/// `unread_count` and `unread_mentions` count up to this many.
+pub const MAX_UNREAD: u32 = 1000;
+
+/// A topic: at most [`MAX_TOPIC_BYTES`], no control characters other than line
+/// breaks and tabs, may be empty.
+pub fn validate_topic(topic: &str) -> Result<()> {
+    if topic.len() > MAX_TOPIC_BYTES {
+        return Err(StorageError::InvalidRequest(format!(
+            "topic is longer than {MAX_TOPIC_BYTES} bytes"
+        )));
+    }
+    if topic
+        .chars()
+        .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+    {
+        return Err(StorageError::InvalidRequest(
+            "topic contains control characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// A reaction emoji: 1..=[`MAX_EMOJI_BYTES`] bytes, no control characters.
+pub fn validate_emoji(emoji: &str) -> Result<()> {
+    if emoji.is_empty() || emoji.len() > MAX_EMOJI_BYTES {
+        return Err(StorageError::InvalidRequest(format!(
+            "emoji must be 1 to {MAX_EMOJI_BYTES} bytes"
+        )));
+    }
+    if emoji.chars().any(char::is_control) {
+        return Err(StorageError::InvalidRequest(
+            "emoji contains control characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// A role given by a role change: "admin", "member" or "owner" (transfer).
+fn validate_role(role: &str) -> Result<()> {
+    match role {
+        roles::OWNER | roles::ADMIN | roles::MEMBER => Ok(()),
+        other => Err(StorageError::InvalidRequest(format!(
+            "role must be \"owner\", \"admin\" or \"member\", not {other:?}"
+        ))),
+    }
+}
+
+/// Field checks of a timeline event that need no stored data: a known kind, ids,
+/// mentions (at most [`MAX_MENTIONS`], distinct), the emoji of a reaction, and a
+/// well-formed system event (known action, user_ids where the action needs them,
+/// name / topic / role values, `actor_id` empty or the sender).
+pub fn validate_event(event: &Message) -> Result<()> {
+    validate_id("conversation_id", &event.conversation_id)?;
+    validate_id("sender_id", &event.sender_id)?;
+    if event.mentions.len() > MAX_MENTIONS {
+        return Err(StorageError::InvalidRequest(format!(
+            "a message mentions at most {MAX_MENTIONS} users"
+        )));
+    }
+    if dedup_ids("mentions", &event.mentions)?.len() != event.mentions.len() {
+        return Err(StorageError::InvalidRequest(
+            "mentions must be distinct".into(),
+        ));
+    }
+    for (field, seq) in [
+        ("target_seq", event.target_seq),
+        ("reply_to_seq", event.reply_to_seq),
+        ("thread_root_seq", event.thread_root_seq),
+    ] {
+        if i64::try_from(seq).is_err() {
+            return Err(StorageError::InvalidRequest(format!(
+                "{field} {seq} is out of range"
+            )));
+        }
+    }
+    match event.kind.as_str() {
+        "" | kinds::MESSAGE | kinds::EDIT | kinds::DELETE => Ok(()),
+        kinds::REACTION => validate_emoji(&event.emoji),
+        kinds::SYSTEM => {
+            let system = event.system.as_ref().ok_or_else(|| {
+                StorageError::InvalidRequest("a system event needs `system`".into())
+            })?;
+            validate_system(&event.sender_id, system)
+        }
+        other => Err(StorageError::InvalidRequest(format!(
+            "unknown event kind {other:?}"
+        ))),
+    }
+}
+
+fn validate_system(sender_id: &str, system: &SystemEvent) -> Result<()> {
+    if !system.actor_id.is_empty() && system.actor_id != sender_id {
+        return Err(StorageError::InvalidRequest(
+            "system.actor_id must be the sender".into(),
+        ));
+    }
+    let users = dedup_ids("user_ids", &system.user_ids)?;
+    let need_users = || {
+        if users.is_empty() {
+            Err(StorageError::InvalidRequest("user_ids is required".into()))
+        } else {
+            check_member_count(users.len())
+        }
+    };
+    match system.action.as_str() {
+        actions::MEMBERS_ADDED
+        | actions::MEMBERS_REMOVED
+        | actions::MEMBERS_BANNED
+        | actions::MEMBERS_UNBANNED => need_users(),
+        actions::MEMBER_LEFT => {
+            if users.iter().any(|u| u != sender_id) {
+                return Err(StorageError::InvalidRequest(
+                    "member_left names only the member who leaves".into(),
+                ));
+            }
+            Ok(())
+        }
+        actions::ROLE_CHANGED => {
+            need_users()?;
+            validate_role(&system.role)?;
+            if system.role == roles::OWNER && users.len() != 1 {
+                return Err(StorageError::InvalidRequest(
+                    "ownership passes to exactly one user".into(),
+                ));
+            }
+            Ok(())
+        }
+        actions::RENAMED => validate_name(&system.name),
+        actions::TOPIC_CHANGED => validate_topic(&system.topic),
+        other => Err(StorageError::InvalidRequest(format!(
+            "unknown system action {other:?}"
+        ))),
+    }
+}
+
+/// What [`authorize_event`] needs to know, read from the store.
+#[derive(Debug, Clone, Copy)]
+pub struct EventFacts<'a> {
+    /// The conversation with `member_roles`.
+    pub conversation: &'a Conversation,
+    /// The stored event at `target_seq` (edit, delete, reaction), if any.
+    pub target: Option<&'a Message>,
+    /// The stored event at `reply_to_seq`, if any.
+    pub reply_to: Option<&'a Message>,
+    /// The stored event at `thread_root_seq`, if any.
+    pub thread_root: Option<&'a Message>,
+    /// Those of `system.user_ids` on the ban list (members_added).
+    pub banned: &'a [String],
+}
+
+/// The role of `user_id` in the conversation, `None` for a non-member.
+pub fn role_of<'a>(conversation: &'a Conversation, user_id: &str) -> Option<&'a str> {
+    conversation
+        .member_roles
+        .iter()
+        .find(|m| m.user_id == user_id)
+        .map(|m| m.role.as_str())
+}
+
+fn is_manager(role: &str) -> bool {
+    role == roles::OWNER || role == roles::ADMIN
+}
+
+/// The referenced event exists and is a "message" (`NotFound` otherwise).
+fn referenced<'a>(field: &str, seq: u64, found: Option<&'a Message>) -> Result<&'a Message> {
+    match found {
+        Some(m) if kinds::is_message(&m.kind) => Ok(m),
+        _ => Err(StorageError::NotFound(format!("message {seq} ({field})"))),
+    }
+}
+
+/// Like [`referenced`], and not deleted.
+fn live_target(seq: u64, found: Option<&Message>) -> Result<&Message> {
+    let m = referenced("target_seq", seq, found)?;
+    if m.deleted {
+        return Err(StorageError::NotFound(format!("message {seq} was deleted")));
+    }
+    Ok(m)
+}
+
+/// Whether a (field-validated, see [`validate_event`]) timeline event may be appended
+/// now; the same rules for every backend. See the `Authorize` RPC for the outcomes.
+pub fn authorize_event(event: &Message, facts: &EventFacts<'_>) -> Result<()> {
+    let conv = facts.conversation;
+    let actor = event.sender_id.as_str();
+    let actor_role = role_of(conv, actor)
+        .ok_or_else(|| StorageError::not_member(&conv.conversation_id, actor))?;
+    if event.reply_to_seq > 0 {
+        referenced("reply_to_seq", event.reply_to_seq, facts.reply_to)?;
+    }
+    if event.thread_root_seq > 0 {
+        let root = referenced("thread_root_seq", event.thread_root_seq, facts.thread_root)?;
+        if root.thread_root_seq != 0 {
+            return Err(StorageError::InvalidRequest(
+                "a thread reply cannot be a thread root".into(),
+            ));
+        }
+    }
+    if let Some(outsider) = event.mentions.iter().find(|u| role_of(conv, u).is_none()) {
+        return Err(StorageError::InvalidRequest(format!(
+            "mentioned user {outsider} is not a member"
+        )));
+    }
+    match event.kind.as_str() {
+        kinds::EDIT => {
+            let target = live_target(event.target_seq, facts.target)?;
+            if target.sender_id != actor {
+                return Err(StorageError::Forbidden(
+                    "only the sender edits a message".into(),
+                ));
+            }
+            Ok(())
+        }
+        kinds::DELETE => {
+            let target = live_target(event.target_seq, facts.target)?;
+            let group_manager =
+                conv.kind == ConversationKind::Group.as_str() && is_manager(actor_role);
+            if target.sender_id != actor && !group_manager {
+                return Err(StorageError::Forbidden(
+                    "only the sender, or a group's owner or admin, deletes a message".into(),
+                ));
+            }
+            Ok(())
+        }
+        kinds::REACTION => live_target(event.target_seq, facts.target).map(|_| ()),
+        kinds::SYSTEM => {
+            let system = event.system.as_ref().ok_or_else(|| {
+                StorageError::InvalidRequest("a system event needs `system`".into())
+            })?;
+            authorize_system(conv, actor, actor_role, system, facts.banned)
+        }
+        _ => Ok(()),
+    }
+}
+
+fn authorize_system(
+    conv: &Conversation,
+    actor: &str,
+    actor_role: &str,
+    system: &SystemEvent,
+    banned: &[String],
+) -> Result<()> {
+    if conv.kind != ConversationKind::Group.as_str() {
+        return Err(StorageError::Forbidden(
+            "a direct conversation has no system events".into(),
+        ));
+    }
+    let manager = || {
+        if is_manager(actor_role) {
+            Ok(())
+        } else {
+            Err(StorageError::Forbidden(format!(
+                "{} needs the owner or an admin",
+                system.action
+            )))
+        }
+    };
+    let users = &system.user_ids;
+    match system.action.as_str() {
+        actions::MEMBERS_ADDED => {
+            manager()?;
+            if let Some(user) = banned.first() {
+                return Err(StorageError::Banned(format!(
+                    "user {user} is banned from conversation {}",
+                    conv.conversation_id
+                )));
+            }
+            let new = users.iter().filter(|u| role_of(conv, u).is_none()).count();
+            check_member_count(conv.member_roles.len() + new)
+        }
+        actions::MEMBERS_REMOVED | actions::MEMBERS_BANNED => {
+            manager()?;
+            if users.iter().any(|u| u == actor) {
+                return Err(StorageError::Forbidden(
+                    "members leave rather than remove themselves".into(),
+                ));
+            }
+            for user in users {
+                match role_of(conv, user) {
+                    Some(roles::OWNER) => {
+                        return Err(StorageError::Forbidden(
+                            "the owner cannot be removed".into(),
+                        ))
+                    }
+                    Some(roles::ADMIN) if actor_role != roles::OWNER => {
+                        return Err(StorageError::Forbidden(
+                            "only the owner removes an admin".into(),
+                        ))
+                    }
+                    _ => {}
+                }
+            }
+            Ok(())
+        }
+        actions::MEMBERS_UNBANNED | actions::RENAMED | actions::TOPIC_CHANGED => manager(),
+        actions::MEMBER_LEFT => Ok(()),
+        actions::ROLE_CHANGED => {
+            if actor_role != roles::OWNER {
+                return Err(StorageError::Forbidden(
+                    "only the owner changes roles".into(),
+                ));
+            }
+            for user in users {
+                if user == actor {
+                    return Err(StorageError::InvalidRequest(
+                        "the owner's role changes only by a transfer".into(),
+                    ));
+                }
+                if role_of(conv, user).is_none() {
+                    return Err(StorageError::InvalidRequest(format!(
+                        "user {user} is not a member"
+                    )));
+                }
+            }
+            Ok(())
+        }
+        other => Err(StorageError::InvalidRequest(format!(
+            "unknown system action {other:?}"
+        ))),
+    }
+}
+
+/// A stored preference as it applies at `now_ms`: -1 (forever) stays, a time in the
+/// past reads as 0 (off).
+pub fn active_until(until_ms: i64, now_ms: i64) -> i64 {
+    if until_ms == -1 || until_ms > now_ms {
+        until_ms
+    } else {
+        0
+    }
+}
+
+/// A `SetNotification.until_ms`: -1, 0 or a time.
+pub fn validate_until(until_ms: i64) -> Result<()> {
+    if until_ms < -1 {
+        return Err(StorageError::InvalidRequest(format!(
+            "until_ms must be -1, 0 or a time, not {until_ms}"
+        )));
+    }
+    Ok(())
+}
+
+/// Who is notified of a new message from `sender_id`: members other than the sender
+/// not in an active do-not-disturb and either not muting the conversation or
+/// mentioned; `silenced` = the other members except the sender. Both sorted.
+pub fn notification_targets(
+    members: &[MemberNotification],
+    sender_id: &str,
+    mentions: &[String],
+    now_ms: i64,
+) -> (Vec<String>, Vec<String>) {
+    let mut notify = Vec::new();
+    let mut silenced = Vec::new();
+    for m in members.iter().filter(|m| m.user_id != sender_id) {
+        let dnd = active_until(m.dnd_until_ms, now_ms) != 0;
+        let muted = active_until(m.muted_until_ms, now_ms) != 0;
+        let mentioned = mentions.contains(&m.user_id);
+        if !dnd && (!muted || mentioned) {
+            notify.push(m.user_id.clone());
+        } else {
+            silenced.push(m.user_id.clone());
+        }
+    }
+    notify.sort_unstable();
+    silenced.sort_unstable();
+    (notify, silenced)
+}
+
+/// Receipt counts of the message at `seq` sent by `sender_id`: (read_by,
+/// delivered_to) over the members other than the sender.
+pub fn receipt_counts(members: &[MemberReceipt], sender_id: &str, seq: u64) -> (u32, u32) {
+    let others = members.iter().filter(|m| m.user_id != sender_id);
+    let (mut read, mut delivered) = (0u32, 0u32);
+    for m in others {
+        if m.read_seq >= seq {
+            read += 1;
+        }
+        if m.read_seq.max(m.delivered_seq) >= seq {
+            delivered += 1;
+        }
+    }
+    (read, delivered)
+}
+
+/// A webhook URL: http:// or https:// with a host, at most [`MAX_WEBHOOK_URL_BYTES`],
+/// no whitespace or control characters.
+pub fn validate_webhook_url(url: &str) -> Result<()> {
+    let bad = |why: &str| Err(StorageError::InvalidRequest(format!("webhook url {why}")));
+    if url.len() > MAX_WEBHOOK_URL_BYTES {
+        return bad(&format!("is longer than {MAX_WEBHOOK_URL_BYTES} bytes"));
+    }
+    if url.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return bad("contains whitespace or control characters");
+    }
+    let lower = url.to_ascii_lowercase();
+    let rest = if let Some(rest) = lower.strip_prefix("https://") {
+        rest
+    } else if let Some(rest) = lower.strip_prefix("http://") {
+        rest
+    } else {
+        return bad("must start with http:// or https://");
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host_port = authority.rsplit('@').next().unwrap_or("");
+    let host = if let Some(v6) = host_port.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        host_port.split(':').next().unwrap_or("")
+    };
+    if host.is_empty() {
+        return bad("has no host");
+    }
+    Ok(())
+}
+
+/// Who may add and delete a conversation's webhooks and see their secrets: in a
+/// group the owner and admins, in a direct conversation either member
+/// (`NotMember` for outsiders, `Forbidden` for other group members).
+pub fn authorize_webhook_admin(conversation: &Conversation, actor_id: &str) -> Result<()> {
+    let role = role_of(conversation, actor_id)
+        .ok_or_else(|| StorageError::not_member(&conversation.conversation_id, actor_id))?;
+    if conversation.kind == ConversationKind::Group.as_str() && !is_manager(role) {
+        return Err(StorageError::Forbidden(
+            "only the owner or an admin manages webhooks".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The page size of a thread request: 0 -> [`DEFAULT_THREAD_LIMIT`], capped at
+/// [`MAX_THREAD_LIMIT`].
+pub fn thread_limit(requested: u32) -> u32 {
+    if requested == 0 {
+        DEFAULT_THREAD_LIMIT
+    } else {
+        requested.min(MAX_THREAD_LIMIT)
+    }
 }
 
 /// Validate `ids` and return them deduplicated, first occurrence order kept.

@@ -9,10 +9,15 @@ use std::time::Duration;
 use switchboard_config::StorageConfig;
 use switchboard_proto::v1::storage_server::Storage;
 use switchboard_proto::{
-    AppendRequest, AppendResponse, ChangeMembersRequest, Conversation, ConversationListResult,
-    CreateConversationRequest, GetConversationRequest, HistoryResult, LastSeqRequest,
-    LastSeqResponse, ListConversationsRequest, LookupDedupeRequest, LookupDedupeResponse,
-    ReadMarker, SetReadMarkerRequest, StorageHistoryRequest, StorageSyncRequest, SyncResult,
+    AdvanceWebhookRequest, AppendRequest, AppendResponse, AuthorizeRequest, AuthorizeResponse,
+    ChangeMembersRequest, Conversation, ConversationListResult, CreateConversationRequest,
+    DeleteWebhookRequest, DeleteWebhookResponse, GetConversationRequest, HistoryResult,
+    LastSeqRequest, LastSeqResponse, ListConversationsRequest, ListWebhooksRequest,
+    ListWebhooksResponse, LookupDedupeRequest, LookupDedupeResponse, Message,
+    NotificationTargetsRequest, NotificationTargetsResponse, PutWebhookRequest, ReadMarker,
+    ReceiptsResult, SetNotificationRequest, SetNotificationResponse, SetReadMarkerRequest,
+    SharedContactsRequest, SharedContactsResponse, StorageHistoryRequest, StorageReceiptsRequest,
+    StorageSyncRequest, StorageThreadRequest, SyncResult, ThreadResult, Webhook,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -23,8 +28,8 @@ use crate::error::{Result, StorageError};
 use crate::metrics::{Instrumented, StorageMetrics};
 use crate::rules;
 use crate::store::{
-    ConversationKind, Direction, HistoryStore, MemberAction, MemberChange, NewConversation,
-    PageQuery,
+    actions, kinds, ConversationKind, Direction, HistoryStore, MarkerKind, MemberAction,
+    MemberChange, NewConversation, NewWebhook, PageQuery, ThreadQuery,
 };
 
 /// Milliseconds since the Unix epoch, from a clock the service is given (tests pass a
@@ -199,7 +204,11 @@ impl StorageService {
         req: ListConversationsRequest,
     ) -> Result<ConversationListResult> {
         rules::validate_id("user_id", &req.user_id)?;
-        let conversations = self.store.list_conversations(&req.user_id).await?;
+        let mut conversations = self.store.list_conversations(&req.user_id).await?;
+        let now_ms = self.now_ms();
+        for conv in &mut conversations {
+            conv.muted_until_ms = rules::active_until(conv.muted_until_ms, now_ms);
+        }
         Ok(ConversationListResult { conversations })
     }
 
@@ -301,7 +310,41 @@ impl StorageService {
         if coalesced {
             self.metrics.coalesced_reads.inc();
         }
-        page.map(|p| HistoryResult::clone(&p))
+        let mut page = page.map(|p| HistoryResult::clone(&p))?;
+        self.mark_mine(&page.conversation_id, &req.user_id, &mut page.messages)
+            .await?;
+        Ok(page)
+    }
+
+    /// Set `ReactionCount.mine` for `reader` on messages of one conversation.
+    async fn mark_mine(
+        &self,
+        conversation_id: &str,
+        reader: &str,
+        messages: &mut [Message],
+    ) -> Result<()> {
+        let reacted = messages.iter().filter(|m| !m.reactions.is_empty());
+        let (Some(low), Some(high)) = (
+            reacted.clone().map(|m| m.seq).min(),
+            reacted.map(|m| m.seq).max(),
+        ) else {
+            return Ok(());
+        };
+        let mine = self
+            .store
+            .my_reactions(conversation_id, reader, low, high)
+            .await?;
+        if mine.is_empty() {
+            return Ok(());
+        }
+        for m in messages.iter_mut() {
+            for r in &mut m.reactions {
+                r.mine = mine
+                    .iter()
+                    .any(|(seq, emoji)| *seq == m.seq && *emoji == r.emoji);
+            }
+        }
+        Ok(())
     }
 
     /// What a user missed: changed and unknown conversations with their messages after
@@ -315,15 +358,326 @@ impl StorageService {
             *seq = cursor.last_seq.max(*seq);
         }
         let limit = rules::sync_limit(sync.limit_per_conversation);
-        self.store.sync(&req.user_id, &cursors, limit).await
+        let mut result = self.store.sync(&req.user_id, &cursors, limit).await?;
+        let now_ms = self.now_ms();
+        for conv in &mut result.conversations {
+            conv.muted_until_ms = rules::active_until(conv.muted_until_ms, now_ms);
+        }
+        // Messages come grouped by conversation, each group in sequence order.
+        let mut start = 0;
+        while start < result.messages.len() {
+            let id = result.messages[start].conversation_id.clone();
+            let len = result.messages[start..]
+                .iter()
+                .take_while(|m| m.conversation_id == id)
+                .count();
+            self.mark_mine(&id, &req.user_id, &mut result.messages[start..start + len])
+                .await?;
+            start += len;
+        }
+        result.dnd_until_ms =
+            rules::active_until(self.store.dnd_until(&req.user_id).await?, now_ms);
+        Ok(result)
     }
 
-    /// Raise a member's read marker (clamped to `last_seq`, never lowered).
+    /// Raise a member's read or delivered marker (clamped to `last_seq`, never lowered).
     pub async fn set_read_marker(&self, req: SetReadMarkerRequest) -> Result<ReadMarker> {
         rules::validate_id("conversation_id", &req.conversation_id)?;
         rules::validate_id("user_id", &req.user_id)?;
+        let kind = MarkerKind::parse(&req.kind).ok_or_else(|| {
+            StorageError::InvalidRequest(format!(
+                "kind must be \"read\" or \"delivered\", not {:?}",
+                req.kind
+            ))
+        })?;
+        let (id, user, now_ms) = (&req.conversation_id, &req.user_id, self.now_ms());
+        match kind {
+            MarkerKind::Read => self.store.set_read_marker(id, user, req.seq, now_ms).await,
+            MarkerKind::Delivered => {
+                self.store
+                    .set_delivered_marker(id, user, req.seq, now_ms)
+                    .await
+            }
+        }
+    }
+
+    /// Fails with the error the client gets when `event` may not be appended now.
+    pub async fn authorize(&self, req: AuthorizeRequest) -> Result<AuthorizeResponse> {
+        let event = req
+            .message
+            .ok_or_else(|| StorageError::InvalidRequest("message is required".into()))?;
+        rules::validate_event(&event)?;
+        let conversation = self.store.get_conversation(&event.conversation_id).await?;
+        let id = event.conversation_id.as_str();
+        let at = |seq: u64| async move {
+            if seq == 0 {
+                Ok(None)
+            } else {
+                self.store.message_at(id, seq).await
+            }
+        };
+        let targeted = matches!(
+            event.kind.as_str(),
+            kinds::EDIT | kinds::DELETE | kinds::REACTION
+        );
+        let target = if targeted {
+            at(event.target_seq).await?
+        } else {
+            None
+        };
+        let reply_to = at(event.reply_to_seq).await?;
+        let thread_root = at(event.thread_root_seq).await?;
+        let banned = match &event.system {
+            Some(system)
+                if event.kind == kinds::SYSTEM && system.action == actions::MEMBERS_ADDED =>
+            {
+                self.store.banned_among(id, &system.user_ids).await?
+            }
+            _ => Vec::new(),
+        };
+        rules::authorize_event(
+            &event,
+            &rules::EventFacts {
+                conversation: &conversation,
+                target: target.as_ref(),
+                reply_to: reply_to.as_ref(),
+                thread_root: thread_root.as_ref(),
+                banned: &banned,
+            },
+        )?;
+        Ok(AuthorizeResponse {})
+    }
+
+    /// `NotMember` unless `user_id` is a member (also for an unknown conversation).
+    async fn require_member(&self, conversation_id: &str, user_id: &str) -> Result<()> {
+        if self.store.is_member(conversation_id, user_id).await? {
+            Ok(())
+        } else {
+            Err(StorageError::not_member(conversation_id, user_id))
+        }
+    }
+
+    /// A thread's root and a page of its replies, for a member.
+    pub async fn thread(&self, req: StorageThreadRequest) -> Result<ThreadResult> {
+        rules::validate_id("user_id", &req.user_id)?;
+        let thread = req
+            .request
+            .ok_or_else(|| StorageError::InvalidRequest("request is required".into()))?;
+        rules::validate_id("conversation_id", &thread.conversation_id)?;
+        if thread.root_seq == 0 || i64::try_from(thread.root_seq).is_err() {
+            return Err(StorageError::InvalidRequest(format!(
+                "root_seq {} is out of range",
+                thread.root_seq
+            )));
+        }
+        self.require_member(&thread.conversation_id, &req.user_id)
+            .await?;
+        let page = self
+            .store
+            .thread_page(&ThreadQuery {
+                conversation_id: thread.conversation_id.clone(),
+                root_seq: thread.root_seq,
+                from_seq: thread.from_seq.min(i64::MAX as u64),
+                limit: rules::thread_limit(thread.limit),
+            })
+            .await?;
+        let mut messages = Vec::with_capacity(page.replies.len() + 1);
+        messages.push(page.root);
+        messages.extend(page.replies);
+        self.mark_mine(&thread.conversation_id, &req.user_id, &mut messages)
+            .await?;
+        let root = messages.remove(0);
+        Ok(ThreadResult {
+            conversation_id: thread.conversation_id,
+            root: Some(root),
+            replies: messages,
+            has_more: page.has_more,
+        })
+    }
+
+    /// Receipts of one message (0 = the latest) and every member's markers, for a member.
+    pub async fn receipts(&self, req: StorageReceiptsRequest) -> Result<ReceiptsResult> {
+        rules::validate_id("user_id", &req.user_id)?;
+        let receipts = req
+            .request
+            .ok_or_else(|| StorageError::InvalidRequest("request is required".into()))?;
+        let id = receipts.conversation_id.as_str();
+        rules::validate_id("conversation_id", id)?;
+        self.require_member(id, &req.user_id).await?;
+        let last_seq = self.store.last_seq(id).await?;
+        let seq = if receipts.seq == 0 {
+            last_seq
+        } else {
+            receipts.seq
+        };
+        if seq > last_seq {
+            return Err(StorageError::NotFound(format!("message {seq}")));
+        }
+        let members = self.store.receipts(id).await?;
+        let (read_by, delivered_to) = if seq == 0 {
+            (0, 0)
+        } else {
+            let sender = self
+                .store
+                .message_at(id, seq)
+                .await?
+                .map(|m| m.sender_id)
+                .unwrap_or_default();
+            rules::receipt_counts(&members, &sender, seq)
+        };
+        Ok(ReceiptsResult {
+            conversation_id: receipts.conversation_id,
+            seq,
+            read_by,
+            delivered_to,
+            members,
+        })
+    }
+
+    /// Mute a conversation (member) or set the user's do-not-disturb.
+    pub async fn set_notification(
+        &self,
+        req: SetNotificationRequest,
+    ) -> Result<SetNotificationResponse> {
+        rules::validate_id("user_id", &req.user_id)?;
+        rules::validate_optional_id("conversation_id", &req.conversation_id)?;
+        rules::validate_until(req.until_ms)?;
+        if !req.conversation_id.is_empty() {
+            self.require_member(&req.conversation_id, &req.user_id)
+                .await?;
+        }
         self.store
-            .set_read_marker(&req.conversation_id, &req.user_id, req.seq, self.now_ms())
+            .set_notification(&req.user_id, &req.conversation_id, req.until_ms)
+            .await?;
+        Ok(SetNotificationResponse {})
+    }
+
+    /// Which members to notify of a new message, and which are silenced.
+    pub async fn notification_targets(
+        &self,
+        req: NotificationTargetsRequest,
+    ) -> Result<NotificationTargetsResponse> {
+        rules::validate_id("conversation_id", &req.conversation_id)?;
+        rules::validate_optional_id("sender_id", &req.sender_id)?;
+        let now_ms = if req.now_ms > 0 {
+            req.now_ms
+        } else {
+            self.now_ms()
+        };
+        let members = self.store.notification_state(&req.conversation_id).await?;
+        let (notify, silenced) =
+            rules::notification_targets(&members, &req.sender_id, &req.mentions, now_ms);
+        Ok(NotificationTargetsResponse { notify, silenced })
+    }
+
+    /// Which of `other_ids` share a conversation with `user_id`.
+    pub async fn shared_contacts(
+        &self,
+        req: SharedContactsRequest,
+    ) -> Result<SharedContactsResponse> {
+        rules::validate_id("user_id", &req.user_id)?;
+        let others = rules::dedup_ids("other_ids", &req.other_ids)?;
+        if others.len() > rules::MAX_MEMBERS {
+            return Err(StorageError::InvalidRequest(format!(
+                "at most {} other_ids",
+                rules::MAX_MEMBERS
+            )));
+        }
+        let shared = self.store.shared_contacts(&req.user_id, &others).await?;
+        Ok(SharedContactsResponse { shared })
+    }
+
+    /// Add a webhook (group owner/admin, or a member of a direct conversation).
+    pub async fn put_webhook(&self, req: PutWebhookRequest) -> Result<Webhook> {
+        rules::validate_id("conversation_id", &req.conversation_id)?;
+        rules::validate_id("actor_id", &req.actor_id)?;
+        rules::validate_webhook_url(&req.url)?;
+        let conv = self.store.get_conversation(&req.conversation_id).await?;
+        rules::authorize_webhook_admin(&conv, &req.actor_id)?;
+        let hook = self
+            .store
+            .put_webhook(NewWebhook {
+                webhook_id: uuid::Uuid::now_v7().to_string(),
+                conversation_id: req.conversation_id,
+                url: req.url,
+                secret: new_secret()?,
+                created_by: req.actor_id,
+                created_at_ms: self.now_ms(),
+                max_per_conversation: rules::MAX_WEBHOOKS,
+            })
+            .await?;
+        tracing::info!(
+            conversation_id = %hook.conversation_id,
+            webhook_id = %hook.webhook_id,
+            "webhook added"
+        );
+        Ok(hook)
+    }
+
+    /// A conversation's webhooks for a member (secrets only for owner/admin), or,
+    /// with an empty actor (internal callers), with secrets; with an empty
+    /// conversation and actor, every webhook.
+    pub async fn list_webhooks(&self, req: ListWebhooksRequest) -> Result<ListWebhooksResponse> {
+        rules::validate_optional_id("conversation_id", &req.conversation_id)?;
+        rules::validate_optional_id("actor_id", &req.actor_id)?;
+        if req.conversation_id.is_empty() {
+            if !req.actor_id.is_empty() {
+                return Err(StorageError::InvalidRequest(
+                    "conversation_id is required".into(),
+                ));
+            }
+            let webhooks = self.store.list_webhooks(None).await?;
+            return Ok(ListWebhooksResponse { webhooks });
+        }
+        let mut show_secrets = true;
+        if !req.actor_id.is_empty() {
+            let conv = self.store.get_conversation(&req.conversation_id).await?;
+            if rules::role_of(&conv, &req.actor_id).is_none() {
+                return Err(StorageError::not_member(
+                    &req.conversation_id,
+                    &req.actor_id,
+                ));
+            }
+            show_secrets = rules::authorize_webhook_admin(&conv, &req.actor_id).is_ok();
+        }
+        let mut webhooks = self.store.list_webhooks(Some(&req.conversation_id)).await?;
+        if !show_secrets {
+            for hook in &mut webhooks {
+                hook.secret.clear();
+            }
+        }
+        Ok(ListWebhooksResponse { webhooks })
+    }
+
+    /// Delete a webhook (who may add one may delete one).
+    pub async fn delete_webhook(&self, req: DeleteWebhookRequest) -> Result<DeleteWebhookResponse> {
+        rules::validate_id("conversation_id", &req.conversation_id)?;
+        rules::validate_id("actor_id", &req.actor_id)?;
+        rules::validate_id("webhook_id", &req.webhook_id)?;
+        let conv = self.store.get_conversation(&req.conversation_id).await?;
+        rules::authorize_webhook_admin(&conv, &req.actor_id)?;
+        self.store
+            .delete_webhook(&req.conversation_id, &req.webhook_id)
+            .await?;
+        tracing::info!(
+            conversation_id = %req.conversation_id,
+            webhook_id = %req.webhook_id,
+            "webhook deleted"
+        );
+        Ok(DeleteWebhookResponse {})
+    }
+
+    /// Record the highest sequence delivered to a webhook (never lowered).
+    pub async fn advance_webhook(&self, req: AdvanceWebhookRequest) -> Result<Webhook> {
+        rules::validate_id("conversation_id", &req.conversation_id)?;
+        rules::validate_id("webhook_id", &req.webhook_id)?;
+        if i64::try_from(req.delivered_seq).is_err() {
+            return Err(StorageError::InvalidRequest(
+                "delivered_seq is out of range".into(),
+            ));
+        }
+        self.store
+            .advance_webhook(&req.conversation_id, &req.webhook_id, req.delivered_seq)
             .await
     }
 
@@ -345,6 +699,16 @@ impl StorageService {
     pub(crate) fn history_participants(&self, query: &PageQuery) -> usize {
         self.history_flights.participants(query)
     }
+}
+
+/// A webhook secret: 32 random bytes, lowercase hex.
+fn new_secret() -> Result<String> {
+    use ring::rand::SecureRandom as _;
+    let mut bytes = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| StorageError::Internal("no randomness for a webhook secret".into()))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Purge expired dedupe keys every `every` until `stop` is cancelled.
@@ -391,66 +755,78 @@ fn reply<T>(result: Result<T>) -> std::result::Result<Response<T>, Status> {
 impl Storage for StorageGrpc {
     async fn authorize(
         &self,
-        _request: tonic::Request<switchboard_proto::v1::AuthorizeRequest>,
-    ) -> Result<tonic::Response<switchboard_proto::v1::AuthorizeResponse>, tonic::Status> {
-        Err(tonic::Status::unimplemented("authorize"))
+        request: Request<AuthorizeRequest>,
+    ) -> std::result::Result<Response<AuthorizeResponse>, Status> {
+        reply(self.service.authorize(request.into_inner()).await)
     }
+
     async fn thread(
         &self,
-        _request: tonic::Request<switchboard_proto::v1::StorageThreadRequest>,
-    ) -> Result<tonic::Response<switchboard_proto::v1::ThreadResult>, tonic::Status> {
-        Err(tonic::Status::unimplemented("thread"))
+        request: Request<StorageThreadRequest>,
+    ) -> std::result::Result<Response<ThreadResult>, Status> {
+        reply(self.service.thread(request.into_inner()).await)
     }
+
     async fn receipts(
         &self,
-        _request: tonic::Request<switchboard_proto::v1::StorageReceiptsRequest>,
-    ) -> Result<tonic::Response<switchboard_proto::v1::ReceiptsResult>, tonic::Status> {
-        Err(tonic::Status::unimplemented("receipts"))
+        request: Request<StorageReceiptsRequest>,
+    ) -> std::result::Result<Response<ReceiptsResult>, Status> {
+        reply(self.service.receipts(request.into_inner()).await)
     }
+
     async fn set_notification(
         &self,
-        _request: tonic::Request<switchboard_proto::v1::SetNotificationRequest>,
-    ) -> Result<tonic::Response<switchboard_proto::v1::SetNotificationResponse>, tonic::Status>
-    {
-        Err(tonic::Status::unimplemented("set_notification"))
+        request: Request<SetNotificationRequest>,
+    ) -> std::result::Result<Response<SetNotificationResponse>, Status> {
+        reply(self.service.set_notification(request.into_inner()).await)
     }
+
     async fn notification_targets(
         &self,
-        _request: tonic::Request<switchboard_proto::v1::NotificationTargetsRequest>,
-    ) -> Result<tonic::Response<switchboard_proto::v1::NotificationTargetsResponse>, tonic::Status>
-    {
-        Err(tonic::Status::unimplemented("notification_targets"))
+        request: Request<NotificationTargetsRequest>,
+    ) -> std::result::Result<Response<NotificationTargetsResponse>, Status> {
+        reply(
+            self.service
+                .notification_targets(request.into_inner())
+                .await,
+        )
     }
+
     async fn shared_contacts(
         &self,
-        _request: tonic::Request<switchboard_proto::v1::SharedContactsRequest>,
-    ) -> Result<tonic::Response<switchboard_proto::v1::SharedContactsResponse>, tonic::Status> {
-        Err(tonic::Status::unimplemented("shared_contacts"))
+        request: Request<SharedContactsRequest>,
+    ) -> std::result::Result<Response<SharedContactsResponse>, Status> {
+        reply(self.service.shared_contacts(request.into_inner()).await)
     }
+
     async fn put_webhook(
         &self,
-        _request: tonic::Request<switchboard_proto::v1::PutWebhookRequest>,
-    ) -> Result<tonic::Response<switchboard_proto::v1::Webhook>, tonic::Status> {
-        Err(tonic::Status::unimplemented("put_webhook"))
+        request: Request<PutWebhookRequest>,
+    ) -> std::result::Result<Response<Webhook>, Status> {
+        reply(self.service.put_webhook(request.into_inner()).await)
     }
+
     async fn list_webhooks(
         &self,
-        _request: tonic::Request<switchboard_proto::v1::ListWebhooksRequest>,
-    ) -> Result<tonic::Response<switchboard_proto::v1::ListWebhooksResponse>, tonic::Status> {
-        Err(tonic::Status::unimplemented("list_webhooks"))
+        request: Request<ListWebhooksRequest>,
+    ) -> std::result::Result<Response<ListWebhooksResponse>, Status> {
+        reply(self.service.list_webhooks(request.into_inner()).await)
     }
+
     async fn delete_webhook(
         &self,
-        _request: tonic::Request<switchboard_proto::v1::DeleteWebhookRequest>,
-    ) -> Result<tonic::Response<switchboard_proto::v1::DeleteWebhookResponse>, tonic::Status> {
-        Err(tonic::Status::unimplemented("delete_webhook"))
+        request: Request<DeleteWebhookRequest>,
+    ) -> std::result::Result<Response<DeleteWebhookResponse>, Status> {
+        reply(self.service.delete_webhook(request.into_inner()).await)
     }
+
     async fn advance_webhook(
         &self,
-        _request: tonic::Request<switchboard_proto::v1::AdvanceWebhookRequest>,
-    ) -> Result<tonic::Response<switchboard_proto::v1::Webhook>, tonic::Status> {
-        Err(tonic::Status::unimplemented("advance_webhook"))
+        request: Request<AdvanceWebhookRequest>,
+    ) -> std::result::Result<Response<Webhook>, Status> {
+        reply(self.service.advance_webhook(request.into_inner()).await)
     }
+
     async fn create_conversation(
         &self,
         request: Request<CreateConversationRequest>,

@@ -25,15 +25,21 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use prost::Message as _;
+use rusqlite::types::Type;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior};
-use switchboard_proto::{Conversation, HistoryResult, Message, ReadMarker, SyncResult};
+use switchboard_proto::{
+    Conversation, HistoryResult, Member, MemberReceipt, Message, ReactionCount, ReadMarker,
+    SyncResult, SystemEvent, Webhook,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Result, StorageError};
 use crate::rules;
 use crate::store::{
-    Appended, ConversationKind, Direction, HistoryStore, MemberAction, MemberChange,
-    NewConversation, PageQuery,
+    actions, kinds, roles, Appended, ConversationKind, Direction, HistoryStore, MarkerKind,
+    MemberAction, MemberChange, MemberNotification, NewConversation, NewWebhook, PageQuery,
+    ThreadPage, ThreadQuery,
 };
 
 /// Read-only connections (and threads) serving reads.
@@ -97,17 +103,103 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (conversation_id, user_id)
     ) WITHOUT ROWID;
     "#,
+    // 2: timeline event kinds and their current-state columns, mentions, reactions,
+    // roles (existing groups: owner_id is the owner, everyone else a member), bans,
+    // topics, delivered markers, notification preferences, webhooks.
+    r#"
+    ALTER TABLE conversations ADD COLUMN topic TEXT NOT NULL DEFAULT '';
+    ALTER TABLE messages ADD COLUMN kind TEXT NOT NULL DEFAULT '';
+    ALTER TABLE messages ADD COLUMN target_seq INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN reply_to_seq INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN thread_root_seq INTEGER NOT NULL DEFAULT 0;
+    -- mentioned user ids joined by U+001F ('' = none)
+    ALTER TABLE messages ADD COLUMN mentions TEXT NOT NULL DEFAULT '';
+    ALTER TABLE messages ADD COLUMN emoji TEXT NOT NULL DEFAULT '';
+    ALTER TABLE messages ADD COLUMN remove INTEGER NOT NULL DEFAULT 0;
+    -- protobuf-encoded SystemEvent of a system event, else NULL
+    ALTER TABLE messages ADD COLUMN system BLOB;
+    ALTER TABLE messages ADD COLUMN from_bot INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN edited_at_ms INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN reply_count INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX messages_by_thread ON messages (conversation_id, thread_root_seq, seq)
+        WHERE thread_root_seq > 0;
+    CREATE INDEX messages_by_target ON messages (conversation_id, target_seq)
+        WHERE target_seq > 0;
+    CREATE TABLE mentions (
+        conversation_id TEXT NOT NULL,
+        user_id         TEXT NOT NULL,
+        seq             INTEGER NOT NULL,
+        PRIMARY KEY (conversation_id, user_id, seq)
+    ) WITHOUT ROWID;
+    CREATE TABLE reactions (
+        conversation_id TEXT NOT NULL,
+        seq             INTEGER NOT NULL,
+        emoji           TEXT NOT NULL,
+        user_id         TEXT NOT NULL,
+        PRIMARY KEY (conversation_id, seq, emoji, user_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX reactions_by_user ON reactions (conversation_id, user_id, seq);
+    CREATE TABLE bans (
+        conversation_id TEXT NOT NULL,
+        user_id         TEXT NOT NULL,
+        banned_at_ms    INTEGER NOT NULL,
+        PRIMARY KEY (conversation_id, user_id)
+    ) WITHOUT ROWID;
+    UPDATE members SET role = CASE
+        WHEN user_id = (SELECT c.owner_id FROM conversations c
+                        WHERE c.conversation_id = members.conversation_id)
+        THEN 'owner' ELSE 'member' END;
+    ALTER TABLE read_markers ADD COLUMN delivered_seq INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE read_markers ADD COLUMN delivered_at_ms INTEGER NOT NULL DEFAULT 0;
+    UPDATE read_markers SET delivered_seq = seq, delivered_at_ms = at_ms;
+    -- conversation_id '' = the user's do-not-disturb
+    CREATE TABLE notification_prefs (
+        user_id         TEXT NOT NULL,
+        conversation_id TEXT NOT NULL,
+        until_ms        INTEGER NOT NULL,
+        PRIMARY KEY (user_id, conversation_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE webhooks (
+        webhook_id      TEXT PRIMARY KEY,
+        conversation_id TEXT NOT NULL,
+        url             TEXT NOT NULL,
+        secret          TEXT NOT NULL,
+        delivered_seq   INTEGER NOT NULL,
+        created_at_ms   INTEGER NOT NULL,
+        created_by      TEXT NOT NULL
+    );
+    CREATE INDEX webhooks_by_conversation ON webhooks (conversation_id, webhook_id);
+    "#,
 ];
 
-const ROLE_OWNER: &str = "owner";
-const ROLE_MEMBER: &str = "member";
+const ROLE_OWNER: &str = roles::OWNER;
+const ROLE_MEMBER: &str = roles::MEMBER;
 /// Separates the two ids of a direct pair key; ids never contain control characters.
 const PAIR_SEPARATOR: char = '\u{1f}';
 
 const CONVERSATION_COLUMNS: &str =
-    "conversation_id, kind, name, owner_id, last_seq, created_at_ms, updated_at_ms";
+    "conversation_id, kind, name, owner_id, last_seq, created_at_ms, updated_at_ms, topic";
+/// [`CONVERSATION_COLUMNS`] of `c`, then the user's own: role, read and delivered
+/// markers, raw mute (joined as `m`, `r` and `np`).
+const USER_CONVERSATION_SELECT: &str =
+    "SELECT c.conversation_id, c.kind, c.name, c.owner_id, c.last_seq, c.created_at_ms,
+            c.updated_at_ms, c.topic, m.role, COALESCE(r.seq, 0),
+            COALESCE(r.delivered_seq, 0), COALESCE(np.until_ms, 0)
+     FROM members m
+     JOIN conversations c ON c.conversation_id = m.conversation_id
+     LEFT JOIN read_markers r
+         ON r.conversation_id = m.conversation_id AND r.user_id = m.user_id
+     LEFT JOIN notification_prefs np
+         ON np.user_id = m.user_id AND np.conversation_id = m.conversation_id
+     WHERE m.user_id = ?1
+     ORDER BY c.updated_at_ms DESC, c.conversation_id";
 const MESSAGE_COLUMNS: &str = "conversation_id, seq, message_id, sender_id, sender_device, \
-     client_msg_id, body, content_type, sent_at_ms";
+     client_msg_id, body, content_type, sent_at_ms, kind, target_seq, reply_to_seq, \
+     thread_root_seq, mentions, emoji, remove, system, from_bot, edited_at_ms, deleted, \
+     reply_count";
+/// SQL condition: the row is a plain message.
+const IS_MESSAGE: &str = "kind IN ('', 'message')";
 
 /// A failure inside a job: a database error or a storage rule.
 enum Fail {
@@ -250,6 +342,55 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// Raise one of a member's markers (see [`HistoryStore::set_read_marker`] and
+    /// [`HistoryStore::set_delivered_marker`]).
+    async fn move_marker(
+        &self,
+        conversation_id: &str,
+        user_id: &str,
+        kind: MarkerKind,
+        seq: u64,
+        now_ms: i64,
+    ) -> Result<ReadMarker> {
+        let (id, user) = (conversation_id.to_owned(), user_id.to_owned());
+        self.writer
+            .call(move |conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let conv = require_conversation(&tx, &id)?;
+                if !member_exists(&tx, &id, &user)? {
+                    return Err(StorageError::not_member(&id, &user).into());
+                }
+                let wanted = seq.min(conv.last_seq);
+                let (mut read, mut read_at, mut delivered, mut delivered_at) =
+                    load_markers(&tx, &id, &user)?;
+                let mut moved = false;
+                if kind == MarkerKind::Read && wanted > read {
+                    (read, read_at, moved) = (wanted, now_ms, true);
+                }
+                if wanted > delivered {
+                    (delivered, delivered_at, moved) = (wanted, now_ms, true);
+                }
+                if moved {
+                    store_markers(&tx, &id, &user, (read, read_at, delivered, delivered_at))?;
+                }
+                tx.commit()?;
+                let (seq, at_ms) = match kind {
+                    MarkerKind::Read => (read, read_at),
+                    MarkerKind::Delivered => (delivered.max(read), delivered_at),
+                };
+                Ok(ReadMarker {
+                    conversation_id: id,
+                    user_id: user,
+                    seq,
+                    at_ms,
+                    kind: kind.as_str().to_owned(),
+                })
+            })
+            .await
+    }
+}
+
 /// Apply the migrations the file lacks; returns the schema version.
 fn migrate(conn: &mut Connection, now_ms: i64) -> DbResult<u32> {
     conn.execute_batch(
@@ -306,8 +447,60 @@ fn conversation_from_row(row: &Row<'_>) -> rusqlite::Result<Conversation> {
         last_seq: row.get::<_, i64>(4)? as u64,
         created_at_ms: row.get(5)?,
         updated_at_ms: row.get(6)?,
+        topic: row.get(7)?,
         ..Default::default()
     })
+}
+
+/// A row of [`USER_CONVERSATION_SELECT`], without the unread counts.
+fn user_conversation_from_row(row: &Row<'_>) -> rusqlite::Result<Conversation> {
+    let mut conv = conversation_from_row(row)?;
+    conv.my_role = row.get(8)?;
+    conv.read_seq = row.get::<_, i64>(9)? as u64;
+    conv.delivered_seq = (row.get::<_, i64>(10)? as u64).max(conv.read_seq);
+    conv.muted_until_ms = row.get(11)?;
+    Ok(conv)
+}
+
+/// The user's conversations with their own fields, unread counts included.
+fn user_conversations(conn: &Connection, user: &str) -> DbResult<Vec<Conversation>> {
+    let mut convs = conn
+        .prepare_cached(USER_CONVERSATION_SELECT)?
+        .query_map([user], user_conversation_from_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    for conv in &mut convs {
+        fill_unread(conn, conv, user)?;
+    }
+    Ok(convs)
+}
+
+/// `unread_count` and `unread_mentions` of `user` (capped at [`rules::MAX_UNREAD`]).
+fn fill_unread(conn: &Connection, conv: &mut Conversation, user: &str) -> DbResult<()> {
+    if conv.last_seq <= conv.read_seq {
+        return Ok(());
+    }
+    let read = seq_param(conv.read_seq);
+    let cap = i64::from(rules::MAX_UNREAD);
+    let count: i64 = conn
+        .prepare_cached(&format!(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM messages
+             WHERE conversation_id = ?1 AND seq > ?2 AND sender_id <> ?3 AND {IS_MESSAGE}
+               AND deleted = 0
+             LIMIT ?4)"
+        ))?
+        .query_row(params![conv.conversation_id, read, user, cap], |r| r.get(0))?;
+    let mentions: i64 = conn
+        .prepare_cached(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM mentions n
+             JOIN messages g ON g.conversation_id = n.conversation_id AND g.seq = n.seq
+             WHERE n.conversation_id = ?1 AND n.user_id = ?3 AND n.seq > ?2
+               AND g.sender_id <> ?3 AND g.deleted = 0
+             LIMIT ?4)",
+        )?
+        .query_row(params![conv.conversation_id, read, user, cap], |r| r.get(0))?;
+    conv.unread_count = count as u32;
+    conv.unread_mentions = mentions as u32;
+    Ok(())
 }
 
 fn message_from_row(row: &Row<'_>) -> rusqlite::Result<Message> {
@@ -321,8 +514,78 @@ fn message_from_row(row: &Row<'_>) -> rusqlite::Result<Message> {
         body: row.get(6)?,
         content_type: row.get(7)?,
         sent_at_ms: row.get(8)?,
-        ..Default::default()
+        kind: row.get(9)?,
+        target_seq: row.get::<_, i64>(10)? as u64,
+        reply_to_seq: row.get::<_, i64>(11)? as u64,
+        thread_root_seq: row.get::<_, i64>(12)? as u64,
+        mentions: split_ids(&row.get::<_, String>(13)?),
+        emoji: row.get(14)?,
+        remove: row.get(15)?,
+        system: match row.get::<_, Option<Vec<u8>>>(16)? {
+            None => None,
+            Some(bytes) => Some(SystemEvent::decode(bytes.as_slice()).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(16, Type::Blob, Box::new(e))
+            })?),
+        },
+        from_bot: row.get(17)?,
+        edited_at_ms: row.get(18)?,
+        deleted: row.get(19)?,
+        reactions: Vec::new(),
+        reply_count: row.get::<_, i64>(20)? as u32,
     })
+}
+
+fn join_ids(ids: &[String]) -> String {
+    ids.join(&PAIR_SEPARATOR.to_string())
+}
+
+fn split_ids(joined: &str) -> Vec<String> {
+    if joined.is_empty() {
+        Vec::new()
+    } else {
+        joined.split(PAIR_SEPARATOR).map(str::to_owned).collect()
+    }
+}
+
+/// Attach reaction counts (sorted by emoji, `mine` false) to the live "message" rows
+/// of one conversation.
+fn attach_reactions(conn: &Connection, id: &str, messages: &mut [Message]) -> DbResult<()> {
+    let live = |m: &&mut Message| kinds::is_message(&m.kind) && !m.deleted;
+    let (Some(low), Some(high)) = (
+        messages.iter_mut().filter(live).map(|m| m.seq).min(),
+        messages.iter_mut().filter(live).map(|m| m.seq).max(),
+    ) else {
+        return Ok(());
+    };
+    let mut counts: HashMap<u64, Vec<ReactionCount>> = HashMap::new();
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, emoji, COUNT(*) FROM reactions
+         WHERE conversation_id = ?1 AND seq BETWEEN ?2 AND ?3
+         GROUP BY seq, emoji ORDER BY seq, emoji",
+    )?;
+    let rows = stmt.query_map(params![id, seq_param(low), seq_param(high)], |r| {
+        Ok((
+            r.get::<_, i64>(0)? as u64,
+            r.get::<_, String>(1)?,
+            r.get::<_, i64>(2)?,
+        ))
+    })?;
+    for row in rows {
+        let (seq, emoji, count) = row?;
+        counts.entry(seq).or_default().push(ReactionCount {
+            emoji,
+            count: count as u32,
+            mine: false,
+        });
+    }
+    for m in messages.iter_mut() {
+        if kinds::is_message(&m.kind) && !m.deleted {
+            if let Some(r) = counts.remove(&m.seq) {
+                m.reactions = r;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn load_conversation(conn: &Connection, id: &str) -> DbResult<Option<Conversation>> {
@@ -335,21 +598,35 @@ fn load_conversation(conn: &Connection, id: &str) -> DbResult<Option<Conversatio
     Ok(conv)
 }
 
-fn load_members(conn: &Connection, id: &str) -> DbResult<Vec<String>> {
+/// Fill `members` and `member_roles` (sorted by user id).
+fn load_members(conn: &Connection, conv: &mut Conversation) -> DbResult<()> {
     let mut stmt = conn.prepare_cached(
-        "SELECT user_id FROM members WHERE conversation_id = ?1 ORDER BY user_id",
+        "SELECT user_id, role, joined_at_ms FROM members
+         WHERE conversation_id = ?1 ORDER BY user_id",
     )?;
-    let members = stmt
-        .query_map([id], |r| r.get(0))?
-        .collect::<rusqlite::Result<Vec<String>>>()?;
-    Ok(members)
+    let roles = stmt
+        .query_map([&conv.conversation_id], |r| {
+            Ok(Member {
+                user_id: r.get(0)?,
+                role: r.get(1)?,
+                joined_at_ms: r.get(2)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<Member>>>()?;
+    conv.members = roles.iter().map(|m| m.user_id.clone()).collect();
+    conv.member_roles = roles;
+    Ok(())
 }
 
 fn load_conversation_with_members(conn: &Connection, id: &str) -> DbResult<Conversation> {
     let mut conv =
         load_conversation(conn, id)?.ok_or_else(|| StorageError::NotFound(id.to_owned()))?;
-    conv.members = load_members(conn, id)?;
+    load_members(conn, &mut conv)?;
     Ok(conv)
+}
+
+fn require_conversation(conn: &Connection, id: &str) -> DbResult<Conversation> {
+    Ok(load_conversation(conn, id)?.ok_or_else(|| StorageError::NotFound(id.to_owned()))?)
 }
 
 fn member_exists(conn: &Connection, id: &str, user_id: &str) -> DbResult<bool> {
@@ -427,6 +704,275 @@ fn direct_key(members: &[String]) -> String {
     let mut pair: Vec<&str> = members.iter().map(String::as_str).collect();
     pair.sort_unstable();
     pair.join(&PAIR_SEPARATOR.to_string())
+}
+
+/// The effects of appending `event` (see [`HistoryStore::append`]), inside the
+/// append's transaction. May clear the event's own body: an edit of a message that
+/// is already deleted keeps no copy of the text.
+fn apply_effects(tx: &Connection, event: &mut Message, now_ms: i64) -> DbResult<()> {
+    let id = event.conversation_id.as_str();
+    let target = seq_param(event.target_seq);
+    match event.kind.as_str() {
+        kinds::EDIT => {
+            let changed = tx
+                .prepare_cached(&format!(
+                    "UPDATE messages SET body = ?3, content_type = ?4, edited_at_ms = ?5
+                     WHERE conversation_id = ?1 AND seq = ?2 AND {IS_MESSAGE} AND deleted = 0"
+                ))?
+                .execute(params![
+                    id,
+                    target,
+                    event.body,
+                    event.content_type,
+                    event.sent_at_ms
+                ])?;
+            if changed == 0 {
+                let deleted = tx
+                    .prepare_cached(
+                        "SELECT 1 FROM messages WHERE conversation_id = ?1 AND seq = ?2
+                         AND deleted = 1",
+                    )?
+                    .query_row(params![id, target], |_| Ok(()))
+                    .optional()?;
+                if deleted.is_some() {
+                    event.body.clear();
+                    event.content_type.clear();
+                }
+            }
+        }
+        kinds::DELETE => {
+            let changed = tx
+                .prepare_cached(&format!(
+                    "UPDATE messages SET body = '', content_type = '', deleted = 1
+                     WHERE conversation_id = ?1 AND seq = ?2 AND {IS_MESSAGE} AND deleted = 0"
+                ))?
+                .execute(params![id, target])?;
+            if changed > 0 {
+                tx.prepare_cached("DELETE FROM reactions WHERE conversation_id = ?1 AND seq = ?2")?
+                    .execute(params![id, target])?;
+                tx.prepare_cached(
+                    "UPDATE messages SET body = '', content_type = ''
+                     WHERE conversation_id = ?1 AND target_seq = ?2 AND kind = 'edit'",
+                )?
+                .execute(params![id, target])?;
+            }
+        }
+        kinds::REACTION => {
+            let live = tx
+                .prepare_cached(&format!(
+                    "SELECT 1 FROM messages WHERE conversation_id = ?1 AND seq = ?2
+                     AND {IS_MESSAGE} AND deleted = 0"
+                ))?
+                .query_row(params![id, target], |_| Ok(()))
+                .optional()?;
+            if live.is_some() {
+                let sql = if event.remove {
+                    "DELETE FROM reactions
+                     WHERE conversation_id = ?1 AND seq = ?2 AND emoji = ?3 AND user_id = ?4"
+                } else {
+                    "INSERT OR IGNORE INTO reactions (conversation_id, seq, emoji, user_id)
+                     VALUES (?1, ?2, ?3, ?4)"
+                };
+                tx.prepare_cached(sql)?.execute(params![
+                    id,
+                    target,
+                    event.emoji,
+                    event.sender_id
+                ])?;
+            }
+        }
+        kinds::SYSTEM => {
+            if let Some(system) = &event.system {
+                apply_system(tx, id, &event.sender_id, system, now_ms)?;
+            }
+        }
+        _ => {
+            if event.thread_root_seq > 0 {
+                tx.prepare_cached(&format!(
+                    "UPDATE messages SET reply_count = reply_count + 1
+                     WHERE conversation_id = ?1 AND seq = ?2 AND {IS_MESSAGE}"
+                ))?
+                .execute(params![id, seq_param(event.thread_root_seq)])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Membership, roles, bans, name and topic changes of a system event (groups only).
+fn apply_system(
+    tx: &Connection,
+    id: &str,
+    actor: &str,
+    system: &SystemEvent,
+    now_ms: i64,
+) -> DbResult<()> {
+    let Some(conv) = load_conversation(tx, id)? else {
+        return Ok(());
+    };
+    if conv.kind != ConversationKind::Group.as_str() {
+        return Ok(());
+    }
+    let users = &system.user_ids;
+    let remove = |user: &str| -> DbResult<()> {
+        tx.prepare_cached("DELETE FROM members WHERE conversation_id = ?1 AND user_id = ?2")?
+            .execute(params![id, user])?;
+        Ok(())
+    };
+    match system.action.as_str() {
+        actions::MEMBERS_ADDED => {
+            let mut insert = tx.prepare_cached(
+                "INSERT OR IGNORE INTO members (conversation_id, user_id, role, joined_at_ms)
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for user in users {
+                insert.execute(params![id, user, ROLE_MEMBER, now_ms])?;
+            }
+        }
+        actions::MEMBERS_REMOVED => {
+            for user in users {
+                remove(user)?;
+            }
+        }
+        actions::MEMBERS_BANNED => {
+            let mut ban = tx.prepare_cached(
+                "INSERT OR IGNORE INTO bans (conversation_id, user_id, banned_at_ms)
+                 VALUES (?1, ?2, ?3)",
+            )?;
+            for user in users {
+                remove(user)?;
+                ban.execute(params![id, user, now_ms])?;
+            }
+        }
+        actions::MEMBERS_UNBANNED => {
+            let mut unban =
+                tx.prepare_cached("DELETE FROM bans WHERE conversation_id = ?1 AND user_id = ?2")?;
+            for user in users {
+                unban.execute(params![id, user])?;
+            }
+        }
+        actions::MEMBER_LEFT => remove(actor)?,
+        actions::ROLE_CHANGED if system.role == roles::OWNER => {
+            if let [new_owner] = users.as_slice() {
+                if member_exists(tx, id, new_owner)? {
+                    tx.prepare_cached(
+                        "UPDATE members SET role = ?2 WHERE conversation_id = ?1 AND role = ?3",
+                    )?
+                    .execute(params![id, roles::ADMIN, roles::OWNER])?;
+                    set_owner(tx, id, new_owner)?;
+                }
+            }
+        }
+        actions::ROLE_CHANGED if system.role == roles::ADMIN || system.role == roles::MEMBER => {
+            let mut update = tx.prepare_cached(
+                "UPDATE members SET role = ?3
+                 WHERE conversation_id = ?1 AND user_id = ?2 AND role <> ?4",
+            )?;
+            for user in users {
+                update.execute(params![id, user, system.role, roles::OWNER])?;
+            }
+        }
+        actions::RENAMED => {
+            tx.prepare_cached("UPDATE conversations SET name = ?2 WHERE conversation_id = ?1")?
+                .execute(params![id, system.name])?;
+        }
+        actions::TOPIC_CHANGED => {
+            tx.prepare_cached("UPDATE conversations SET topic = ?2 WHERE conversation_id = ?1")?
+                .execute(params![id, system.topic])?;
+        }
+        _ => {}
+    }
+    // The group keeps an owner while it has members.
+    let has_owner = tx
+        .prepare_cached("SELECT 1 FROM members WHERE conversation_id = ?1 AND role = ?2")?
+        .query_row(params![id, roles::OWNER], |_| Ok(()))
+        .optional()?
+        .is_some();
+    if !has_owner {
+        let heir: Option<String> = tx
+            .prepare_cached(
+                "SELECT user_id FROM members WHERE conversation_id = ?1
+                 ORDER BY CASE role WHEN ?2 THEN 0 ELSE 1 END, joined_at_ms, user_id
+                 LIMIT 1",
+            )?
+            .query_row(params![id, roles::ADMIN], |r| r.get(0))
+            .optional()?;
+        if let Some(heir) = heir {
+            set_owner(tx, id, &heir)?;
+        }
+    }
+    Ok(())
+}
+
+fn set_owner(tx: &Connection, id: &str, user: &str) -> DbResult<()> {
+    tx.prepare_cached("UPDATE members SET role = ?3 WHERE conversation_id = ?1 AND user_id = ?2")?
+        .execute(params![id, user, roles::OWNER])?;
+    tx.prepare_cached("UPDATE conversations SET owner_id = ?2 WHERE conversation_id = ?1")?
+        .execute(params![id, user])?;
+    Ok(())
+}
+
+/// A user's markers: (read_seq, read_at_ms, delivered_seq, delivered_at_ms), zeros
+/// when none are stored.
+fn load_markers(tx: &Connection, id: &str, user: &str) -> DbResult<(u64, i64, u64, i64)> {
+    let stored: Option<(i64, i64, i64, i64)> = tx
+        .prepare_cached(
+            "SELECT seq, at_ms, delivered_seq, delivered_at_ms FROM read_markers
+             WHERE conversation_id = ?1 AND user_id = ?2",
+        )?
+        .query_row([id, user], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
+        .optional()?;
+    let (read, read_at, delivered, delivered_at) = stored.unwrap_or_default();
+    Ok((read as u64, read_at, delivered as u64, delivered_at))
+}
+
+fn store_markers(
+    tx: &Connection,
+    id: &str,
+    user: &str,
+    (read, read_at, delivered, delivered_at): (u64, i64, u64, i64),
+) -> DbResult<()> {
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO read_markers
+             (conversation_id, user_id, seq, at_ms, delivered_seq, delivered_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        id,
+        user,
+        seq_param(read),
+        read_at,
+        seq_param(delivered),
+        delivered_at
+    ])?;
+    Ok(())
+}
+
+fn webhook_from_row(row: &Row<'_>) -> rusqlite::Result<Webhook> {
+    Ok(Webhook {
+        webhook_id: row.get(0)?,
+        conversation_id: row.get(1)?,
+        url: row.get(2)?,
+        secret: row.get(3)?,
+        delivered_seq: row.get::<_, i64>(4)? as u64,
+        created_at_ms: row.get(5)?,
+        created_by: row.get(6)?,
+    })
+}
+
+const WEBHOOK_COLUMNS: &str =
+    "webhook_id, conversation_id, url, secret, delivered_seq, created_at_ms, created_by";
+
+fn load_webhook(conn: &Connection, id: &str, webhook_id: &str) -> DbResult<Webhook> {
+    let hook = conn
+        .prepare_cached(&format!(
+            "SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE webhook_id = ?1 AND conversation_id = ?2"
+        ))?
+        .query_row([webhook_id, id], webhook_from_row)
+        .optional()?;
+    Ok(hook.ok_or_else(|| StorageError::NotFound(format!("webhook {webhook_id}")))?)
 }
 
 #[async_trait]
@@ -566,16 +1112,9 @@ impl HistoryStore for SqliteStore {
         let user = user_id.to_owned();
         self.readers
             .call(move |conn| {
-                let mut stmt = conn.prepare_cached(
-                    "SELECT c.conversation_id, c.kind, c.name, c.owner_id, c.last_seq,
-                            c.created_at_ms, c.updated_at_ms
-                     FROM members m JOIN conversations c ON c.conversation_id = m.conversation_id
-                     WHERE m.user_id = ?1
-                     ORDER BY c.updated_at_ms DESC, c.conversation_id",
-                )?;
-                let convs = stmt
-                    .query_map([user], conversation_from_row)?
-                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                let tx = conn.transaction()?;
+                let convs = user_conversations(&tx, &user)?;
+                tx.commit()?;
                 Ok(convs)
             })
             .await
@@ -637,10 +1176,20 @@ impl HistoryStore for SqliteStore {
                     .into());
                 }
                 let seq = seq_param(message.seq);
+                let mut message = message;
+                message.edited_at_ms = 0;
+                message.deleted = false;
+                message.reactions.clear();
+                message.reply_count = 0;
+                apply_effects(&tx, &mut message, now_ms)?;
+                let id = &message.conversation_id;
                 tx.prepare_cached(
                     "INSERT INTO messages (conversation_id, seq, message_id, sender_id,
-                         sender_device, client_msg_id, body, content_type, sent_at_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                         sender_device, client_msg_id, body, content_type, sent_at_ms, kind,
+                         target_seq, reply_to_seq, thread_root_seq, mentions, emoji, remove,
+                         system, from_bot)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
+                         ?16, ?17, ?18)",
                 )?
                 .execute(params![
                     id,
@@ -651,8 +1200,26 @@ impl HistoryStore for SqliteStore {
                     message.client_msg_id,
                     message.body,
                     message.content_type,
-                    message.sent_at_ms
+                    message.sent_at_ms,
+                    message.kind,
+                    seq_param(message.target_seq),
+                    seq_param(message.reply_to_seq),
+                    seq_param(message.thread_root_seq),
+                    join_ids(&message.mentions),
+                    message.emoji,
+                    message.remove,
+                    message.system.as_ref().map(|s| s.encode_to_vec()),
+                    message.from_bot
                 ])?;
+                if kinds::is_message(&message.kind) {
+                    let mut insert = tx.prepare_cached(
+                        "INSERT OR IGNORE INTO mentions (conversation_id, user_id, seq)
+                         VALUES (?1, ?2, ?3)",
+                    )?;
+                    for user in &message.mentions {
+                        insert.execute(params![id, user, seq])?;
+                    }
+                }
                 if !message.client_msg_id.is_empty() {
                     // Replaces an expired key of the same pair, if any.
                     tx.prepare_cached(
@@ -728,6 +1295,7 @@ impl HistoryStore for SqliteStore {
                 if query.direction == Direction::Backward {
                     messages.reverse();
                 }
+                attach_reactions(conn, id, &mut messages)?;
                 Ok(HistoryResult {
                     conversation_id: query.conversation_id,
                     messages,
@@ -749,17 +1317,7 @@ impl HistoryStore for SqliteStore {
             .call(move |conn| {
                 // One read transaction: a consistent snapshot of every conversation.
                 let tx = conn.transaction()?;
-                let mut stmt = tx.prepare_cached(
-                    "SELECT c.conversation_id, c.kind, c.name, c.owner_id, c.last_seq,
-                            c.created_at_ms, c.updated_at_ms
-                     FROM members m JOIN conversations c ON c.conversation_id = m.conversation_id
-                     WHERE m.user_id = ?1
-                     ORDER BY c.updated_at_ms DESC, c.conversation_id",
-                )?;
-                let convs = stmt
-                    .query_map([&user], conversation_from_row)?
-                    .collect::<rusqlite::Result<Vec<_>>>()?;
-                drop(stmt);
+                let convs = user_conversations(&tx, &user)?;
                 let mut result = SyncResult::default();
                 for mut conv in convs {
                     let cursor = cursors.get(&conv.conversation_id).copied();
@@ -772,7 +1330,8 @@ impl HistoryStore for SqliteStore {
                         messages.truncate(limit as usize);
                         result.truncated.push(conv.conversation_id.clone());
                     }
-                    conv.members = load_members(&tx, &conv.conversation_id)?;
+                    attach_reactions(&tx, &conv.conversation_id, &mut messages)?;
+                    load_members(&tx, &mut conv)?;
                     result.messages.extend(messages);
                     result.conversations.push(conv);
                 }
@@ -789,48 +1348,356 @@ impl HistoryStore for SqliteStore {
         seq: u64,
         now_ms: i64,
     ) -> Result<ReadMarker> {
+        self.move_marker(conversation_id, user_id, MarkerKind::Read, seq, now_ms)
+            .await
+    }
+
+    async fn set_delivered_marker(
+        &self,
+        conversation_id: &str,
+        user_id: &str,
+        seq: u64,
+        now_ms: i64,
+    ) -> Result<ReadMarker> {
+        self.move_marker(conversation_id, user_id, MarkerKind::Delivered, seq, now_ms)
+            .await
+    }
+
+    async fn message_at(&self, conversation_id: &str, seq: u64) -> Result<Option<Message>> {
+        let id = conversation_id.to_owned();
+        self.readers
+            .call(move |conn| load_message(conn, &id, seq_param(seq)))
+            .await
+    }
+
+    async fn banned_among(
+        &self,
+        conversation_id: &str,
+        user_ids: &[String],
+    ) -> Result<Vec<String>> {
+        let (id, users) = (conversation_id.to_owned(), user_ids.to_vec());
+        self.readers
+            .call(move |conn| {
+                let mut stmt = conn.prepare_cached(
+                    "SELECT 1 FROM bans WHERE conversation_id = ?1 AND user_id = ?2",
+                )?;
+                let mut banned = Vec::new();
+                for user in users {
+                    if stmt
+                        .query_row([&id, &user], |_| Ok(()))
+                        .optional()?
+                        .is_some()
+                    {
+                        banned.push(user);
+                    }
+                }
+                Ok(banned)
+            })
+            .await
+    }
+
+    async fn my_reactions(
+        &self,
+        conversation_id: &str,
+        user_id: &str,
+        from_seq: u64,
+        to_seq: u64,
+    ) -> Result<Vec<(u64, String)>> {
         let (id, user) = (conversation_id.to_owned(), user_id.to_owned());
+        self.readers
+            .call(move |conn| {
+                let rows = conn
+                    .prepare_cached(
+                        "SELECT seq, emoji FROM reactions
+                         WHERE conversation_id = ?1 AND user_id = ?2 AND seq BETWEEN ?3 AND ?4",
+                    )?
+                    .query_map(
+                        params![id, user, seq_param(from_seq), seq_param(to_seq)],
+                        |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
+                    )?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                Ok(rows)
+            })
+            .await
+    }
+
+    async fn thread_page(&self, query: &ThreadQuery) -> Result<ThreadPage> {
+        let query = query.clone();
+        self.readers
+            .call(move |conn| {
+                let tx = conn.transaction()?;
+                let id = query.conversation_id.as_str();
+                let root = load_message(&tx, id, seq_param(query.root_seq))?
+                    .filter(|m| kinds::is_message(&m.kind))
+                    .ok_or_else(|| {
+                        StorageError::NotFound(format!("thread root {}", query.root_seq))
+                    })?;
+                let mut replies = tx
+                    .prepare_cached(&format!(
+                        "SELECT {MESSAGE_COLUMNS} FROM messages
+                         WHERE conversation_id = ?1 AND thread_root_seq = ?2 AND seq > ?3
+                           AND {IS_MESSAGE}
+                         ORDER BY seq ASC LIMIT ?4"
+                    ))?
+                    .query_map(
+                        params![
+                            id,
+                            seq_param(query.root_seq),
+                            seq_param(query.from_seq),
+                            i64::from(query.limit) + 1
+                        ],
+                        message_from_row,
+                    )?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                let has_more = replies.len() > query.limit as usize;
+                replies.truncate(query.limit as usize);
+                let mut root = [root];
+                attach_reactions(&tx, id, &mut root)?;
+                attach_reactions(&tx, id, &mut replies)?;
+                tx.commit()?;
+                let [root] = root;
+                Ok(ThreadPage {
+                    root,
+                    replies,
+                    has_more,
+                })
+            })
+            .await
+    }
+
+    async fn receipts(&self, conversation_id: &str) -> Result<Vec<MemberReceipt>> {
+        let id = conversation_id.to_owned();
+        self.readers
+            .call(move |conn| {
+                let tx = conn.transaction()?;
+                require_conversation(&tx, &id)?;
+                let rows = tx
+                    .prepare_cached(
+                        "SELECT m.user_id, COALESCE(r.seq, 0), COALESCE(r.delivered_seq, 0),
+                                COALESCE(r.at_ms, 0)
+                         FROM members m LEFT JOIN read_markers r
+                             ON r.conversation_id = m.conversation_id AND r.user_id = m.user_id
+                         WHERE m.conversation_id = ?1 ORDER BY m.user_id",
+                    )?
+                    .query_map([&id], |r| {
+                        let read = r.get::<_, i64>(1)? as u64;
+                        Ok(MemberReceipt {
+                            user_id: r.get(0)?,
+                            read_seq: read,
+                            delivered_seq: (r.get::<_, i64>(2)? as u64).max(read),
+                            read_at_ms: r.get(3)?,
+                        })
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                tx.commit()?;
+                Ok(rows)
+            })
+            .await
+    }
+
+    async fn set_notification(
+        &self,
+        user_id: &str,
+        conversation_id: &str,
+        until_ms: i64,
+    ) -> Result<()> {
+        let (user, id) = (user_id.to_owned(), conversation_id.to_owned());
+        self.writer
+            .call(move |conn| {
+                if until_ms == 0 {
+                    conn.prepare_cached(
+                        "DELETE FROM notification_prefs WHERE user_id = ?1 AND conversation_id = ?2",
+                    )?
+                    .execute(params![user, id])?;
+                } else {
+                    conn.prepare_cached(
+                        "INSERT OR REPLACE INTO notification_prefs (user_id, conversation_id, until_ms)
+                         VALUES (?1, ?2, ?3)",
+                    )?
+                    .execute(params![user, id, until_ms])?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    async fn dnd_until(&self, user_id: &str) -> Result<i64> {
+        let user = user_id.to_owned();
+        self.readers
+            .call(move |conn| {
+                let until: Option<i64> = conn
+                    .prepare_cached(
+                        "SELECT until_ms FROM notification_prefs
+                         WHERE user_id = ?1 AND conversation_id = ''",
+                    )?
+                    .query_row([&user], |r| r.get(0))
+                    .optional()?;
+                Ok(until.unwrap_or(0))
+            })
+            .await
+    }
+
+    async fn notification_state(&self, conversation_id: &str) -> Result<Vec<MemberNotification>> {
+        let id = conversation_id.to_owned();
+        self.readers
+            .call(move |conn| {
+                let tx = conn.transaction()?;
+                require_conversation(&tx, &id)?;
+                let rows = tx
+                    .prepare_cached(
+                        "SELECT m.user_id, COALESCE(mute.until_ms, 0), COALESCE(dnd.until_ms, 0)
+                         FROM members m
+                         LEFT JOIN notification_prefs mute
+                             ON mute.user_id = m.user_id AND mute.conversation_id = m.conversation_id
+                         LEFT JOIN notification_prefs dnd
+                             ON dnd.user_id = m.user_id AND dnd.conversation_id = ''
+                         WHERE m.conversation_id = ?1 ORDER BY m.user_id",
+                    )?
+                    .query_map([&id], |r| {
+                        Ok(MemberNotification {
+                            user_id: r.get(0)?,
+                            muted_until_ms: r.get(1)?,
+                            dnd_until_ms: r.get(2)?,
+                        })
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                tx.commit()?;
+                Ok(rows)
+            })
+            .await
+    }
+
+    async fn shared_contacts(&self, user_id: &str, other_ids: &[String]) -> Result<Vec<String>> {
+        let (user, mut others) = (user_id.to_owned(), other_ids.to_vec());
+        others.sort_unstable();
+        others.dedup();
+        self.readers
+            .call(move |conn| {
+                let tx = conn.transaction()?;
+                let mut stmt = tx.prepare_cached(
+                    "SELECT 1 FROM members me
+                     JOIN members o ON o.conversation_id = me.conversation_id
+                     WHERE me.user_id = ?1 AND o.user_id = ?2 LIMIT 1",
+                )?;
+                let mut shared = Vec::new();
+                for other in others.into_iter().filter(|o| *o != user) {
+                    if stmt
+                        .query_row([&user, &other], |_| Ok(()))
+                        .optional()?
+                        .is_some()
+                    {
+                        shared.push(other);
+                    }
+                }
+                drop(stmt);
+                tx.commit()?;
+                Ok(shared)
+            })
+            .await
+    }
+
+    async fn put_webhook(&self, webhook: NewWebhook) -> Result<Webhook> {
         self.writer
             .call(move |conn| {
                 let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                let conv =
-                    load_conversation(&tx, &id)?.ok_or_else(|| StorageError::NotFound(id.clone()))?;
-                if !member_exists(&tx, &id, &user)? {
-                    return Err(StorageError::not_member(&id, &user).into());
+                let conv = require_conversation(&tx, &webhook.conversation_id)?;
+                let count: i64 = tx
+                    .prepare_cached("SELECT COUNT(*) FROM webhooks WHERE conversation_id = ?1")?
+                    .query_row([&webhook.conversation_id], |r| r.get(0))?;
+                if count as usize >= webhook.max_per_conversation {
+                    return Err(StorageError::InvalidRequest(format!(
+                        "a conversation has at most {} webhooks",
+                        webhook.max_per_conversation
+                    ))
+                    .into());
                 }
-                let wanted = seq.min(conv.last_seq);
-                let stored: Option<(i64, i64)> = tx
-                    .prepare_cached(
-                        "SELECT seq, at_ms FROM read_markers
-                         WHERE conversation_id = ?1 AND user_id = ?2",
-                    )?
-                    .query_row([&id, &user], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .optional()?;
-                let marker = match stored {
-                    Some((stored_seq, at_ms)) if stored_seq as u64 >= wanted => ReadMarker {
-                        conversation_id: id,
-                        user_id: user,
-                        seq: stored_seq as u64,
-                        at_ms,
-                        ..Default::default()
-                    },
-                    _ => {
-                        tx.prepare_cached(
-                            "INSERT OR REPLACE INTO read_markers (conversation_id, user_id, seq, at_ms)
-                             VALUES (?1, ?2, ?3, ?4)",
-                        )?
-                        .execute(params![id, user, seq_param(wanted), now_ms])?;
-                        ReadMarker {
-                            conversation_id: id,
-                            user_id: user,
-                            seq: wanted,
-                            at_ms: now_ms,
-                            ..Default::default()
-                        }
-                    }
+                let stored = Webhook {
+                    webhook_id: webhook.webhook_id,
+                    conversation_id: webhook.conversation_id,
+                    url: webhook.url,
+                    secret: webhook.secret,
+                    delivered_seq: conv.last_seq,
+                    created_at_ms: webhook.created_at_ms,
+                    created_by: webhook.created_by,
                 };
+                tx.prepare_cached(&format!(
+                    "INSERT INTO webhooks ({WEBHOOK_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+                ))?
+                .execute(params![
+                    stored.webhook_id,
+                    stored.conversation_id,
+                    stored.url,
+                    stored.secret,
+                    seq_param(stored.delivered_seq),
+                    stored.created_at_ms,
+                    stored.created_by
+                ])?;
                 tx.commit()?;
-                Ok(marker)
+                Ok(stored)
+            })
+            .await
+    }
+
+    async fn list_webhooks(&self, conversation_id: Option<&str>) -> Result<Vec<Webhook>> {
+        let id = conversation_id.map(str::to_owned);
+        self.readers
+            .call(move |conn| {
+                let hooks = match &id {
+                    Some(id) => conn
+                        .prepare_cached(&format!(
+                            "SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE conversation_id = ?1
+                             ORDER BY webhook_id"
+                        ))?
+                        .query_map([id], webhook_from_row)?
+                        .collect::<rusqlite::Result<Vec<_>>>()?,
+                    None => conn
+                        .prepare_cached(&format!(
+                            "SELECT {WEBHOOK_COLUMNS} FROM webhooks
+                             ORDER BY conversation_id, webhook_id"
+                        ))?
+                        .query_map([], webhook_from_row)?
+                        .collect::<rusqlite::Result<Vec<_>>>()?,
+                };
+                Ok(hooks)
+            })
+            .await
+    }
+
+    async fn delete_webhook(&self, conversation_id: &str, webhook_id: &str) -> Result<()> {
+        let (id, hook) = (conversation_id.to_owned(), webhook_id.to_owned());
+        self.writer
+            .call(move |conn| {
+                let deleted = conn
+                    .prepare_cached(
+                        "DELETE FROM webhooks WHERE webhook_id = ?1 AND conversation_id = ?2",
+                    )?
+                    .execute([&hook, &id])?;
+                if deleted == 0 {
+                    return Err(StorageError::NotFound(format!("webhook {hook}")).into());
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    async fn advance_webhook(
+        &self,
+        conversation_id: &str,
+        webhook_id: &str,
+        delivered_seq: u64,
+    ) -> Result<Webhook> {
+        let (id, hook) = (conversation_id.to_owned(), webhook_id.to_owned());
+        self.writer
+            .call(move |conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                tx.prepare_cached(
+                    "UPDATE webhooks SET delivered_seq = ?3
+                     WHERE webhook_id = ?1 AND conversation_id = ?2 AND delivered_seq < ?3",
+                )?
+                .execute(params![hook, id, seq_param(delivered_seq)])?;
+                let stored = load_webhook(&tx, &id, &hook)?;
+                tx.commit()?;
+                Ok(stored)
             })
             .await
     }
