@@ -66,6 +66,72 @@ struct Harness {
 }
 
 async fn start(session_ttl_ms: u64) -> Harness {
+    start_on(session_ttl_ms, None).await
+}
+
+/// A Redis prefix used by one test; its keys are deleted when dropped.
+struct RedisPrefix {
+    url: String,
+    prefix: String,
+}
+
+impl RedisPrefix {
+    fn new() -> RedisPrefix {
+        RedisPrefix {
+            url: std::env::var("SB_TEST_REDIS_URL")
+                .unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+            prefix: format!("sbtest:{:016x}", rand::random::<u64>()),
+        }
+    }
+
+    fn connection(&self) -> redis::Connection {
+        redis::Client::open(self.url.as_str())
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "Redis at {} is not reachable ({e}): start it with \
+                     `deploy/local/up.sh redis` or point SB_TEST_REDIS_URL at one",
+                    self.url
+                )
+            })
+    }
+
+    /// Wait until presence subscribed to its change channel (pub/sub keeps nothing,
+    /// so a change published before would reach no one).
+    async fn wait_subscribed(&self) {
+        let channel = format!("{}:presence", self.prefix);
+        let mut conn = self.connection();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let (_, subscribers): (String, i64) = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(&channel)
+                .query(&mut conn)
+                .unwrap();
+            if subscribers >= 1 {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never subscribed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for RedisPrefix {
+    fn drop(&mut self) {
+        let mut conn = self.connection();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", self.prefix))
+            .query(&mut conn)
+            .unwrap_or_default();
+        for chunk in keys.chunks(500) {
+            let _: redis::RedisResult<()> = redis::cmd("DEL").arg(chunk).query(&mut conn);
+        }
+    }
+}
+
+/// Start presence on the memory store, or on Redis under `redis`'s prefix.
+async fn start_on(session_ttl_ms: u64, redis: Option<&RedisPrefix>) -> Harness {
     let shutdown = CancellationToken::new();
 
     let gateway_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -82,6 +148,11 @@ async fn start(session_ttl_ms: u64) -> Harness {
     let mut config = Config::default();
     config.presence.session_ttl_ms = session_ttl_ms;
     config.gateway.heartbeat_interval_ms = session_ttl_ms / 10;
+    if let Some(redis) = redis {
+        config.presence.backend = "redis".into();
+        config.presence.redis_url = redis.url.clone();
+        config.presence.redis_key_prefix = redis.prefix.clone();
+    }
     config.validate().unwrap();
     let config = Arc::new(config);
     let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -582,6 +653,22 @@ fn status(session_id: &str, status: &str, automatic: bool) -> SetStatusRequest {
 #[tokio::test]
 async fn others_see_the_public_view_and_hear_only_its_changes() {
     let mut h = start(30_000).await;
+    public_view_scenario(&mut h).await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn others_see_the_public_view_and_hear_only_its_changes_on_redis() {
+    let redis = RedisPrefix::new();
+    let mut h = start_on(30_000, Some(&redis)).await;
+    redis.wait_subscribed().await;
+    public_view_scenario(&mut h).await;
+    h.stop().await;
+}
+
+/// Views and events of a user going through text, invisible, offline, privacy and
+/// idle changes, watched by "watcher" on the harness gateway.
+async fn public_view_scenario(h: &mut Harness) {
     let gw = h.gateway_url.clone();
     let alice_gw = "http://127.0.0.1:9".to_string();
     h.register("w1", "watcher", &gw).await;
@@ -687,5 +774,4 @@ async fn others_see_the_public_view_and_hear_only_its_changes() {
     h.set_status(status("a2", "online", false)).await;
     assert_eq!(h.next_event().await.status, "online");
     assert!(h.delivered_rx.try_recv().is_err());
-    h.stop().await;
 }

@@ -10,6 +10,7 @@ use tokio::task::JoinSet;
 use super::*;
 use crate::store::conformance::TTL;
 use crate::store::interest::{members_fingerprint, INTEREST_TTL};
+use crate::store::{PRIVACY_EVERYONE, PRIVACY_NOBODY};
 
 fn redis_url() -> String {
     std::env::var("SB_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
@@ -528,6 +529,57 @@ async fn interest_keys_expire_in_redis() {
         .query(&mut conn)
         .unwrap();
     assert!(ttl > 0 && ttl <= limit, "routes key has TTL {ttl}");
+}
+
+#[tokio::test]
+async fn settings_outlive_the_user_hash_and_go_with_their_defaults() {
+    let (a, b, _cleanup) = two_instances(TTL);
+    a.register(session("a1", "alice", GW1)).await.unwrap();
+    let change = StatusChange {
+        status_text: Some("away from desk".into()),
+        last_seen_privacy: Some(PRIVACY_NOBODY.into()),
+        ..Default::default()
+    };
+    a.set_status("a1", &change).await.unwrap();
+    a.unregister("a1").await.unwrap();
+    let keys = &a.inner.keys;
+    let mut conn = require_redis();
+    let pttl = |conn: &mut redis::Connection, key: &str| -> i64 {
+        redis::cmd("PTTL").arg(key).query(conn).unwrap()
+    };
+    let user_ttl = pttl(&mut conn, &keys.user("alice"));
+    assert!(
+        user_ttl > 0 && user_ttl <= LAST_SEEN_RETENTION.as_millis() as i64,
+        "an offline user's hash expires ({user_ttl})"
+    );
+    assert_eq!(
+        pttl(&mut conn, &keys.settings("alice")),
+        -1,
+        "settings have no TTL"
+    );
+    // Read through another instance after the user hash is gone.
+    let _: () = redis::cmd("DEL")
+        .arg(keys.user("alice"))
+        .query(&mut conn)
+        .unwrap();
+    let state = b.query(&ids(&["alice"])).await.unwrap().remove(0);
+    assert_eq!(
+        (state.status_text.as_str(), state.last_seen_privacy.as_str()),
+        ("away from desk", PRIVACY_NOBODY)
+    );
+
+    b.register(session("a2", "alice", GW2)).await.unwrap();
+    let defaults = StatusChange {
+        status_text: Some(String::new()),
+        last_seen_privacy: Some(PRIVACY_EVERYONE.into()),
+        ..Default::default()
+    };
+    b.set_status("a2", &defaults).await.unwrap();
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(keys.settings("alice"))
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(exists, 0, "default settings cost no key");
 }
 
 #[test]
