@@ -1,5 +1,6 @@
-//! The client HTTP listener: the WebSocket upgrade at `/v1/connect`, health and
-//! metrics, and in dev mode the chat page and the token endpoint.
+//! The client HTTP listener: the WebSocket upgrade at `/v1/connect`, the HTTP API
+//! (`crate::api`), health and metrics, and in dev mode the chat page and the token
+//! endpoint.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,8 +39,10 @@ pub(crate) fn router(
             .route("/", get(|| async { Html(CHAT_PAGE) }))
             .route("/v1/dev/token", get(dev_token));
     }
+    let api = crate::api::router(shared.clone(), &registry);
     routes
         .with_state(shared)
+        .merge(api)
         .merge(switchboard_telemetry::admin_router(registry, readiness))
 }
 
@@ -69,7 +72,7 @@ fn refuse(
         .into_response()
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme
@@ -200,9 +203,10 @@ async fn connect(
 
     let config = &shared.config.gateway;
     let session_id: Arc<str> = uuid::Uuid::new_v4().to_string().into();
-    let session = Session::new(
+    let session = Session::for_account(
         session_id,
         claims.sub.into(),
+        claims.bot,
         device.into(),
         encoding.unwrap_or(Encoding::Json),
         config.outbound_queue,

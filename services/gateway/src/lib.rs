@@ -10,6 +10,7 @@
 //! (excluded session, presence watches, last-seen privacy, duplicate sequences, slow
 //! consumers).
 
+mod api;
 mod connection;
 mod deliver;
 mod error;
@@ -33,6 +34,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+pub use api::{ApiRoute, API_ROUTES};
 pub use connection::{close_code, MAX_PENDING_REQUESTS};
 
 use metrics::Metrics;

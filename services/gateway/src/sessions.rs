@@ -169,6 +169,7 @@ pub(crate) struct Session {
 
 impl Session {
     /// A session of a human account; see [`Session::for_account`].
+    #[cfg(test)]
     pub(crate) fn new(
         session_id: Arc<str>,
         user_id: Arc<str>,
