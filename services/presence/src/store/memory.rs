@@ -204,8 +204,7 @@ impl State {
         }
     }
 
-    /// Apply the per-user part of a status change; returns nothing (the caller
-    /// compares public keys).
+    /// Apply the per-user part of a status change (status text, privacy).
     fn apply_settings(&mut self, user_id: &str, change: &StatusChange) {
         if change.status_text.is_none() && change.last_seen_privacy.is_none() {
             return;

@@ -172,7 +172,9 @@ impl PresenceState {
 
     /// What everyone else sees: an invisible user is `offline` with no sessions and
     /// the last-seen time frozen at when they were last visibly present; with privacy
-    /// `nobody` last seen is 0 (`contacts` is left to the gateway).
+    /// `nobody` last seen is 0 (`contacts` is left to the gateway). The status text
+    /// and privacy are settings the user publishes: they show, and a change of them
+    /// is announced, also while the user is invisible.
     pub fn public_view(&self) -> UserPresence {
         let (status, sessions, last_seen_ms) = if is_visible(&self.status) {
             (self.status.clone(), self.sessions, self.last_seen_ms)
