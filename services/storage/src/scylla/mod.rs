@@ -84,6 +84,8 @@ pub mod schema;
 mod tls;
 
 #[cfg(test)]
+mod feature_tests;
+#[cfg(test)]
 mod tests;
 
 use std::collections::{HashMap, HashSet};

@@ -83,7 +83,11 @@ impl ScyllaFactory {
         }
     }
 
-    async fn store(&self) -> ScyllaStore {
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub(crate) async fn store(&self) -> ScyllaStore {
         ScyllaStore::open(&self.config)
             .await
             .unwrap_or_else(|e| panic!("{}", unreachable_hint(&e)))
