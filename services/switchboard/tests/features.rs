@@ -301,18 +301,30 @@ async fn idle_sessions_turn_away_and_come_back_online_on_activity() {
     let mut setup = Setup::new(true);
     setup.set("SWITCHBOARD_GATEWAY__IDLE_AWAY_AFTER_MS", "300");
     let _sb = setup.standalone().await;
-    let (bob, mut bob_ev) = setup.connect("bob", "d").await;
-    bob.presence_watch(["alice"]).await.unwrap();
+    let (watcher, mut watcher_ev) = setup.connect("watcher", "d").await;
+    watcher.presence_watch(["alice", "bob"]).await.unwrap();
     let (alice, _a) = setup.connect("alice", "d").await;
-    next_presence(&mut bob_ev, "alice", "alice away after idling", |p| {
+    next_presence(&mut watcher_ev, "alice", "alice away after idling", |p| {
         p.status == "away"
     })
     .await;
     alice.conversations().await.unwrap();
-    next_presence(&mut bob_ev, "alice", "alice online again", |p| {
+    next_presence(&mut watcher_ev, "alice", "alice online again", |p| {
         p.status == "online"
     })
     .await;
+
+    // A status the user chose is never overridden: alice goes busy, then bob
+    // connects and idles. Bob's idle timer started after alice's last frame, so by
+    // the time bob turns away, alice's would have fired too.
+    alice.presence_set("busy").await.unwrap();
+    let (_bob, _b) = setup.connect("bob", "d").await;
+    next_presence(&mut watcher_ev, "bob", "bob away after idling", |p| {
+        p.status == "away"
+    })
+    .await;
+    let now = watcher.presence_watch(["alice"]).await.unwrap();
+    assert_eq!(now.users[0].status, "busy", "idling never overrides busy");
 }
 
 // ---------------------------------------------------------------------------------
@@ -1525,4 +1537,78 @@ async fn bots_post_over_the_http_api_and_their_messages_are_marked() {
     // A person's messages are not marked.
     alice.send(id, "thanks").await.unwrap();
     assert!(!history(&alice, id).await[1].from_bot);
+}
+
+// ---------------------------------------------------------------------------------
+// The client library with timeline events
+
+#[tokio::test]
+async fn a_client_timeline_orders_every_event_kind_and_applies_them_like_history() {
+    use switchboard_client::{apply_event, EventKind, Observed, Timeline};
+
+    let setup = Setup::new(true);
+    let _sb = setup.standalone().await;
+    let (alice, _a) = setup.connect("alice", "d").await;
+    let (bob, mut bob_ev) = setup.connect("bob", "d").await;
+    let (carol, _c) = setup.connect("carol", "d").await;
+    let group = alice.create_group("team", ["bob", "carol"]).await.unwrap();
+    let id = &group.conversation_id;
+    let mut timeline = Timeline::new();
+    timeline.track(id, group.last_seq);
+
+    let kept = alice.send(id, "keep").await.unwrap().seq;
+    let gone = carol.send(id, "gone").await.unwrap().seq;
+    alice.edit(id, kept, "kept").await.unwrap();
+    bob.react(id, kept, "👍").await.unwrap();
+    carol.react(id, kept, "🎉").await.unwrap();
+    carol.unreact(id, kept, "🎉").await.unwrap();
+    carol.delete(id, gone).await.unwrap();
+    let last = alice.rename(id, "the team").await.unwrap().seq;
+
+    // bob's copies of the messages, brought up to date by the live events.
+    let mut held: Vec<Message> = Vec::new();
+    let mut kinds = Vec::new();
+    while timeline.last_seq(id) < Some(last) {
+        let event = messages(&mut bob_ev, id, 1).await.remove(0);
+        let Observed::InOrder(delivered) = timeline.observe(event) else {
+            panic!("live events of one connection arrive in order without gaps");
+        };
+        for event in delivered {
+            kinds.push(EventKind::of(&event));
+            match EventKind::of(&event) {
+                EventKind::Message => held.push(event),
+                _ => {
+                    for message in &mut held {
+                        apply_event(message, &event, "bob");
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(
+        kinds,
+        [
+            EventKind::Message,
+            EventKind::Message,
+            EventKind::Edit,
+            EventKind::Reaction,
+            EventKind::Reaction,
+            EventKind::Reaction,
+            EventKind::Delete,
+            EventKind::System,
+        ]
+    );
+    assert!(timeline.gaps().is_empty());
+
+    let stored = history(&bob, id).await;
+    for message in &held {
+        let current = at(&stored, message.seq);
+        assert_eq!(
+            (&message.body, message.deleted, &message.reactions),
+            (&current.body, current.deleted, &current.reactions),
+            "seq {}",
+            message.seq
+        );
+        assert_eq!(message.edited_at_ms, current.edited_at_ms);
+    }
 }
