@@ -1910,7 +1910,6 @@ async fn last_seen_for_contacts_only_is_hidden_from_others() {
 }
 
 #[tokio::test]
-#[ignore = "the upgrade handler (http.rs) does not pass the token's bot claim to the session yet"]
 async fn bot_tokens_mark_sends_from_bot() {
     let h = start(|_| {}).await;
     let token = h
