@@ -176,8 +176,9 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 {{- define "switchboard.configToml" -}}
 {{- $c := include "switchboard.configDict" . | fromYaml -}}
 # Switchboard configuration rendered by the Helm chart from values.config.
-# Overridden in the pods by: SWITCHBOARD_GATEWAY__ADVERTISE_URL (pod IP),
-# SWITCHBOARD_PRESENCE__REDIS_URL and SWITCHBOARD_STORAGE__SCYLLA_PASSWORD (Secrets).
+# Overridden in the pods by: SWITCHBOARD_GATEWAY__ADVERTISE_URL (pod IP), and in the
+# pods of the service owning a backend by its credential and TLS settings (files of
+# mounted Secrets, Kafka's security protocol and SASL user).
 {{- range $k, $v := $c }}
 {{- if not (kindIs "map" $v) }}
 {{ $k }} = {{ include "switchboard.tomlValue" $v }}
@@ -231,6 +232,7 @@ release fails to render instead of half-working.
 {{- fail "switchboard: auth.mode=jwks needs auth.jwks (JSON) or auth.existingSecret" -}}
 {{- end -}}
 {{- end -}}
+{{- include "switchboard.validateBackendSecurity" . -}}
 {{- if and $v.tests.smoke.enabled (ne $v.auth.mode "hs256") -}}
 {{- fail "switchboard: tests.smoke needs auth.mode=hs256 (the harness signs its own tokens with the mounted secret)" -}}
 {{- end -}}

@@ -2,31 +2,6 @@
 The pod template shared by the four services: (dict "root" $ "component" "gateway").
 */}}
 
-{{- define "switchboard.redisUrlEnv" -}}
-{{- $v := .Values -}}
-{{- if $v.presence.redis.passwordSecret.name }}
-- name: SB_REDIS_PASSWORD
-  valueFrom:
-    secretKeyRef:
-      name: {{ $v.presence.redis.passwordSecret.name }}
-      key: {{ $v.presence.redis.passwordSecret.key }}
-# Kubernetes expands $(SB_REDIS_PASSWORD) from the variable above.
-- name: SWITCHBOARD_PRESENCE__REDIS_URL
-  value: {{ regexReplaceAll "^(rediss?://)(?:([^:@/]*)(?::[^@/]*)?@)?(.*)$" $v.config.presence.redis_url "${1}${2}:$$(SB_REDIS_PASSWORD)@${3}" | quote }}
-{{- end }}
-{{- end -}}
-
-{{- define "switchboard.scyllaPasswordEnv" -}}
-{{- $v := .Values -}}
-{{- if $v.storage.scylla.passwordSecret.name }}
-- name: SWITCHBOARD_STORAGE__SCYLLA_PASSWORD
-  valueFrom:
-    secretKeyRef:
-      name: {{ $v.storage.scylla.passwordSecret.name }}
-      key: {{ $v.storage.scylla.passwordSecret.key }}
-{{- end }}
-{{- end -}}
-
 {{- define "switchboard.topologySpread" -}}
 {{- $root := .root -}}
 {{- $ts := $root.Values.topologySpread }}
@@ -58,6 +33,7 @@ The pod template shared by the four services: (dict "root" $ "component" "gatewa
 {{- $ctx := dict "root" $root "component" $comp -}}
 {{- $embedded := include "switchboard.embedded" $ctx -}}
 {{- $persistent := and $embedded (ne $comp "presence") $w.persistence.enabled -}}
+{{- $backend := get (dict "presence" "redis" "routing" "kafka" "storage" "scylla") $comp -}}
 metadata:
   labels:
     {{- include "switchboard.labels" $ctx | nindent 4 }}
@@ -122,11 +98,8 @@ spec:
         - name: SWITCHBOARD_GATEWAY__ADVERTISE_URL
           value: "http://$(POD_IP):{{ include "switchboard.port" (dict "root" $root "component" "gateway" "port" "grpc") }}"
         {{- end }}
-        {{- if eq $comp "presence" }}
-        {{- include "switchboard.redisUrlEnv" $root | nindent 8 }}
-        {{- end }}
-        {{- if eq $comp "storage" }}
-        {{- include "switchboard.scyllaPasswordEnv" $root | nindent 8 }}
+        {{- with $backend }}
+        {{- include "switchboard.backendEnv" (dict "root" $root "backend" .) | nindent 8 }}
         {{- end }}
         {{- with $w.extraEnv }}
         {{- toYaml . | nindent 8 }}
@@ -188,6 +161,9 @@ spec:
           mountPath: {{ include "switchboard.authDir" $root }}
           readOnly: true
         {{- end }}
+        {{- with $backend }}
+        {{- include "switchboard.backendMounts" (dict "root" $root "backend" .) | nindent 8 }}
+        {{- end }}
   volumes:
     - name: config
       configMap:
@@ -208,5 +184,8 @@ spec:
         items:
           - key: {{ include "switchboard.authKey" $root }}
             path: {{ include "switchboard.authKey" $root }}
+    {{- end }}
+    {{- with $backend }}
+    {{- include "switchboard.backendVolumes" (dict "root" $root "backend" .) | nindent 4 }}
     {{- end }}
 {{- end -}}
