@@ -322,4 +322,255 @@ mod tests {
         server.await.unwrap().unwrap();
         assert!(dir.path().join("data/storage.sqlite3").exists());
     }
+
+    /// The conversation-feature RPCs over gRPC: results, and error codes (banned,
+    /// forbidden, invalid_request, not_member, not_found) carried to the caller.
+    #[tokio::test]
+    async fn grpc_conversation_features() {
+        use switchboard_proto::{
+            AdvanceWebhookRequest, AuthorizeRequest, DeleteWebhookRequest, ListWebhooksRequest,
+            NotificationTargetsRequest, PutWebhookRequest, ReceiptsRequest, SetNotificationRequest,
+            SetReadMarkerRequest, SharedContactsRequest, StorageReceiptsRequest,
+            StorageThreadRequest, SystemEvent, ThreadRequest,
+        };
+
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            data_dir: dir.path().join("data"),
+            ..Config::default()
+        };
+        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc_addr = grpc.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve(Arc::new(config), grpc, admin, shutdown.clone()));
+        let mut client = StorageClient::connect(format!("http://{grpc_addr}"))
+            .await
+            .unwrap();
+
+        let g = client
+            .create_conversation(CreateConversationRequest {
+                creator_id: "olga".into(),
+                kind: "group".into(),
+                members: vec!["bob".into()],
+                name: "g".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .conversation_id;
+        let mut seq = 0;
+        let mut send = |client: &mut StorageClient<tonic::transport::Channel>, m: Message| {
+            seq += 1;
+            let mut client = client.clone();
+            let m = Message { seq, ..m };
+            async move {
+                client
+                    .authorize(AuthorizeRequest {
+                        message: Some(Message {
+                            seq: 0,
+                            ..m.clone()
+                        }),
+                    })
+                    .await?;
+                client.append(AppendRequest { message: Some(m) }).await
+            }
+        };
+        let base = Message {
+            conversation_id: g.clone(),
+            sender_id: "olga".into(),
+            body: "root".into(),
+            ..Default::default()
+        };
+        send(&mut client, base.clone()).await.unwrap();
+        send(
+            &mut client,
+            Message {
+                sender_id: "bob".into(),
+                thread_root_seq: 1,
+                body: "reply".into(),
+                ..base.clone()
+            },
+        )
+        .await
+        .unwrap();
+        let ban = Message {
+            kind: "system".into(),
+            body: String::new(),
+            system: Some(SystemEvent {
+                action: "members_banned".into(),
+                user_ids: vec!["eve".into()],
+                ..Default::default()
+            }),
+            ..base.clone()
+        };
+        send(&mut client, ban.clone()).await.unwrap();
+        let add_eve = Message {
+            system: Some(SystemEvent {
+                action: "members_added".into(),
+                user_ids: vec!["eve".into()],
+                ..Default::default()
+            }),
+            ..ban.clone()
+        };
+        let denied = client
+            .authorize(AuthorizeRequest {
+                message: Some(add_eve),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status_error_code(&denied), ErrorCode::Banned);
+        let edit_by_olga = Message {
+            kind: "edit".into(),
+            target_seq: 2,
+            body: "x".into(),
+            ..base.clone()
+        };
+        let denied = client
+            .authorize(AuthorizeRequest {
+                message: Some(edit_by_olga),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status_error_code(&denied), ErrorCode::Forbidden);
+
+        let thread = client
+            .thread(StorageThreadRequest {
+                user_id: "bob".into(),
+                request: Some(ThreadRequest {
+                    conversation_id: g.clone(),
+                    root_seq: 1,
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(thread.root.unwrap().reply_count, 1);
+        assert_eq!(thread.replies.len(), 1);
+
+        let marker = client
+            .set_read_marker(SetReadMarkerRequest {
+                conversation_id: g.clone(),
+                user_id: "bob".into(),
+                seq: 1,
+                kind: "delivered".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((marker.kind.as_str(), marker.seq), ("delivered", 1));
+        let receipts = client
+            .receipts(StorageReceiptsRequest {
+                user_id: "olga".into(),
+                request: Some(ReceiptsRequest {
+                    conversation_id: g.clone(),
+                    seq: 1,
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((receipts.read_by, receipts.delivered_to), (0, 1));
+
+        client
+            .set_notification(SetNotificationRequest {
+                user_id: "bob".into(),
+                conversation_id: g.clone(),
+                until_ms: -1,
+            })
+            .await
+            .unwrap();
+        let targets = client
+            .notification_targets(NotificationTargetsRequest {
+                conversation_id: g.clone(),
+                sender_id: "olga".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (targets.notify, targets.silenced),
+            (vec![], vec!["bob".to_string()])
+        );
+        let shared = client
+            .shared_contacts(SharedContactsRequest {
+                user_id: "bob".into(),
+                other_ids: vec!["olga".into(), "eve".into()],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(shared.shared, ["olga"]);
+
+        let bad_url = client
+            .put_webhook(PutWebhookRequest {
+                conversation_id: g.clone(),
+                actor_id: "olga".into(),
+                url: "gopher://x".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status_error_code(&bad_url), ErrorCode::InvalidRequest);
+        let hook = client
+            .put_webhook(PutWebhookRequest {
+                conversation_id: g.clone(),
+                actor_id: "olga".into(),
+                url: "https://example.com/in".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((hook.delivered_seq, hook.secret.len()), (3, 64));
+        let advanced = client
+            .advance_webhook(AdvanceWebhookRequest {
+                conversation_id: g.clone(),
+                webhook_id: hook.webhook_id.clone(),
+                delivered_seq: 3,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(advanced.delivered_seq, 3);
+        let listed = client
+            .list_webhooks(ListWebhooksRequest {
+                conversation_id: g.clone(),
+                actor_id: "bob".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .webhooks;
+        assert_eq!(listed.len(), 1);
+        assert!(listed[0].secret.is_empty(), "members do not see secrets");
+        let outsider = client
+            .list_webhooks(ListWebhooksRequest {
+                conversation_id: g.clone(),
+                actor_id: "eve".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status_error_code(&outsider), ErrorCode::NotMember);
+        client
+            .delete_webhook(DeleteWebhookRequest {
+                conversation_id: g.clone(),
+                actor_id: "olga".into(),
+                webhook_id: hook.webhook_id.clone(),
+            })
+            .await
+            .unwrap();
+        let gone = client
+            .delete_webhook(DeleteWebhookRequest {
+                conversation_id: g.clone(),
+                actor_id: "olga".into(),
+                webhook_id: hook.webhook_id,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status_error_code(&gone), ErrorCode::NotFound);
+
+        shutdown.cancel();
+        server.await.unwrap().unwrap();
+    }
 }

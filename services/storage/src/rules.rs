@@ -677,4 +677,128 @@ mod tests {
         );
         assert!(matches!(direct, Err(StorageError::Forbidden(_))));
     }
+
+    #[test]
+    fn webhook_urls_are_http_with_a_host() {
+        for ok in [
+            "https://example.com",
+            "http://example.com/hook?x=1#f",
+            "HTTPS://Example.com:8443/a",
+            "http://user:pw@10.0.0.1:80/",
+            "http://[::1]:8080/x",
+        ] {
+            assert!(validate_webhook_url(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "example.com",
+            "ftp://example.com",
+            "https://",
+            "https://:443/x",
+            "http://[]/x",
+            "https://exa mple.com",
+            "https://example.com/\n",
+        ] {
+            assert!(validate_webhook_url(bad).is_err(), "{bad:?}");
+        }
+        let at_limit = format!("https://e.com/{}", "a".repeat(MAX_WEBHOOK_URL_BYTES - 14));
+        assert_eq!(at_limit.len(), MAX_WEBHOOK_URL_BYTES);
+        assert!(validate_webhook_url(&at_limit).is_ok());
+        assert!(validate_webhook_url(&format!("{at_limit}a")).is_err());
+    }
+
+    #[test]
+    fn preferences_expire() {
+        assert_eq!(active_until(-1, 100), -1);
+        assert_eq!(active_until(0, 100), 0);
+        assert_eq!(active_until(100, 100), 0);
+        assert_eq!(active_until(101, 100), 101);
+        assert!(validate_until(-1).is_ok() && validate_until(0).is_ok());
+        assert!(validate_until(-2).is_err());
+    }
+
+    #[test]
+    fn notification_targets_skip_sender_dnd_and_unmentioned_mutes() {
+        let m = |user: &str, muted: i64, dnd: i64| MemberNotification {
+            user_id: user.into(),
+            muted_until_ms: muted,
+            dnd_until_ms: dnd,
+        };
+        let members = [
+            m("s", 0, 0),
+            m("d", 0, 50),
+            m("a", 0, 0),
+            m("muted", -1, 0),
+            m("expired", 10, 10),
+            m("m_dnd", -1, -1),
+        ];
+        let mentions = ["muted".to_string(), "m_dnd".to_string()];
+        let (notify, silenced) = notification_targets(&members, "s", &[], 20);
+        assert_eq!(notify, ["a", "expired"]);
+        assert_eq!(silenced, ["d", "m_dnd", "muted"]);
+        let (notify, silenced) = notification_targets(&members, "s", &mentions, 20);
+        assert_eq!(notify, ["a", "expired", "muted"]);
+        assert_eq!(silenced, ["d", "m_dnd"]);
+    }
+
+    #[test]
+    fn receipts_count_others_than_the_sender() {
+        let r = |user: &str, read, delivered| MemberReceipt {
+            user_id: user.into(),
+            read_seq: read,
+            delivered_seq: delivered,
+            read_at_ms: 0,
+        };
+        let members = [r("s", 9, 9), r("a", 5, 5), r("b", 2, 7), r("c", 0, 0)];
+        assert_eq!(receipt_counts(&members, "s", 5), (1, 2));
+        assert_eq!(receipt_counts(&members, "s", 8), (0, 0));
+        assert_eq!(receipt_counts(&members, "a", 2), (2, 2));
+    }
+
+    #[test]
+    fn event_fields() {
+        let base = Message {
+            conversation_id: "c".into(),
+            sender_id: "a".into(),
+            ..Default::default()
+        };
+        assert!(validate_event(&base).is_ok());
+        let kind = |k: &str| Message {
+            kind: k.into(),
+            ..base.clone()
+        };
+        assert!(validate_event(&kind("poke")).is_err());
+        assert!(
+            validate_event(&kind("system")).is_err(),
+            "system needs `system`"
+        );
+        let system = |action: &str, actor: &str, users: &[&str]| Message {
+            kind: "system".into(),
+            system: Some(SystemEvent {
+                action: action.into(),
+                actor_id: actor.into(),
+                user_ids: users.iter().map(|u| u.to_string()).collect(),
+                ..Default::default()
+            }),
+            ..base.clone()
+        };
+        assert!(validate_event(&system("members_added", "a", &["b"])).is_ok());
+        assert!(validate_event(&system("members_added", "", &["b"])).is_ok());
+        assert!(validate_event(&system("members_added", "z", &["b"])).is_err());
+        assert!(validate_event(&system("member_left", "a", &["a"])).is_ok());
+        assert!(validate_event(&system("member_left", "a", &["b"])).is_err());
+        assert!(
+            validate_event(&system("role_changed", "a", &["b"])).is_err(),
+            "no role"
+        );
+        assert!(validate_topic(&"t".repeat(MAX_TOPIC_BYTES)).is_ok());
+        assert!(validate_topic("line\nbreak").is_ok());
+        assert!(validate_topic("bell\u{7}").is_err());
+        assert!(validate_emoji("👍🏽").is_ok());
+        let far = Message {
+            target_seq: u64::MAX,
+            ..base.clone()
+        };
+        assert!(validate_event(&far).is_err());
+    }
 }

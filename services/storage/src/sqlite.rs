@@ -1819,6 +1819,77 @@ pub(crate) mod tests {
         assert_eq!(mode, "wal");
     }
 
+    /// A database written by the first schema: after the upgrade, the group's owner has
+    /// role owner and everyone else member, read markers are also delivered markers,
+    /// and old messages are messages that take edits and reactions.
+    #[tokio::test]
+    async fn a_first_schema_database_upgrades() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("storage.sqlite3");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE schema_version (version INTEGER PRIMARY KEY,
+                                              applied_at_ms INTEGER NOT NULL);
+                 INSERT INTO schema_version VALUES (1, 0);
+                 INSERT INTO conversations VALUES ('g', 'group', 'old', 'olga', NULL, 2, 1, 1);
+                 INSERT INTO conversations VALUES ('d', 'direct', '', '', 'a\x1fb', 0, 1, 1);
+                 INSERT INTO members VALUES ('g', 'olga', 'member', 1);
+                 INSERT INTO members VALUES ('g', 'bob', 'whatever', 1);
+                 INSERT INTO members VALUES ('d', 'a', 'member', 1);
+                 INSERT INTO members VALUES ('d', 'b', 'member', 1);
+                 INSERT INTO messages VALUES ('g', 1, 'm1', 'bob', 'p', 'c1', 'one', 'text/plain', 5);
+                 INSERT INTO messages VALUES ('g', 2, 'm2', 'olga', 'p', 'c2', 'two', 'text/plain', 6);
+                 INSERT INTO read_markers VALUES ('g', 'bob', 2, 7);",
+            )
+            .unwrap();
+        }
+        let store = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || SqliteStore::open(&path)
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        let h = Harness::over(Arc::new(store), 200);
+        let g = h.get("g", "").await.unwrap();
+        let roles: Vec<(&str, &str)> = g
+            .member_roles
+            .iter()
+            .map(|m| (m.user_id.as_str(), m.role.as_str()))
+            .collect();
+        assert_eq!(roles, [("bob", "member"), ("olga", "owner")]);
+        assert_eq!(g.topic, "");
+        let d = h.get("d", "").await.unwrap();
+        assert!(d.member_roles.iter().all(|m| m.role == "member"));
+        let bob = h.listed("bob", "g").await;
+        assert_eq!(
+            (bob.read_seq, bob.delivered_seq, bob.unread_count),
+            (2, 2, 0)
+        );
+        assert_eq!(h.listed("olga", "g").await.unread_count, 1);
+
+        let old = h.event("olga", "g", 1).await;
+        assert_eq!((old.kind.as_str(), old.body.as_str()), ("", "one"));
+        h.send(crate::conformance::edit("g", "bob", 1, "uno"))
+            .await
+            .unwrap();
+        h.send(crate::conformance::react("g", "olga", 1, "👍", false))
+            .await
+            .unwrap();
+        let old = h.event("bob", "g", 1).await;
+        assert_eq!((old.body.as_str(), old.reactions.len()), ("uno", 1));
+        assert_eq!(
+            h.admin("g", "olga", "renamed", &[])
+                .await
+                .map(|m| m.seq)
+                .unwrap(),
+            5,
+            "the owner administers"
+        );
+    }
+
     #[test]
     fn a_newer_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();
