@@ -54,6 +54,43 @@
 //! partition at once, or one sender reusing a client id in two conversations at the
 //! same instant) can both be stored; the sequence stays gapless regardless.
 //!
+//! **Effects of timeline events** (edits, deletes, reactions, thread replies,
+//! system events) are part of step 3: the append rolls the committed event forward
+//! as *effects first, then the event's own row*, so a stored row means its effects
+//! are in place (a retry that finds the row answers "duplicate" and applies nothing).
+//! Every roll-forward path of the message row (the retry of the same record, a
+//! duplicate finding a committed but unwritten event, and `LastSeq` of a new
+//! partition owner) applies the effects too, so a crash between the commit and the
+//! effect writes is repaired exactly like a missing row. Each effect is idempotent:
+//! - edit: the target's body, content_type, `edited_at_ms` and `edit_seqs + {e}` are
+//!   set to values taken from the event; skipped if the target is deleted (and an
+//!   edit of a target already deleted at append time is committed without its text);
+//! - delete: reactions of the target removed (the per-user copies first, found
+//!   through the target's rows), bodies of the edits in `edit_seqs` cleared, then the
+//!   target cleared and marked deleted; running it again clears what is clear;
+//! - reaction: a row inserted or deleted in both reaction tables;
+//! - thread reply: the reply's `thread_replies` row, and `reply_count + 1` on the
+//!   root written together with `reply_last_seq = e` in one row write, only while
+//!   `reply_last_seq < e`;
+//! - system event: planned from the current members, roles, name, topic and owner,
+//!   then committed like a membership change (`IF members_version = v`) with the new
+//!   name, topic, owner_id, member count and `members_seq = e`; the member rows (with
+//!   roles and join times) and ban rows follow through the membership roll-forward.
+//!   A repeat finds `members_seq >= e` and only finishes the roll-forward.
+//!
+//! Effects are applied in sequence order because the partition owner appends `s + 1`
+//! only after `s` returned (or after `LastSeq`, which rolls `s` forward): the same
+//! single-owner assumption the gapless sequence already rests on. Readers never roll
+//! anything forward (a reader racing the owner could write an older state late).
+//!
+//! **Reads with current state**: history, sync and thread pages read the rows (state
+//! included) and count reactions per bucket (`mine` is filled by the service from
+//! `reactions_by_user`). Unread counts scan the events after the user's read marker
+//! (`seq, sender_id, kind, deleted, mentions` only) and stop at 1000 unread or after
+//! 5000 events (beyond that the count is a lower bound); nothing is scanned when the
+//! read marker is at `last_seq`. Lists and sync read per conversation the member's
+//! role, both markers and the mute (four single-row reads).
+//!
 //! **Direct conversations**: `INSERT INTO direct_pairs ... IF NOT EXISTS` on the sorted
 //! pair decides the conversation id; its row holds everything needed to finish
 //! creating it (members, then the conversation row `IF NOT EXISTS`), so whoever finds
@@ -70,7 +107,14 @@
 //! change interrupted after its commit is finished by the next `GetConversation` or
 //! membership change of that conversation.
 //!
-//! **Read markers** rise with `IF seq < wanted` (or `IF NOT EXISTS` for the first one).
+//! **Read and delivered markers** rise with `IF seq < wanted` (or `IF NOT EXISTS` for
+//! the first one), each in its own table; a read marker ahead of the delivered one
+//! counts as delivered (with its time) without a second write.
+//!
+//! **Webhooks** take a slot `0..max` of their conversation with `IF NOT EXISTS` (the
+//! limit holds under concurrent additions), advance with
+//! `IF webhook_id = ? AND delivered_seq < ?` and are deleted with `IF webhook_id = ?`.
+//! **Notification preferences** and **shared contacts** are plain reads and upserts.
 //!
 //! # Faults
 //!

@@ -12,14 +12,23 @@
 //! | table | partition key | clustering key | other columns | TTL |
 //! |---|---|---|---|---|
 //! | `schema_version` | `version` | | `applied_at_ms` | |
-//! | `conversations` | `conversation_id` | | `kind`, `name`, `owner_id`, `created_at_ms`, `updated_at_ms`, `last_seq`, `pending_seq`, `pending_message`, `members_version`, `member_count`, `applied_members_version`, `pending_members` | |
+//! | `conversations` | `conversation_id` | | `kind`, `name`, `owner_id`, `created_at_ms`, `updated_at_ms`, `last_seq`, `pending_seq`, `pending_message`, `members_version`, `member_count`, `applied_members_version`, `pending_members`; since 2: `topic`, `members_seq` | |
 //! | `members_by_conversation` | `conversation_id` | `user_id` | `role`, `joined_at_ms` | |
 //! | `conversations_by_user` | `user_id` | `conversation_id` | `joined_at_ms` | |
-//! | `messages` | `(conversation_id, bucket)` | `seq DESC` | `message_id`, `sender_id`, `sender_device`, `client_msg_id`, `body`, `content_type`, `sent_at_ms` | |
+//! | `messages` | `(conversation_id, bucket)` | `seq DESC` | `message_id`, `sender_id`, `sender_device`, `client_msg_id`, `body`, `content_type`, `sent_at_ms`; since 2, the event: `kind`, `target_seq`, `reply_to_seq`, `thread_root_seq`, `mentions`, `emoji`, `reaction_remove`, `system_event`, `from_bot`; and its state: `edited_at_ms`, `deleted`, `reply_count`, `reply_last_seq`, `edit_seqs` | |
 //! | `direct_pairs` | `pair_key` | | `conversation_id`, `creator_id`, `other_id`, `created_at_ms` | |
 //! | `dedupe_keys` | `(sender_id, client_msg_id)` | | `conversation_id`, `seq`, `created_at_ms` | dedupe window |
 //! | `dedupe_keys_by_age` | `(hour, shard)` | `created_at_ms, sender_id, client_msg_id` | | dedupe window |
 //! | `read_markers` | `conversation_id` | `user_id` | `seq`, `at_ms` | |
+//! | `reactions` (2) | `(conversation_id, bucket)` | `target_seq, emoji, user_id` | `at_ms` | |
+//! | `reactions_by_user` (2) | `(conversation_id, user_id)` | `target_seq, emoji` | | |
+//! | `thread_replies` (2) | `(conversation_id, root_seq)` | `seq` | | |
+//! | `delivered_markers` (2) | `conversation_id` | `user_id` | `seq`, `at_ms` | |
+//! | `bans` (2) | `conversation_id` | `user_id` | `banned_at_ms` | |
+//! | `mutes` (2) | `conversation_id` | `user_id` | `until_ms` | |
+//! | `do_not_disturb` (2) | `user_id` | | `until_ms` | |
+//! | `webhooks` (2) | `conversation_id` | `slot` | `webhook_id`, `url`, `secret`, `delivered_seq`, `created_at_ms`, `created_by` | |
+//! | `webhooks_by_shard` (2) | `shard` | `conversation_id, webhook_id` | | |
 //!
 //! - `conversations` is the one row per conversation that every conditional update
 //!   (lightweight transaction) goes through: `last_seq` advances with
@@ -52,6 +61,36 @@
 //!   Both dedupe tables use `TimeWindowCompactionStrategy`: every row has the same TTL,
 //!   so whole SSTables expire together.
 //! - `read_markers` rise only through `IF seq < ?`.
+//!
+//! Since version 2 (conversation features):
+//! - `messages` rows carry the whole event (the columns of `Message` up to
+//!   `from_bot`; `system_event` is a protobuf `SystemEvent`) and the state that later
+//!   events give a "message": the edited body and `edited_at_ms`, `deleted`,
+//!   `reply_count` with `reply_last_seq` (the last reply counted, which makes the
+//!   count idempotent), and `edit_seqs` (the edit events of the message, whose bodies
+//!   a delete clears). Old rows read with an empty kind ("message") and no state.
+//! - `reactions` sit in the partition of their target's bucket, so a history page
+//!   counts the reactions of its messages with one range read per bucket it touches
+//!   (usually one). `reactions_by_user` holds the same rows per (conversation, user)
+//!   for the reader's own reactions (`mine`) over a range of sequences.
+//! - `thread_replies` lists a thread's replies in order: a thread page is one slice
+//!   of one partition, then the replies' rows by `seq IN (...)` per bucket.
+//! - `delivered_markers` is the delivered marker, apart from the read marker so that
+//!   both rise with their own `IF seq < ?`; the delivered marker shown is the higher
+//!   of the two. Receipts read both partitions of a conversation.
+//! - `bans` is the ban list, written with the member rows of the system event that
+//!   changes it (same `USING TIMESTAMP`). Roles live in `members_by_conversation.role`.
+//! - `mutes` are per conversation (read for one member in lists and sync, for all
+//!   members by the push hook); `do_not_disturb` per user (probed with `IN` for the
+//!   members of a conversation).
+//! - `webhooks` of a conversation occupy slots `0..max`: a new one takes a free slot
+//!   with `IF NOT EXISTS`, which enforces the per-conversation limit atomically; every
+//!   write of a webhook row is conditional. `webhooks_by_shard` (16
+//!   partitions by hash of the conversation) lets the
+//!   dispatcher list every webhook without a scan; an index row whose webhook is gone
+//!   is ignored.
+//! - `ALTER TABLE ... ADD` statements are made idempotent by the runner, which adds only
+//!   the columns a table lacks (CQL has no portable `ADD IF NOT EXISTS`).
 
 /// Schema migrations, in order; migration `i` brings the schema to version `i + 1`.
 /// Each is a list of CQL statements (one request each), every one idempotent
