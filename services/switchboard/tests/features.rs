@@ -336,6 +336,8 @@ async fn typing_events_carry_their_expiry_and_fast_repeats_are_rate_limited() {
     setup.set("SWITCHBOARD_GATEWAY__TYPING_EXPIRY_MS", "4321");
     // Long enough that the second typing below always falls inside it.
     setup.set("SWITCHBOARD_GATEWAY__TYPING_INTERVAL_MS", "60000");
+    // A throttled typing is not a protocol violation: three of them do not close.
+    setup.set("SWITCHBOARD_GATEWAY__MAX_VIOLATIONS", "2");
     let _sb = setup.standalone().await;
     let (alice, mut alice_ev) = setup.connect("alice", "d").await;
     let (bob, _b) = setup.connect("bob", "d").await;
@@ -350,7 +352,9 @@ async fn typing_events_carry_their_expiry_and_fast_repeats_are_rate_limited() {
     .await;
     assert_eq!(t.expires_in_ms, 4321);
 
-    assert_eq!(code_of(bob.typing(id, true).await), ErrorCode::RateLimited);
+    for _ in 0..3 {
+        assert_eq!(code_of(bob.typing(id, true).await), ErrorCode::RateLimited);
+    }
     // The connection stays, and stopping is always forwarded.
     bob.typing(id, false).await.unwrap();
     next_matching(&mut alice_ev, "typing stopped", |ev| match ev {
@@ -422,6 +426,16 @@ async fn delivered_and_read_receipts_are_counted_per_message() {
         .unwrap();
     assert_eq!(carol_marker.read_seq, 2);
 
+    let unknown_kind = bob
+        .request(switchboard_proto::v1::client_frame::Request::Read(
+            switchboard_proto::v1::ReadRequest {
+                conversation_id: id.clone(),
+                seq: 1,
+                kind: "seen".into(),
+            },
+        ))
+        .await;
+    assert_eq!(code_of(unknown_kind), ErrorCode::InvalidRequest);
     let (dave, _d) = setup.connect("dave", "d").await;
     assert_eq!(code_of(dave.receipts(id, 0).await), ErrorCode::NotMember);
     assert_eq!(
