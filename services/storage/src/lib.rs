@@ -1,20 +1,26 @@
-//! Switchboard storage service: the only reader and writer of conversations, members,
-//! message history, read markers and dedupe keys, served over the internal gRPC
-//! `Storage` contract (`proto/switchboard/v1/storage.proto`).
+//! Switchboard storage service: the only reader and writer of conversations, members
+//! and their roles, bans, the timeline (messages, edits, deletes, reactions, system
+//! events) with its current state, read and delivered markers, notification
+//! preferences, webhooks and dedupe keys, served over the internal gRPC `Storage`
+//! contract (`proto/switchboard/v1/storage.proto`).
 //!
 //! - [`HistoryStore`]: the backend trait, chosen once at startup by [`build_store`] from
 //!   `storage.backend`: `sqlite` ([`sqlite`], embedded) or `scylla` ([`scylla`], ScyllaDB
 //!   or Cassandra over CQL, for several storage instances). [`migrate`] applies pending
 //!   schema migrations of either.
-//! - [`StorageService`]: validation, membership checks of reads, paging defaults,
-//!   coalescing of identical concurrent history reads, the dedupe purger.
+//! - [`StorageService`]: validation, authorization of timeline events (`Authorize`,
+//!   rules written once in `rules.rs` over facts read from the store), membership
+//!   checks of reads, paging defaults, the reader's own reactions, expiry of mutes and
+//!   do-not-disturb, webhook secrets, coalescing of identical concurrent history
+//!   reads, the dedupe purger.
 //! - [`run`]: the service process (gRPC, health, admin endpoints, metrics). It waits
 //!   for an unreachable backend (retrying with backoff, not ready meanwhile) and refuses
 //!   to start on a schema that is behind when `storage.migrate_on_start` is off.
 //!
 //! It does not assign sequence numbers (the routing partition owner does, and
 //! [`HistoryStore::append`] only checks they are gapless), authenticate users (callers
-//! pass verified ids) or deliver anything.
+//! pass verified ids) or deliver anything (webhook deliveries are routing's; storage
+//! keeps their cursors).
 
 mod coalesce;
 mod error;

@@ -4,8 +4,11 @@
 //! The store trusts its inputs: ids, kinds and limits are validated by the service
 //! ([`crate::rules`]) before they get here. The store owns what must be atomic with
 //! the data (direct-pair uniqueness, role checks of a membership change, dedupe with
-//! gapless append, monotonic read markers); the service owns request validation,
-//! membership checks of reads, paging defaults and time.
+//! gapless append and the effects of each appended event, monotonic markers, the
+//! webhook cap); the service owns request validation, authorization of timeline
+//! events (over facts the store reads: [`HistoryStore::get_conversation`],
+//! [`HistoryStore::message_at`], [`HistoryStore::banned_among`]), membership checks of
+//! reads, paging defaults, `ReactionCount.mine`, expiry of preferences and time.
 
 use std::collections::HashMap;
 
