@@ -15,6 +15,10 @@ pub enum RoutingError {
     NotMember(String),
     #[error("conversation {0} not found")]
     NotFound(String),
+    /// Storage refused to authorize the event (not_found, forbidden, not_member,
+    /// banned or invalid_request), with its reason; nothing was appended.
+    #[error("{message}")]
+    Refused { code: ErrorCode, message: String },
     /// A peer or the event log failed; the request had no effect unless it says so.
     #[error("{0}")]
     Unavailable(String),
@@ -31,6 +35,7 @@ impl RoutingError {
             RoutingError::RateLimited => ErrorCode::RateLimited,
             RoutingError::NotMember(_) => ErrorCode::NotMember,
             RoutingError::NotFound(_) => ErrorCode::NotFound,
+            RoutingError::Refused { code, .. } => *code,
             RoutingError::Unavailable(_) => ErrorCode::Unavailable,
             RoutingError::Draining => ErrorCode::Draining,
         }

@@ -15,6 +15,10 @@
 //! [`eventlog::KafkaLog`]). Both map a conversation to its partition with the same
 //! [`partition_for`], so the mapping never depends on the backend.
 //!
+//! The partition owner of a conversation also dispatches its outgoing webhooks
+//! (see `webhooks`): the events after each webhook's durable cursor, read back from
+//! storage, POSTed in order with an HMAC signature, retried with backoff.
+//!
 //! It does not store history (storage does), know where sessions are (presence
 //! does), or talk to clients (gateways do).
 //!
@@ -48,6 +52,7 @@ mod node;
 mod owner;
 mod service;
 mod waiters;
+mod webhooks;
 
 #[cfg(test)]
 mod tests;
@@ -123,6 +128,11 @@ pub async fn serve(
 
     let owners_stop = CancellationToken::new();
     let owners = tokio::spawn(owner::supervise(node.clone(), owners_stop.clone()));
+    let dispatcher = tokio::spawn(webhooks::run(
+        node.clone(),
+        webhooks::DispatchOptions::from_config(&config.routing),
+        owners_stop.clone(),
+    ));
 
     let (health_reporter, health_service) = switchboard_rpc::health();
     health_reporter
@@ -155,6 +165,8 @@ pub async fn serve(
     let _ = not_ready.await;
     owners_stop.cancel();
     let _ = owners.await;
+    // Batches in flight are abandoned unacknowledged: the next owner sends them again.
+    let _ = dispatcher.await;
     node.fanout.shutdown(FANOUT_DRAIN).await;
     node.log.close().await;
     match admin.await {
@@ -200,5 +212,6 @@ fn build_node(
         interest_supported: std::sync::atomic::AtomicBool::new(true),
         fanout,
         metrics,
+        webhooks: Default::default(),
     }))
 }

@@ -5,10 +5,14 @@
 //! short TTL (2 s by default) a membership change can take up to that long to be
 //! seen here: a removed member may still send and receive live events for up to
 //! the TTL, and a newly added member may miss live events for that long (they get
-//! the messages from history/sync). Conversation-change events published through
-//! routing invalidate the entry at once, which closes the window in the common case,
-//! and a sender or actor missing from the cached list is checked against storage
-//! again before being refused.
+//! the messages from history/sync). Membership changes are "system" timeline events:
+//! the partition owner drops the entry when it persisted one (before the sender's
+//! Send returns and before the event's fan-out reads the members), and the instance
+//! that took the Send drops its own entry too, so the next send through either is
+//! checked against the new membership. Conversation-change events published through
+//! routing also invalidate the entry at once; the TTL only bounds staleness on other
+//! instances. A sender or actor missing from the cached list is checked against
+//! storage again before being refused.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

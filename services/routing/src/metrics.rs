@@ -37,6 +37,17 @@ pub(crate) struct Metrics {
     pub published: IntCounter,
     /// Partitions this instance owns (runs a partition owner for) now.
     pub partitions_owned: IntGauge,
+    /// Webhook batches acknowledged by their receiver (2xx).
+    pub webhook_deliveries: IntCounter,
+    /// Events in acknowledged webhook batches.
+    pub webhook_events: IntCounter,
+    /// Failed webhook delivery attempts (retried), by reason (`status`, `transport`,
+    /// `timeout`, `storage`).
+    pub webhook_failures: IntCounterVec,
+    /// Age of the newest event of a webhook batch when its receiver acknowledged it.
+    pub webhook_lag_seconds: Histogram,
+    /// Webhooks this instance dispatches now (of the partitions it owns).
+    pub webhooks_dispatching: IntGauge,
 }
 
 impl Metrics {
@@ -117,8 +128,41 @@ impl Metrics {
                 "switchboard_routing_partitions_owned",
                 "event log partitions this instance owns now",
             )?,
+            webhook_deliveries: IntCounter::new(
+                "switchboard_routing_webhook_deliveries_total",
+                "webhook batches acknowledged by their receiver",
+            )?,
+            webhook_events: IntCounter::new(
+                "switchboard_routing_webhook_events_delivered_total",
+                "events in acknowledged webhook batches",
+            )?,
+            webhook_failures: IntCounterVec::new(
+                Opts::new(
+                    "switchboard_routing_webhook_failures_total",
+                    "failed webhook delivery attempts (retried), by reason",
+                ),
+                &["reason"],
+            )?,
+            webhook_lag_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "switchboard_routing_webhook_lag_seconds",
+                    "age of the newest event of a webhook batch when it was acknowledged",
+                )
+                .buckets(vec![
+                    0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+                ]),
+            )?,
+            webhooks_dispatching: IntGauge::new(
+                "switchboard_routing_webhooks_dispatching",
+                "webhooks this instance dispatches now",
+            )?,
         };
         registry.register(Box::new(m.partitions_owned.clone()))?;
+        registry.register(Box::new(m.webhook_deliveries.clone()))?;
+        registry.register(Box::new(m.webhook_events.clone()))?;
+        registry.register(Box::new(m.webhook_failures.clone()))?;
+        registry.register(Box::new(m.webhook_lag_seconds.clone()))?;
+        registry.register(Box::new(m.webhooks_dispatching.clone()))?;
         registry.register(Box::new(m.sends_accepted.clone()))?;
         registry.register(Box::new(m.sends_rejected.clone()))?;
         registry.register(Box::new(m.log_append_seconds.clone()))?;

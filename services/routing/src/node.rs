@@ -23,6 +23,7 @@ use crate::fanout::Fanout;
 use crate::members::MemberCache;
 use crate::metrics::Metrics;
 use crate::waiters::Waiters;
+use crate::webhooks::WebhookWake;
 
 /// Attempts of a presence Route call during fan-out.
 const ROUTE_ATTEMPTS: u32 = 3;
@@ -40,6 +41,8 @@ pub(crate) struct Node {
     pub members: MemberCache,
     pub waiters: Arc<Waiters>,
     pub fanout: Fanout,
+    /// Wakes the webhook dispatchers of a conversation when its owner persisted.
+    pub webhooks: WebhookWake,
     pub metrics: Arc<Metrics>,
     pub health: Health,
 }
@@ -95,6 +98,9 @@ impl Node {
 
     /// Fan a stored message out to the gateways of its conversation's online
     /// members, in order, waiting for queue room (backpressure).
+    ///
+    /// A system event also reaches the users it names and its actor, members or not
+    /// (so a kicked, banned or leaving user sees it), routed user by user.
     pub async fn fan_out_message(&self, message: &Message) {
         let members = match self.members.get(&message.conversation_id).await {
             Ok(m) => m,
@@ -104,13 +110,33 @@ impl Node {
                 return;
             }
         };
+        let outsiders: Vec<String> = match &message.system {
+            Some(system) if message.kind == "system" => {
+                let mut users: Vec<String> = system
+                    .user_ids
+                    .iter()
+                    .chain(std::iter::once(&system.actor_id))
+                    .filter(|u| !u.is_empty() && !members.contains(u))
+                    .cloned()
+                    .collect();
+                users.sort();
+                users.dedup();
+                users
+            }
+            _ => Vec::new(),
+        };
         let mut backoff = Duration::from_millis(20);
         let mut routes = None;
         for attempt in 1..=ROUTE_ATTEMPTS {
-            match self
-                .route_conversation(&message.conversation_id, members.as_slice())
-                .await
-            {
+            let routed = if outsiders.is_empty() {
+                self.route_conversation(&message.conversation_id, members.as_slice())
+                    .await
+            } else {
+                let mut users = members.as_slice().to_vec();
+                users.extend(outsiders.iter().cloned());
+                self.route(&users).await
+            };
+            match routed {
                 Ok(r) => {
                     routes = Some(r);
                     break;

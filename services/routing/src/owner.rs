@@ -284,8 +284,14 @@ impl Owner {
         tracing::Span::current().record("conversation_id", message.conversation_id.as_str());
         let stored = self.persist(message).await?;
         tracing::Span::current().record("seq", stored.seq);
+        if stored.kind == "system" {
+            // Storage applied the membership change with the event: the next send's
+            // membership check and this event's fan-out read the new member list.
+            self.node.members.invalidate(&stored.conversation_id);
+        }
         // The sender is waiting for this; its other devices can be a moment later.
         self.node.waiters.complete(&stored);
+        self.node.webhooks.wake(&stored.conversation_id);
         self.node.fan_out_message(&stored).await;
         Ok(())
     }

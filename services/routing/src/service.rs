@@ -1,5 +1,14 @@
-//! The `Routing` gRPC service: Send (validate, rate-limit, authorize, dedupe,
-//! append durably, wait briefly for the sequence) and Publish (ephemeral fan-out).
+//! The `Routing` gRPC service: Send (validate, rate-limit, dedupe, check
+//! membership, have storage authorize events other than plain messages, append
+//! durably, wait briefly for the sequence) and Publish (ephemeral fan-out).
+//!
+//! Send takes every timeline kind (message, edit, delete, reaction, system): the
+//! shapes are checked here ([`EventKind::validate`]); what depends on the
+//! conversation's state (the target exists, the actor's role allows it, nobody
+//! banned is added) is storage `Authorize`'s answer, refused with its code before
+//! anything reaches the log. A retry with the same (sender, client_msg_id) returns
+//! the original event for every kind, even one that would now be refused (a
+//! repeated delete, or a leave from someone no longer a member).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -8,9 +17,10 @@ use prost::Message as _;
 use switchboard_proto::v1::routing_server::Routing;
 use switchboard_proto::v1::server_frame::Event;
 use switchboard_proto::v1::{
-    Delivery, LookupDedupeRequest, Message, PublishRequest, PublishResponse, RouteSendRequest,
-    SendResult,
+    AuthorizeRequest, Delivery, LookupDedupeRequest, Message, PublishRequest, PublishResponse,
+    RouteSendRequest, SendResult,
 };
+use switchboard_proto::ErrorCode;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -35,6 +45,115 @@ const DEFAULT_CONTENT_TYPE: &str = "text/plain";
 /// Longest `traceparent` carried into the log (version 00 has 55 bytes; later
 /// versions may append fields).
 const TRACEPARENT_MAX_BYTES: usize = 128;
+/// Longest reaction emoji, in bytes.
+const MAX_EMOJI_BYTES: usize = 32;
+/// Most users one message mentions.
+const MAX_MENTIONS: usize = 50;
+/// Most users one system event names (storage applies the member limit).
+const MAX_SYSTEM_USERS: usize = 10_000;
+
+/// The kinds of timeline events a Send appends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EventKind {
+    Message,
+    Edit,
+    Delete,
+    Reaction,
+    System,
+}
+
+impl EventKind {
+    /// The kind of a send, after the cheap shape checks that need no storage read
+    /// (references, emoji, the system event's actor). Storage `Authorize` checks the
+    /// rest against the conversation's state.
+    pub(crate) fn validate(req: &RouteSendRequest) -> Result<EventKind, RoutingError> {
+        let invalid = |why: &str| Err(RoutingError::InvalidRequest(why.to_owned()));
+        let kind = match req.kind.as_str() {
+            "" | "message" => EventKind::Message,
+            "edit" => EventKind::Edit,
+            "delete" => EventKind::Delete,
+            "reaction" => EventKind::Reaction,
+            "system" => EventKind::System,
+            _ => return invalid("kind must be one of message, edit, delete, reaction, system"),
+        };
+        let targets = matches!(
+            kind,
+            EventKind::Edit | EventKind::Delete | EventKind::Reaction
+        );
+        if targets && req.target_seq == 0 {
+            return invalid("target_seq is required for edit, delete and reaction");
+        }
+        if !targets && req.target_seq != 0 {
+            return invalid("target_seq is only for edit, delete and reaction");
+        }
+        if kind != EventKind::Message
+            && (req.reply_to_seq != 0 || req.thread_root_seq != 0 || !req.mentions.is_empty())
+        {
+            return invalid("reply_to_seq, thread_root_seq and mentions are only for messages");
+        }
+        if req.mentions.len() > MAX_MENTIONS {
+            return invalid("at most 50 mentions");
+        }
+        if req
+            .mentions
+            .iter()
+            .any(|m| m.is_empty() || m.len() > MAX_ID_BYTES)
+        {
+            return invalid("a mention is empty or longer than 128 bytes");
+        }
+        if kind == EventKind::Reaction {
+            if req.emoji.is_empty() || req.emoji.len() > MAX_EMOJI_BYTES {
+                return invalid("emoji must be 1 to 32 bytes");
+            }
+            if req.emoji.chars().any(char::is_control) {
+                return invalid("emoji must not contain control characters");
+            }
+        } else if !req.emoji.is_empty() || req.remove {
+            return invalid("emoji and remove are only for reactions");
+        }
+        if matches!(
+            kind,
+            EventKind::Delete | EventKind::Reaction | EventKind::System
+        ) && !req.body.is_empty()
+        {
+            return invalid("body must be empty for delete, reaction and system events");
+        }
+        match (&req.system, kind) {
+            (Some(system), EventKind::System) => {
+                if system.actor_id != req.sender_id {
+                    return invalid("system.actor_id must be the sender");
+                }
+                if system.action.is_empty() {
+                    return invalid("system.action is required");
+                }
+                if system.user_ids.len() > MAX_SYSTEM_USERS {
+                    return invalid("system.user_ids names too many users");
+                }
+            }
+            (None, EventKind::System) => return invalid("system is required for kind system"),
+            (Some(_), _) => return invalid("system is only for kind system"),
+            (None, _) => {}
+        }
+        Ok(kind)
+    }
+
+    /// Whether storage must authorize the event before it is appended: everything
+    /// but a plain message without references.
+    pub(crate) fn needs_authorization(self, req: &RouteSendRequest) -> bool {
+        self != EventKind::Message
+            || req.reply_to_seq != 0
+            || req.thread_root_seq != 0
+            || !req.mentions.is_empty()
+    }
+}
+
+/// `ids` without repeats, in first-seen order.
+fn distinct(ids: Vec<String>) -> Vec<String> {
+    let mut seen = std::collections::HashSet::with_capacity(ids.len());
+    ids.into_iter()
+        .filter(|id| seen.insert(id.clone()))
+        .collect()
+}
 
 /// The gRPC service. Cloning is not needed: tonic wraps it in an `Arc`.
 pub struct RoutingService {
@@ -82,6 +201,7 @@ impl RoutingService {
                 "content_type is longer than {MAX_ID_BYTES} bytes"
             )));
         }
+        let kind = EventKind::validate(&req)?;
         if !self.limiter.try_acquire(&req.sender_id, Instant::now()) {
             return Err(RoutingError::RateLimited);
         }
@@ -90,16 +210,10 @@ impl RoutingService {
             .try_acquire()
             .map_err(|_| RoutingError::Unavailable("routing is overloaded; retry".into()))?;
 
-        let members = self
-            .node
-            .members
-            .get_checking(&req.conversation_id, &req.sender_id)
-            .await?;
-        if !members.contains(&req.sender_id) {
-            return Err(RoutingError::NotMember(req.conversation_id));
-        }
-
-        // Fast path for retries of a message that is already stored.
+        // Fast path for retries of an event that is already stored. It comes before
+        // the membership and authorization checks: a retried delete, kick or leave
+        // would fail them now that the first attempt took effect, and must return the
+        // original instead (only the sender's own events are found this way).
         let known = self
             .node
             .storage
@@ -117,6 +231,22 @@ impl RoutingService {
             return Ok(result_of(&stored, true));
         }
 
+        let members = self
+            .node
+            .members
+            .get_checking(&req.conversation_id, &req.sender_id)
+            .await?;
+        if !members.contains(&req.sender_id) {
+            return Err(RoutingError::NotMember(req.conversation_id));
+        }
+
+        let needs_authorization = kind.needs_authorization(&req);
+        let content_type = match kind {
+            EventKind::Message | EventKind::Edit if req.content_type.is_empty() => {
+                DEFAULT_CONTENT_TYPE.to_owned()
+            }
+            _ => req.content_type,
+        };
         let message = Message {
             conversation_id: req.conversation_id,
             seq: 0,
@@ -125,14 +255,22 @@ impl RoutingService {
             sender_device: req.sender_device,
             client_msg_id: req.client_msg_id,
             body: req.body,
-            content_type: if req.content_type.is_empty() {
-                DEFAULT_CONTENT_TYPE.to_owned()
-            } else {
-                req.content_type
-            },
+            content_type,
             sent_at_ms: now_ms(),
+            kind: req.kind,
+            target_seq: req.target_seq,
+            reply_to_seq: req.reply_to_seq,
+            thread_root_seq: req.thread_root_seq,
+            mentions: distinct(req.mentions),
+            emoji: req.emoji,
+            remove: req.remove,
+            system: req.system,
+            from_bot: req.from_bot,
             ..Default::default()
         };
+        if needs_authorization {
+            self.authorize(&message).await?;
+        }
         let partition = partition_for(&message.conversation_id, self.node.log.partitions());
         // Register before appending so the owner cannot complete before we listen.
         let mut waiter = self
@@ -167,7 +305,14 @@ impl RoutingService {
 
         // Durable from here on: whatever happens next, the answer is "accepted".
         let wait = Duration::from_millis(limits.sequence_wait_ms);
-        match tokio::time::timeout(wait, &mut waiter.rx).await {
+        let waited = tokio::time::timeout(wait, &mut waiter.rx).await;
+        if kind == EventKind::System {
+            // The partition owner (maybe another instance) dropped its cached members
+            // when it persisted the change; drop ours too, so the next send through
+            // this instance is checked against the new membership.
+            self.node.members.invalidate(&message.conversation_id);
+        }
+        match waited {
             Ok(Ok(stored)) => {
                 let duplicate = stored.message_id != message.message_id;
                 tracing::Span::current().record("seq", stored.seq);
@@ -176,6 +321,32 @@ impl RoutingService {
             _ => {
                 self.node.metrics.sequence_wait_timeouts.inc();
                 Ok(result_of(&message, false))
+            }
+        }
+    }
+
+    /// Ask storage whether `message` may be appended now; its refusal is the
+    /// client's error (not_found, forbidden, not_member, banned, invalid_request).
+    async fn authorize(&self, message: &Message) -> Result<(), RoutingError> {
+        let mut request = Request::new(AuthorizeRequest {
+            message: Some(message.clone()),
+        });
+        switchboard_telemetry::inject(&mut request);
+        match self.node.storage.clone().authorize(request).await {
+            Ok(_) => Ok(()),
+            Err(st) => {
+                let code = switchboard_proto::status_error_code(&st);
+                match code {
+                    ErrorCode::NotFound
+                    | ErrorCode::Forbidden
+                    | ErrorCode::NotMember
+                    | ErrorCode::Banned
+                    | ErrorCode::InvalidRequest => Err(RoutingError::Refused {
+                        code,
+                        message: st.message().to_owned(),
+                    }),
+                    _ => Err(RoutingError::peer("storage Authorize", &st)),
+                }
             }
         }
     }

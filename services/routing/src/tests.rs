@@ -1,7 +1,7 @@
 //! Service-level tests: the routing service over real gRPC against fake storage,
 //! presence and gateway servers on 127.0.0.1:0.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,6 +32,17 @@ struct StorageState {
     dedupe: HashMap<(String, String), Message>,
     /// Fail this many Append calls with `unavailable` before succeeding.
     fail_appends: usize,
+    /// Every event Authorize was asked about.
+    authorized: Vec<Message>,
+    /// Authorize refuses the event with this client_msg_id with this code.
+    refuse: HashMap<String, ErrorCode>,
+    /// (conversation, seq) of deleted messages (Append applies deletes).
+    deleted: HashSet<(String, u64)>,
+    /// (conversation, user) bans (Append applies members_banned).
+    banned: HashSet<(String, String)>,
+    webhooks: Vec<Webhook>,
+    /// The user_id of every History call.
+    history_users: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -39,6 +50,8 @@ struct FakeStorage {
     state: Arc<Mutex<StorageState>>,
     /// Number of Append calls answered successfully (new or duplicate).
     appends: Arc<watch::Sender<usize>>,
+    /// Changes on every successful AdvanceWebhook.
+    advanced: Arc<watch::Sender<()>>,
 }
 
 impl FakeStorage {
@@ -46,7 +59,62 @@ impl FakeStorage {
         FakeStorage {
             state: Default::default(),
             appends: Arc::new(watch::Sender::new(0)),
+            advanced: Arc::new(watch::Sender::new(())),
         }
+    }
+
+    fn members(&self, conversation_id: &str) -> Vec<String> {
+        self.state.lock().unwrap().members[conversation_id].clone()
+    }
+
+    fn refuse(&self, client_msg_id: &str, code: ErrorCode) {
+        self.state
+            .lock()
+            .unwrap()
+            .refuse
+            .insert(client_msg_id.into(), code);
+    }
+
+    fn authorized(&self) -> Vec<Message> {
+        self.state.lock().unwrap().authorized.clone()
+    }
+
+    fn put_webhook(&self, webhook: Webhook) {
+        self.state.lock().unwrap().webhooks.push(webhook);
+    }
+
+    fn remove_webhook(&self, webhook_id: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .webhooks
+            .retain(|w| w.webhook_id != webhook_id);
+    }
+
+    fn delivered_seq(&self, webhook_id: &str) -> u64 {
+        self.state
+            .lock()
+            .unwrap()
+            .webhooks
+            .iter()
+            .find(|w| w.webhook_id == webhook_id)
+            .map_or(0, |w| w.delivered_seq)
+    }
+
+    /// Wait until the webhook's stored cursor reaches `seq`.
+    async fn wait_delivered(&self, webhook_id: &str, seq: u64) {
+        let mut rx = self.advanced.subscribe();
+        tokio::time::timeout(WAIT, async {
+            loop {
+                rx.borrow_and_update();
+                if self.delivered_seq(webhook_id) >= seq {
+                    return;
+                }
+                rx.changed().await.expect("sender alive");
+            }
+        })
+        .await
+        .expect("webhook cursor advanced in time");
     }
 
     fn add_conversation(&self, id: &str, members: &[&str]) {
@@ -84,9 +152,50 @@ impl FakeStorage {
 impl Storage for FakeStorage {
     async fn authorize(
         &self,
-        _request: tonic::Request<switchboard_proto::v1::AuthorizeRequest>,
+        request: tonic::Request<switchboard_proto::v1::AuthorizeRequest>,
     ) -> Result<tonic::Response<switchboard_proto::v1::AuthorizeResponse>, tonic::Status> {
-        Err(tonic::Status::unimplemented("authorize"))
+        let message = request
+            .into_inner()
+            .message
+            .expect("authorize carries the event");
+        assert_eq!(message.seq, 0, "authorized before it is sequenced");
+        let mut state = self.state.lock().unwrap();
+        state.authorized.push(message.clone());
+        if let Some(code) = state.refuse.get(&message.client_msg_id) {
+            return Err(switchboard_proto::status(*code, "refused by the test"));
+        }
+        let last = state
+            .messages
+            .get(&message.conversation_id)
+            .and_then(|m| m.last())
+            .map_or(0, |m| m.seq);
+        let references = [
+            message.target_seq,
+            message.reply_to_seq,
+            message.thread_root_seq,
+        ];
+        if references.iter().any(|&seq| seq > last)
+            || state
+                .deleted
+                .contains(&(message.conversation_id.clone(), message.target_seq))
+        {
+            return Err(switchboard_proto::status(
+                ErrorCode::NotFound,
+                "no such message",
+            ));
+        }
+        if let Some(system) = &message.system {
+            if system.action == "members_added"
+                && system.user_ids.iter().any(|u| {
+                    state
+                        .banned
+                        .contains(&(message.conversation_id.clone(), u.clone()))
+                })
+            {
+                return Err(switchboard_proto::status(ErrorCode::Banned, "banned"));
+            }
+        }
+        Ok(tonic::Response::new(AuthorizeResponse {}))
     }
     async fn thread(
         &self,
@@ -128,9 +237,16 @@ impl Storage for FakeStorage {
     }
     async fn list_webhooks(
         &self,
-        _request: tonic::Request<switchboard_proto::v1::ListWebhooksRequest>,
+        request: tonic::Request<switchboard_proto::v1::ListWebhooksRequest>,
     ) -> Result<tonic::Response<switchboard_proto::v1::ListWebhooksResponse>, tonic::Status> {
-        Err(tonic::Status::unimplemented("list_webhooks"))
+        let req = request.into_inner();
+        assert!(
+            req.conversation_id.is_empty() && req.actor_id.is_empty(),
+            "the dispatcher lists every webhook"
+        );
+        Ok(tonic::Response::new(ListWebhooksResponse {
+            webhooks: self.state.lock().unwrap().webhooks.clone(),
+        }))
     }
     async fn delete_webhook(
         &self,
@@ -140,9 +256,25 @@ impl Storage for FakeStorage {
     }
     async fn advance_webhook(
         &self,
-        _request: tonic::Request<switchboard_proto::v1::AdvanceWebhookRequest>,
+        request: tonic::Request<switchboard_proto::v1::AdvanceWebhookRequest>,
     ) -> Result<tonic::Response<switchboard_proto::v1::Webhook>, tonic::Status> {
-        Err(tonic::Status::unimplemented("advance_webhook"))
+        let req = request.into_inner();
+        let mut state = self.state.lock().unwrap();
+        let Some(webhook) = state
+            .webhooks
+            .iter_mut()
+            .find(|w| w.webhook_id == req.webhook_id && w.conversation_id == req.conversation_id)
+        else {
+            return Err(switchboard_proto::status(
+                ErrorCode::NotFound,
+                "no such webhook",
+            ));
+        };
+        webhook.delivered_seq = webhook.delivered_seq.max(req.delivered_seq);
+        let webhook = webhook.clone();
+        drop(state);
+        self.advanced.send_modify(|_| {});
+        Ok(tonic::Response::new(webhook))
     }
     async fn create_conversation(
         &self,
@@ -234,6 +366,7 @@ impl Storage for FakeStorage {
                 }
                 list.push(message.clone());
                 state.dedupe.insert(key, message.clone());
+                apply_effects(&mut state, &message);
                 AppendResponse {
                     message: Some(message),
                     duplicate: false,
@@ -260,9 +393,33 @@ impl Storage for FakeStorage {
 
     async fn history(
         &self,
-        _: Request<StorageHistoryRequest>,
+        request: Request<StorageHistoryRequest>,
     ) -> Result<Response<HistoryResult>, Status> {
-        Err(Status::unimplemented("fake"))
+        let req = request.into_inner();
+        let page = req.request.expect("history carries a request");
+        assert_eq!(page.direction, "forward", "the dispatcher reads forward");
+        let mut state = self.state.lock().unwrap();
+        state.history_users.push(req.user_id);
+        let limit = if page.limit == 0 {
+            50
+        } else {
+            page.limit as usize
+        };
+        let after: Vec<Message> = state
+            .messages
+            .get(&page.conversation_id)
+            .map(|list| {
+                list.iter()
+                    .filter(|m| m.seq > page.from_seq)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Response::new(HistoryResult {
+            conversation_id: page.conversation_id,
+            has_more: after.len() > limit,
+            messages: after.into_iter().take(limit).collect(),
+        }))
     }
 
     async fn sync(&self, _: Request<StorageSyncRequest>) -> Result<Response<SyncResult>, Status> {
@@ -274,6 +431,39 @@ impl Storage for FakeStorage {
         _: Request<SetReadMarkerRequest>,
     ) -> Result<Response<ReadMarker>, Status> {
         Err(Status::unimplemented("fake"))
+    }
+}
+
+/// What storage's Append does besides storing, as far as these tests need it.
+fn apply_effects(state: &mut StorageState, message: &Message) {
+    let conversation = message.conversation_id.clone();
+    match message.kind.as_str() {
+        "delete" => {
+            state.deleted.insert((conversation, message.target_seq));
+        }
+        "system" => {
+            let system = message.system.clone().unwrap_or_default();
+            let members = state.members.entry(conversation.clone()).or_default();
+            match system.action.as_str() {
+                "members_added" => {
+                    for u in system.user_ids {
+                        if !members.contains(&u) {
+                            members.push(u);
+                        }
+                    }
+                }
+                "members_removed" | "member_left" | "members_banned" => {
+                    members.retain(|m| !system.user_ids.contains(m));
+                    if system.action == "members_banned" {
+                        for u in system.user_ids {
+                            state.banned.insert((conversation.clone(), u));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        _ => {}
     }
 }
 
@@ -1020,3 +1210,9 @@ async fn a_failing_log_makes_send_unavailable() {
 
 /// The service with the Kafka log: two instances in one consumer group.
 mod kafka;
+
+/// Timeline event kinds through Send: shapes, authorization, dedupe, system events.
+mod timeline;
+
+/// Outgoing webhooks against a local HTTP receiver.
+mod webhooks;
