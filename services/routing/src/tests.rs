@@ -1216,3 +1216,6 @@ mod timeline;
 
 /// Outgoing webhooks against a local HTTP receiver.
 mod webhooks;
+
+/// Send, authorization and webhooks against the real storage service (SQLite).
+mod end_to_end;

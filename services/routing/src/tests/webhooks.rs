@@ -25,6 +25,8 @@ struct Received {
 
 #[derive(Default)]
 struct ReceiverState {
+    /// The webhook's secret the signatures are checked with.
+    secret: String,
     /// Answer this many requests with 503 before accepting.
     fail_next: usize,
     requests: Vec<Received>,
@@ -33,8 +35,8 @@ struct ReceiverState {
 }
 
 #[derive(Clone)]
-struct Receiver {
-    url: String,
+pub(super) struct Receiver {
+    pub(super) url: String,
     state: Arc<Mutex<ReceiverState>>,
     /// Number of requests answered.
     count: Arc<watch::Sender<usize>>,
@@ -42,12 +44,17 @@ struct Receiver {
 
 impl Receiver {
     async fn start(fail_next: usize) -> Receiver {
+        Receiver::start_with(fail_next, SECRET).await
+    }
+
+    pub(super) async fn start_with(fail_next: usize, secret: &str) -> Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/hook", listener.local_addr().unwrap());
         let receiver = Receiver {
             url,
             state: Arc::new(Mutex::new(ReceiverState {
                 fail_next,
+                secret: secret.into(),
                 ..Default::default()
             })),
             count: Arc::new(watch::Sender::new(0)),
@@ -103,7 +110,8 @@ impl Receiver {
         }
         // Verified independently of the sender's code: ring's HMAC over
         // "<timestamp>.<body>" with the secret's UTF-8 bytes.
-        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET.as_bytes());
+        let secret = self.state.lock().unwrap().secret.clone();
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
         let mut signed = format!("{timestamp}.").into_bytes();
         signed.extend_from_slice(&body);
         let tag = signature
@@ -153,16 +161,37 @@ impl Receiver {
             .unwrap()
     }
 
+    /// Check the signatures of later requests with `secret`.
+    pub(super) fn set_secret(&self, secret: &str) {
+        self.state.lock().unwrap().secret = secret.into();
+    }
+
+    /// Wait until `seq` was acknowledged.
+    pub(super) async fn wait_acknowledged(&self, seq: u64) {
+        let mut rx = self.count.subscribe();
+        tokio::time::timeout(WAIT, async {
+            loop {
+                rx.borrow_and_update();
+                if self.acknowledged().contains(&seq) {
+                    return;
+                }
+                rx.changed().await.expect("receiver alive");
+            }
+        })
+        .await
+        .expect("acknowledged in time");
+    }
+
     fn requests(&self) -> Vec<Received> {
         self.state.lock().unwrap().requests.clone()
     }
 
-    fn malformed(&self) -> Vec<String> {
+    pub(super) fn malformed(&self) -> Vec<String> {
         self.state.lock().unwrap().malformed.clone()
     }
 
     /// Every sequence acknowledged with a 2xx, in the order received.
-    fn acknowledged(&self) -> Vec<u64> {
+    pub(super) fn acknowledged(&self) -> Vec<u64> {
         self.requests()
             .iter()
             .filter(|r| r.status == 200)
