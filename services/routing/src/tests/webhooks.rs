@@ -11,7 +11,7 @@ use hyper_util::rt::TokioIo;
 use super::*;
 use crate::webhooks::{DispatchOptions, HEADER_SIGNATURE, HEADER_TIMESTAMP, HEADER_WEBHOOK_ID};
 
-const SECRET: &str = "8d7f0c4b1e2a3f5e6d7c8b9a0f1e2d3c4b5a69788796a5b4c3d2e1f0a9b8c7d6";
+pub(super) const SECRET: &str = "8d7f0c4b1e2a3f5e6d7c8b9a0f1e2d3c4b5a69788796a5b4c3d2e1f0a9b8c7d6";
 
 /// One request the receiver got.
 #[derive(Debug, Clone)]
@@ -161,6 +161,15 @@ impl Receiver {
             .unwrap()
     }
 
+    /// The sequences acknowledged for one webhook, in the order received.
+    pub(super) fn acknowledged_by(&self, webhook_id: &str) -> Vec<u64> {
+        self.requests()
+            .iter()
+            .filter(|r| r.status == 200 && r.webhook_id == webhook_id)
+            .flat_map(|r| r.seqs.clone())
+            .collect()
+    }
+
     /// Check the signatures of later requests with `secret`.
     pub(super) fn set_secret(&self, secret: &str) {
         self.state.lock().unwrap().secret = secret.into();
@@ -210,7 +219,7 @@ fn decode_hex(hex: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-fn webhook(id: &str, conversation: &str, url: &str, delivered_seq: u64) -> Webhook {
+pub(super) fn webhook(id: &str, conversation: &str, url: &str, delivered_seq: u64) -> Webhook {
     Webhook {
         webhook_id: id.into(),
         conversation_id: conversation.into(),
