@@ -381,3 +381,62 @@ async fn a_version_1_keyspace_is_upgraded_in_place() {
         schema::latest_version()
     );
 }
+
+#[tokio::test]
+async fn the_webhook_limit_holds_under_concurrent_additions() {
+    let factory = ScyllaFactory::new();
+    let store = factory.store().await;
+    let g = store
+        .create_conversation(group("w", "olga", &["olga", "bob"]))
+        .await
+        .unwrap()
+        .conversation_id;
+    let other = store
+        .create_conversation(group("v", "olga", &["olga"]))
+        .await
+        .unwrap()
+        .conversation_id;
+    let hook = |conversation_id: &str, n: usize| NewWebhook {
+        webhook_id: format!("hook-{conversation_id}-{n:02}"),
+        conversation_id: conversation_id.to_owned(),
+        url: format!("https://example.com/{n}"),
+        secret: "00".repeat(32),
+        created_by: "olga".into(),
+        created_at_ms: NOW,
+        max_per_conversation: 3,
+    };
+    let puts = (0..6).map(|n| store.put_webhook(hook(&g, n)));
+    let results = futures::future::join_all(puts).await;
+    let stored = results.iter().filter(|r| r.is_ok()).count();
+    let refused = results
+        .iter()
+        .filter(|r| matches!(r, Err(StorageError::InvalidRequest(_))))
+        .count();
+    assert_eq!((stored, refused), (3, 3), "{results:?}");
+    store.put_webhook(hook(&other, 0)).await.unwrap();
+
+    // The dispatcher's list has every webhook, refused ones not among them.
+    let all = store.list_webhooks(None).await.unwrap();
+    let mut want: Vec<String> = results
+        .into_iter()
+        .filter_map(|r| r.ok().map(|w| w.webhook_id))
+        .collect();
+    want.push(hook(&other, 0).webhook_id);
+    want.sort();
+    let mut listed: Vec<String> = all.iter().map(|w| w.webhook_id.clone()).collect();
+    listed.sort();
+    assert_eq!(listed, want);
+    // A freed slot is taken again.
+    let first = all
+        .iter()
+        .find(|w| w.conversation_id == g)
+        .map(|w| w.webhook_id.clone())
+        .unwrap();
+    store.delete_webhook(&g, &first).await.unwrap();
+    assert!(matches!(
+        store.delete_webhook(&g, &first).await,
+        Err(StorageError::NotFound(_))
+    ));
+    store.put_webhook(hook(&g, 9)).await.unwrap();
+    assert_eq!(store.list_webhooks(Some(&g)).await.unwrap().len(), 3);
+}

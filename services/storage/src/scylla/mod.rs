@@ -751,8 +751,9 @@ impl ConvRow {
 struct MessageRow {
     conversation_id: String,
     seq: i64,
-    message_id: String,
-    sender_id: String,
+    // Optional like every non-key column: a row is read whatever wrote it.
+    message_id: Option<String>,
+    sender_id: Option<String>,
     sender_device: Option<String>,
     client_msg_id: Option<String>,
     body: Option<String>,
@@ -798,8 +799,8 @@ impl MessageRow {
         Ok(Message {
             conversation_id: self.conversation_id,
             seq: self.seq.max(0) as u64,
-            message_id: self.message_id,
-            sender_id: self.sender_id,
+            message_id: self.message_id.unwrap_or_default(),
+            sender_id: self.sender_id.unwrap_or_default(),
             sender_device: self.sender_device.unwrap_or_default(),
             client_msg_id: self.client_msg_id.unwrap_or_default(),
             body: self.body.unwrap_or_default(),
