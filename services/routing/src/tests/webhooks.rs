@@ -493,3 +493,31 @@ async fn failed_deliveries_back_off_from_one_second_doubling() {
     dispatcher.await.unwrap();
     node.log.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_urls_are_posted_over_tls() {
+    use tokio::io::AsyncReadExt as _;
+    let p = peers().await;
+    p.storage.add_conversation("c1", &["alice"]);
+    // Not a TLS server: it only reads what the client sends first.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}/hook", listener.local_addr().unwrap());
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut head = [0u8; 3];
+        stream.read_exact(&mut head).await.unwrap();
+        let _ = first_tx.send(head);
+    });
+    p.storage.put_webhook(webhook("w1", "c1", &url, 0));
+    let d = Dispatching::start(&p, fast_options()).await;
+    d.send("alice", "c1", "m1").await;
+    let head = tokio::time::timeout(WAIT, first_rx)
+        .await
+        .expect("connection in time")
+        .unwrap();
+    // A TLS record of type handshake (a ClientHello), not an HTTP request line.
+    assert_eq!(head[0], 0x16, "{head:?}");
+    assert_eq!(head[1], 0x03, "{head:?}");
+    d.stop().await;
+}
