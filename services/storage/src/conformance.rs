@@ -665,6 +665,12 @@ pub(crate) async fn reads_require_membership(factory: &dyn StoreFactory) {
         h.history("bob", id, 0, "", 0).await.unwrap().messages.len(),
         2
     );
+    // Internal callers (empty user) read any conversation that exists.
+    assert_eq!(h.history("", id, 0, "", 0).await.unwrap().messages.len(), 2);
+    assert_eq!(
+        code(h.history("", "no-such", 0, "", 0).await),
+        ErrorCode::NotFound
+    );
 
     let g = h.group("carol", &["alice"], "g").await;
     let list = |user: &'static str| {
@@ -1211,6 +1217,12 @@ pub(crate) async fn reactions_count_per_emoji(factory: &dyn StoreFactory) {
     assert_eq!(
         reactions(&seen_by("olga").await),
         [("❤", 1, false), ("👍", 2, false)]
+    );
+    let internal = h.history("", &g, 0, "forward", 1).await.unwrap();
+    assert_eq!(
+        reactions(&internal.messages[0]),
+        [("❤", 1, false), ("👍", 2, false)],
+        "internal reads have counts, no `mine`"
     );
     h.send(react(&g, "bob", m1, "👍", true)).await.unwrap();
     h.send(react(&g, "bob", m1, "❤", true)).await.unwrap();

@@ -266,11 +266,13 @@ impl StorageService {
         Ok(LookupDedupeResponse { message })
     }
 
-    /// A history page for a member. Identical concurrent pages share one backend
-    /// query; the membership check runs for each caller. An unknown conversation
-    /// answers `not_member` (existence is not revealed to non-members).
+    /// A history page for a member, or for an internal caller (empty `user_id`: no
+    /// membership check, no `mine`; the webhook dispatcher reads this way). Identical
+    /// concurrent pages share one backend query; the membership check runs for each
+    /// caller. An unknown conversation answers `not_member` to users (existence is
+    /// not revealed to non-members) and `not_found` to internal callers.
     pub async fn history(&self, req: StorageHistoryRequest) -> Result<HistoryResult> {
-        rules::validate_id("user_id", &req.user_id)?;
+        rules::validate_optional_id("user_id", &req.user_id)?;
         let page = req
             .request
             .ok_or_else(|| StorageError::InvalidRequest("request is required".into()))?;
@@ -290,7 +292,10 @@ impl StorageService {
             direction,
             limit: rules::history_limit(page.limit, self.settings.max_page),
         };
-        if !self
+        if req.user_id.is_empty() {
+            // Internal: the conversation must exist (an empty page would hide a typo).
+            self.store.last_seq(&query.conversation_id).await?;
+        } else if !self
             .store
             .is_member(&query.conversation_id, &req.user_id)
             .await?
@@ -311,8 +316,10 @@ impl StorageService {
             self.metrics.coalesced_reads.inc();
         }
         let mut page = page.map(|p| HistoryResult::clone(&p))?;
-        self.mark_mine(&page.conversation_id, &req.user_id, &mut page.messages)
-            .await?;
+        if !req.user_id.is_empty() {
+            self.mark_mine(&page.conversation_id, &req.user_id, &mut page.messages)
+                .await?;
+        }
         Ok(page)
     }
 
