@@ -15,6 +15,12 @@
 //! [`eventlog::KafkaLog`]). Both map a conversation to its partition with the same
 //! [`partition_for`], so the mapping never depends on the backend.
 //!
+//! Every timeline event kind (message, edit, delete, reaction, system) is a Send:
+//! shapes are checked here, storage `Authorize` decides the rest before anything is
+//! appended, and the event is sequenced, stored and fanned out like a message. A
+//! system event also reaches the users it names and its actor, and drops the cached
+//! member list of its conversation as soon as it is persisted.
+//!
 //! The partition owner of a conversation also dispatches its outgoing webhooks
 //! (see `webhooks`): the events after each webhook's durable cursor, read back from
 //! storage, POSTed in order with an HMAC signature, retried with backoff.
