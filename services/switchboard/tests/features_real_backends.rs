@@ -1,13 +1,16 @@
-//! Edits, deletes, reactions and receipts end to end with the four services as
-//! separate processes on the real servers: Redis (presence), Kafka (routing) and the
-//! CQL server (storage), as started by `deploy/local/up.sh`. The effects of timeline
-//! events are applied by the CQL store's roll-forward; history must show them.
+//! Edits, deletes, reactions, receipts and webhooks end to end with the four
+//! services as separate processes on the real servers: Redis (presence), Kafka
+//! (routing) and the CQL server (storage), as started by `deploy/local/up.sh`. The
+//! effects of timeline events are applied by the CQL store's roll-forward; history
+//! must show them, and a webhook must receive every event in order.
 
 mod common;
+mod http_support;
 
 use std::time::{Duration, Instant};
 
 use common::*;
+use http_support::*;
 use switchboard_client::{Client, Direction, MarkerKind};
 use switchboard_proto::{ErrorCode, Message};
 
@@ -96,6 +99,11 @@ async fn edits_deletes_reactions_and_receipts_on_redis_kafka_and_cql() {
     let (carol, _c) = s.setup.connect("carol", "phone").await;
     let group = alice.create_group("real", ["bob", "carol"]).await.unwrap();
     let id = &group.conversation_id;
+    // The receiver fails its first request: the dispatcher retries in order.
+    let (url, mut deliveries) = webhook_receiver(1).await;
+    let (status, body) =
+        put_webhook(s.setup.gateway.listen, &s.setup.token("alice"), id, &url).await;
+    let webhook = parse_webhook(status, &body);
 
     let first = alice.send(id, "frist").await.unwrap().seq;
     let second = alice.send(id, "to be deleted").await.unwrap().seq;
@@ -152,6 +160,14 @@ async fn edits_deletes_reactions_and_receipts_on_redis_kafka_and_cql() {
         ]
     );
 
+    let (events, _) = receive_until(&mut deliveries, &webhook, last, Duration::from_secs(90)).await;
+    assert_eq!(
+        events.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (1..=last).collect::<Vec<_>>(),
+        "the webhook got every event once acknowledged, in order"
+    );
+    assert_eq!(events[3].kind, "edit");
+
     // Receipts: carol read up to the third message, bob's device got everything.
     carol.read(id, third).await.unwrap();
     bob.mark(id, last, MarkerKind::Delivered).await.unwrap();
@@ -183,4 +199,15 @@ async fn edits_deletes_reactions_and_receipts_on_redis_kafka_and_cql() {
         .expect("listed");
     // alice's first message; the deleted one does not count, bob's own neither.
     assert_eq!((listed.unread_count, listed.delivered_seq), (1, last));
+
+    let path = format!("/v1/conversations/{id}/webhooks/{}", webhook.webhook_id);
+    let (status, body) = http(
+        s.setup.gateway.listen,
+        "DELETE",
+        &path,
+        &s.setup.token("alice"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204, "{body}");
 }
