@@ -326,7 +326,6 @@ async fn run_worker(shared: Arc<Shared>, webhook: Webhook, stop: CancellationTok
         shared: &shared,
         cursor: webhook.delivered_seq,
         unrecorded: None,
-        internal_reads: true,
         webhook,
     };
     let options = &shared.options;
@@ -387,9 +386,6 @@ struct Worker<'a> {
     cursor: u64,
     /// Acknowledged by the receiver, not yet recorded with AdvanceWebhook.
     unrecorded: Option<u64>,
-    /// Whether History is read as an internal caller (empty user id); once storage
-    /// refused that, it is read as a member (see `reader`).
-    internal_reads: bool,
 }
 
 impl Worker<'_> {
@@ -425,79 +421,36 @@ impl Worker<'_> {
         Ok(true)
     }
 
-    /// The next events after the cursor, in sequence order, at most [`BATCH`].
-    async fn read_after_cursor(&mut self) -> Result<Vec<Message>, Failure> {
-        loop {
-            let reader = self.reader().await?;
-            let reply = self
-                .shared
-                .node
-                .storage
-                .clone()
-                .history(StorageHistoryRequest {
-                    user_id: reader,
-                    request: Some(HistoryRequest {
-                        conversation_id: self.webhook.conversation_id.clone(),
-                        from_seq: self.cursor,
-                        direction: "forward".into(),
-                        limit: BATCH,
-                    }),
-                })
-                .await;
-            match reply {
-                Ok(r) => {
-                    let cursor = self.cursor;
-                    let mut events: Vec<Message> = r
-                        .into_inner()
-                        .messages
-                        .into_iter()
-                        .filter(|m| m.seq > cursor)
-                        .collect();
-                    events.sort_by_key(|m| m.seq);
-                    events.truncate(BATCH as usize);
-                    for event in &mut events {
-                        // Relative to whoever read the page; means nothing to a receiver.
-                        for reaction in &mut event.reactions {
-                            reaction.mine = false;
-                        }
-                    }
-                    return Ok(events);
-                }
-                Err(st)
-                    if self.internal_reads
-                        && switchboard_proto::status_error_code(&st)
-                            == ErrorCode::InvalidRequest =>
-                {
-                    tracing::debug!(webhook_id = %self.webhook.webhook_id, "storage refuses internal history reads; reading as a member");
-                    self.internal_reads = false;
-                }
-                Err(st) => return Err(Failure::Storage(format!("history: {}", st.message()))),
-            }
-        }
-    }
-
-    /// Who reads the history: nobody (an internal read) where storage allows it, else
-    /// the webhook's creator while a member, else any current member (History only
-    /// answers members; the webhook receives the whole conversation either way).
-    async fn reader(&self) -> Result<String, Failure> {
-        if self.internal_reads {
-            return Ok(String::new());
-        }
-        let members = self
+    /// The next events after the cursor, in sequence order, at most [`BATCH`], read
+    /// from storage as an internal caller (empty user id: no membership check, and no
+    /// reader-relative `mine` flags on reactions).
+    async fn read_after_cursor(&self) -> Result<Vec<Message>, Failure> {
+        let reply = self
             .shared
             .node
-            .members
-            .get(&self.webhook.conversation_id)
+            .storage
+            .clone()
+            .history(StorageHistoryRequest {
+                user_id: String::new(),
+                request: Some(HistoryRequest {
+                    conversation_id: self.webhook.conversation_id.clone(),
+                    from_seq: self.cursor,
+                    direction: "forward".into(),
+                    limit: BATCH,
+                }),
+            })
             .await
-            .map_err(|e| Failure::Storage(format!("members: {e}")))?;
-        if members.contains(&self.webhook.created_by) {
-            return Ok(self.webhook.created_by.clone());
-        }
-        members
-            .as_slice()
-            .first()
-            .cloned()
-            .ok_or_else(|| Failure::Storage("the conversation has no members".into()))
+            .map_err(|st| Failure::Storage(format!("history: {}", st.message())))?;
+        let cursor = self.cursor;
+        let mut events: Vec<Message> = reply
+            .into_inner()
+            .messages
+            .into_iter()
+            .filter(|m| m.seq > cursor)
+            .collect();
+        events.sort_by_key(|m| m.seq);
+        events.truncate(BATCH as usize);
+        Ok(events)
     }
 
     /// Record that the receiver acknowledged everything up to `seq`.
