@@ -340,6 +340,9 @@ pub struct RoutingConfig {
     pub deliver_queue: usize,
     /// Timeout of one outgoing webhook POST (connect, send and response), in ms.
     pub webhook_timeout_ms: u64,
+    /// Let webhooks go to loopback, private, link-local and other non-public
+    /// addresses (off: only globally routable addresses are connected to).
+    pub webhook_allow_private_networks: bool,
 }
 
 impl Default for RoutingConfig {
@@ -368,6 +371,7 @@ impl Default for RoutingConfig {
             deliver_batch: 256,
             deliver_queue: 4_096,
             webhook_timeout_ms: 10_000,
+            webhook_allow_private_networks: false,
         }
     }
 }

@@ -77,6 +77,7 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ("routing.deliver_batch", "most events in one Deliver call to a gateway"),
     ("routing.deliver_queue", "events queued per gateway before the partition owner waits"),
     ("routing.webhook_timeout_ms", "timeout of one outgoing webhook POST (connect, send, response), ms"),
+    ("routing.webhook_allow_private_networks", "let webhooks reach loopback, private and link-local addresses (off: public addresses only)"),
     ("storage.grpc_listen", "storage gRPC listener"),
     ("storage.admin_listen", "storage admin listener: /healthz, /readyz, /metrics"),
     ("storage.backend", "history store: sqlite or scylla (ScyllaDB or Cassandra over CQL)"),

@@ -48,6 +48,7 @@ use switchboard_telemetry::Readiness;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+mod egress;
 mod error;
 pub mod eventlog;
 mod fanout;

@@ -661,6 +661,8 @@ async fn peers() -> Peers {
     config.routing.send_burst_per_user = 100_000;
     config.routing.sequence_wait_ms = WAIT.as_millis() as u64;
     config.routing.deliver_batch = 8;
+    // Test webhook receivers listen on loopback.
+    config.routing.webhook_allow_private_networks = true;
     Peers {
         storage,
         presence,

@@ -51,6 +51,7 @@ use switchboard_rpc::Backoff;
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::egress::GuardedResolver;
 use crate::eventlog::partition_for;
 use crate::node::Node;
 
@@ -125,6 +126,8 @@ pub(crate) struct DispatchOptions {
     pub discover_every: Duration,
     pub idle_recheck: Duration,
     pub concurrency: usize,
+    /// `routing.webhook_allow_private_networks` (see [`crate::egress`]).
+    pub allow_private_networks: bool,
 }
 
 impl DispatchOptions {
@@ -136,16 +139,18 @@ impl DispatchOptions {
             discover_every: DISCOVER_EVERY,
             idle_recheck: IDLE_RECHECK,
             concurrency: MAX_CONCURRENT_DELIVERIES,
+            allow_private_networks: config.webhook_allow_private_networks,
         }
     }
 }
 
-type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector<GuardedResolver>>, Full<Bytes>>;
 
 /// The HTTP(S) client of the dispatcher: HTTP/1.1, rustls with the ring provider and
-/// the webpki root certificates for https:// URLs.
-fn http_client(timeout: Duration) -> anyhow::Result<HttpClient> {
-    let mut http = HttpConnector::new();
+/// the webpki root certificates for https:// URLs, connecting only where
+/// [`crate::egress`] allows.
+fn http_client(timeout: Duration, allow_private_networks: bool) -> anyhow::Result<HttpClient> {
+    let mut http = HttpConnector::new_with_resolver(GuardedResolver::new(allow_private_networks));
     http.enforce_http(false);
     http.set_connect_timeout(Some(timeout));
     let https = hyper_rustls::HttpsConnectorBuilder::new()
@@ -165,7 +170,7 @@ struct WorkerHandle {
 
 /// Dispatch the webhooks of the partitions this instance owns until `stop`.
 pub(crate) async fn run(node: Arc<Node>, options: DispatchOptions, stop: CancellationToken) {
-    let client = match http_client(options.timeout) {
+    let client = match http_client(options.timeout, options.allow_private_networks) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "webhook client cannot be built; webhooks are not dispatched");
@@ -295,6 +300,9 @@ enum Failure {
     Transport(String),
     #[error("no answer within the timeout")]
     Timeout,
+    /// The URL names an address webhooks may not go to.
+    #[error("destination refused: {0}")]
+    Destination(String),
     /// The webhook no longer exists (AdvanceWebhook said not_found).
     #[error("webhook deleted")]
     Deleted,
@@ -307,6 +315,7 @@ impl Failure {
             Failure::Status(_) => "status",
             Failure::Transport(_) => "transport",
             Failure::Timeout => "timeout",
+            Failure::Destination(_) => "destination",
             Failure::Deleted => "deleted",
         }
     }
@@ -489,6 +498,11 @@ impl Worker<'_> {
             events,
         })
         .map_err(|e| Failure::Transport(format!("encode: {e}")))?;
+        crate::egress::check_literal(
+            &self.webhook.url,
+            self.shared.options.allow_private_networks,
+        )
+        .map_err(Failure::Destination)?;
         let timestamp = now_ms().to_string();
         let signature = sign(&self.webhook.secret, &timestamp, &body);
         let request = http::Request::post(self.webhook.url.as_str())

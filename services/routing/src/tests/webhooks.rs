@@ -285,6 +285,8 @@ fn fast_options() -> DispatchOptions {
         discover_every: Duration::from_secs(3600),
         idle_recheck: Duration::from_secs(3600),
         concurrency: 4,
+        // The receivers listen on loopback.
+        allow_private_networks: true,
     }
 }
 
@@ -430,6 +432,67 @@ async fn an_unreachable_receiver_is_retried_and_a_timeout_counts_as_a_failure() 
     .await
     .expect("timeouts counted and retried");
     assert_eq!(p.storage.delivered_seq("w1"), 0, "nothing acknowledged");
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_destinations_are_refused_unless_allowed() {
+    let p = peers().await;
+    p.storage.add_conversation("c1", &["alice"]);
+    // A listener that records every connection: none may arrive.
+    let receiver = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = receiver.local_addr().unwrap().port();
+    let connections = Arc::new(Mutex::new(0usize));
+    {
+        let connections = connections.clone();
+        tokio::spawn(async move {
+            while receiver.accept().await.is_ok() {
+                *connections.lock().unwrap() += 1;
+            }
+        });
+    }
+    // An IP literal and a name that resolves to loopback.
+    p.storage.put_webhook(webhook(
+        "w1",
+        "c1",
+        &format!("http://127.0.0.1:{port}/hook"),
+        0,
+    ));
+    p.storage.put_webhook(webhook(
+        "w2",
+        "c1",
+        &format!("http://localhost:{port}/hook"),
+        0,
+    ));
+    let d = Dispatching::start(
+        &p,
+        DispatchOptions {
+            allow_private_networks: false,
+            ..fast_options()
+        },
+    )
+    .await;
+    d.send("alice", "c1", "m1").await;
+    let destination = d
+        .node
+        .metrics
+        .webhook_failures
+        .with_label_values(&["destination"]);
+    let transport = d
+        .node
+        .metrics
+        .webhook_failures
+        .with_label_values(&["transport"]);
+    tokio::time::timeout(WAIT, async {
+        while destination.get() < 2 || transport.get() < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the literal refused before connecting, the name by the resolver; both retried");
+    assert_eq!(*connections.lock().unwrap(), 0, "no connection was made");
+    assert_eq!(p.storage.delivered_seq("w1"), 0);
+    assert_eq!(p.storage.delivered_seq("w2"), 0);
     d.stop().await;
 }
 
