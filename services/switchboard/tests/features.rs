@@ -1101,7 +1101,8 @@ async fn ownership_transfers_and_passes_on_when_the_owner_leaves() {
 
 #[tokio::test]
 async fn webhooks_receive_signed_events_in_order() {
-    let setup = Setup::new(true);
+    let mut setup = Setup::new(true);
+    allow_loopback_webhooks(&mut setup);
     let _sb = setup.standalone().await;
     let port = setup.gateway.listen;
     let (alice, _a) = setup.connect("alice", "d").await;
@@ -1179,7 +1180,8 @@ async fn webhooks_receive_signed_events_in_order() {
 
 #[tokio::test]
 async fn a_webhook_receiver_that_fails_at_first_still_gets_everything_in_order() {
-    let setup = Setup::new(true);
+    let mut setup = Setup::new(true);
+    allow_loopback_webhooks(&mut setup);
     let _sb = setup.standalone().await;
     let (alice, _a) = setup.connect("alice", "d").await;
     let conv = alice.create_direct("bob").await.unwrap();

@@ -93,6 +93,7 @@ fn reactions(m: &Message) -> Vec<(String, u32, bool)> {
 async fn edits_deletes_reactions_and_receipts_on_redis_kafka_and_cql() {
     let mut setup = Setup::new(true);
     setup.real_backends();
+    allow_loopback_webhooks(&mut setup);
     let s = start(setup).await;
     let (alice, _a) = s.setup.connect("alice", "phone").await;
     let (bob, _b) = s.setup.connect("bob", "phone").await;

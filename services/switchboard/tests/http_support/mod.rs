@@ -12,6 +12,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
+/// Webhooks go only to public addresses unless allowed: the test receivers listen
+/// on loopback.
+pub fn allow_loopback_webhooks(setup: &mut super::common::Setup) {
+    setup.set(
+        "SWITCHBOARD_ROUTING__WEBHOOK_ALLOW_PRIVATE_NETWORKS",
+        "true",
+    );
+}
+
 pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
