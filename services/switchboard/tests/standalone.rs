@@ -539,10 +539,25 @@ async fn groups_have_owners_members_and_conversation_events() {
         _ => None,
     })
     .await;
+    // The addition is the conversation's first timeline event; carol's message follows.
     let seq = carol.send(&id, "hello team").await.unwrap().seq;
-    assert_eq!(seq, 1);
-    let got = messages(&mut bob_ev, &id, 1).await;
-    assert_eq!(got[0].sender_id, "carol");
+    assert_eq!(seq, 2);
+    let got = messages(&mut bob_ev, &id, 2).await;
+    assert_eq!(got[0].seq, 1);
+    assert_eq!(got[0].kind, "system");
+    let change = got[0]
+        .system
+        .as_ref()
+        .expect("a system event says what changed");
+    assert_eq!(
+        (
+            change.action.as_str(),
+            change.actor_id.as_str(),
+            change.user_ids.as_slice()
+        ),
+        ("members_added", "alice", &["carol".to_owned()][..])
+    );
+    assert_eq!((got[1].seq, got[1].sender_id.as_str()), (2, "carol"));
 
     alice
         .members(&id, MembersAction::Remove, ["carol"])
@@ -688,7 +703,7 @@ async fn migrate_brings_the_embedded_store_to_the_latest_schema() {
             .to_owned()
     };
     let text = last_line(first.stdout);
-    assert!(text.contains("sqlite backend) is at version 1"), "{text}");
+    assert!(text.contains("sqlite backend) is at version 2"), "{text}");
     assert!(setup.data_dir().join("storage.sqlite3").exists());
     // Idempotent.
     let again = run();
