@@ -80,8 +80,9 @@
 //!
 //! Effects are applied in sequence order because the partition owner appends `s + 1`
 //! only after `s` returned (or after `LastSeq`, which rolls `s` forward): the same
-//! single-owner assumption the gapless sequence already rests on. Readers never roll
-//! anything forward (a reader racing the owner could write an older state late).
+//! single-owner assumption the gapless sequence already rests on (two owners at once,
+//! the limit above, could also apply two events' effects out of order). Readers never
+//! roll anything forward (a reader racing the owner could write an older state late).
 //!
 //! **Reads with current state**: history, sync and thread pages read the rows (state
 //! included) and count reactions per bucket (`mine` is filled by the service from
