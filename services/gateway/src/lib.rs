@@ -100,6 +100,7 @@ impl Shared {
                     user_id: session.user_id.to_string(),
                     device_id: session.device_id.to_string(),
                     gateway_addr: self.advertise_url.clone(),
+                    ..Default::default()
                 }),
             })
             .await?;

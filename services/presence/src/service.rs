@@ -162,15 +162,19 @@ fn check_ids(field: &str, values: &[String], max: usize) -> Result<(), PresenceE
     values.iter().try_for_each(|v| check_id(field, v))
 }
 
+/// Parse a session status; `None` when empty.
+fn parse_status(status: &str) -> Result<Option<SessionStatus>, PresenceError> {
+    match status {
+        "" => Ok(None),
+        s => SessionStatus::parse(s)
+            .map(Some)
+            .ok_or_else(|| invalid("status must be `online`, `away`, `busy` or `invisible`")),
+    }
+}
+
 /// Validate a `SetStatus` request into the session id and the change it asks for.
 fn status_change(req: SetStatusRequest) -> Result<(String, StatusChange), PresenceError> {
-    let status = match req.status.as_str() {
-        "" => None,
-        s => Some(
-            SessionStatus::parse(s)
-                .ok_or_else(|| invalid("status must be `online`, `away`, `busy` or `invisible`"))?,
-        ),
-    };
+    let status = parse_status(&req.status)?;
     if req.automatic && !matches!(status, Some(SessionStatus::Away | SessionStatus::Online)) {
         return Err(invalid("an automatic status is `away` or `online`"));
     }
@@ -215,6 +219,10 @@ impl Presence for PresenceService {
         check_id("user_id", &session.user_id)?;
         check_len("device_id", &session.device_id, MAX_ID_BYTES)?;
         check_gateway_url(&session.gateway_addr)?;
+        let status = parse_status(&session.status)?.unwrap_or(SessionStatus::Online);
+        if session.automatic && status != SessionStatus::Away {
+            return Err(invalid("an automatic status at registration is `away`").into());
+        }
         let update = self
             .store
             .register(NewSession {
@@ -222,6 +230,8 @@ impl Presence for PresenceService {
                 user_id: session.user_id,
                 device_id: session.device_id,
                 gateway_url: session.gateway_addr,
+                status,
+                automatic: session.automatic,
             })
             .await?;
         if update.changed {

@@ -13,7 +13,8 @@ use switchboard_proto::v1::presence_interest_client::PresenceInterestClient;
 use switchboard_proto::v1::{
     server_frame, DeliverRequest, DeliverResponse, DrainRequest, DrainResponse, DropGatewayRequest,
     GatewayRoute, HeartbeatRequest, QueryRequest, RegisterSessionRequest, RouteConversationRequest,
-    SessionInfo, SetStatusRequest, UnregisterSessionRequest, UserPresence, WatchRequest,
+    RouteRequest, SessionInfo, SetStatusRequest, UnregisterSessionRequest, UserPresence,
+    WatchRequest,
 };
 use switchboard_proto::{status_error_code, ErrorCode};
 use tokio::net::TcpListener;
@@ -186,6 +187,17 @@ impl Harness {
         user_id: &str,
         gateway_url: &str,
     ) -> UserPresence {
+        self.register_as(session_id, user_id, gateway_url, "").await
+    }
+
+    /// Register a session with an initial `status` ("" = online).
+    async fn register_as(
+        &mut self,
+        session_id: &str,
+        user_id: &str,
+        gateway_url: &str,
+        status: &str,
+    ) -> UserPresence {
         self.client
             .register_session(RegisterSessionRequest {
                 session: Some(SessionInfo {
@@ -193,6 +205,8 @@ impl Harness {
                     user_id: user_id.into(),
                     device_id: "device".into(),
                     gateway_addr: gateway_url.into(),
+                    status: status.into(),
+                    automatic: false,
                 }),
             })
             .await
@@ -420,11 +434,40 @@ async fn invalid_requests_get_stable_error_codes() {
                 user_id: String::new(),
                 device_id: String::new(),
                 gateway_addr: gw.clone(),
+                ..Default::default()
             }),
         })
         .await
         .unwrap_err();
     assert_eq!(status_error_code(&err), ErrorCode::InvalidRequest);
+
+    // An initial status must be one a session can have; automatic only with away.
+    for (status, automatic) in [("offline", false), ("Online", false), ("busy", true)] {
+        let err = h
+            .client
+            .register_session(RegisterSessionRequest {
+                session: Some(SessionInfo {
+                    session_id: "s1".into(),
+                    user_id: "alice".into(),
+                    device_id: String::new(),
+                    gateway_addr: gw.clone(),
+                    status: status.into(),
+                    automatic,
+                }),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            status_error_code(&err),
+            ErrorCode::InvalidRequest,
+            "{status} automatic={automatic}"
+        );
+    }
+    assert_eq!(
+        h.query_as("alice", "alice").await.sessions,
+        0,
+        "a refused registration adds no session"
+    );
 
     let err = h
         .client
@@ -664,6 +707,81 @@ async fn others_see_the_public_view_and_hear_only_its_changes_on_redis() {
     redis.wait_subscribed().await;
     public_view_scenario(&mut h).await;
     h.stop().await;
+}
+
+#[tokio::test]
+async fn a_session_opened_invisible_is_never_announced_online() {
+    let mut h = start(30_000).await;
+    opened_invisible_scenario(&mut h).await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_session_opened_invisible_is_never_announced_online_on_redis() {
+    let redis = RedisPrefix::new();
+    let mut h = start_on(30_000, Some(&redis)).await;
+    redis.wait_subscribed().await;
+    opened_invisible_scenario(&mut h).await;
+    h.stop().await;
+}
+
+/// Alice, watched by "watcher", connects invisible: she sees herself invisible,
+/// everyone else offline, and the watcher's gateway gets no "online" event (the first
+/// event it gets is a later, public change).
+async fn opened_invisible_scenario(h: &mut Harness) {
+    let gw = h.gateway_url.clone();
+    let alice_gw = "http://127.0.0.1:9".to_string();
+    h.register("w1", "watcher", &gw).await;
+    h.client
+        .watch(WatchRequest {
+            gateway_addr: gw.clone(),
+            watcher_id: "watcher".into(),
+            user_ids: vec!["alice".into()],
+        })
+        .await
+        .unwrap();
+
+    let own = h.register_as("a1", "alice", &alice_gw, "invisible").await;
+    assert_eq!((own.status.as_str(), own.sessions), ("invisible", 1));
+    let seen = h.query_as("bob", "alice").await;
+    assert_eq!((seen.status.as_str(), seen.sessions), ("offline", 0));
+    assert_eq!(
+        h.client
+            .route(RouteRequest {
+                user_ids: vec!["alice".into()],
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .routes
+            .len(),
+        1,
+        "an invisible session still gets messages"
+    );
+
+    // Events reach a gateway in order: had the registration been announced, the
+    // watcher would see it before this status text.
+    h.set_status(SetStatusRequest {
+        session_id: "a1".into(),
+        status_text: Some("hidden".into()),
+        ..Default::default()
+    })
+    .await;
+    let event = h.next_event().await;
+    assert_eq!(
+        (
+            event.status.as_str(),
+            event.sessions,
+            event.status_text.as_str()
+        ),
+        ("offline", 0, "hidden")
+    );
+
+    // A second session opened busy makes her visible, as busy.
+    let own = h.register_as("a2", "alice", &alice_gw, "busy").await;
+    assert_eq!((own.status.as_str(), own.sessions), ("busy", 2));
+    let event = h.next_event().await;
+    assert_eq!((event.status.as_str(), event.sessions), ("busy", 2));
 }
 
 /// Views and events of a user going through text, invisible, offline, privacy and

@@ -59,6 +59,8 @@ macro_rules! session_store_suite {
             status_text_and_privacy_are_per_user_and_outlive_sessions,
             status_text_privacy_and_status_change_together_or_not_at_all,
             automatic_status_never_overrides_the_users_choice,
+            a_session_registered_invisible_never_shows_online,
+            a_forgotten_session_registered_again_gets_the_status_it_had,
         );
     };
     (@tests $factory:expr; $($name:ident),* $(,)?) => {
@@ -81,6 +83,23 @@ fn session(session_id: &str, user_id: &str, gateway_url: &str) -> NewSession {
         user_id: user_id.into(),
         device_id: format!("device-of-{session_id}"),
         gateway_url: gateway_url.into(),
+        status: SessionStatus::Online,
+        automatic: false,
+    }
+}
+
+/// A session registered with an initial status.
+fn session_as(
+    session_id: &str,
+    user_id: &str,
+    gateway_url: &str,
+    status: SessionStatus,
+    automatic: bool,
+) -> NewSession {
+    NewSession {
+        status,
+        automatic,
+        ..session(session_id, user_id, gateway_url)
     }
 }
 
@@ -1348,4 +1367,113 @@ pub async fn automatic_status_never_overrides_the_users_choice<
         (u.presence.status.as_str(), u.changed),
         (STATUS_ONLINE, true)
     );
+}
+
+pub async fn a_session_registered_invisible_never_shows_online<
+    F: Fn(Duration) -> Arc<dyn SessionStore>,
+>(
+    factory: F,
+) {
+    use SessionStatus::{Busy, Invisible};
+    let store = factory(TTL);
+    // Alice was visibly online once, then left.
+    store.register(session("s0", "alice", GW1)).await.unwrap();
+    advance_ms(1_000).await;
+    let left = store.now_ms();
+    store.unregister("s0").await.unwrap();
+
+    advance_ms(1_000).await;
+    let now = store.now_ms();
+    let u = store
+        .register(session_as("s1", "alice", GW1, Invisible, false))
+        .await
+        .unwrap();
+    assert!(
+        !u.changed,
+        "others see no change: alice stays offline to them"
+    );
+    let own = u.presence.true_view();
+    assert_eq!(
+        (own.status.as_str(), own.sessions, own.last_seen_ms),
+        (STATUS_INVISIBLE, 1, now)
+    );
+    let public = u.presence.public_view();
+    assert_eq!(
+        (public.status.as_str(), public.sessions, public.last_seen_ms),
+        (STATUS_OFFLINE, 0, left),
+        "last seen stays at when she was last visible"
+    );
+    assert_eq!(presence(&*store, "alice").await.public_view(), public);
+    assert_eq!(
+        store.route(&ids(&["alice"])).await.unwrap(),
+        vec![route(GW1, &["alice"])],
+        "an invisible session still gets messages"
+    );
+
+    // Re-registering the live session keeps its status, whatever the registration says.
+    let u = store.register(session("s1", "alice", GW1)).await.unwrap();
+    assert_eq!(
+        (u.presence.status.as_str(), u.changed),
+        (STATUS_INVISIBLE, false)
+    );
+
+    // A second session opened busy makes her visible, as busy.
+    let u = store
+        .register(session_as("s2", "alice", GW2, Busy, false))
+        .await
+        .unwrap();
+    assert!(u.changed);
+    assert_eq!(
+        (u.presence.status.as_str(), u.presence.sessions),
+        (STATUS_BUSY, 2)
+    );
+    // Closing it hides her again.
+    let u = store.unregister("s2").await.unwrap().unwrap();
+    assert!(u.changed);
+    assert_eq!(u.presence.public_view().status, STATUS_OFFLINE);
+    assert_eq!(u.presence.status, STATUS_INVISIBLE);
+}
+
+pub async fn a_forgotten_session_registered_again_gets_the_status_it_had<
+    F: Fn(Duration) -> Arc<dyn SessionStore>,
+>(
+    factory: F,
+) {
+    use SessionStatus::{Away, Busy, Online};
+    let store = factory(TTL);
+    let u = store
+        .register(session_as("s1", "alice", GW1, Busy, false))
+        .await
+        .unwrap();
+    assert_eq!((u.presence.status.as_str(), u.changed), (STATUS_BUSY, true));
+
+    // Presence forgets the session (no heartbeat within the TTL)...
+    advance_ms(TTL.as_millis() as u64).await;
+    store.expire(store.now_ms()).await.unwrap();
+    assert_eq!(presence(&*store, "alice").await.status, STATUS_OFFLINE);
+    assert_eq!(
+        store.heartbeat(GW1, &ids(&["s1"])).await.unwrap(),
+        ids(&["s1"])
+    );
+    // ...and the gateway registers it again with the status the client last set.
+    let u = store
+        .register(session_as("s1", "alice", GW1, Away, false))
+        .await
+        .unwrap();
+    assert_eq!(
+        (u.presence.status.as_str(), u.presence.sessions),
+        (STATUS_AWAY, 1)
+    );
+    // An away the user chose is not undone by activity...
+    let u = store.set_status("s1", &automatic(Online)).await.unwrap();
+    assert_eq!(u.presence.status, STATUS_AWAY);
+
+    // ...but an automatic one (the idle timer had set it) is.
+    store
+        .register(session_as("s2", "bob", GW1, Away, true))
+        .await
+        .unwrap();
+    assert_eq!(presence(&*store, "bob").await.status, STATUS_AWAY);
+    let u = store.set_status("s2", &automatic(Online)).await.unwrap();
+    assert_eq!(u.presence.status, STATUS_ONLINE);
 }

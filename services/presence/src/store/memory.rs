@@ -439,8 +439,8 @@ impl SessionStore for MemorySessionStore {
                 user_id: new.user_id,
                 device_id: new.device_id,
                 gateway_url: new.gateway_url,
-                status: SessionStatus::Online,
-                auto_away: false,
+                status: new.status,
+                auto_away: new.automatic && new.status == SessionStatus::Away,
                 last_seen_ms: now,
                 expires_at_ms,
             },
@@ -765,6 +765,8 @@ mod tests {
             user_id: "alice".into(),
             device_id: "d".into(),
             gateway_url: "http://gw1".into(),
+            status: SessionStatus::Online,
+            automatic: false,
         };
         store.register(s).await.unwrap();
         store.unregister("s1").await.unwrap();
@@ -799,6 +801,8 @@ mod tests {
                     user_id: user.into(),
                     device_id: String::new(),
                     gateway_url: gw.into(),
+                    status: SessionStatus::Online,
+                    automatic: false,
                 })
                 .await
                 .unwrap();

@@ -216,6 +216,12 @@ pub struct NewSession {
     pub device_id: String,
     /// The gateway's advertised gRPC URL (where `Deliver` reaches it).
     pub gateway_url: String,
+    /// The status of a new session (a live session re-registered keeps its own), so
+    /// that a session opened invisible never shows its user online.
+    pub status: SessionStatus,
+    /// With `Away`: set automatically (the gateway's idle timer), so an automatic
+    /// `online` undoes it. Ignored with any other status.
+    pub automatic: bool,
 }
 
 /// A user's presence after an operation and whether the public view changed.
@@ -295,7 +301,8 @@ impl Default for Clock {
 ///   [`SessionStore::expire`], which the service calls periodically.
 /// - A user's status is the most available status of their live sessions
 ///   (`online` > `away` > `busy` > `invisible`), or `offline` with no live session.
-///   A fresh session is `online`; re-registering a live session keeps its status.
+///   A fresh session has the status it is registered with ([`NewSession::status`],
+///   `online` by default); re-registering a live session keeps its status.
 /// - `last_seen_ms` is the last register, heartbeat or unregister time of any of the
 ///   user's sessions, kept after the user goes offline within the bounds
 ///   [`LAST_SEEN_RETENTION`] and [`MAX_OFFLINE_LAST_SEEN`].

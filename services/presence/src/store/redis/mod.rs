@@ -891,7 +891,18 @@ impl SessionStore for RedisSessionStore {
                 "register",
                 &s.scripts.user_add,
                 &s.user_keys(&new.user_id),
-                &[new.session_id, gen, new.gateway_url, now.to_string()],
+                &[
+                    new.session_id,
+                    gen,
+                    new.gateway_url,
+                    now.to_string(),
+                    new.status.as_str().to_owned(),
+                    if new.automatic && new.status == SessionStatus::Away {
+                        "1".to_owned()
+                    } else {
+                        String::new()
+                    },
+                ],
             )
             .await?;
         let change = UserChange::from_reply(&new.user_id, r);

@@ -223,14 +223,16 @@ local function note_visibility(h, before, after, t)
 end
 "#;
 
-/// Add or refresh a session in its user's hash (status and its automatic mark kept
-/// on refresh). KEYS: user, watching, convs. ARGV: sid, gen, gateway, now.
+/// Add or refresh a session in its user's hash: a new session gets the given status
+/// (and automatic mark), a refreshed one keeps its own. KEYS: user, watching, convs.
+/// ARGV: sid, gen, gateway, now, status, "1" for an automatic away or "".
 const USER_ADD: &str = r#"
 local before, _, _, _, gws_before = agg(KEYS[1])
 local f = 's:' .. ARGV[1]
 local raw = redis.call('HGET', KEYS[1], f)
-local st = 'online'
+local st = ARGV[5]
 local auto = nil
+if ARGV[6] == '1' then auto = 1 end
 local old_gw = nil
 if raw then
   local e = cjson.decode(raw)

@@ -145,6 +145,8 @@ fn session(sid: &str, user: &str, gw: &str) -> NewSession {
         user_id: user.into(),
         device_id: String::new(),
         gateway_url: gw.into(),
+        status: crate::store::SessionStatus::Online,
+        automatic: false,
     }
 }
 
