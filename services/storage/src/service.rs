@@ -941,7 +941,8 @@ pub(crate) mod tests {
 
     use crate::conformance::{Harness, StoreFactory};
     use crate::sqlite::tests::SqliteFactory;
-    use crate::store::{Appended, MemberChange, NewConversation};
+    use crate::store::{Appended, MemberChange, MemberNotification, NewConversation, ThreadPage};
+    use switchboard_proto::MemberReceipt;
 
     /// Counts history queries and holds the first one until released.
     struct GatedStore {
@@ -992,6 +993,89 @@ pub(crate) mod tests {
         }
         async fn purge_dedupe(&self, before: i64, max: u32) -> Result<u64> {
             self.inner.purge_dedupe(before, max).await
+        }
+        async fn set_delivered_marker(
+            &self,
+            conversation_id: &str,
+            user_id: &str,
+            seq: u64,
+            now_ms: i64,
+        ) -> Result<ReadMarker> {
+            self.inner
+                .set_delivered_marker(conversation_id, user_id, seq, now_ms)
+                .await
+        }
+        async fn message_at(&self, conversation_id: &str, seq: u64) -> Result<Option<Message>> {
+            self.inner.message_at(conversation_id, seq).await
+        }
+        async fn banned_among(
+            &self,
+            conversation_id: &str,
+            user_ids: &[String],
+        ) -> Result<Vec<String>> {
+            self.inner.banned_among(conversation_id, user_ids).await
+        }
+        async fn my_reactions(
+            &self,
+            conversation_id: &str,
+            user_id: &str,
+            from_seq: u64,
+            to_seq: u64,
+        ) -> Result<Vec<(u64, String)>> {
+            self.inner
+                .my_reactions(conversation_id, user_id, from_seq, to_seq)
+                .await
+        }
+        async fn thread_page(&self, query: &ThreadQuery) -> Result<ThreadPage> {
+            self.inner.thread_page(query).await
+        }
+        async fn receipts(&self, conversation_id: &str) -> Result<Vec<MemberReceipt>> {
+            self.inner.receipts(conversation_id).await
+        }
+        async fn set_notification(
+            &self,
+            user_id: &str,
+            conversation_id: &str,
+            until_ms: i64,
+        ) -> Result<()> {
+            self.inner
+                .set_notification(user_id, conversation_id, until_ms)
+                .await
+        }
+        async fn dnd_until(&self, user_id: &str) -> Result<i64> {
+            self.inner.dnd_until(user_id).await
+        }
+        async fn notification_state(
+            &self,
+            conversation_id: &str,
+        ) -> Result<Vec<MemberNotification>> {
+            self.inner.notification_state(conversation_id).await
+        }
+        async fn shared_contacts(
+            &self,
+            user_id: &str,
+            other_ids: &[String],
+        ) -> Result<Vec<String>> {
+            self.inner.shared_contacts(user_id, other_ids).await
+        }
+        async fn put_webhook(&self, webhook: NewWebhook) -> Result<Webhook> {
+            self.inner.put_webhook(webhook).await
+        }
+        async fn list_webhooks(&self, conversation_id: Option<&str>) -> Result<Vec<Webhook>> {
+            self.inner.list_webhooks(conversation_id).await
+        }
+        async fn delete_webhook(&self, conversation_id: &str, webhook_id: &str) -> Result<()> {
+            self.inner.delete_webhook(conversation_id, webhook_id).await
+        }
+        async fn advance_webhook(
+            &self,
+            conversation_id: &str,
+            webhook_id: &str,
+            delivered_seq: u64,
+        ) -> Result<Webhook> {
+            self.inner
+                .advance_webhook(conversation_id, webhook_id, delivered_seq)
+                .await
         }
     }
 

@@ -17,7 +17,7 @@ use switchboard_proto::{
     Conversation, HistoryResult, MemberReceipt, Message, ReadMarker, SyncResult, Webhook,
 };
 
-use crate::error::{Result, StorageError};
+use crate::error::Result;
 
 /// The two kinds of conversation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -232,12 +232,6 @@ pub struct NewWebhook {
     pub max_per_conversation: usize,
 }
 
-fn not_implemented<T>() -> Result<T> {
-    Err(StorageError::Internal(
-        "not implemented by this backend".into(),
-    ))
-}
-
 /// The history store. Every implementation passes the conformance suite in
 /// `crate::conformance`. Implementations must not block the async runtime.
 #[async_trait]
@@ -370,28 +364,16 @@ pub trait HistoryStore: Send + Sync + 'static {
         user_id: &str,
         seq: u64,
         now_ms: i64,
-    ) -> Result<ReadMarker> {
-        let _ = (conversation_id, user_id, seq, now_ms);
-        not_implemented()
-    }
+    ) -> Result<ReadMarker>;
 
     /// The event stored at `seq` (current state like a history row; `reactions` may
     /// be left empty), or `None` when there is none (also for an unknown conversation).
     /// Used to authorize events that refer to another one.
-    async fn message_at(&self, conversation_id: &str, seq: u64) -> Result<Option<Message>> {
-        let _ = (conversation_id, seq);
-        not_implemented()
-    }
+    async fn message_at(&self, conversation_id: &str, seq: u64) -> Result<Option<Message>>;
 
     /// Those of `user_ids` that are on the conversation's ban list (any order).
-    async fn banned_among(
-        &self,
-        conversation_id: &str,
-        user_ids: &[String],
-    ) -> Result<Vec<String>> {
-        let _ = (conversation_id, user_ids);
-        not_implemented()
-    }
+    async fn banned_among(&self, conversation_id: &str, user_ids: &[String])
+        -> Result<Vec<String>>;
 
     /// The (seq, emoji) reactions `user_id` currently has on messages of the
     /// conversation with `from_seq <= seq <= to_seq` (any order). The service uses it
@@ -402,25 +384,16 @@ pub trait HistoryStore: Send + Sync + 'static {
         user_id: &str,
         from_seq: u64,
         to_seq: u64,
-    ) -> Result<Vec<(u64, String)>> {
-        let _ = (conversation_id, user_id, from_seq, to_seq);
-        not_implemented()
-    }
+    ) -> Result<Vec<(u64, String)>>;
 
     /// A thread page (see [`ThreadPage`]); `NotFound` when the conversation is unknown
     /// or `root_seq` is not a stored "message". No membership check.
-    async fn thread_page(&self, query: &ThreadQuery) -> Result<ThreadPage> {
-        let _ = query;
-        not_implemented()
-    }
+    async fn thread_page(&self, query: &ThreadQuery) -> Result<ThreadPage>;
 
     /// Every member's markers, sorted by user id (zeros for a member without any):
     /// `read_seq`, `delivered_seq` = max(read, delivered), `read_at_ms`. `NotFound`
     /// for an unknown conversation.
-    async fn receipts(&self, conversation_id: &str) -> Result<Vec<MemberReceipt>> {
-        let _ = conversation_id;
-        not_implemented()
-    }
+    async fn receipts(&self, conversation_id: &str) -> Result<Vec<MemberReceipt>>;
 
     /// Store a notification preference of `user_id`: with a `conversation_id`, the
     /// mute of that conversation; with an empty one, the user's do-not-disturb.
@@ -431,53 +404,32 @@ pub trait HistoryStore: Send + Sync + 'static {
         user_id: &str,
         conversation_id: &str,
         until_ms: i64,
-    ) -> Result<()> {
-        let _ = (user_id, conversation_id, until_ms);
-        not_implemented()
-    }
+    ) -> Result<()>;
 
     /// The user's raw do-not-disturb value (-1, 0 or a time; 0 when never set).
-    async fn dnd_until(&self, user_id: &str) -> Result<i64> {
-        let _ = user_id;
-        not_implemented()
-    }
+    async fn dnd_until(&self, user_id: &str) -> Result<i64>;
 
     /// Every member of the conversation with their raw mute of it and their raw
     /// do-not-disturb (see [`MemberNotification`]), sorted by user id. `NotFound` for
     /// an unknown conversation.
-    async fn notification_state(&self, conversation_id: &str) -> Result<Vec<MemberNotification>> {
-        let _ = conversation_id;
-        not_implemented()
-    }
+    async fn notification_state(&self, conversation_id: &str) -> Result<Vec<MemberNotification>>;
 
     /// Those of `other_ids` that share at least one conversation with `user_id`
     /// (deduplicated, sorted; `user_id` itself is never in the answer).
-    async fn shared_contacts(&self, user_id: &str, other_ids: &[String]) -> Result<Vec<String>> {
-        let _ = (user_id, other_ids);
-        not_implemented()
-    }
+    async fn shared_contacts(&self, user_id: &str, other_ids: &[String]) -> Result<Vec<String>>;
 
     /// Store a webhook, atomically with its two checks: the conversation exists
     /// (`NotFound`) and has fewer than `max_per_conversation` webhooks
     /// (`InvalidRequest` otherwise). `delivered_seq` starts at the conversation's
     /// current `last_seq`. Returns it with its secret.
-    async fn put_webhook(&self, webhook: NewWebhook) -> Result<Webhook> {
-        let _ = webhook;
-        not_implemented()
-    }
+    async fn put_webhook(&self, webhook: NewWebhook) -> Result<Webhook>;
 
     /// Webhooks with secrets, sorted by (conversation_id, webhook_id): of one
     /// conversation, or of every conversation when `conversation_id` is `None`.
-    async fn list_webhooks(&self, conversation_id: Option<&str>) -> Result<Vec<Webhook>> {
-        let _ = conversation_id;
-        not_implemented()
-    }
+    async fn list_webhooks(&self, conversation_id: Option<&str>) -> Result<Vec<Webhook>>;
 
     /// Delete a webhook of the conversation; `NotFound` when it has no such webhook.
-    async fn delete_webhook(&self, conversation_id: &str, webhook_id: &str) -> Result<()> {
-        let _ = (conversation_id, webhook_id);
-        not_implemented()
-    }
+    async fn delete_webhook(&self, conversation_id: &str, webhook_id: &str) -> Result<()>;
 
     /// Raise a webhook's delivered_seq to `delivered_seq` (never lower it) and return
     /// the stored webhook; `NotFound` when the conversation has no such webhook.
@@ -486,10 +438,7 @@ pub trait HistoryStore: Send + Sync + 'static {
         conversation_id: &str,
         webhook_id: &str,
         delivered_seq: u64,
-    ) -> Result<Webhook> {
-        let _ = (conversation_id, webhook_id, delivered_seq);
-        not_implemented()
-    }
+    ) -> Result<Webhook>;
 
     /// Delete at most `max_rows` dedupe keys stored before `before_ms`; returns how many.
     async fn purge_dedupe(&self, before_ms: i64, max_rows: u32) -> Result<u64>;
