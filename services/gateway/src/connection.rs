@@ -311,6 +311,7 @@ impl Connection {
                                 away.as_mut().reset(Instant::now() + away_after);
                                 if auto_away {
                                     auto_away = false;
+                                    self.session.set_idle_away(false);
                                     self.set_automatic_status("online");
                                 }
                             }
@@ -334,6 +335,7 @@ impl Connection {
                 () = &mut idle => return End::Idle,
                 () = &mut away, if away_enabled && !auto_away => {
                     auto_away = true;
+                    self.session.set_idle_away(true);
                     self.set_automatic_status("away");
                 }
             }

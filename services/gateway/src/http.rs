@@ -50,6 +50,8 @@ pub(crate) fn router(
 struct ConnectParams {
     token: Option<String>,
     device: Option<String>,
+    /// The session's initial presence status (default `online`).
+    status: Option<String>,
 }
 
 /// A refused upgrade: `{"error": code, "message": reason}`.
@@ -178,6 +180,21 @@ async fn connect(
             reason,
         );
     }
+    let status = match params.status.as_deref() {
+        None | Some("") => crate::sessions::SESSION_STATUSES[0],
+        Some(s) => match crate::sessions::session_status(s) {
+            Some(status) => status,
+            None => {
+                return refuse(
+                    &shared,
+                    StatusCode::BAD_REQUEST,
+                    "bad_status",
+                    "invalid_request",
+                    "status must be `online`, `away`, `busy` or `invisible`".into(),
+                )
+            }
+        },
+    };
     if shared.draining.is_cancelled() {
         return refuse(
             &shared,
@@ -211,6 +228,9 @@ async fn connect(
         encoding.unwrap_or(Encoding::Json),
         config.outbound_queue,
     );
+    // Registered with its status from the start: a session opened invisible never
+    // shows its user online, not even for a moment.
+    session.choose_status(status);
     // Local first: an event routed to the session right after presence knows it
     // finds it here and waits in its queue until the connection task starts.
     shared.sessions.insert(session.clone());

@@ -89,8 +89,10 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// Register a session with presence.
+    /// Register a session with presence, with the status it has (see
+    /// [`Session::registration_status`]).
     pub(crate) async fn register(&self, session: &Session) -> Result<(), tonic::Status> {
+        let (status, automatic) = session.registration_status();
         self.peers
             .presence
             .clone()
@@ -100,7 +102,8 @@ impl Shared {
                     user_id: session.user_id.to_string(),
                     device_id: session.device_id.to_string(),
                     gateway_addr: self.advertise_url.clone(),
-                    ..Default::default()
+                    status: status.to_owned(),
+                    automatic,
                 }),
             })
             .await?;

@@ -530,6 +530,12 @@ pub(crate) async fn dispatch(
                     "one of `status`, `status_text` or `last_seen_privacy` is required",
                 ));
             }
+            // Remembered before presence hears it, so that a registration racing with
+            // this change (presence forgot the session) does not bring back the old
+            // status; an unknown status is left for presence to refuse.
+            if let Some(status) = crate::sessions::session_status(&req.status) {
+                session.choose_status(status);
+            }
             let response = peers
                 .presence
                 .clone()

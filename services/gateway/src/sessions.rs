@@ -139,6 +139,27 @@ impl DeliveryState {
     }
 }
 
+/// The statuses a session can have in presence; the first is the default.
+pub(crate) const SESSION_STATUSES: [&str; 4] = ["online", "away", "busy", "invisible"];
+
+/// `status` as one of [`SESSION_STATUSES`], or `None` when it is not one.
+pub(crate) fn session_status(status: &str) -> Option<&'static str> {
+    SESSION_STATUSES.into_iter().find(|s| *s == status)
+}
+
+/// What a session is registered with in presence: the status the client last asked
+/// for (the `status` connect parameter, then `presence_set`) and whether the idle
+/// timer has set the session away. Presence may forget a session (a restart of its
+/// memory store); registered again, the session must come back as it was, not as a
+/// fresh "online" one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PresenceStatus {
+    /// One of [`SESSION_STATUSES`].
+    chosen: &'static str,
+    /// The idle timer's automatic "away" is in effect.
+    idle_away: bool,
+}
+
 /// Most conversations whose last forwarded typing time a session remembers; beyond
 /// that, entries older than the typing interval are forgotten first.
 const MAX_TYPING_CONVERSATIONS: usize = 256;
@@ -165,6 +186,8 @@ pub(crate) struct Session {
     /// When this session last forwarded `typing: true`, per conversation (the
     /// typing rate limit). Empty, and allocation free, until the client types.
     typing: Mutex<HashMap<Box<str>, Instant>>,
+    /// The status to register the session with (see [`PresenceStatus`]).
+    presence_status: Mutex<PresenceStatus>,
 }
 
 impl Session {
@@ -208,7 +231,33 @@ impl Session {
             slow: AtomicBool::new(false),
             slow_notify: Notify::new(),
             typing: Mutex::new(HashMap::new()),
+            presence_status: Mutex::new(PresenceStatus {
+                chosen: SESSION_STATUSES[0],
+                idle_away: false,
+            }),
         })
+    }
+
+    /// Remember the status the client asked for (one of [`SESSION_STATUSES`]).
+    pub(crate) fn choose_status(&self, status: &'static str) {
+        lock(&self.presence_status).chosen = status;
+    }
+
+    /// Remember whether the idle timer's automatic "away" is in effect.
+    pub(crate) fn set_idle_away(&self, idle_away: bool) {
+        lock(&self.presence_status).idle_away = idle_away;
+    }
+
+    /// The status and `automatic` flag to register the session with: what the client
+    /// chose, or an automatic "away" when the idle timer set a session the client
+    /// left "online" away (presence lets an automatic away replace only "online").
+    pub(crate) fn registration_status(&self) -> (&'static str, bool) {
+        let status = *lock(&self.presence_status);
+        if status.idle_away && status.chosen == SESSION_STATUSES[0] {
+            ("away", true)
+        } else {
+            (status.chosen, false)
+        }
     }
 
     /// Whether a `typing: true` in `conversation` may be forwarded at `now`: false

@@ -1965,3 +1965,112 @@ async fn bot_tokens_mark_sends_from_bot() {
     }
     h.stop().await;
 }
+
+/// (status, automatic) of every registration of `session_id` so far.
+fn registrations(calls: &Calls, session_id: &str) -> Vec<(String, bool)> {
+    calls
+        .registered
+        .iter()
+        .filter(|s| s.session_id == session_id)
+        .map(|s| (s.status.clone(), s.automatic))
+        .collect()
+}
+
+#[tokio::test]
+async fn sessions_register_with_the_status_asked_on_connect_and_come_back_with_the_last_one() {
+    // The fake presence forgets every session at each heartbeat, so the gateway keeps
+    // registering them again.
+    let h = start(|c| c.gateway.heartbeat_interval_ms = 50).await;
+    let query = format!("token={}&status=invisible", h.token("alice"));
+    let mut ws = h
+        .try_connect(&query, Some("switchboard.v1.json"))
+        .await
+        .unwrap();
+    let welcome = recv(&mut ws).await;
+    let session_id = session_id_of(&welcome);
+    // The registration made during the upgrade already carries the status: presence
+    // never sees the session online.
+    assert_eq!(
+        registrations(&h.calls.lock().unwrap(), &session_id)[0],
+        ("invisible".to_string(), false)
+    );
+
+    let ack = request(&mut ws, "p1", json!({"presence_set": {"status": "busy"}})).await;
+    assert!(ack["presence"].is_object(), "{ack}");
+    h.wait_for("a registration with the status set last", |calls| {
+        registrations(calls, &session_id)
+            .last()
+            .is_some_and(|(status, _)| status == "busy")
+    })
+    .await;
+    // A status text alone leaves the remembered status as it is.
+    let ack = request(
+        &mut ws,
+        "p2",
+        json!({"presence_set": {"status_text": "lunch"}}),
+    )
+    .await;
+    assert!(ack["presence"].is_object(), "{ack}");
+    let seen = h.calls.lock().unwrap().registered.len();
+    h.wait_for("another registration", |calls| {
+        calls.registered.len() > seen
+    })
+    .await;
+    let all = registrations(&h.calls.lock().unwrap(), &session_id);
+    let first_busy = all.iter().position(|(s, _)| s == "busy").unwrap();
+    assert!(
+        all[..first_busy]
+            .iter()
+            .all(|r| *r == ("invisible".into(), false))
+            && all[first_busy..]
+                .iter()
+                .all(|r| *r == ("busy".into(), false)),
+        "invisible until the change, busy after it, never online: {all:?}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn an_idle_session_is_registered_again_as_automatically_away() {
+    let h = start(|c| {
+        c.gateway.heartbeat_interval_ms = 50;
+        c.gateway.idle_away_after_ms = 300;
+    })
+    .await;
+    let (mut ws, welcome) = h.connect("alice").await;
+    let session_id = session_id_of(&welcome);
+    h.wait_for("a registration as automatically away", |calls| {
+        registrations(calls, &session_id).last() == Some(&("away".into(), true))
+    })
+    .await;
+    // Activity brings it back: registered online again.
+    request(&mut ws, "l", json!({"conversation_list": {}})).await;
+    h.wait_for("a registration as online", |calls| {
+        registrations(calls, &session_id).last() == Some(&("online".into(), false))
+    })
+    .await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn an_unknown_initial_status_is_refused() {
+    let h = start(|_| {}).await;
+    for status in ["offline", "Online"] {
+        let query = format!("token={}&status={status}", h.token("alice"));
+        match h.try_connect(&query, None).await {
+            Err(WsError::Http(response)) => {
+                assert_eq!(response.status(), 400);
+                let body: Value =
+                    serde_json::from_slice(response.body().as_deref().unwrap()).expect("json body");
+                assert_eq!(body["error"], "invalid_request");
+                assert_eq!(
+                    body["message"],
+                    "status must be `online`, `away`, `busy` or `invisible`"
+                );
+            }
+            other => panic!("expected 400, got {:?}", other.map(|_| ())),
+        }
+    }
+    assert!(h.calls.lock().unwrap().registered.is_empty());
+    h.stop().await;
+}
