@@ -61,6 +61,11 @@ pub struct ConnectOptions {
     pub token_placement: TokenPlacement,
     /// Sent as `?device=<id>`; the server picks one when absent.
     pub device_id: Option<String>,
+    /// Sent as `?status=<status>`: the session's presence status from the moment it
+    /// connects (`online`, `away`, `busy` or `invisible`; the server refuses anything
+    /// else with 400). `None` connects `online`. Connecting `invisible` this way, rather
+    /// than with `presence_set` after `welcome`, never shows the user online.
+    pub initial_status: Option<String>,
     /// JSON text frames or protobuf binary frames.
     pub encoding: Encoding,
     /// Limit on TCP connect, WebSocket handshake and the wait for `welcome`, together.
@@ -102,6 +107,7 @@ impl ConnectOptions {
             token: Some(token.into()),
             token_placement: TokenPlacement::Header,
             device_id: None,
+            initial_status: None,
             encoding: Encoding::Json,
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
@@ -122,6 +128,12 @@ impl ConnectOptions {
         self
     }
 
+    /// Connect with this presence status (see [`ConnectOptions::initial_status`]).
+    pub fn initial_status(mut self, status: impl Into<String>) -> ConnectOptions {
+        self.initial_status = Some(status.into());
+        self
+    }
+
     pub fn encoding(mut self, encoding: Encoding) -> ConnectOptions {
         self.encoding = encoding;
         self
@@ -138,13 +150,16 @@ impl ConnectOptions {
         self
     }
 
-    /// The URL actually requested: `url` plus the `device` and (for
+    /// The URL actually requested: `url` plus the `device`, `status` and (for
     /// [`TokenPlacement::Query`]) `token` query parameters.
     pub fn request_url(&self) -> String {
         let mut url = self.url.clone();
         let mut params = Vec::new();
         if let Some(device) = &self.device_id {
             params.push(("device", device.as_str()));
+        }
+        if let Some(status) = &self.initial_status {
+            params.push(("status", status.as_str()));
         }
         if let (TokenPlacement::Query, Some(token)) = (self.token_placement, &self.token) {
             params.push(("token", token.as_str()));
@@ -167,6 +182,7 @@ impl std::fmt::Debug for ConnectOptions {
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("token_placement", &self.token_placement)
             .field("device_id", &self.device_id)
+            .field("initial_status", &self.initial_status)
             .field("encoding", &self.encoding)
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)

@@ -240,6 +240,29 @@ async fn welcome_then_acks_in_both_encodings() {
 }
 
 #[tokio::test]
+async fn the_initial_status_travels_in_the_query() {
+    let (upgrade_tx, mut upgrade_rx) = mpsc::channel(1);
+    let url = fake_server(move |mut conn| {
+        let upgrade_tx = upgrade_tx.clone();
+        async move {
+            upgrade_tx.send(conn.upgrade.clone()).await.unwrap();
+            conn.welcome().await;
+            while conn.recv().await.is_some() {}
+        }
+    })
+    .await;
+    let opts = options(&url, Encoding::Json)
+        .device("phone")
+        .initial_status("invisible");
+    let (_client, _events) = Client::connect(opts).await.unwrap();
+    let upgrade = upgrade_rx.recv().await.unwrap();
+    assert_eq!(
+        upgrade.path_and_query,
+        "/v1/connect?device=phone&status=invisible"
+    );
+}
+
+#[tokio::test]
 async fn token_can_travel_in_the_query() {
     let (upgrade_tx, mut upgrade_rx) = mpsc::channel(1);
     let url = fake_server(move |mut conn| {
