@@ -36,6 +36,9 @@ if [ "${CI:-}" = "true" ]; then
     trap 'deploy/local/down.sh || true' EXIT
 fi
 deploy/local/up.sh
+# The TLS tests read the CA and client certificate up.sh generated, wherever the
+# servers live (LOCAL_SERVERS_DIR, default .local).
+export SB_TEST_TLS_DIR="${SB_TEST_TLS_DIR:-${LOCAL_SERVERS_DIR:-$PWD/.local}/tls}"
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
