@@ -121,7 +121,16 @@ async fn messages_flow_through_redis_kafka_and_cql_over_tls() {
     )
     .await;
     let presence = setup.spawn(&["presence"], &[]);
-    let routing = setup.spawn(&["routing"], &[]);
+    // A broker that has just started creates its consumer-offsets topic on the first
+    // group join, which can outlast the default wait for a sequence: wait longer, so
+    // every ack below carries its sequence.
+    let routing = setup.spawn(
+        &["routing"],
+        &[(
+            "SWITCHBOARD_ROUTING__SEQUENCE_WAIT_MS".into(),
+            "30000".into(),
+        )],
+    );
     let gateway = setup.spawn(&["gateway"], &setup.gateway.env());
     wait_ready_long(
         admin_port(&setup, "SWITCHBOARD_PRESENCE__ADMIN_LISTEN"),
