@@ -38,7 +38,16 @@ async fn start(setup: Setup) -> Services {
     )
     .await;
     let presence = setup.spawn(&["presence"], &[]);
-    let routing = setup.spawn(&["routing"], &[]);
+    // A broker that has just started creates its consumer-offsets topic on the first
+    // group join, which can outlast the default wait for a sequence: wait longer, so
+    // every ack carries the sequence the next request refers to.
+    let routing = setup.spawn(
+        &["routing"],
+        &[(
+            "SWITCHBOARD_ROUTING__SEQUENCE_WAIT_MS".into(),
+            "30000".into(),
+        )],
+    );
     let gateway = setup.spawn(&["gateway"], &setup.gateway.env());
     wait_ready_long(
         port_of(&setup, "SWITCHBOARD_PRESENCE__ADMIN_LISTEN"),
