@@ -8,6 +8,7 @@
 
 pub mod codec;
 mod error;
+pub mod timeline;
 
 pub use error::{status, status_error_code, ErrorCode};
 

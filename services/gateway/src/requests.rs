@@ -26,6 +26,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use switchboard_proto::timeline::{kinds, MAX_MENTIONS};
 use switchboard_proto::v1::{
     self, ack, client_frame::Request, server_frame::Event, Ack, ServerFrame,
 };
@@ -41,10 +42,6 @@ use crate::Shared;
 
 /// Most user ids in one request (watch, members, create).
 pub(crate) const MAX_LIST: usize = 1_000;
-/// Most users one message may mention.
-pub(crate) const MAX_MENTIONS: usize = 50;
-/// Longest reaction emoji, in bytes.
-pub(crate) const MAX_EMOJI_BYTES: usize = 32;
 /// Most users one session may watch.
 pub(crate) const MAX_WATCHED: usize = 1_000;
 
@@ -218,7 +215,7 @@ async fn route_send(
         service = "gateway",
         conversation_id = %send.conversation_id,
         session_id = %session.session_id,
-        kind = %if send.kind.is_empty() { "message" } else { send.kind.as_str() },
+        kind = %if send.kind.is_empty() { kinds::MESSAGE } else { send.kind.as_str() },
         seq = tracing::field::Empty,
         duplicate = tracing::field::Empty,
     );
@@ -287,7 +284,7 @@ pub(crate) async fn dispatch(
                 shared,
                 session,
                 v1::RouteSendRequest {
-                    kind: "edit".into(),
+                    kind: kinds::EDIT.into(),
                     conversation_id: req.conversation_id,
                     client_msg_id: req.client_msg_id,
                     target_seq: req.seq,
@@ -307,7 +304,7 @@ pub(crate) async fn dispatch(
                 shared,
                 session,
                 v1::RouteSendRequest {
-                    kind: "delete".into(),
+                    kind: kinds::DELETE.into(),
                     conversation_id: req.conversation_id,
                     client_msg_id: req.client_msg_id,
                     target_seq: req.seq,
@@ -321,16 +318,14 @@ pub(crate) async fn dispatch(
             require(&req.conversation_id, "conversation_id")?;
             require_seq(req.seq, "seq")?;
             require(&req.client_msg_id, "client_msg_id")?;
-            if req.emoji.is_empty() || req.emoji.len() > MAX_EMOJI_BYTES {
-                return Err(GatewayError::invalid(format!(
-                    "`emoji` must be 1 to {MAX_EMOJI_BYTES} bytes"
-                )));
+            if let Some(problem) = switchboard_proto::timeline::emoji_problem(&req.emoji) {
+                return Err(GatewayError::invalid(problem));
             }
             let result = route_send(
                 shared,
                 session,
                 v1::RouteSendRequest {
-                    kind: "reaction".into(),
+                    kind: kinds::REACTION.into(),
                     conversation_id: req.conversation_id,
                     client_msg_id: req.client_msg_id,
                     target_seq: req.seq,
@@ -699,7 +694,7 @@ fn system_send(
     system: v1::SystemEvent,
 ) -> v1::RouteSendRequest {
     v1::RouteSendRequest {
-        kind: "system".into(),
+        kind: kinds::SYSTEM.into(),
         conversation_id,
         client_msg_id,
         system: Some(system),

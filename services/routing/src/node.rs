@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchboard_config::Config;
+use switchboard_proto::timeline::kinds;
 use switchboard_proto::v1::presence_client::PresenceClient;
 use switchboard_proto::v1::presence_interest_client::PresenceInterestClient;
 use switchboard_proto::v1::server_frame::Event;
@@ -111,7 +112,7 @@ impl Node {
             }
         };
         let outsiders: Vec<String> = match &message.system {
-            Some(system) if message.kind == "system" => {
+            Some(system) if message.kind == kinds::SYSTEM => {
                 let mut users: Vec<String> = system
                     .user_ids
                     .iter()

@@ -21,6 +21,7 @@ use futures::StreamExt as _;
 use std::time::Duration;
 
 use prost::Message as _;
+use switchboard_proto::timeline::kinds;
 use switchboard_proto::v1::{AppendRequest, LastSeqRequest, Message};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -284,7 +285,7 @@ impl Owner {
         tracing::Span::current().record("conversation_id", message.conversation_id.as_str());
         let stored = self.persist(message).await?;
         tracing::Span::current().record("seq", stored.seq);
-        if stored.kind == "system" {
+        if stored.kind == kinds::SYSTEM {
             // Storage applied the membership change with the event: the next send's
             // membership check and this event's fan-out read the new member list.
             self.node.members.invalidate(&stored.conversation_id);

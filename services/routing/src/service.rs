@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prost::Message as _;
+use switchboard_proto::timeline::{emoji_problem, kinds, MAX_MENTIONS};
 use switchboard_proto::v1::routing_server::Routing;
 use switchboard_proto::v1::server_frame::Event;
 use switchboard_proto::v1::{
@@ -45,10 +46,6 @@ const DEFAULT_CONTENT_TYPE: &str = "text/plain";
 /// Longest `traceparent` carried into the log (version 00 has 55 bytes; later
 /// versions may append fields).
 const TRACEPARENT_MAX_BYTES: usize = 128;
-/// Longest reaction emoji, in bytes.
-const MAX_EMOJI_BYTES: usize = 32;
-/// Most users one message mentions.
-const MAX_MENTIONS: usize = 50;
 /// Most users one system event names (storage applies the member limit).
 const MAX_SYSTEM_USERS: usize = 10_000;
 
@@ -69,11 +66,11 @@ impl EventKind {
     pub(crate) fn validate(req: &RouteSendRequest) -> Result<EventKind, RoutingError> {
         let invalid = |why: &str| Err(RoutingError::InvalidRequest(why.to_owned()));
         let kind = match req.kind.as_str() {
-            "" | "message" => EventKind::Message,
-            "edit" => EventKind::Edit,
-            "delete" => EventKind::Delete,
-            "reaction" => EventKind::Reaction,
-            "system" => EventKind::System,
+            "" | kinds::MESSAGE => EventKind::Message,
+            kinds::EDIT => EventKind::Edit,
+            kinds::DELETE => EventKind::Delete,
+            kinds::REACTION => EventKind::Reaction,
+            kinds::SYSTEM => EventKind::System,
             _ => return invalid("kind must be one of message, edit, delete, reaction, system"),
         };
         let targets = matches!(
@@ -102,11 +99,8 @@ impl EventKind {
             return invalid("a mention is empty or longer than 128 bytes");
         }
         if kind == EventKind::Reaction {
-            if req.emoji.is_empty() || req.emoji.len() > MAX_EMOJI_BYTES {
-                return invalid("emoji must be 1 to 32 bytes");
-            }
-            if req.emoji.chars().any(char::is_control) {
-                return invalid("emoji must not contain control characters");
+            if let Some(problem) = emoji_problem(&req.emoji) {
+                return invalid(&problem);
             }
         } else if !req.emoji.is_empty() || req.remove {
             return invalid("emoji and remove are only for reactions");

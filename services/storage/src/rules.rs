@@ -62,10 +62,7 @@ pub fn validate_name(name: &str) -> Result<()> {
 
 /// Longest topic, in bytes.
 pub const MAX_TOPIC_BYTES: usize = 1024;
-/// Most users one message may mention.
-pub const MAX_MENTIONS: usize = 50;
-/// Longest reaction emoji, in bytes.
-pub const MAX_EMOJI_BYTES: usize = 32;
+pub use switchboard_proto::timeline::MAX_MENTIONS;
 /// Most webhooks a conversation may have.
 pub const MAX_WEBHOOKS: usize = 10;
 /// Longest webhook URL, in bytes.
@@ -96,19 +93,12 @@ pub fn validate_topic(topic: &str) -> Result<()> {
     Ok(())
 }
 
-/// A reaction emoji: 1..=[`MAX_EMOJI_BYTES`] bytes, no control characters.
+/// A reaction emoji ([`switchboard_proto::timeline::emoji_problem`]).
 pub fn validate_emoji(emoji: &str) -> Result<()> {
-    if emoji.is_empty() || emoji.len() > MAX_EMOJI_BYTES {
-        return Err(StorageError::InvalidRequest(format!(
-            "emoji must be 1 to {MAX_EMOJI_BYTES} bytes"
-        )));
+    match switchboard_proto::timeline::emoji_problem(emoji) {
+        Some(problem) => Err(StorageError::InvalidRequest(problem)),
+        None => Ok(()),
     }
-    if emoji.chars().any(char::is_control) {
-        return Err(StorageError::InvalidRequest(
-            "emoji contains control characters".into(),
-        ));
-    }
-    Ok(())
 }
 
 /// A role given by a role change: "admin", "member" or "owner" (transfer).

@@ -121,19 +121,7 @@ pub struct Appended {
 }
 
 /// Timeline event kinds (`Message.kind`).
-pub mod kinds {
-    /// A plain message (also the empty kind).
-    pub const MESSAGE: &str = "message";
-    pub const EDIT: &str = "edit";
-    pub const DELETE: &str = "delete";
-    pub const REACTION: &str = "reaction";
-    pub const SYSTEM: &str = "system";
-
-    /// Whether `kind` is a plain message ("message" or empty).
-    pub fn is_message(kind: &str) -> bool {
-        kind.is_empty() || kind == MESSAGE
-    }
-}
+pub use switchboard_proto::timeline::kinds;
 
 /// System event actions (`SystemEvent.action`).
 pub mod actions {
