@@ -865,3 +865,31 @@ async fn service_commands_refuse_to_start_without_a_cluster_credential() {
         storage.output()
     );
 }
+
+#[tokio::test]
+async fn trace_logging_shows_no_message_content() {
+    let mut setup = Setup::new(true);
+    setup.set("SWITCHBOARD_LOG__LEVEL", "trace");
+    let sb = setup.standalone().await;
+    let (alice, _alice_ev) = setup.connect("alice", "phone").await;
+    let (_bob, mut bob_ev) = setup.connect("bob", "phone").await;
+    let conv = alice.create_direct("bob").await.unwrap();
+    let id = conv.conversation_id.clone();
+    let body = "secret-body-7f3a9c";
+    let edited = "secret-edit-51b2d8";
+    let sent = alice.send(&id, body).await.unwrap();
+    alice.edit(&id, sent.seq, edited).await.unwrap();
+    let got = messages(&mut bob_ev, &id, 1).await;
+    assert_eq!(got[0].body, body);
+    let output = sb.output();
+    // Trace level is on (the log is not empty of Switchboard's own trace lines)...
+    assert!(
+        output.contains("TRACE") || output.contains("DEBUG"),
+        "{output}"
+    );
+    // ...but no library logs the frames that carry content.
+    for content in [body, edited] {
+        assert!(!output.contains(content), "{content} logged");
+    }
+    assert!(!output.contains(SECRET), "the secret was logged");
+}
