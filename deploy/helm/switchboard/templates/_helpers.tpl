@@ -132,6 +132,21 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 {{- index $settings .Values.auth.mode -}}
 {{- end -}}
 
+{{/* The cluster credential: its Secret, the key inside it and where pods read it. */}}
+{{- define "switchboard.clusterSecretName" -}}
+{{- default (printf "%s-cluster" (include "switchboard.fullname" .)) .Values.clusterCredential.existingSecret -}}
+{{- end -}}
+
+{{- define "switchboard.clusterSecretKey" -}}
+{{- if .Values.clusterCredential.existingSecret -}}
+{{- default "credential" .Values.clusterCredential.existingSecretKey -}}
+{{- else -}}
+credential
+{{- end -}}
+{{- end -}}
+
+{{- define "switchboard.clusterCredentialDir" -}}/etc/switchboard/secrets/cluster{{- end -}}
+
 {{- define "switchboard.authDir" -}}/etc/switchboard/auth{{- end -}}
 {{- define "switchboard.configDir" -}}/etc/switchboard/config{{- end -}}
 {{- define "switchboard.dataDir" -}}/var/lib/switchboard{{- end -}}
