@@ -191,9 +191,10 @@ credential
 {{- define "switchboard.configToml" -}}
 {{- $c := include "switchboard.configDict" . | fromYaml -}}
 # Switchboard configuration rendered by the Helm chart from values.config.
-# Overridden in the pods by: SWITCHBOARD_GATEWAY__ADVERTISE_URL (pod IP), and in the
-# pods of the service owning a backend by its credential and TLS settings (files of
-# mounted Secrets, Kafka's security protocol and SASL user).
+# Overridden in the pods by: SWITCHBOARD_GATEWAY__ADVERTISE_URL (pod IP), the gRPC
+# listener (pod IP), the cluster credential file (a mounted Secret), and in the pods of
+# the service owning a backend by its credential and TLS settings (files of mounted
+# Secrets, Kafka's security protocol and SASL user).
 {{- range $k, $v := $c }}
 {{- if not (kindIs "map" $v) }}
 {{ $k }} = {{ include "switchboard.tomlValue" $v }}
