@@ -36,6 +36,8 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 SECRET=$(head -c 48 /dev/urandom | base64 | tr -d '\n')
 export SWITCHBOARD_LOAD_SECRET=$SECRET
+# The internal gRPC calls' shared credential (the services refuse to start without one).
+CLUSTER_CREDENTIAL=$(head -c 48 /dev/urandom | base64 | tr -d '\n')
 PIDS=()
 DATA=
 
@@ -65,6 +67,7 @@ start_cluster() { # run id
     local env=(env -u SWITCHBOARD_LOAD_SECRET
         SWITCHBOARD_DATA_DIR="$DATA"
         SWITCHBOARD_AUTH__HS256_SECRET="$SECRET"
+        SWITCHBOARD_CLUSTER__CREDENTIAL="$CLUSTER_CREDENTIAL"
         SWITCHBOARD_LOG__LEVEL=warn
         SWITCHBOARD_GATEWAY__LISTEN=127.0.0.1:8080
         SWITCHBOARD_GATEWAY__ADMIN_LISTEN=127.0.0.1:19191

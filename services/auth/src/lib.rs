@@ -15,7 +15,7 @@ use jsonwebtoken::{
     EncodingKey, Header, Validation,
 };
 use serde::{Deserialize, Serialize};
-use switchboard_config::AuthConfig;
+use switchboard_config::{AuthConfig, MIN_SECRET_BYTES};
 
 /// Longest user id accepted, in bytes.
 pub const MAX_USER_ID_BYTES: usize = 128;
@@ -219,14 +219,20 @@ fn read(path: &Path) -> Result<Vec<u8>, AuthError> {
 /// The configured HS256 secret, if HS256 is configured.
 fn hs256_secret(auth: &AuthConfig) -> Result<Option<Vec<u8>>, AuthError> {
     if !auth.hs256_secret.is_empty() {
-        return Ok(Some(auth.hs256_secret.as_bytes().to_vec()));
+        let secret = auth.hs256_secret.expose();
+        if secret.len() < MIN_SECRET_BYTES {
+            return Err(AuthError::Config(format!(
+                "auth.hs256_secret is shorter than {MIN_SECRET_BYTES} bytes"
+            )));
+        }
+        return Ok(Some(secret.as_bytes().to_vec()));
     }
     if !auth.hs256_secret_file.is_empty() {
         let bytes = read(Path::new(&auth.hs256_secret_file))?;
         let trimmed = String::from_utf8_lossy(&bytes).trim().as_bytes().to_vec();
-        if trimmed.len() < 32 {
+        if trimmed.len() < MIN_SECRET_BYTES {
             return Err(AuthError::Config(format!(
-                "the HS256 secret in {} is shorter than 32 bytes",
+                "the HS256 secret in {} is shorter than {MIN_SECRET_BYTES} bytes",
                 auth.hs256_secret_file
             )));
         }
@@ -288,6 +294,24 @@ impl Signer {
     }
 }
 
+/// A fresh random secret: 48 random bytes, URL-safe base64 (64 visible ASCII
+/// characters), usable as an HS256 secret or a cluster credential.
+pub fn generate_secret() -> String {
+    use base64::Engine as _;
+    use rand::RngCore as _;
+    let mut bytes = [0u8; 48];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Whether the operator configured a token key (any of the four sources).
+pub fn key_configured(auth: &AuthConfig) -> bool {
+    !auth.hs256_secret.is_empty()
+        || !auth.hs256_secret_file.is_empty()
+        || !auth.public_key_file.is_empty()
+        || !auth.jwks_file.is_empty()
+}
+
 /// Standalone convenience: when no key is configured, use (and on first start create)
 /// an HS256 secret in `<data_dir>/jwt-secret`, readable only by its owner. Returns the
 /// secret file path when it was chosen this way.
@@ -295,23 +319,14 @@ pub fn ensure_dev_secret(
     auth: &mut AuthConfig,
     data_dir: &Path,
 ) -> Result<Option<PathBuf>, AuthError> {
-    if !auth.hs256_secret.is_empty()
-        || !auth.hs256_secret_file.is_empty()
-        || !auth.public_key_file.is_empty()
-        || !auth.jwks_file.is_empty()
-    {
+    if key_configured(auth) {
         return Ok(None);
     }
     let path = data_dir.join("jwt-secret");
     if !path.exists() {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| AuthError::Config(format!("cannot create {}: {e}", data_dir.display())))?;
-        use base64::Engine as _;
-        use rand::RngCore as _;
-        let mut bytes = [0u8; 48];
-        rand::thread_rng().fill_bytes(&mut bytes);
-        let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
-        write_private(&path, secret.as_bytes())?;
+        write_private(&path, generate_secret().as_bytes())?;
     }
     auth.hs256_secret_file = path.display().to_string();
     Ok(Some(path))
@@ -496,6 +511,22 @@ mod tests {
         assert!(Signer::hs256(SECRET.as_bytes())
             .sign("a\nb", Duration::from_secs(1))
             .is_err());
+    }
+
+    #[test]
+    fn short_inline_hs256_secrets_are_refused() {
+        let short = &SECRET[..MIN_SECRET_BYTES - 1];
+        let e = Verifier::from_config(&hs_config(short)).err().unwrap();
+        assert!(e.to_string().contains("shorter than 32 bytes"), "{e}");
+        assert!(Signer::from_config(&hs_config(short)).is_err());
+        assert!(Verifier::from_config(&hs_config(SECRET)).is_ok());
+    }
+
+    #[test]
+    fn generated_secrets_are_long_visible_ascii_and_differ() {
+        let (a, b) = (generate_secret(), generate_secret());
+        assert!(a.len() >= MIN_SECRET_BYTES && a.bytes().all(|c| c.is_ascii_graphic()));
+        assert_ne!(a, b);
     }
 
     #[test]

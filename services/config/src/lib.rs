@@ -13,8 +13,13 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+mod secret;
 mod settings;
+pub use secret::{Secret, SecretUrl, REDACTED};
 pub use settings::{describe_defaults, SETTINGS};
+
+/// Shortest accepted HS256 secret and cluster credential, in bytes.
+pub const MIN_SECRET_BYTES: usize = 32;
 
 /// The prefix of environment overrides.
 pub const ENV_PREFIX: &str = "SWITCHBOARD_";
@@ -43,6 +48,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Development conveniences: the `/v1/dev/token` endpoint and the chat page.
     pub dev_mode: bool,
+    /// Allow `dev_mode` with a client listener (`gateway.listen`) beyond loopback:
+    /// anyone who reaches it can then mint a token for any user.
+    pub dev_mode_allow_remote: bool,
     pub log: LogConfig,
     pub telemetry: TelemetryConfig,
     pub auth: AuthConfig,
@@ -58,6 +66,7 @@ impl Default for Config {
         Config {
             data_dir: PathBuf::from("./switchboard-data"),
             dev_mode: false,
+            dev_mode_allow_remote: false,
             log: LogConfig::default(),
             telemetry: TelemetryConfig::default(),
             auth: AuthConfig::default(),
@@ -115,8 +124,8 @@ impl Default for TelemetryConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
-    /// HS256 shared secret (prefer `hs256_secret_file`).
-    pub hs256_secret: String,
+    /// HS256 shared secret (prefer `hs256_secret_file`), at least 32 bytes.
+    pub hs256_secret: Secret,
     /// File holding the HS256 secret. In standalone, generated on first start when
     /// no key is configured.
     pub hs256_secret_file: String,
@@ -135,7 +144,7 @@ pub struct AuthConfig {
 impl Default for AuthConfig {
     fn default() -> Self {
         AuthConfig {
-            hs256_secret: String::new(),
+            hs256_secret: Secret::default(),
             hs256_secret_file: String::new(),
             public_key_file: String::new(),
             jwks_file: String::new(),
@@ -157,6 +166,17 @@ pub struct ClusterConfig {
     pub rpc_timeout_ms: u64,
     /// Timeout of establishing a gRPC connection, in milliseconds.
     pub connect_timeout_ms: u64,
+    /// The shared credential every internal gRPC call carries and every service
+    /// checks (at least 32 bytes of visible ASCII; prefer `credential_file`).
+    pub credential: Secret,
+    /// File holding the cluster credential (trailing newline ignored).
+    pub credential_file: String,
+    /// Run the internal gRPC services without a credential: anyone who reaches
+    /// their ports can read and write every user's data. Tests and trusted networks only.
+    pub insecure_no_credential: bool,
+    /// Largest internal gRPC message sent or received, in bytes (above any answer
+    /// storage produces).
+    pub max_message_bytes: usize,
 }
 
 impl Default for ClusterConfig {
@@ -167,6 +187,10 @@ impl Default for ClusterConfig {
             storage_url: "http://127.0.0.1:50054".into(),
             rpc_timeout_ms: 5_000,
             connect_timeout_ms: 2_000,
+            credential: Secret::default(),
+            credential_file: String::new(),
+            insecure_no_credential: false,
+            max_message_bytes: 8 * 1024 * 1024,
         }
     }
 }
@@ -254,13 +278,13 @@ pub struct PresenceConfig {
     pub session_ttl_ms: u64,
     /// Redis URL for the `redis` backend (`redis://[user:password@]host:port[/db]`, or
     /// `rediss://` for TLS).
-    pub redis_url: String,
+    pub redis_url: SecretUrl,
     /// Prefix of every Redis key this service writes.
     pub redis_key_prefix: String,
     /// Redis ACL user name; empty = the URL's (or none).
     pub redis_username: String,
     /// Redis password; empty = the URL's or `redis_password_file`'s (or none).
-    pub redis_password: String,
+    pub redis_password: Secret,
     /// File holding the Redis password (trailing newline ignored).
     pub redis_password_file: String,
     /// PEM file of the CA(s) that sign the Redis server certificate (`rediss://`);
@@ -282,7 +306,7 @@ impl Default for PresenceConfig {
             redis_url: "redis://127.0.0.1:6379".into(),
             redis_key_prefix: "sb".into(),
             redis_username: String::new(),
-            redis_password: String::new(),
+            redis_password: Secret::default(),
             redis_password_file: String::new(),
             redis_ca_file: String::new(),
             redis_cert_file: String::new(),
@@ -314,7 +338,7 @@ pub struct RoutingConfig {
     /// SASL user name.
     pub kafka_sasl_username: String,
     /// SASL password (prefer `kafka_sasl_password_file`).
-    pub kafka_sasl_password: String,
+    pub kafka_sasl_password: Secret,
     /// File holding the SASL password (trailing newline ignored).
     pub kafka_sasl_password_file: String,
     /// PEM file of the CA(s) that sign the broker certificates (`ssl`, `sasl_ssl`);
@@ -358,7 +382,7 @@ impl Default for RoutingConfig {
             kafka_security_protocol: "plaintext".into(),
             kafka_sasl_mechanism: String::new(),
             kafka_sasl_username: String::new(),
-            kafka_sasl_password: String::new(),
+            kafka_sasl_password: Secret::default(),
             kafka_sasl_password_file: String::new(),
             kafka_ssl_ca_file: String::new(),
             kafka_ssl_cert_file: String::new(),
@@ -394,7 +418,7 @@ pub struct StorageConfig {
     /// CQL user name; empty = no authentication.
     pub scylla_username: String,
     /// CQL password (prefer `scylla_password_file`).
-    pub scylla_password: String,
+    pub scylla_password: Secret,
     /// File holding the CQL password (trailing newline ignored).
     pub scylla_password_file: String,
     /// Connect to the CQL nodes over TLS.
@@ -427,7 +451,7 @@ impl Default for StorageConfig {
             scylla_replication_factor: 1,
             scylla_datacenter: String::new(),
             scylla_username: String::new(),
-            scylla_password: String::new(),
+            scylla_password: Secret::default(),
             scylla_password_file: String::new(),
             scylla_tls: false,
             scylla_ca_file: String::new(),
@@ -460,7 +484,7 @@ impl Config {
 
     /// Like [`Config::load`], but starting from `base` (TOML) instead of the built-in
     /// defaults alone: the file and the environment still override it. Standalone uses
-    /// this to turn `dev_mode` on unless the operator set it.
+    /// this to turn `dev_mode` on (on loopback) when it generates the token secret itself.
     pub fn load_with_base(
         base: &str,
         file: Option<&Path>,
@@ -590,9 +614,47 @@ impl Config {
             "cluster.connect_timeout_ms",
             self.cluster.connect_timeout_ms,
         )?;
+        secret_source(
+            "cluster.credential",
+            "cluster.credential_file",
+            &self.cluster.credential,
+            &self.cluster.credential_file,
+        )?;
+        if !self.cluster.credential.is_empty() {
+            check_credential("cluster.credential", &self.cluster.credential)?;
+        }
+        // Below 64 KiB even a page of small messages would not fit.
+        if self.cluster.max_message_bytes < 64 * 1024 {
+            return Err(ConfigError::Invalid {
+                key: "cluster.max_message_bytes",
+                reason: "must be at least 65536".into(),
+            });
+        }
+        let a = &self.auth;
+        if !a.hs256_secret.is_empty() && a.hs256_secret.len() < MIN_SECRET_BYTES {
+            return Err(ConfigError::Invalid {
+                key: "auth.hs256_secret",
+                reason: format!(
+                    "is {} bytes; an HS256 secret must be at least {MIN_SECRET_BYTES} bytes \
+                     (for example `openssl rand -base64 48`)",
+                    a.hs256_secret.len()
+                ),
+            });
+        }
 
         let g = &self.gateway;
         addr("gateway.listen", &g.listen)?;
+        if self.dev_mode && !self.dev_mode_allow_remote && !is_loopback(&g.listen) {
+            return Err(ConfigError::Invalid {
+                key: "dev_mode",
+                reason: format!(
+                    "serves /v1/dev/token (a token for any user, without credentials) on \
+                     gateway.listen `{}`, which is not a loopback address; listen on \
+                     127.0.0.1, turn dev_mode off, or set dev_mode_allow_remote = true",
+                    g.listen
+                ),
+            });
+        }
         addr("gateway.grpc_listen", &g.grpc_listen)?;
         addr("gateway.admin_listen", &g.admin_listen)?;
         if !g.advertise_url.is_empty() {
@@ -771,6 +833,57 @@ impl Config {
             Ok(a) => format!("http://{a}"),
             Err(_) => format!("http://{}", self.gateway.grpc_listen),
         }
+    }
+}
+
+/// Whether a listen address (already checked to parse) is on loopback only.
+fn is_loopback(listen: &str) -> bool {
+    listen
+        .parse::<SocketAddr>()
+        .map(|a| a.ip().is_loopback())
+        .unwrap_or(false)
+}
+
+/// A cluster credential is long enough and fits in gRPC metadata (visible ASCII).
+pub fn check_credential(key: &'static str, value: &str) -> Result<(), ConfigError> {
+    if value.len() < MIN_SECRET_BYTES {
+        return Err(ConfigError::Invalid {
+            key,
+            reason: format!(
+                "is {} bytes; it must be at least {MIN_SECRET_BYTES} \
+                 (for example `openssl rand -base64 48`)",
+                value.len()
+            ),
+        });
+    }
+    if !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ConfigError::Invalid {
+            key,
+            reason: "must be visible ASCII characters only (no spaces)".into(),
+        });
+    }
+    Ok(())
+}
+
+impl ClusterConfig {
+    /// The cluster credential: `credential`, else `credential_file`'s content (read
+    /// now, checked like an inline one), else empty.
+    pub fn read_credential(&self) -> Result<Secret, ConfigError> {
+        let value = read_secret(&self.credential, &self.credential_file).map_err(|e| {
+            ConfigError::Invalid {
+                key: "cluster.credential_file",
+                reason: e.to_string(),
+            }
+        })?;
+        if !value.is_empty() {
+            let key = if self.credential.is_empty() {
+                "cluster.credential_file"
+            } else {
+                "cluster.credential"
+            };
+            check_credential(key, &value)?;
+        }
+        Ok(Secret::new(value))
     }
 }
 
@@ -1014,7 +1127,8 @@ mod tests {
         let dir = tempfile_dir();
         let file = dir.join("c.toml");
         std::fs::write(&file, "[gateway]\nmax_connections = 9\n").unwrap();
-        let base = "dev_mode = true\n[gateway]\nmax_connections = 3\nmax_violations = 4\n";
+        let base = "dev_mode = true\n[gateway]\nlisten = \"127.0.0.1:8080\"\nmax_connections = 3\n\
+                    max_violations = 4\n";
         let c = Config::load_with_base(base, Some(&file), env(&[])).unwrap();
         assert!(c.dev_mode);
         assert_eq!(c.gateway.max_connections, 9);
@@ -1208,6 +1322,167 @@ mod tests {
             "together",
         );
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn printed_configuration_shows_no_secret() {
+        let secrets = [
+            (
+                "SWITCHBOARD_AUTH__HS256_SECRET",
+                "hs256-secret-value-0123456789abcdef",
+            ),
+            (
+                "SWITCHBOARD_CLUSTER__CREDENTIAL",
+                "cluster-credential-0123456789abcdef",
+            ),
+            (
+                "SWITCHBOARD_PRESENCE__REDIS_PASSWORD",
+                "redis-password-value",
+            ),
+            (
+                "SWITCHBOARD_ROUTING__KAFKA_SASL_PASSWORD",
+                "kafka-password-value",
+            ),
+            (
+                "SWITCHBOARD_STORAGE__SCYLLA_PASSWORD",
+                "scylla-password-value",
+            ),
+        ];
+        let mut vars = env(&secrets);
+        vars.extend(env(&[
+            (
+                "SWITCHBOARD_PRESENCE__REDIS_URL",
+                "redis://u:redis-url-password@r:6379",
+            ),
+            (
+                "SWITCHBOARD_ROUTING__KAFKA_SECURITY_PROTOCOL",
+                "sasl_plaintext",
+            ),
+            ("SWITCHBOARD_ROUTING__KAFKA_SASL_MECHANISM", "PLAIN"),
+            ("SWITCHBOARD_ROUTING__KAFKA_SASL_USERNAME", "u"),
+            ("SWITCHBOARD_STORAGE__SCYLLA_USERNAME", "u"),
+        ]));
+        let c = Config::from_toml_and_env(
+            "[presence]\nbackend = \"redis\"\n[routing]\nbackend = \"kafka\"\n\
+             [storage]\nbackend = \"scylla\"\n",
+            vars,
+        )
+        .unwrap();
+        assert_eq!(
+            c.routing.kafka_sasl_password.expose(),
+            "kafka-password-value"
+        );
+        assert_eq!(
+            c.presence.redis_url.expose(),
+            "redis://u:redis-url-password@r:6379"
+        );
+        for printed in [format!("{c:?}"), format!("{c:#?}")] {
+            for (_, value) in secrets {
+                assert!(!printed.contains(value), "{value} printed");
+            }
+            assert!(!printed.contains("redis-url-password"));
+            assert!(printed.contains(REDACTED));
+        }
+    }
+
+    #[test]
+    fn short_hs256_secrets_are_refused() {
+        let e = Config::from_toml_and_env("[auth]\nhs256_secret = \"short-secret\"\n", env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("auth.hs256_secret") && e.contains("at least 32"),
+            "{e}"
+        );
+        let e = Config::from_toml_and_env(
+            "",
+            env(&[("SWITCHBOARD_AUTH__HS256_SECRET", &"x".repeat(31))]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("auth.hs256_secret"), "{e}");
+        let c = Config::from_toml_and_env(
+            "",
+            env(&[("SWITCHBOARD_AUTH__HS256_SECRET", &"x".repeat(32))]),
+        )
+        .unwrap();
+        assert_eq!(c.auth.hs256_secret.len(), 32);
+    }
+
+    #[test]
+    fn cluster_credentials_are_checked() {
+        let dir = std::env::temp_dir().join(format!("sb-config-cred-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = "c".repeat(40);
+        let file = dir.join("credential");
+        std::fs::write(&file, format!("{good}\n")).unwrap();
+        let short = dir.join("short");
+        std::fs::write(&short, "too-short\n").unwrap();
+        let from_file = |path: &Path| {
+            Config::from_toml_and_env(
+                "",
+                env(&[(
+                    "SWITCHBOARD_CLUSTER__CREDENTIAL_FILE",
+                    &path.display().to_string(),
+                )]),
+            )
+            .unwrap()
+            .cluster
+            .read_credential()
+        };
+        assert_eq!(from_file(&file).unwrap().expose(), good);
+        let e = from_file(&short).unwrap_err().to_string();
+        assert!(
+            e.contains("cluster.credential_file") && e.contains("at least 32"),
+            "{e}"
+        );
+        let inline = |value: &str| {
+            Config::from_toml_and_env("", env(&[("SWITCHBOARD_CLUSTER__CREDENTIAL", value)]))
+        };
+        assert_eq!(
+            inline(&good)
+                .unwrap()
+                .cluster
+                .read_credential()
+                .unwrap()
+                .expose(),
+            good
+        );
+        let e = inline("short").unwrap_err().to_string();
+        assert!(
+            e.contains("cluster.credential") && e.contains("at least 32"),
+            "{e}"
+        );
+        let e = inline(&format!("{good} with spaces"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("visible ASCII"), "{e}");
+        assert!(Config::default()
+            .cluster
+            .read_credential()
+            .unwrap()
+            .is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn dev_mode_beyond_loopback_needs_to_be_forced() {
+        let e = Config::from_toml_and_env(
+            "dev_mode = true\n[gateway]\nlisten = \"0.0.0.0:8080\"\n",
+            env(&[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("dev_mode") && e.contains("loopback"), "{e}");
+        Config::from_toml_and_env(
+            "dev_mode = true\n[gateway]\nlisten = \"127.0.0.1:8080\"\n",
+            env(&[]),
+        )
+        .unwrap();
+        Config::from_toml_and_env(
+            "dev_mode = true\ndev_mode_allow_remote = true\n[gateway]\nlisten = \"0.0.0.0:8080\"\n",
+            env(&[]),
+        )
+        .unwrap();
     }
 
     #[test]

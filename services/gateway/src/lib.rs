@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use switchboard_auth::{Signer, Verifier};
 use switchboard_config::Config;
 use switchboard_proto::v1;
+use switchboard_rpc::MessageLimits as _;
 use switchboard_telemetry::Readiness;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -267,17 +268,19 @@ impl Gateway {
         reporter
             .set_serving::<v1::gateway_server::GatewayServer<deliver::GatewayService>>()
             .await;
-        let routes = tonic::service::Routes::new(v1::gateway_server::GatewayServer::new(
-            deliver::GatewayService {
+        let routes = tonic::service::Routes::new(
+            v1::gateway_server::GatewayServer::new(deliver::GatewayService {
                 shared: shared.clone(),
-            },
-        ));
+            })
+            .message_limits(&shared.config.cluster),
+        );
         // The three servers; any of them stopping before shutdown is a failure.
         let mut servers = tokio::task::JoinSet::new();
         servers.spawn(switchboard_rpc::serve(
             listeners.grpc,
             routes,
             health,
+            &shared.config.cluster,
             stop.clone(),
         ));
         servers.spawn(switchboard_telemetry::serve_admin(

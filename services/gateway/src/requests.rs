@@ -31,8 +31,8 @@ use switchboard_proto::v1::{
     self, ack, client_frame::Request, server_frame::Event, Ack, ServerFrame,
 };
 use switchboard_proto::ErrorCode;
+use switchboard_rpc::{Channel, MessageLimits as _};
 use tokio::time::Instant;
-use tonic::transport::Channel;
 use tracing::{debug, warn, Instrument as _};
 
 use crate::error::GatewayError;
@@ -60,15 +60,18 @@ impl Peers {
             presence: v1::presence_client::PresenceClient::new(switchboard_rpc::channel(
                 &cluster.presence_url,
                 cluster,
-            )?),
+            )?)
+            .message_limits(cluster),
             routing: v1::routing_client::RoutingClient::new(switchboard_rpc::channel(
                 &cluster.routing_url,
                 cluster,
-            )?),
+            )?)
+            .message_limits(cluster),
             storage: v1::storage_client::StorageClient::new(switchboard_rpc::channel(
                 &cluster.storage_url,
                 cluster,
-            )?),
+            )?)
+            .message_limits(cluster),
         })
     }
 }

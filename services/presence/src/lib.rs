@@ -57,7 +57,7 @@ use prometheus::Registry;
 use switchboard_config::Config;
 use switchboard_proto::v1::presence_interest_server::PresenceInterestServer;
 use switchboard_proto::v1::presence_server::PresenceServer;
-use switchboard_rpc::ChannelPool;
+use switchboard_rpc::{ChannelPool, MessageLimits as _};
 use switchboard_telemetry::Readiness;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -182,15 +182,19 @@ pub async fn serve(
             }
         }
     });
-    let routes = tonic::service::Routes::new(PresenceServer::new(PresenceService::new(
-        store.clone(),
-        notifications,
-        pool,
-        metrics.clone(),
-    )))
-    .add_service(PresenceInterestServer::new(InterestService::new(
-        store, metrics,
-    )));
+    let routes = tonic::service::Routes::new(
+        PresenceServer::new(PresenceService::new(
+            store.clone(),
+            notifications,
+            pool,
+            metrics.clone(),
+        ))
+        .message_limits(&config.cluster),
+    )
+    .add_service(
+        PresenceInterestServer::new(InterestService::new(store, metrics))
+            .message_limits(&config.cluster),
+    );
     tracing::info!(
         grpc = %grpc_addr,
         admin = %admin_addr,
@@ -199,7 +203,14 @@ pub async fn serve(
         "presence serving"
     );
 
-    let served = switchboard_rpc::serve(grpc, routes, health_service, shutdown.clone()).await;
+    let served = switchboard_rpc::serve(
+        grpc,
+        routes,
+        health_service,
+        &config.cluster,
+        shutdown.clone(),
+    )
+    .await;
     workers.cancel();
     if let Err(e) = ready_task.await {
         tracing::error!(task = "ready", error = %e, "presence task failed");

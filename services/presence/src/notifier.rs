@@ -27,7 +27,7 @@ use switchboard_proto::v1::gateway_client::GatewayClient;
 use switchboard_proto::v1::{
     server_frame, DeliverRequest, Delivery, PresenceEvent, ServerFrame, UserPresence,
 };
-use switchboard_rpc::ChannelPool;
+use switchboard_rpc::{ChannelPool, MessageLimits as _};
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -270,6 +270,7 @@ async fn deliver(
         }
     };
     match GatewayClient::new(channel)
+        .message_limits(pool.cluster())
         .deliver(DeliverRequest { deliveries })
         .await
     {

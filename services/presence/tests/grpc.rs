@@ -143,6 +143,7 @@ async fn start_on(session_ttl_ms: u64, redis: Option<&RedisPrefix>) -> Harness {
         gateway_listener,
         tonic::service::Routes::new(GatewayServer::new(FakeGateway { delivered_tx })),
         health,
+        &Config::default().cluster,
         shutdown.clone(),
     ));
 
@@ -151,7 +152,7 @@ async fn start_on(session_ttl_ms: u64, redis: Option<&RedisPrefix>) -> Harness {
     config.gateway.heartbeat_interval_ms = session_ttl_ms / 10;
     if let Some(redis) = redis {
         config.presence.backend = "redis".into();
-        config.presence.redis_url = redis.url.clone();
+        config.presence.redis_url = redis.url.clone().into();
         config.presence.redis_key_prefix = redis.prefix.clone();
     }
     config.validate().unwrap();

@@ -20,7 +20,7 @@ use std::time::Duration;
 use prost::Message as _;
 use switchboard_proto::v1::gateway_client::GatewayClient;
 use switchboard_proto::v1::{DeliverRequest, Delivery};
-use switchboard_rpc::ChannelPool;
+use switchboard_rpc::{ChannelPool, MessageLimits as _};
 use switchboard_telemetry::TraceContext;
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio_util::sync::CancellationToken;
@@ -271,7 +271,7 @@ impl Inner {
 
     async fn run_sender(&self, url: String, generation: u64, mut rx: mpsc::Receiver<Queued>) {
         let mut client = match self.pool.get(&url) {
-            Ok(channel) => GatewayClient::new(channel),
+            Ok(channel) => GatewayClient::new(channel).message_limits(self.pool.cluster()),
             Err(e) => {
                 tracing::warn!(gateway = %url, error = %e, "cannot reach gateway");
                 self.remove_queue(&url, generation, &rx, false);
@@ -342,7 +342,7 @@ impl Inner {
     /// One batch with retries; false if it was dropped.
     async fn deliver(
         &self,
-        client: &mut GatewayClient<tonic::transport::Channel>,
+        client: &mut GatewayClient<switchboard_rpc::Channel>,
         url: &str,
         batch: Vec<Delivery>,
     ) -> bool {

@@ -43,7 +43,7 @@ use switchboard_proto::v1::presence_client::PresenceClient;
 use switchboard_proto::v1::presence_interest_client::PresenceInterestClient;
 use switchboard_proto::v1::routing_server::RoutingServer;
 use switchboard_proto::v1::storage_client::StorageClient;
-use switchboard_rpc::ChannelPool;
+use switchboard_rpc::{ChannelPool, MessageLimits as _};
 use switchboard_telemetry::Readiness;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -145,10 +145,10 @@ pub async fn serve(
     health_reporter
         .set_serving::<RoutingServer<RoutingService>>()
         .await;
-    let routes = tonic::service::Routes::new(RoutingServer::new(RoutingService::new(
-        node.clone(),
-        shutdown.clone(),
-    )));
+    let routes = tonic::service::Routes::new(
+        RoutingServer::new(RoutingService::new(node.clone(), shutdown.clone()))
+            .message_limits(&config.cluster),
+    );
     node.health.set_serving(true);
     tracing::info!(
         grpc = %config.routing.grpc_listen,
@@ -165,8 +165,14 @@ pub async fn serve(
             node.health.set_serving(false);
         })
     };
-    let served =
-        switchboard_rpc::serve(grpc_listener, routes, health_service, shutdown.clone()).await;
+    let served = switchboard_rpc::serve(
+        grpc_listener,
+        routes,
+        health_service,
+        &config.cluster,
+        shutdown.clone(),
+    )
+    .await;
     // Also reached when the server failed on its own: stop everything the same way.
     shutdown.cancel();
     let _ = not_ready.await;
@@ -192,13 +198,12 @@ fn build_node(
     metrics: Arc<metrics::Metrics>,
     readiness: Readiness,
 ) -> anyhow::Result<Arc<node::Node>> {
-    let storage = StorageClient::new(switchboard_rpc::channel(
-        &config.cluster.storage_url,
-        &config.cluster,
-    )?);
-    let presence_channel = switchboard_rpc::channel(&config.cluster.presence_url, &config.cluster)?;
-    let interest = PresenceInterestClient::new(presence_channel.clone());
-    let presence = PresenceClient::new(presence_channel);
+    let cluster = &config.cluster;
+    let storage = StorageClient::new(switchboard_rpc::channel(&cluster.storage_url, cluster)?)
+        .message_limits(cluster);
+    let presence_channel = switchboard_rpc::channel(&cluster.presence_url, cluster)?;
+    let interest = PresenceInterestClient::new(presence_channel.clone()).message_limits(cluster);
+    let presence = PresenceClient::new(presence_channel).message_limits(cluster);
     let fanout = fanout::Fanout::new(
         ChannelPool::new(config.cluster.clone()),
         fanout::FanoutOptions {

@@ -21,8 +21,8 @@ use std::time::Duration;
 use switchboard_proto::v1::storage_client::StorageClient;
 use switchboard_proto::v1::GetConversationRequest;
 use switchboard_proto::ErrorCode;
+use switchboard_rpc::Channel;
 use tokio::time::Instant;
-use tonic::transport::Channel;
 
 use crate::error::RoutingError;
 

@@ -15,8 +15,8 @@ use switchboard_proto::v1::{
     Delivery, GatewayRoute, Message, MessageEvent, RouteConversationRequest, RouteRequest,
     ServerFrame,
 };
+use switchboard_rpc::Channel;
 use switchboard_telemetry::Readiness;
-use tonic::transport::Channel;
 
 use crate::error::RoutingError;
 use crate::eventlog::EventLog;

@@ -687,7 +687,7 @@ impl Peers {
 
 /// The routing service running through `serve`, reached over gRPC.
 struct Running {
-    client: RoutingClient<tonic::transport::Channel>,
+    client: RoutingClient<switchboard_rpc::Channel>,
     admin: std::net::SocketAddr,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,

@@ -40,6 +40,7 @@ use std::time::Duration;
 use anyhow::Context;
 use switchboard_config::Config;
 use switchboard_proto::v1::storage_server::StorageServer;
+use switchboard_rpc::MessageLimits as _;
 use switchboard_telemetry::Readiness;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -184,13 +185,22 @@ pub async fn serve(
 
     let (reporter, health) = switchboard_rpc::health();
     reporter.set_serving::<StorageServer<StorageGrpc>>().await;
-    let routes = tonic::service::Routes::new(StorageServer::new(StorageGrpc::new(service)));
+    let routes = tonic::service::Routes::new(
+        StorageServer::new(StorageGrpc::new(service)).message_limits(&config.cluster),
+    );
     let addr = grpc_listener.local_addr()?;
     if !shutdown.is_cancelled() {
         readiness.set(true);
     }
     tracing::info!(%addr, backend = %config.storage.backend, "storage service ready");
-    let served = switchboard_rpc::serve(grpc_listener, routes, health, shutdown.clone()).await;
+    let served = switchboard_rpc::serve(
+        grpc_listener,
+        routes,
+        health,
+        &config.cluster,
+        shutdown.clone(),
+    )
+    .await;
     readiness.set(false);
     local.cancel();
     let _ = purger.await;

@@ -11,6 +11,10 @@
 //!
 //! Configuration is loaded and validated before any port is bound. Services run until
 //! SIGTERM or Ctrl-C; the gateway drains first, then the others stop.
+//!
+//! The four service commands need the cluster credential (`cluster.credential` or
+//! `cluster.credential_file`) that authenticates internal gRPC calls, unless
+//! `cluster.insecure_no_credential` is set; standalone generates one per process.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,7 +39,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run all four services in one process on embedded backends (development, demos,
-    /// small installs). Development mode (chat page, /v1/dev/token) is on unless set.
+    /// small installs). Without a configured token key, it generates a secret and turns
+    /// development mode (chat page, /v1/dev/token) on, listening on loopback.
     Standalone,
     /// Run the gateway service.
     Gateway,
@@ -74,8 +79,10 @@ enum ConfigCommand {
     Check,
 }
 
-/// Standalone's defaults on top of the built-in ones: development conveniences on.
-const STANDALONE_BASE: &str = "dev_mode = true\n";
+/// Standalone's defaults on top of the built-in ones when it generates the token secret
+/// itself: development conveniences on, and so the client listener on loopback only
+/// (`/v1/dev/token` mints a token for any user). The file and environment override it.
+const STANDALONE_DEV_BASE: &str = "dev_mode = true\n[gateway]\nlisten = \"127.0.0.1:8080\"\n";
 
 fn parse_ttl(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -141,7 +148,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Token { user, ttl, bot } => {
-            let mut config = Config::load_with_base(STANDALONE_BASE, cli.config.as_deref(), env)?;
+            let mut config = Config::load(cli.config.as_deref(), env)?;
             switchboard_auth::ensure_dev_secret(&mut config.auth, &config.data_dir)?;
             let token = switchboard_auth::Signer::from_config(&config.auth)?
                 .sign_account(&user, ttl, bot)?;
@@ -149,15 +156,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Standalone => {
-            let mut config = Config::load_with_base(STANDALONE_BASE, cli.config.as_deref(), env)?;
-            let generated =
-                switchboard_auth::ensure_dev_secret(&mut config.auth, &config.data_dir)?;
+            let (mut config, generated) = load_standalone(cli.config.as_deref(), env.collect())?;
             // Refuse a bad key before binding anything.
             switchboard_auth::Verifier::from_config(&config.auth)?;
-            runtime()?.block_on(standalone(Arc::new(config), generated.is_some()))
+            // The four services talk over loopback inside this process: a credential
+            // of its own unless one is configured.
+            config.cluster.credential = config.cluster.read_credential()?;
+            config.cluster.credential_file.clear();
+            if config.cluster.credential.is_empty() {
+                config.cluster.credential = switchboard_auth::generate_secret().into();
+            }
+            runtime()?.block_on(standalone(Arc::new(config), generated))
         }
         Command::Gateway | Command::Presence | Command::Routing | Command::Storage => {
-            let config = Config::load(cli.config.as_deref(), env)?;
+            let mut config = Config::load(cli.config.as_deref(), env)?;
+            resolve_cluster_credential(&mut config.cluster)?;
             if matches!(cli.command, Command::Gateway) {
                 switchboard_auth::Verifier::from_config(&config.auth)
                     .context("the gateway needs a token verification key")?;
@@ -165,6 +178,60 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = Arc::new(config);
             runtime()?.block_on(single(config, cli.command))
         }
+    }
+}
+
+/// Standalone's configuration and whether it generated the token secret. Development
+/// mode is on by default only when no token key is configured (standalone then uses
+/// the secret it generates in the data directory); with the operator's own key it is
+/// on only when `dev_mode` is set explicitly.
+fn load_standalone(
+    file: Option<&std::path::Path>,
+    env: Vec<(String, String)>,
+) -> anyhow::Result<(Config, bool)> {
+    let plain = Config::load(file, env.clone())?;
+    if switchboard_auth::key_configured(&plain.auth) {
+        return Ok((plain, false));
+    }
+    let mut config = Config::load_with_base(STANDALONE_DEV_BASE, file, env)?;
+    let generated = switchboard_auth::ensure_dev_secret(&mut config.auth, &config.data_dir)?;
+    Ok((config, generated.is_some()))
+}
+
+/// Read the cluster credential once (from its file if so configured), so every
+/// channel and server uses the same value; refuse to go on without one unless
+/// `cluster.insecure_no_credential` says so.
+fn resolve_cluster_credential(
+    cluster: &mut switchboard_config::ClusterConfig,
+) -> anyhow::Result<()> {
+    cluster.credential = cluster.read_credential()?;
+    cluster.credential_file.clear();
+    if cluster.credential.is_empty() && !cluster.insecure_no_credential {
+        anyhow::bail!(
+            "no cluster credential: set cluster.credential_file (or \
+             SWITCHBOARD_CLUSTER__CREDENTIAL) to the same secret of at least 32 bytes on \
+             every service, for example from `openssl rand -base64 48`; \
+             cluster.insecure_no_credential = true runs without one (anyone who reaches \
+             the gRPC ports can then read and write every user's data)"
+        );
+    }
+    Ok(())
+}
+
+/// The warnings of settings that open the service up, logged at start.
+fn warn_insecure(config: &Config, service: &str) {
+    if config.dev_mode && matches!(service, "gateway" | "standalone") {
+        tracing::warn!(
+            listen = %config.gateway.listen,
+            "dev mode is on: /v1/dev/token gives anyone who reaches this listener a token \
+             for any user; turn dev_mode off for real users"
+        );
+    }
+    if config.cluster.credential.is_empty() && service != "standalone" {
+        tracing::warn!(
+            "cluster.insecure_no_credential is on: internal gRPC calls are not \
+             authenticated, anyone who reaches the gRPC port can call them"
+        );
     }
 }
 
@@ -213,6 +280,7 @@ async fn single(config: Arc<Config>, command: Command) -> anyhow::Result<()> {
     };
     // Held until the service stopped, so its last spans are flushed.
     let _tracing = switchboard_telemetry::init_tracing(&config.log, &config.telemetry, service)?;
+    warn_insecure(&config, service);
     let shutdown = CancellationToken::new();
     let (name, task) = match command {
         Command::Gateway => (
@@ -258,6 +326,21 @@ async fn standalone(config: Arc<Config>, generated_secret: bool) -> anyhow::Resu
     // names its service in its `service` field.
     let _tracing =
         switchboard_telemetry::init_tracing(&config.log, &config.telemetry, "standalone")?;
+    warn_insecure(&config, "standalone");
+    // Every port is bound before anything is announced, so a port in use fails the
+    // start here, before the URL is printed.
+    let bind = switchboard_telemetry::bind;
+    let storage_grpc = bind("storage.grpc_listen", &config.storage.grpc_listen).await?;
+    let storage_admin = bind("storage.admin_listen", &config.storage.admin_listen).await?;
+    let presence_store = switchboard_presence::build_store(&config.presence)?;
+    let presence_grpc = bind("presence.grpc_listen", &config.presence.grpc_listen).await?;
+    let presence_admin = bind("presence.admin_listen", &config.presence.admin_listen).await?;
+    let routing_grpc = bind("routing.grpc_listen", &config.routing.grpc_listen).await?;
+    let routing_admin = bind("routing.admin_listen", &config.routing.admin_listen).await?;
+    let gateway_service = switchboard_gateway::Gateway::new(config.clone())?;
+    let gateway_listeners = switchboard_gateway::Listeners::bind(&config).await?;
+    let url = client_url(&gateway_listeners.http.local_addr()?.to_string());
+
     // Backends stop only after the gateway has drained, so no accepted message is cut
     // off mid-flight.
     let backend_stop = CancellationToken::new();
@@ -265,38 +348,53 @@ async fn standalone(config: Arc<Config>, generated_secret: bool) -> anyhow::Resu
     let mut backends = JoinSet::new();
     {
         let (c, s) = (config.clone(), backend_stop.clone());
-        backends.spawn(async move { ("storage", switchboard_storage::run(c, s).await) });
+        backends.spawn(async move {
+            let served = switchboard_storage::serve(c, storage_grpc, storage_admin, s).await;
+            ("storage", served)
+        });
         let (c, s) = (config.clone(), backend_stop.clone());
-        backends.spawn(async move { ("presence", switchboard_presence::run(c, s).await) });
+        backends.spawn(async move {
+            let served =
+                switchboard_presence::serve(c, presence_grpc, presence_admin, presence_store, s)
+                    .await;
+            ("presence", served)
+        });
         let (c, s) = (config.clone(), backend_stop.clone());
-        backends.spawn(async move { ("routing", switchboard_routing::run(c, s).await) });
+        backends.spawn(async move {
+            let served = switchboard_routing::serve(c, routing_grpc, routing_admin, s).await;
+            ("routing", served)
+        });
     }
-    let mut gateway = tokio::spawn(switchboard_gateway::run(
-        config.clone(),
-        gateway_stop.clone(),
-    ));
+    let mut gateway = tokio::spawn(gateway_service.serve(gateway_listeners, gateway_stop.clone()));
 
-    let url = client_url(&config.gateway.listen);
     tracing::info!(
         data_dir = %config.data_dir.display(),
         url = %url,
-        "switchboard standalone is starting"
+        dev_mode = config.dev_mode,
+        "switchboard standalone is listening"
     );
-    println!(
-        "Switchboard standalone: open {url}/ (chat page), connect clients to {}/v1/connect",
-        url.replace("http", "ws")
-    );
-    println!(
-        "Get a token: switchboard token --user alice{}",
-        if generated_secret {
-            format!(
-                "   (run from this directory; secret in {})",
-                config.data_dir.join("jwt-secret").display()
-            )
-        } else {
-            String::new()
-        }
-    );
+    if config.dev_mode {
+        println!(
+            "Switchboard standalone: open {url}/ (chat page), connect clients to {}/v1/connect",
+            url.replace("http", "ws")
+        );
+        println!(
+            "Development mode: {url}/v1/dev/token gives a token for any user, without credentials."
+        );
+    } else {
+        println!(
+            "Switchboard standalone: connect clients to {}/v1/connect",
+            url.replace("http", "ws")
+        );
+    }
+    if generated_secret {
+        println!(
+            "Get a token: switchboard token --user alice   (run from this directory; secret in {})",
+            config.data_dir.join("jwt-secret").display()
+        );
+    } else {
+        println!("Get a token: switchboard token --user alice");
+    }
 
     let mut failure = None;
     tokio::select! {

@@ -143,3 +143,151 @@ async fn users_of_a_gateway_killed_without_goodbye_go_offline_by_ttl() {
     assert!(gone.last_seen_ms > 0);
     assert!(c.gateway2.is_running());
 }
+
+/// A request carrying `credential` (if any) as the cluster credential.
+fn with_credential<T>(message: T, credential: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(credential) = credential {
+        request.metadata_mut().insert(
+            "x-switchboard-cluster-credential",
+            credential.parse().expect("ascii credential"),
+        );
+    }
+    request
+}
+
+async fn grpc_channel(port: u16) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .expect("grpc url")
+        .connect()
+        .await
+        .expect("connect to the gRPC port")
+}
+
+/// The port of a `host:port` setting of the setup.
+fn port_of(setup: &Setup, key: &str) -> u16 {
+    setup
+        .env
+        .iter()
+        .find(|(k, _)| k == key)
+        .and_then(|(_, v)| v.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .expect("port in the environment")
+}
+
+#[tokio::test]
+async fn internal_grpc_refuses_calls_without_the_cluster_credential() {
+    use switchboard_proto::v1;
+    let c = cluster(&[]).await;
+    let (alice, _alice_ev) = c.setup.connect("alice", "phone").await;
+    let conv = alice.create_direct("bob").await.unwrap();
+    let id = conv.conversation_id.clone();
+    alice.send(&id, "between alice and bob").await.unwrap();
+
+    let mut storage = v1::storage_client::StorageClient::new(
+        grpc_channel(port_of(&c.setup, "SWITCHBOARD_STORAGE__GRPC_LISTEN")).await,
+    );
+    let mut routing = v1::routing_client::RoutingClient::new(
+        grpc_channel(port_of(&c.setup, "SWITCHBOARD_ROUTING__GRPC_LISTEN")).await,
+    );
+    let gateway_channel = grpc_channel(c.second.grpc).await;
+    let mut gateway = v1::gateway_client::GatewayClient::new(gateway_channel.clone());
+    let history = |user: &str| v1::StorageHistoryRequest {
+        user_id: user.into(),
+        request: Some(v1::HistoryRequest {
+            conversation_id: id.clone(),
+            from_seq: 0,
+            direction: "backward".into(),
+            limit: 50,
+        }),
+    };
+    let list_webhooks = || v1::ListWebhooksRequest {
+        conversation_id: id.clone(),
+        actor_id: "alice".into(),
+    };
+    let send = |client_msg_id: &str| v1::RouteSendRequest {
+        sender_id: "alice".into(),
+        sender_device: "phone".into(),
+        conversation_id: id.clone(),
+        client_msg_id: client_msg_id.into(),
+        body: "in alice's name".into(),
+        ..Default::default()
+    };
+
+    // Without the credential, with a wrong one of the same length and with a short one.
+    let wrong = "x".repeat(CLUSTER_CREDENTIAL.len());
+    for credential in [None, Some(wrong.as_str()), Some("short")] {
+        let refused = [
+            storage
+                .history(with_credential(history(""), credential))
+                .await
+                .map(|_| ())
+                .unwrap_err(),
+            storage
+                .list_webhooks(with_credential(list_webhooks(), credential))
+                .await
+                .map(|_| ())
+                .unwrap_err(),
+            routing
+                .send(with_credential(send("forged"), credential))
+                .await
+                .map(|_| ())
+                .unwrap_err(),
+            gateway
+                .drain(with_credential(
+                    v1::DrainRequest { deadline_ms: 0 },
+                    credential,
+                ))
+                .await
+                .map(|_| ())
+                .unwrap_err(),
+        ];
+        for status in refused {
+            assert_eq!(
+                status.code(),
+                tonic::Code::Unauthenticated,
+                "{credential:?}: {status:?}"
+            );
+            assert_eq!(status.message(), "missing or wrong cluster credential");
+        }
+    }
+    // Nothing was appended under alice's name.
+    let page = storage
+        .history(with_credential(history("alice"), Some(CLUSTER_CREDENTIAL)))
+        .await
+        .expect("history with the credential")
+        .into_inner();
+    let bodies: Vec<&str> = page.messages.iter().map(|m| m.body.as_str()).collect();
+    assert!(bodies.contains(&"between alice and bob"), "{bodies:?}");
+    assert!(!bodies.contains(&"in alice's name"), "{bodies:?}");
+
+    // Health checks stay open for probes.
+    let health = tonic_health::pb::health_client::HealthClient::new(gateway_channel)
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .expect("health without the credential")
+        .into_inner();
+    assert_eq!(
+        health.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    // With the credential every call is served.
+    storage
+        .list_webhooks(with_credential(list_webhooks(), Some(CLUSTER_CREDENTIAL)))
+        .await
+        .expect("list webhooks with the credential");
+    let sent = routing
+        .send(with_credential(send("peer"), Some(CLUSTER_CREDENTIAL)))
+        .await
+        .expect("send with the credential")
+        .into_inner();
+    assert!(!sent.message_id.is_empty(), "{sent:?}");
+    gateway
+        .drain(with_credential(
+            v1::DrainRequest { deadline_ms: 100 },
+            Some(CLUSTER_CREDENTIAL),
+        ))
+        .await
+        .expect("drain with the credential");
+}

@@ -735,3 +735,161 @@ async fn invalid_configuration_fails_before_binding() {
         proc.output()
     );
 }
+
+/// Wait (at most 10 s) for `proc` to exit.
+async fn wait_exit(proc: &mut Proc) {
+    let start = std::time::Instant::now();
+    while proc.is_running() && start.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn with_the_operators_own_secret_there_is_no_dev_token_endpoint() {
+    let setup = Setup::new(true);
+    let sb = setup.standalone().await;
+    let (status, _) = http_get(setup.gateway.listen, "/v1/dev/token?user=victim")
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
+    let (status, _) = http_get(setup.gateway.listen, "/").await.unwrap();
+    assert_eq!(status, 404);
+    assert!(!sb.output().contains("dev mode is on"), "{}", sb.output());
+}
+
+#[tokio::test]
+async fn dev_mode_with_the_generated_secret_warns_at_start() {
+    let setup = Setup::new(false);
+    let sb = setup.standalone().await;
+    let (status, body) = http_get(setup.gateway.listen, "/v1/dev/token?user=dave")
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let output = sb.output();
+    assert!(output.contains("dev mode is on"), "{output}");
+    assert!(output.contains("without credentials"), "{output}");
+}
+
+#[tokio::test]
+async fn dev_mode_refuses_a_client_listener_beyond_loopback() {
+    let setup = Setup::new(false);
+    let mut env = setup.gateway.env();
+    env.push((
+        "SWITCHBOARD_GATEWAY__LISTEN".into(),
+        format!("0.0.0.0:{}", setup.gateway.listen),
+    ));
+    let mut proc = setup.spawn(&["standalone"], &env);
+    wait_exit(&mut proc).await;
+    assert!(!proc.is_running(), "dev mode started on 0.0.0.0");
+    let output = proc.output();
+    assert!(
+        output.contains("dev_mode") && output.contains("dev_mode_allow_remote"),
+        "{output}"
+    );
+    assert!(!output.contains("Switchboard standalone:"), "{output}");
+}
+
+#[tokio::test]
+async fn the_url_is_printed_only_once_every_port_is_bound() {
+    let setup = Setup::new(true);
+    // Something else holds the gateway's client port.
+    let _taken = std::net::TcpListener::bind(("127.0.0.1", setup.gateway.listen)).unwrap();
+    let mut proc = setup.spawn(&["standalone"], &setup.gateway.env());
+    wait_exit(&mut proc).await;
+    assert!(!proc.is_running(), "standalone started without its port");
+    let output = proc.output();
+    assert!(output.contains("gateway.listen"), "{output}");
+    assert!(!output.contains("Switchboard standalone:"), "{output}");
+    assert!(!output.contains("ws://"), "{output}");
+}
+
+#[tokio::test]
+async fn config_check_prints_no_secret() {
+    let setup = Setup::new(true);
+    let out = std::process::Command::new(bin())
+        .args(["config", "check"])
+        .env_clear()
+        .envs(setup.env.iter().cloned())
+        .env(
+            "SWITCHBOARD_PRESENCE__REDIS_PASSWORD",
+            "redis-password-value",
+        )
+        .env(
+            "SWITCHBOARD_PRESENCE__REDIS_URL",
+            "redis://u:url-password-value@r:6379",
+        )
+        .current_dir(setup.data_dir())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("configuration is valid"), "{text}");
+    for secret in [
+        SECRET,
+        CLUSTER_CREDENTIAL,
+        "redis-password-value",
+        "url-password-value",
+    ] {
+        assert!(!text.contains(secret), "{secret} printed: {text}");
+    }
+    assert!(text.contains("<redacted>"), "{text}");
+}
+
+#[tokio::test]
+async fn service_commands_refuse_to_start_without_a_cluster_credential() {
+    let mut setup = Setup::new(true);
+    setup
+        .env
+        .retain(|(k, _)| k != "SWITCHBOARD_CLUSTER__CREDENTIAL");
+    for service in ["gateway", "presence", "routing", "storage"] {
+        let mut proc = setup.spawn(&[service], &setup.gateway.env());
+        wait_exit(&mut proc).await;
+        assert!(!proc.is_running(), "{service} started without a credential");
+        let output = proc.output();
+        assert!(output.contains("no cluster credential"), "{output}");
+    }
+    // Unless told to run without one, loudly.
+    setup.set("SWITCHBOARD_CLUSTER__INSECURE_NO_CREDENTIAL", "true");
+    let port = setup
+        .env
+        .iter()
+        .find(|(k, _)| k == "SWITCHBOARD_STORAGE__ADMIN_LISTEN")
+        .and_then(|(_, v)| v.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .expect("storage admin port");
+    let storage = setup.spawn(&["storage"], &[]);
+    wait_ready(port, &storage).await;
+    assert!(
+        storage.output().contains("insecure_no_credential is on"),
+        "{}",
+        storage.output()
+    );
+}
+
+#[tokio::test]
+async fn trace_logging_shows_no_message_content() {
+    let mut setup = Setup::new(true);
+    setup.set("SWITCHBOARD_LOG__LEVEL", "trace");
+    let sb = setup.standalone().await;
+    let (alice, _alice_ev) = setup.connect("alice", "phone").await;
+    let (_bob, mut bob_ev) = setup.connect("bob", "phone").await;
+    let conv = alice.create_direct("bob").await.unwrap();
+    let id = conv.conversation_id.clone();
+    let body = "secret-body-7f3a9c";
+    let edited = "secret-edit-51b2d8";
+    let sent = alice.send(&id, body).await.unwrap();
+    alice.edit(&id, sent.seq, edited).await.unwrap();
+    let got = messages(&mut bob_ev, &id, 1).await;
+    assert_eq!(got[0].body, body);
+    let output = sb.output();
+    // Trace level is on (the log is not empty of Switchboard's own trace lines)...
+    assert!(
+        output.contains("TRACE") || output.contains("DEBUG"),
+        "{output}"
+    );
+    // ...but no library logs the frames that carry content.
+    for content in [body, edited] {
+        assert!(!output.contains(content), "{content} logged");
+    }
+    assert!(!output.contains(SECRET), "the secret was logged");
+}

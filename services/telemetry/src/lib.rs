@@ -1,6 +1,7 @@
 //! Logs, metrics and health endpoints, the same for every service.
 //!
-//! - [`init_tracing`]: `tracing` output as text or JSON, filtered by `log.level`, and
+//! - [`init_tracing`]: `tracing` output as text or JSON, filtered by `log.level` (third-party
+//!   crates at most `info`: they log frame contents below), and
 //!   spans exported by OpenTelemetry OTLP/gRPC when `telemetry.otlp_endpoint` is set.
 //! - [`trace`]: the W3C trace context across services (gRPC metadata and the event
 //!   log's `traceparent` record header).
@@ -21,7 +22,7 @@ use switchboard_config::{LogConfig, TelemetryConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Level;
-use tracing_subscriber::filter::Targets;
+use tracing_subscriber::filter::{FilterExt as _, Targets};
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{fmt, EnvFilter, Layer as _};
@@ -47,7 +48,8 @@ pub fn init_tracing(
     service: &str,
 ) -> anyhow::Result<TracingGuard> {
     let filter = EnvFilter::try_new(&log.level)
-        .map_err(|e| anyhow::anyhow!("invalid log.level `{}`: {e}", log.level))?;
+        .map_err(|e| anyhow::anyhow!("invalid log.level `{}`: {e}", log.level))?
+        .and(content_free_targets());
     // Colours only for a person at a terminal, not in files or log collectors.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let fmt_layer = if log.format == "json" {
@@ -85,6 +87,16 @@ pub fn init_tracing(
         );
     }
     Ok(TracingGuard { provider })
+}
+
+/// The most a target may log whatever `log.level` says: Switchboard's own crates
+/// everything (they never log message content), third-party crates `info` at most. At
+/// debug and trace the WebSocket, HTTP/2 and gRPC libraries log whole frames and
+/// headers (message bodies, topics, tokens), so a verbose `log.level` never reaches them.
+pub fn content_free_targets() -> Targets {
+    Targets::new()
+        .with_target("switchboard", Level::TRACE)
+        .with_default(Level::INFO)
 }
 
 /// Keeps the span exporter of [`init_tracing`] alive; dropping it flushes what is
@@ -211,6 +223,25 @@ mod tests {
         s.read_to_string(&mut out).await.unwrap();
         let code = out[9..12].parse().unwrap();
         (code, out)
+    }
+
+    #[test]
+    fn third_party_targets_never_log_below_info() {
+        let targets = content_free_targets();
+        for target in [
+            "tungstenite::protocol",
+            "tokio_tungstenite",
+            "h2::codec::framed_read",
+            "hyper_util::client",
+            "tonic::transport",
+            "axum::serve",
+        ] {
+            assert!(!targets.would_enable(target, &Level::TRACE), "{target}");
+            assert!(!targets.would_enable(target, &Level::DEBUG), "{target}");
+            assert!(targets.would_enable(target, &Level::INFO), "{target}");
+        }
+        assert!(targets.would_enable("switchboard_gateway::http", &Level::TRACE));
+        assert!(targets.would_enable("switchboard", &Level::DEBUG));
     }
 
     #[tokio::test]

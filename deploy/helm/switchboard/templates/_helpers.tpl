@@ -132,6 +132,21 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 {{- index $settings .Values.auth.mode -}}
 {{- end -}}
 
+{{/* The cluster credential: its Secret, the key inside it and where pods read it. */}}
+{{- define "switchboard.clusterSecretName" -}}
+{{- default (printf "%s-cluster" (include "switchboard.fullname" .)) .Values.clusterCredential.existingSecret -}}
+{{- end -}}
+
+{{- define "switchboard.clusterSecretKey" -}}
+{{- if .Values.clusterCredential.existingSecret -}}
+{{- default "credential" .Values.clusterCredential.existingSecretKey -}}
+{{- else -}}
+credential
+{{- end -}}
+{{- end -}}
+
+{{- define "switchboard.clusterCredentialDir" -}}/etc/switchboard/secrets/cluster{{- end -}}
+
 {{- define "switchboard.authDir" -}}/etc/switchboard/auth{{- end -}}
 {{- define "switchboard.configDir" -}}/etc/switchboard/config{{- end -}}
 {{- define "switchboard.dataDir" -}}/var/lib/switchboard{{- end -}}
@@ -176,9 +191,10 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 {{- define "switchboard.configToml" -}}
 {{- $c := include "switchboard.configDict" . | fromYaml -}}
 # Switchboard configuration rendered by the Helm chart from values.config.
-# Overridden in the pods by: SWITCHBOARD_GATEWAY__ADVERTISE_URL (pod IP), and in the
-# pods of the service owning a backend by its credential and TLS settings (files of
-# mounted Secrets, Kafka's security protocol and SASL user).
+# Overridden in the pods by: SWITCHBOARD_GATEWAY__ADVERTISE_URL (pod IP), the gRPC
+# listener (pod IP), the cluster credential file (a mounted Secret), and in the pods of
+# the service owning a backend by its credential and TLS settings (files of mounted
+# Secrets, Kafka's security protocol and SASL user).
 {{- range $k, $v := $c }}
 {{- if not (kindIs "map" $v) }}
 {{ $k }} = {{ include "switchboard.tomlValue" $v }}

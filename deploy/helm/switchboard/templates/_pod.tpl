@@ -89,11 +89,18 @@ spec:
       env:
         - name: SWITCHBOARD_CONFIG
           value: {{ include "switchboard.configDir" $root }}/switchboard.toml
-        {{- if eq $comp "gateway" }}
+        - name: SWITCHBOARD_CLUSTER__CREDENTIAL_FILE
+          value: {{ include "switchboard.clusterCredentialDir" $root }}/{{ include "switchboard.clusterSecretKey" $root }}
         - name: POD_IP
           valueFrom:
             fieldRef:
               fieldPath: status.podIP
+        {{- if $v.internalGrpc.listenOnPodIP }}
+        # Internal gRPC on the pod network only, not every interface.
+        - name: SWITCHBOARD_{{ upper $comp }}__GRPC_LISTEN
+          value: "$(POD_IP):{{ include "switchboard.port" (dict "root" $root "component" $comp "port" "grpc") }}"
+        {{- end }}
+        {{- if eq $comp "gateway" }}
         # Routing and presence call Deliver on this address.
         - name: SWITCHBOARD_GATEWAY__ADVERTISE_URL
           value: "http://$(POD_IP):{{ include "switchboard.port" (dict "root" $root "component" "gateway" "port" "grpc") }}"
@@ -156,6 +163,9 @@ spec:
           mountPath: /tmp
         - name: data
           mountPath: {{ include "switchboard.dataDir" $root }}
+        - name: cluster-credential
+          mountPath: {{ include "switchboard.clusterCredentialDir" $root }}
+          readOnly: true
         {{- if eq $comp "gateway" }}
         - name: auth
           mountPath: {{ include "switchboard.authDir" $root }}
@@ -171,6 +181,13 @@ spec:
     - name: tmp
       emptyDir:
         sizeLimit: 64Mi
+    - name: cluster-credential
+      secret:
+        secretName: {{ include "switchboard.clusterSecretName" $root }}
+        defaultMode: 0440
+        items:
+          - key: {{ include "switchboard.clusterSecretKey" $root }}
+            path: {{ include "switchboard.clusterSecretKey" $root }}
     {{- if not $persistent }}
     - name: data
       emptyDir:

@@ -63,7 +63,7 @@ async fn wait_owned(admins: &[std::net::SocketAddr], want: impl Fn(&[u32]) -> bo
 }
 
 async fn send_all(
-    client: &RoutingClient<tonic::transport::Channel>,
+    client: &RoutingClient<switchboard_rpc::Channel>,
     range: std::ops::Range<usize>,
 ) -> Vec<(String, SendResult)> {
     let mut tasks = tokio::task::JoinSet::new();

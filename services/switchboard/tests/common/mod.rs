@@ -13,6 +13,8 @@ use switchboard_client::{Client, ClientError, ConnectOptions, Encoding, Event, E
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub const SECRET: &str = "e2e-test-secret-e2e-test-secret-0123456789";
+/// The cluster credential every process of a setup shares.
+pub const CLUSTER_CREDENTIAL: &str = "e2e-cluster-credential-0123456789abcdef0123";
 pub const WAIT: Duration = Duration::from_secs(15);
 
 pub fn bin() -> &'static str {
@@ -146,6 +148,10 @@ impl Setup {
             (
                 "SWITCHBOARD_LOG__LEVEL".into(),
                 "warn,switchboard=info".into(),
+            ),
+            (
+                "SWITCHBOARD_CLUSTER__CREDENTIAL".into(),
+                CLUSTER_CREDENTIAL.into(),
             ),
         ];
         if with_secret {

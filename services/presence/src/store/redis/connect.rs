@@ -46,7 +46,7 @@ impl RedisConnection {
     pub fn from_config(config: &PresenceConfig) -> RedisConnection {
         RedisConnection {
             username: config.redis_username.clone(),
-            password: config.redis_password.clone(),
+            password: config.redis_password.expose().to_owned(),
             password_file: config.redis_password_file.clone(),
             ca_file: config.redis_ca_file.clone(),
             cert_file: config.redis_cert_file.clone(),
@@ -259,7 +259,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let prefix = format!("sbtest:tls:{:016x}", rand::random::<u64>());
         let mut config = PresenceConfig {
-            redis_url: tls_url(),
+            redis_url: tls_url().into(),
             redis_key_prefix: prefix,
             ..PresenceConfig::default()
         };

@@ -171,7 +171,7 @@ impl RedisOptions {
     /// Options from the presence section, with the default timeouts.
     pub fn from_config(config: &PresenceConfig) -> RedisOptions {
         RedisOptions {
-            url: config.redis_url.clone(),
+            url: config.redis_url.expose().to_owned(),
             connection: RedisConnection::from_config(config),
             key_prefix: config.redis_key_prefix.clone(),
             session_ttl: Duration::from_millis(config.session_ttl_ms),

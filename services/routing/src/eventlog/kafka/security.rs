@@ -50,7 +50,7 @@ impl KafkaSecurity {
             protocol: r.kafka_security_protocol.clone(),
             sasl_mechanism: r.kafka_sasl_mechanism.clone(),
             sasl_username: r.kafka_sasl_username.clone(),
-            sasl_password: r.kafka_sasl_password.clone(),
+            sasl_password: r.kafka_sasl_password.expose().to_owned(),
             sasl_password_file: r.kafka_sasl_password_file.clone(),
             ssl_ca_file: r.kafka_ssl_ca_file.clone(),
             ssl_cert_file: r.kafka_ssl_cert_file.clone(),
