@@ -323,7 +323,10 @@ impl Api {
                     .with_label_values(&[operation, code.as_str()])
                     .inc();
                 let user = caller.map(Caller::user).unwrap_or_default();
-                if matches!(code, ErrorCode::Internal | ErrorCode::Unavailable) {
+                if matches!(
+                    code,
+                    ErrorCode::Internal | ErrorCode::Unavailable | ErrorCode::Timeout
+                ) {
                     warn!(operation, user_id = %user, error = %e.0, "http request failed");
                 } else {
                     debug!(operation, user_id = %user, code = %code, "http request refused");

@@ -91,7 +91,10 @@ pub(crate) async fn handle(
     let result = match result {
         Ok(result) => result,
         Err(e) => {
-            if e.code() == ErrorCode::Internal || e.code() == ErrorCode::Unavailable {
+            if matches!(
+                e.code(),
+                ErrorCode::Internal | ErrorCode::Unavailable | ErrorCode::Timeout
+            ) {
                 warn!(session_id = %session.session_id, error = %e, "request failed");
             }
             // The typing limit is an answer ("not so often"), not misbehaviour.
