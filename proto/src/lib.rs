@@ -8,6 +8,7 @@
 
 pub mod codec;
 mod error;
+pub mod ids;
 pub mod timeline;
 
 pub use error::{client_message, status, status_error_code, ErrorCode};
