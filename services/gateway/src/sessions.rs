@@ -356,14 +356,25 @@ struct RegistryInner {
 }
 
 impl SessionRegistry {
+    #[cfg(test)]
     pub(crate) fn insert(&self, session: Arc<Session>) {
+        assert!(self.try_insert(session, usize::MAX));
+    }
+
+    /// Add a session unless its user has `max_per_user` sessions here already
+    /// (`gateway.max_connections_per_user`); false when refused.
+    pub(crate) fn try_insert(&self, session: Arc<Session>, max_per_user: usize) -> bool {
         let mut inner = lock(&self.inner);
-        inner
-            .by_user
-            .entry(session.user_id.clone())
-            .or_default()
-            .push(session.clone());
+        let list = inner.by_user.entry(session.user_id.clone()).or_default();
+        if list.len() >= max_per_user {
+            if list.is_empty() {
+                inner.by_user.remove(&session.user_id);
+            }
+            return false;
+        }
+        list.push(session.clone());
         inner.by_id.insert(session.session_id.clone(), session);
+        true
     }
 
     /// Remove a session; false when it was not (or no longer) registered.
@@ -484,6 +495,18 @@ mod tests {
         out.clear();
         assert!(!reg.sessions_of("alice", &mut out));
         assert_eq!(reg.len(), 1);
+    }
+
+    #[test]
+    fn a_user_has_at_most_max_sessions_and_gets_room_back_on_close() {
+        let reg = SessionRegistry::default();
+        assert!(reg.try_insert(session("s1", "alice"), 2));
+        assert!(reg.try_insert(session("s2", "alice"), 2));
+        assert!(!reg.try_insert(session("s3", "alice"), 2));
+        assert!(reg.get("s3").is_none());
+        assert!(reg.try_insert(session("s4", "bob"), 2));
+        assert!(reg.remove("s1"));
+        assert!(reg.try_insert(session("s3", "alice"), 2));
     }
 
     #[tokio::test]
