@@ -89,6 +89,25 @@ pub fn decode_json<T: DeserializeOwned>(text: &str) -> Result<T, DecodeError> {
     })
 }
 
+/// Decode a JSON object (an HTTP request body, for example) strictly: the text
+/// must be an object, and no message inside it may be given as an array (serde
+/// would read its fields by position).
+pub fn decode_json_object<T: DeserializeOwned + Serialize>(text: &str) -> Result<T, DecodeError> {
+    let bad = |message: String| DecodeError {
+        code: ErrorCode::BadFrame,
+        message,
+        id: None,
+    };
+    if !text.trim_start().starts_with('{') {
+        return Err(bad("expected a JSON object".into()));
+    }
+    let value: T = decode_json(text)?;
+    match array_for_object(text, &value) {
+        Some(path) => Err(bad(format!("`{path}` must be an object, not an array"))),
+        None => Ok(value),
+    }
+}
+
 /// Decode a protobuf binary frame.
 pub fn decode_proto<T: prost::Message + Default>(bytes: &[u8]) -> Result<T, DecodeError> {
     T::decode(bytes).map_err(|e| DecodeError {
@@ -364,6 +383,22 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(f.request, Some(Request::PresenceWatch(_))));
+    }
+
+    #[test]
+    fn json_objects_are_decoded_strictly() {
+        let send: v1::SendRequest =
+            decode_json_object(r#"{"conversation_id":"c1","body":"hi"}"#).unwrap();
+        assert_eq!(send.body, "hi");
+        let e = decode_json_object::<v1::SendRequest>(r#"["c1","m1","hi"]"#).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadFrame);
+        let e = decode_json_object::<v1::SendRequest>("7").unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadFrame);
+        let e = decode_json_object::<v1::ConversationCreateRequest>(
+            r#"{"kind":"group","members":"bob"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadFrame);
     }
 
     #[test]

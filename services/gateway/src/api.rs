@@ -315,7 +315,9 @@ fn json<T: Serialize>(value: &T) -> Response {
 
 /// A JSON request body; bad JSON is `bad_frame`, a body above the limit
 /// `frame_too_large`.
-fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+fn parse_body<T: DeserializeOwned + Serialize>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
@@ -326,8 +328,14 @@ fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Resul
             ApiError::new(ErrorCode::BadFrame, rejection.body_text())
         }
     })?;
-    serde_json::from_slice(&body)
-        .map_err(|e| ApiError::new(ErrorCode::BadFrame, format!("invalid JSON body: {e}")))
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::new(ErrorCode::BadFrame, "the body is not UTF-8"))?;
+    switchboard_proto::codec::decode_json_object(text).map_err(|e| {
+        ApiError::new(
+            ErrorCode::BadFrame,
+            format!("invalid JSON body: {}", e.message),
+        )
+    })
 }
 
 fn path<T>(path: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
@@ -585,7 +593,7 @@ async fn presence(
     .await
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(default)]
 struct WebhookBody {
     url: String,
