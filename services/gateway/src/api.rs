@@ -608,6 +608,7 @@ async fn create_webhook(
     api.serve("createWebhook", &headers, |caller| async {
         let result = async {
             let conversation_id = path(id)?;
+            requests::check_id(&conversation_id, "id")?;
             let body: WebhookBody = parse_body(body)?;
             if body.url.is_empty() {
                 return Err(ApiError::new(
@@ -644,6 +645,7 @@ async fn list_webhooks(
     api.serve("listWebhooks", &headers, |caller| async {
         let result = async {
             let conversation_id = path(id)?;
+            requests::check_id(&conversation_id, "id")?;
             let list = api
                 .shared
                 .peers
@@ -672,6 +674,8 @@ async fn delete_webhook(
     api.serve("deleteWebhook", &headers, |caller| async {
         let result = async {
             let (conversation_id, webhook_id) = path(ids)?;
+            requests::check_id(&conversation_id, "id")?;
+            requests::check_id(&webhook_id, "webhook_id")?;
             api.shared
                 .peers
                 .storage

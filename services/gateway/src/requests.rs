@@ -131,7 +131,7 @@ fn require_seq(seq: u64, field: &str) -> Result<(), GatewayError> {
 /// A conversation id or client message id: the protocol's id rule
 /// (`switchboard_proto::ids`), checked here so a bad one is `invalid_request`
 /// before any backend is called.
-fn check_id(value: &str, field: &str) -> Result<(), GatewayError> {
+pub(crate) fn check_id(value: &str, field: &str) -> Result<(), GatewayError> {
     match switchboard_proto::ids::id_problem(value) {
         None => Ok(()),
         Some(_) if value.is_empty() => Err(GatewayError::invalid(format!("`{field}` is required"))),

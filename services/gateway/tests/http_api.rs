@@ -729,6 +729,7 @@ async fn the_server_refuses_ids_the_schema_refuses() {
         "/v1/conversations/c%7Fx",
         "/v1/presence?user_ids=a%0Ab",
         "/v1/presence?user_ids=a%20b",
+        "/v1/conversations/c%01x/webhooks",
     ] {
         let reply = h.call("GET", path, &token, None).await;
         reply.assert_error(400, "invalid_request");
