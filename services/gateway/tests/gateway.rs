@@ -2271,6 +2271,15 @@ async fn unfinished_request_headers_are_timed_out() {
     // A connection that sends nothing at all is closed too.
     let mut silent = tokio::net::TcpStream::connect(h.http).await.unwrap();
     read_until_closed(&mut silent).await;
+    // And a keep-alive connection idle after its request.
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut idle = tokio::net::TcpStream::connect(h.http).await.unwrap();
+        idle.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        read_until_closed(&mut idle).await;
+    }
     h.stop().await;
 }
 
