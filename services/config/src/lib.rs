@@ -193,6 +193,9 @@ pub struct GatewayConfig {
     pub write_buffer_bytes: usize,
     /// Frames queued per connection before the client counts as slow.
     pub outbound_queue: usize,
+    /// Encoded bytes queued per connection before the client counts as slow (a
+    /// single larger frame still goes into an empty queue).
+    pub outbound_queue_bytes: usize,
     /// Interval of the batched presence heartbeat, in milliseconds.
     pub heartbeat_interval_ms: u64,
     /// Close a connection that sent nothing (not even a ping) for this long, in ms.
@@ -242,6 +245,7 @@ impl Default for GatewayConfig {
             read_buffer_bytes: 1024,
             write_buffer_bytes: 4 * 1024,
             outbound_queue: 256,
+            outbound_queue_bytes: 4 * 1024 * 1024,
             heartbeat_interval_ms: 10_000,
             client_idle_timeout_ms: 90_000,
             drain_deadline_ms: 10_000,
@@ -618,6 +622,10 @@ impl Config {
         positive("gateway.read_buffer_bytes", g.read_buffer_bytes as u64)?;
         positive("gateway.write_buffer_bytes", g.write_buffer_bytes as u64)?;
         positive("gateway.outbound_queue", g.outbound_queue as u64)?;
+        positive(
+            "gateway.outbound_queue_bytes",
+            g.outbound_queue_bytes as u64,
+        )?;
         positive("gateway.heartbeat_interval_ms", g.heartbeat_interval_ms)?;
         positive("gateway.client_idle_timeout_ms", g.client_idle_timeout_ms)?;
         positive("gateway.requests_per_second", g.requests_per_second as u64)?;

@@ -33,6 +33,7 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ("gateway.read_buffer_bytes", "WebSocket read buffer per connection, bytes"),
     ("gateway.write_buffer_bytes", "WebSocket write buffer per connection, bytes"),
     ("gateway.outbound_queue", "frames queued per connection before the client counts as slow"),
+    ("gateway.outbound_queue_bytes", "encoded bytes queued per connection before the client counts as slow (one larger frame still fits an empty queue)"),
     ("gateway.heartbeat_interval_ms", "interval of the batched presence heartbeat, ms (below presence.session_ttl_ms)"),
     ("gateway.client_idle_timeout_ms", "close a connection silent for this long, ms"),
     ("gateway.drain_deadline_ms", "how long draining waits for clients before closing them, ms"),

@@ -37,7 +37,7 @@ use tracing::{debug, warn};
 use crate::error::GatewayError;
 use crate::last_seen;
 use crate::requests::{self, MAX_LIST};
-use crate::sessions::Session;
+use crate::sessions::{QueueLimits, Session};
 use crate::Shared;
 
 /// Device id of HTTP callers.
@@ -253,7 +253,10 @@ impl Api {
             claims.bot,
             HTTP_DEVICE.into(),
             Encoding::Json,
-            1,
+            QueueLimits {
+                frames: 1,
+                bytes: 0,
+            },
         );
         Ok(Caller { session })
     }

@@ -331,7 +331,10 @@ async fn connect(
         claims.bot,
         device.into(),
         encoding.unwrap_or(Encoding::Json),
-        config.outbound_queue,
+        crate::sessions::QueueLimits {
+            frames: config.outbound_queue,
+            bytes: config.outbound_queue_bytes,
+        },
     );
     // Registered with its status from the start: a session opened invisible never
     // shows its user online, not even for a moment.
