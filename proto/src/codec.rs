@@ -374,6 +374,13 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.code, ErrorCode::BadFrame);
+        let e = decode_client_frame(
+            &text(r#"{"id":"5","sync":{"cursors":[{"conversation_id":"a"},["c1",5]]}}"#),
+            Encoding::Json,
+        )
+        .unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadFrame);
+        assert!(e.message.contains("`sync.cursors[1]`"), "{}", e.message);
         let e = decode_client_frame(&text(r#"["4",{"ping":{}}]"#), Encoding::Json).unwrap_err();
         assert_eq!(e.code, ErrorCode::BadFrame);
         // Arrays where the protocol has lists are fine.
