@@ -89,6 +89,25 @@ pub fn decode_json<T: DeserializeOwned>(text: &str) -> Result<T, DecodeError> {
     })
 }
 
+/// Decode a JSON object (an HTTP request body, for example) strictly: the text
+/// must be an object, and no message inside it may be given as an array (serde
+/// would read its fields by position).
+pub fn decode_json_object<T: DeserializeOwned + Serialize>(text: &str) -> Result<T, DecodeError> {
+    let bad = |message: String| DecodeError {
+        code: ErrorCode::BadFrame,
+        message,
+        id: None,
+    };
+    if !text.trim_start().starts_with('{') {
+        return Err(bad("expected a JSON object".into()));
+    }
+    let value: T = decode_json(text)?;
+    match array_for_object(text, &value) {
+        Some(path) => Err(bad(format!("`{path}` must be an object, not an array"))),
+        None => Ok(value),
+    }
+}
+
 /// Decode a protobuf binary frame.
 pub fn decode_proto<T: prost::Message + Default>(bytes: &[u8]) -> Result<T, DecodeError> {
     T::decode(bytes).map_err(|e| DecodeError {
@@ -131,6 +150,13 @@ pub const REQUEST_NAMES: &[&str] = &[
     "conversation_members",
     "conversation_list",
     "ping",
+    "edit",
+    "delete",
+    "react",
+    "thread",
+    "receipts",
+    "conversation_update",
+    "notification_set",
 ];
 
 /// Decode a client frame. Unlike [`decode`], tells a malformed known request
@@ -140,10 +166,19 @@ pub fn decode_client_frame(
     encoding: Encoding,
 ) -> Result<crate::v1::ClientFrame, DecodeError> {
     let frame: crate::v1::ClientFrame = decode(payload, encoding)?;
+    let id = (!frame.id.is_empty()).then(|| frame.id.clone());
     if frame.request.is_some() {
+        if let Payload::Text(text) = payload {
+            if let Some(path) = array_for_object(text, &frame) {
+                return Err(DecodeError {
+                    code: ErrorCode::BadFrame,
+                    message: format!("`{path}` must be an object, not an array"),
+                    id,
+                });
+            }
+        }
         return Ok(frame);
     }
-    let id = (!frame.id.is_empty()).then(|| frame.id.clone());
     // serde drops a flattened oneof that fails to decode; find out which case it was.
     let known = match payload {
         Payload::Text(text) => serde_json::from_str::<serde_json::Value>(text)
@@ -169,6 +204,61 @@ pub fn decode_client_frame(
             id,
         },
     })
+}
+
+/// The first place where a JSON frame gives an array for a message: serde accepts a
+/// sequence for a struct (fields by position), the protocol does not. Found by
+/// walking the client's JSON next to the decoded frame encoded again (which has every
+/// field, so an object wherever a message is).
+fn array_for_object<T: Serialize>(text: &str, decoded: &T) -> Option<String> {
+    // Frames without any array cannot hold a positional message.
+    if !text.contains('[') {
+        return None;
+    }
+    let input = serde_json::from_str::<serde_json::Value>(text).ok()?;
+    let decoded = serde_json::to_value(decoded).ok()?;
+    let mut path = String::new();
+    find_array_for_object(&input, &decoded, &mut path).then_some(path)
+}
+
+fn find_array_for_object(
+    input: &serde_json::Value,
+    decoded: &serde_json::Value,
+    path: &mut String,
+) -> bool {
+    use serde_json::Value;
+    match (input, decoded) {
+        (Value::Array(_), Value::Object(_)) => true,
+        (Value::Object(input), Value::Object(decoded)) => {
+            for (key, value) in input {
+                let Some(decoded) = decoded.get(key) else {
+                    continue;
+                };
+                let len = path.len();
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(key);
+                if find_array_for_object(value, decoded, path) {
+                    return true;
+                }
+                path.truncate(len);
+            }
+            false
+        }
+        (Value::Array(input), Value::Array(decoded)) => {
+            for (i, (value, decoded)) in input.iter().zip(decoded).enumerate() {
+                let len = path.len();
+                path.push_str(&format!("[{i}]"));
+                if find_array_for_object(value, decoded, path) {
+                    return true;
+                }
+                path.truncate(len);
+            }
+            false
+        }
+        _ => false,
+    }
 }
 
 #[cfg(test)]
@@ -252,6 +342,73 @@ mod tests {
     }
 
     #[test]
+    fn malformed_requests_of_every_kind_are_bad_frame() {
+        for name in REQUEST_NAMES {
+            let text = format!(r#"{{"id":"5","{name}":7}}"#);
+            let e = decode_client_frame(&Payload::Text(text), Encoding::Json).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadFrame, "{name}: {}", e.message);
+            assert_eq!(e.id.as_deref(), Some("5"));
+        }
+        let e = decode_client_frame(
+            &text(r#"{"id":"6","edit":{"conversation_id":"c","seq":"x"}}"#),
+            Encoding::Json,
+        )
+        .unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadFrame);
+    }
+
+    #[test]
+    fn arrays_are_refused_where_an_object_is_expected() {
+        // serde would read these positionally as conversation_id, client_msg_id, body.
+        let e = decode_client_frame(
+            &text(r#"{"id":"3","send":["c1","m1","hello"]}"#),
+            Encoding::Json,
+        )
+        .unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadFrame);
+        assert_eq!(e.id.as_deref(), Some("3"));
+        assert!(e.message.contains("`send`"), "{}", e.message);
+        let e = decode_client_frame(
+            &text(r#"{"id":"4","presence_set":{"status_text":["x"]}}"#),
+            Encoding::Json,
+        )
+        .unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadFrame);
+        let e = decode_client_frame(
+            &text(r#"{"id":"5","sync":{"cursors":[{"conversation_id":"a"},["c1",5]]}}"#),
+            Encoding::Json,
+        )
+        .unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadFrame);
+        assert!(e.message.contains("`sync.cursors[1]`"), "{}", e.message);
+        let e = decode_client_frame(&text(r#"["4",{"ping":{}}]"#), Encoding::Json).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadFrame);
+        // Arrays where the protocol has lists are fine.
+        let f = decode_client_frame(
+            &text(r#"{"id":"1","presence_watch":{"user_ids":["bob","carol"]}}"#),
+            Encoding::Json,
+        )
+        .unwrap();
+        assert!(matches!(f.request, Some(Request::PresenceWatch(_))));
+    }
+
+    #[test]
+    fn json_objects_are_decoded_strictly() {
+        let send: v1::SendRequest =
+            decode_json_object(r#"{"conversation_id":"c1","body":"hi"}"#).unwrap();
+        assert_eq!(send.body, "hi");
+        let e = decode_json_object::<v1::SendRequest>(r#"["c1","m1","hi"]"#).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadFrame);
+        let e = decode_json_object::<v1::SendRequest>("7").unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadFrame);
+        let e = decode_json_object::<v1::ConversationCreateRequest>(
+            r#"{"kind":"group","members":"bob"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadFrame);
+    }
+
+    #[test]
     fn request_names_cover_every_request_case() {
         use v1::client_frame::Request as R;
         let all = [
@@ -266,6 +423,13 @@ mod tests {
             R::ConversationMembers(Default::default()),
             R::ConversationList(Default::default()),
             R::Ping(Default::default()),
+            R::Edit(Default::default()),
+            R::Delete(Default::default()),
+            R::React(Default::default()),
+            R::Thread(Default::default()),
+            R::Receipts(Default::default()),
+            R::ConversationUpdate(Default::default()),
+            R::NotificationSet(Default::default()),
         ];
         assert_eq!(all.len(), REQUEST_NAMES.len());
         for (req, name) in all.into_iter().zip(REQUEST_NAMES) {

@@ -142,14 +142,52 @@ pub fn status(code: ErrorCode, message: impl Into<String>) -> tonic::Status {
     status
 }
 
-/// The client error code of a gRPC status (explicit if set, else by gRPC code).
-pub fn status_error_code(status: &tonic::Status) -> ErrorCode {
+/// The client code a Switchboard service set on a status with [`status`], if any.
+fn explicit_code(status: &tonic::Status) -> Option<ErrorCode> {
     status
         .metadata()
         .get(ERROR_METADATA)
         .and_then(|v| v.to_str().ok())
         .and_then(ErrorCode::parse)
-        .unwrap_or_else(|| ErrorCode::from_grpc_code(status.code()))
+}
+
+/// The client code of a status that carries none: a failure of the internal call
+/// itself (tonic's own statuses: connection errors, timeouts, decode errors, size
+/// limits), never the client's fault. Connection failures are `unavailable`
+/// (retry), an expired deadline `timeout`, anything else `internal`.
+fn transport_code(code: tonic::Code) -> ErrorCode {
+    match code {
+        tonic::Code::Unavailable | tonic::Code::Cancelled => ErrorCode::Unavailable,
+        tonic::Code::DeadlineExceeded => ErrorCode::Timeout,
+        _ => ErrorCode::Internal,
+    }
+}
+
+/// The client error code of a gRPC status: the one a Switchboard service set with
+/// [`status`], else the code of a failed internal call (see [`client_message`]).
+pub fn status_error_code(status: &tonic::Status) -> ErrorCode {
+    explicit_code(status).unwrap_or_else(|| transport_code(status.code()))
+}
+
+/// The message a client may see for a status of an internal call: the service's own
+/// message when a Switchboard service wrote it for clients (it set a client code other
+/// than `internal`), else a generic one for the code. tonic's own messages (decode
+/// errors, size limits, connection errors) name internals and never reach clients.
+pub fn client_message(status: &tonic::Status) -> &str {
+    match explicit_code(status) {
+        Some(ErrorCode::Internal) => generic_message(ErrorCode::Internal),
+        Some(_) => status.message(),
+        None => generic_message(transport_code(status.code())),
+    }
+}
+
+/// The message of a failed internal call, by client code.
+fn generic_message(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::Unavailable => "a backend service is unavailable, retry later",
+        ErrorCode::Timeout => "the request timed out; it may or may not have taken effect",
+        _ => "internal error",
+    }
 }
 
 #[cfg(test)]
@@ -170,5 +208,38 @@ mod tests {
     fn plain_status_maps_by_grpc_code() {
         let st = tonic::Status::unavailable("down");
         assert_eq!(status_error_code(&st), ErrorCode::Unavailable);
+        assert_eq!(
+            client_message(&st),
+            "a backend service is unavailable, retry later"
+        );
+    }
+
+    #[test]
+    fn transport_failures_never_show_their_text_nor_blame_the_client() {
+        // What tonic answers for a response above its decoding limit.
+        let too_big = tonic::Status::out_of_range(
+            "Error, decoded message length too large: found 5000000 bytes, the limit is: 4194304 bytes",
+        );
+        assert_eq!(status_error_code(&too_big), ErrorCode::Internal);
+        assert_eq!(client_message(&too_big), "internal error");
+        let decode = tonic::Status::internal("failed to decode Protobuf message: buffer underflow");
+        assert_eq!(status_error_code(&decode), ErrorCode::Internal);
+        assert_eq!(client_message(&decode), "internal error");
+        let invalid = tonic::Status::invalid_argument("h2 protocol error");
+        assert_eq!(status_error_code(&invalid), ErrorCode::Internal);
+        let refused = tonic::Status::unavailable("tcp connect error: Connection refused");
+        assert_eq!(status_error_code(&refused), ErrorCode::Unavailable);
+        assert!(!client_message(&refused).contains("tcp"));
+        let late = tonic::Status::deadline_exceeded("Timeout expired");
+        assert_eq!(status_error_code(&late), ErrorCode::Timeout);
+        assert!(!client_message(&late).contains("Timeout expired"));
+    }
+
+    #[test]
+    fn messages_written_for_clients_pass_through_except_internal_ones() {
+        let st = status(ErrorCode::NotMember, "not a member of the conversation");
+        assert_eq!(client_message(&st), "not a member of the conversation");
+        let st = status(ErrorCode::Internal, "cassandra: write timeout at node 3");
+        assert_eq!(client_message(&st), "internal error");
     }
 }

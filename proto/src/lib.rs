@@ -8,9 +8,10 @@
 
 pub mod codec;
 mod error;
+pub mod ids;
 pub mod timeline;
 
-pub use error::{status, status_error_code, ErrorCode};
+pub use error::{client_message, status, status_error_code, ErrorCode};
 
 /// Generated types of package `switchboard.v1`.
 pub mod v1 {

@@ -217,6 +217,9 @@ pub struct GatewayConfig {
     pub write_buffer_bytes: usize,
     /// Frames queued per connection before the client counts as slow.
     pub outbound_queue: usize,
+    /// Encoded bytes queued per connection before the client counts as slow (a
+    /// single larger frame still goes into an empty queue).
+    pub outbound_queue_bytes: usize,
     /// Interval of the batched presence heartbeat, in milliseconds.
     pub heartbeat_interval_ms: u64,
     /// Close a connection that sent nothing (not even a ping) for this long, in ms.
@@ -238,6 +241,18 @@ pub struct GatewayConfig {
     /// A session that sent no frame other than ping for this long is set to "away"
     /// (automatically, undone by its next frame), in ms; 0 = never.
     pub idle_away_after_ms: u64,
+    /// Most open connections of one user on this gateway (per gateway instance,
+    /// not cluster-wide); more are refused with 429 `rate_limited`.
+    pub max_connections_per_user: usize,
+    /// A client connection must send a complete HTTP request header within this
+    /// long (also between requests on a keep-alive connection), in ms.
+    pub header_read_timeout_ms: u64,
+    /// Most client TCP connections accepted but not upgraded to a WebSocket
+    /// (unfinished requests, HTTP API keep-alive connections); more are closed at once.
+    pub max_pending_upgrades: usize,
+    /// Most open client TCP connections from one IP address, upgraded or not;
+    /// 0 = no limit (behind a proxy every client has the proxy's address).
+    pub max_connections_per_ip: usize,
 }
 
 impl Default for GatewayConfig {
@@ -254,6 +269,7 @@ impl Default for GatewayConfig {
             read_buffer_bytes: 1024,
             write_buffer_bytes: 4 * 1024,
             outbound_queue: 256,
+            outbound_queue_bytes: 4 * 1024 * 1024,
             heartbeat_interval_ms: 10_000,
             client_idle_timeout_ms: 90_000,
             drain_deadline_ms: 10_000,
@@ -263,6 +279,10 @@ impl Default for GatewayConfig {
             typing_expiry_ms: 6_000,
             typing_interval_ms: 1_000,
             idle_away_after_ms: 300_000,
+            max_connections_per_user: 32,
+            header_read_timeout_ms: 10_000,
+            max_pending_upgrades: 1_024,
+            max_connections_per_ip: 1_000,
         }
     }
 }
@@ -664,10 +684,23 @@ impl Config {
         positive("gateway.read_buffer_bytes", g.read_buffer_bytes as u64)?;
         positive("gateway.write_buffer_bytes", g.write_buffer_bytes as u64)?;
         positive("gateway.outbound_queue", g.outbound_queue as u64)?;
+        positive(
+            "gateway.outbound_queue_bytes",
+            g.outbound_queue_bytes as u64,
+        )?;
         positive("gateway.heartbeat_interval_ms", g.heartbeat_interval_ms)?;
         positive("gateway.client_idle_timeout_ms", g.client_idle_timeout_ms)?;
         positive("gateway.requests_per_second", g.requests_per_second as u64)?;
         positive("gateway.max_violations", g.max_violations as u64)?;
+        positive(
+            "gateway.max_connections_per_user",
+            g.max_connections_per_user as u64,
+        )?;
+        positive("gateway.header_read_timeout_ms", g.header_read_timeout_ms)?;
+        positive(
+            "gateway.max_pending_upgrades",
+            g.max_pending_upgrades as u64,
+        )?;
         positive("gateway.typing_expiry_ms", g.typing_expiry_ms)?;
         if g.typing_expiry_ms > u64::from(u32::MAX) {
             return Err(ConfigError::Invalid {

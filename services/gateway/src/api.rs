@@ -12,13 +12,11 @@
 //! `DeleteWebhook`, directly.
 //!
 //! Errors are `{"code": "...", "message": "..."}` with the HTTP status of
-//! [`http_status`]. Requests are limited per user by a token bucket with the
-//! WebSocket settings (`gateway.requests_per_second`, `gateway.request_burst`), and
-//! bodies by `gateway.max_frame_bytes`.
+//! [`http_status`]. Requests are limited per user by the token bucket a user's
+//! WebSocket connections on this gateway also draw from (`gateway.requests_per_second`,
+//! `gateway.request_burst`), and bodies by `gateway.max_frame_bytes`.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
@@ -36,11 +34,10 @@ use switchboard_proto::ErrorCode;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::connection::TokenBucket;
 use crate::error::GatewayError;
 use crate::last_seen;
 use crate::requests::{self, MAX_LIST};
-use crate::sessions::{lock, Session};
+use crate::sessions::{QueueLimits, Session};
 use crate::Shared;
 
 /// Device id of HTTP callers.
@@ -83,8 +80,6 @@ pub const API_ROUTES: &[ApiRoute] = &[
     ),
 ];
 
-/// Users whose buckets are tracked before idle (full) buckets are forgotten.
-const MAX_TRACKED_USERS: usize = 10_000;
 /// Longest `Idempotency-Key`, in bytes.
 const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
 
@@ -151,49 +146,9 @@ impl IntoResponse for ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
-/// Per-user token buckets with the WebSocket request limits.
-struct RateLimiter {
-    rate: u32,
-    burst: u32,
-    /// A bucket idle for this long is full again, so forgetting it loses nothing.
-    refill: Duration,
-    buckets: Mutex<HashMap<String, (TokenBucket, Instant)>>,
-}
-
-impl RateLimiter {
-    fn new(rate: u32, burst: u32) -> Self {
-        let refill = Duration::from_secs_f64(f64::from(burst.max(1)) / f64::from(rate.max(1)));
-        RateLimiter {
-            rate,
-            burst,
-            refill: refill + Duration::from_secs(1),
-            buckets: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Take one request from `user`'s bucket.
-    ///
-    /// The map holds only users whose bucket is not yet full again: when it reaches
-    /// [`MAX_TRACKED_USERS`] the idle ones are dropped, so its size is bounded by the
-    /// users active within one refill period.
-    fn take(&self, user: &str, now: Instant) -> bool {
-        let mut buckets = lock(&self.buckets);
-        if buckets.len() >= MAX_TRACKED_USERS && !buckets.contains_key(user) {
-            let refill = self.refill;
-            buckets.retain(|_, (_, last)| now.saturating_duration_since(*last) < refill);
-        }
-        let (bucket, last) = buckets
-            .entry(user.to_owned())
-            .or_insert_with(|| (TokenBucket::new(self.rate, self.burst, now), now));
-        *last = now;
-        bucket.take(now)
-    }
-}
-
 /// State of the API handlers.
 pub(crate) struct Api {
     shared: Arc<Shared>,
-    limiter: RateLimiter,
     /// Requests by operation and result code (`ok` or an error code).
     requests: IntCounterVec,
 }
@@ -222,9 +177,7 @@ pub(crate) fn router(shared: Arc<Shared>, registry: &prometheus::Registry) -> Ro
     if let Err(e) = registry.register(Box::new(requests.clone())) {
         warn!(error = %e, "cannot register the HTTP API metric");
     }
-    let config = &shared.config.gateway;
     let api = Arc::new(Api {
-        limiter: RateLimiter::new(config.requests_per_second, config.request_burst),
         requests,
         shared: shared.clone(),
     });
@@ -287,7 +240,7 @@ impl Api {
                 "the gateway is shutting down; retry on another one",
             ));
         }
-        if !self.limiter.take(&claims.sub, Instant::now()) {
+        if !self.shared.user_limiter.take(&claims.sub, Instant::now()) {
             return Err(ApiError::new(
                 ErrorCode::RateLimited,
                 "too many requests; slow down",
@@ -300,7 +253,10 @@ impl Api {
             claims.bot,
             HTTP_DEVICE.into(),
             Encoding::Json,
-            1,
+            QueueLimits {
+                frames: 1,
+                bytes: 0,
+            },
         );
         Ok(Caller { session })
     }
@@ -323,7 +279,10 @@ impl Api {
                     .with_label_values(&[operation, code.as_str()])
                     .inc();
                 let user = caller.map(Caller::user).unwrap_or_default();
-                if matches!(code, ErrorCode::Internal | ErrorCode::Unavailable) {
+                if matches!(
+                    code,
+                    ErrorCode::Internal | ErrorCode::Unavailable | ErrorCode::Timeout
+                ) {
                     warn!(operation, user_id = %user, error = %e.0, "http request failed");
                 } else {
                     debug!(operation, user_id = %user, code = %code, "http request refused");
@@ -359,7 +318,9 @@ fn json<T: Serialize>(value: &T) -> Response {
 
 /// A JSON request body; bad JSON is `bad_frame`, a body above the limit
 /// `frame_too_large`.
-fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+fn parse_body<T: DeserializeOwned + Serialize>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
@@ -370,8 +331,14 @@ fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Resul
             ApiError::new(ErrorCode::BadFrame, rejection.body_text())
         }
     })?;
-    serde_json::from_slice(&body)
-        .map_err(|e| ApiError::new(ErrorCode::BadFrame, format!("invalid JSON body: {e}")))
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::new(ErrorCode::BadFrame, "the body is not UTF-8"))?;
+    switchboard_proto::codec::decode_json_object(text).map_err(|e| {
+        ApiError::new(
+            ErrorCode::BadFrame,
+            format!("invalid JSON body: {}", e.message),
+        )
+    })
 }
 
 fn path<T>(path: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
@@ -580,6 +547,7 @@ fn presence_users(params: PresenceParams) -> Result<Vec<String>, ApiError> {
                 "`user_ids` is a comma-separated list of user ids",
             ));
         }
+        requests::check_user(user, "user_ids")?;
         if !users.iter().any(|u| u == user) {
             users.push(user.to_owned());
         }
@@ -628,7 +596,7 @@ async fn presence(
     .await
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(default)]
 struct WebhookBody {
     url: String,
@@ -643,6 +611,7 @@ async fn create_webhook(
     api.serve("createWebhook", &headers, |caller| async {
         let result = async {
             let conversation_id = path(id)?;
+            requests::check_id(&conversation_id, "id")?;
             let body: WebhookBody = parse_body(body)?;
             if body.url.is_empty() {
                 return Err(ApiError::new(
@@ -679,6 +648,7 @@ async fn list_webhooks(
     api.serve("listWebhooks", &headers, |caller| async {
         let result = async {
             let conversation_id = path(id)?;
+            requests::check_id(&conversation_id, "id")?;
             let list = api
                 .shared
                 .peers
@@ -707,6 +677,8 @@ async fn delete_webhook(
     api.serve("deleteWebhook", &headers, |caller| async {
         let result = async {
             let (conversation_id, webhook_id) = path(ids)?;
+            requests::check_id(&conversation_id, "id")?;
+            requests::check_id(&webhook_id, "webhook_id")?;
             api.shared
                 .peers
                 .storage
@@ -795,38 +767,5 @@ mod tests {
         assert!(presence_users(PresenceParams::default()).is_err());
         let many: Vec<String> = (0..=MAX_LIST).map(|i| format!("u{i}")).collect();
         assert!(users(&many.join(",")).is_err());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_rate_limit_is_per_user_and_refills() {
-        let limiter = RateLimiter::new(2, 3);
-        let now = Instant::now();
-        for _ in 0..3 {
-            assert!(limiter.take("alice", now));
-        }
-        assert!(!limiter.take("alice", now));
-        assert!(
-            limiter.take("bob", now),
-            "another user has their own bucket"
-        );
-        let later = now + Duration::from_millis(500);
-        assert!(
-            limiter.take("alice", later),
-            "one token back after 1/rate s"
-        );
-        assert!(!limiter.take("alice", later));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn idle_buckets_are_forgotten_when_many_users_are_tracked() {
-        let limiter = RateLimiter::new(10, 10);
-        let now = Instant::now();
-        for i in 0..MAX_TRACKED_USERS {
-            limiter.take(&format!("u{i}"), now);
-        }
-        assert_eq!(lock(&limiter.buckets).len(), MAX_TRACKED_USERS);
-        let later = now + limiter.refill;
-        assert!(limiter.take("newcomer", later));
-        assert_eq!(lock(&limiter.buckets).len(), 1);
     }
 }

@@ -25,6 +25,7 @@ use switchboard_proto::ErrorCode;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
+use crate::limits::IpGuard;
 use crate::sessions::{OutFrame, Session, SlotGuard};
 use crate::Shared;
 
@@ -40,6 +41,8 @@ pub mod close_code {
     pub const SLOW_CONSUMER: u16 = 4000;
     /// The client sent nothing (not even a ping) for `gateway.client_idle_timeout_ms`.
     pub const IDLE_TIMEOUT: u16 = 4001;
+    /// The session's token expired (its `exp`); reconnect with a fresh token.
+    pub const TOKEN_EXPIRED: u16 = 4002;
 }
 
 /// Decoded requests waiting behind the in-flight one.
@@ -80,6 +83,8 @@ enum End {
     Idle,
     Violations,
     TooBig,
+    /// The token's `exp` passed.
+    TokenExpired,
 }
 
 /// The connection's session, released when the connection ends (or never starts:
@@ -87,7 +92,18 @@ enum End {
 pub(crate) struct SessionGuard {
     pub shared: Arc<Shared>,
     pub session: Arc<Session>,
+    /// The token's `exp` (seconds since the epoch): the session closes then.
+    pub token_exp_secs: u64,
     pub _slot: SlotGuard,
+    /// The connection's count toward `gateway.max_connections_per_ip`.
+    pub _ip: Option<IpGuard>,
+}
+
+/// How long from now until `exp_secs` (seconds since the epoch); zero when past.
+fn until_expiry(exp_secs: u64) -> Duration {
+    let exp_ms = i64::try_from(exp_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let left = exp_ms.saturating_sub(crate::now_ms()).max(0);
+    Duration::from_millis(u64::try_from(left).unwrap_or(0))
 }
 
 impl Drop for SessionGuard {
@@ -213,8 +229,9 @@ pub(crate) async fn serve(socket: WebSocket, guard: SessionGuard) {
         server_time_ms: crate::now_ms(),
         heartbeat_interval_ms: u32::try_from(config.heartbeat_interval_ms).unwrap_or(u32::MAX),
     }));
+    let expiry = until_expiry(guard.token_exp_secs);
     let end = match conn.write(welcome).await {
-        Ok(()) => conn.run().await,
+        Ok(()) => conn.run(expiry).await,
         Err(end) => end,
     };
     // Frames still queued are dropped: account for them in the depth gauge.
@@ -228,9 +245,11 @@ pub(crate) async fn serve(socket: WebSocket, guard: SessionGuard) {
 }
 
 impl Connection {
-    async fn run(&mut self) -> End {
+    async fn run(&mut self, token_expiry: Duration) -> End {
         let shared = self.shared.clone();
         let session = self.session.clone();
+        let expired = tokio::time::sleep(token_expiry);
+        tokio::pin!(expired);
         let idle_timeout = Duration::from_millis(shared.config.gateway.client_idle_timeout_ms);
         let idle = tokio::time::sleep(idle_timeout);
         tokio::pin!(idle);
@@ -333,6 +352,7 @@ impl Connection {
                     }
                 }
                 () = &mut idle => return End::Idle,
+                () = &mut expired => return End::TokenExpired,
                 () = &mut away, if away_enabled && !auto_away => {
                     auto_away = true;
                     self.session.set_idle_away(true);
@@ -393,7 +413,10 @@ impl Connection {
             .frames_in
             .with_label_values(&[request_name(&frame)])
             .inc();
-        if !self.limiter.take(Instant::now()) {
+        // The connection's own bucket, then the budget all of the user's connections
+        // (and HTTP API calls) on this gateway share.
+        let now = Instant::now();
+        if !self.limiter.take(now) || !self.shared.user_limiter.take(&self.session.user_id, now) {
             return Err(Rejection {
                 id: Some(frame.id),
                 code: ErrorCode::RateLimited,
@@ -469,6 +492,15 @@ impl Connection {
                 let frame = OutFrame::encode(&error, self.session.encoding);
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.socket.send(frame.message)).await;
                 (close_code::SLOW_CONSUMER, "slow_consumer")
+            }
+            End::TokenExpired => {
+                let error = error_frame(
+                    ErrorCode::Unauthorized,
+                    "the token expired; reconnect with a fresh token",
+                );
+                let frame = OutFrame::encode(&error, self.session.encoding);
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.socket.send(frame.message)).await;
+                (close_code::TOKEN_EXPIRED, "token_expired")
             }
             End::Shutdown => (close_code::GOING_AWAY, "shutdown"),
             End::Idle => (close_code::IDLE_TIMEOUT, "idle_timeout"),

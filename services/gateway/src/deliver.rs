@@ -95,7 +95,7 @@ pub(crate) fn push_ephemeral(shared: &Shared, session: &Session, frame: &v1::Ser
             return false;
         }
     }
-    match state.push(out, session.queue_capacity) {
+    match state.push(out, session.queue) {
         Ok(()) => {
             drop(state);
             session.wake_writer();
@@ -203,7 +203,7 @@ pub(crate) fn deliver(shared: &Arc<Shared>, request: DeliverRequest) -> DeliverR
                     continue;
                 }
             }
-            match state.push(out, session.queue_capacity) {
+            match state.push(out, session.queue) {
                 Ok(()) => {
                     if let Some((conversation, seq, sent_at_ms)) = message_key {
                         if seq != 0 {

@@ -1,6 +1,6 @@
 //! The gateway's one error type and its mappings to client error codes and gRPC status.
 
-use switchboard_proto::{status, status_error_code, v1, ErrorCode};
+use switchboard_proto::{client_message, status, status_error_code, v1, ErrorCode};
 
 /// Why a request (or an internal call) failed.
 #[derive(Debug, thiserror::Error)]
@@ -57,18 +57,17 @@ impl GatewayError {
         }
     }
 
-    /// The error as the client sees it. Backend messages are passed on (they are written
-    /// for clients: "not a member of the conversation"); internal failures are not detailed.
+    /// The error as the client sees it. Backend messages are passed on only when a
+    /// Switchboard service wrote them for clients ("not a member of the conversation");
+    /// failures of the internal call itself (tonic's statuses) and internal errors get
+    /// a generic message, their detail is only logged (see `Display`).
     pub(crate) fn to_event(&self) -> v1::ErrorEvent {
         let code = self.code();
         let message = match self {
             GatewayError::Rejected { message, .. } | GatewayError::Throttled { message } => {
                 message.clone()
             }
-            GatewayError::Backend { .. } if code == ErrorCode::Internal => {
-                "internal error".to_owned()
-            }
-            GatewayError::Backend { status, .. } => status.message().to_owned(),
+            GatewayError::Backend { status, .. } => client_message(status).to_owned(),
         };
         v1::ErrorEvent {
             code: code.as_str().to_owned(),
@@ -99,5 +98,23 @@ mod tests {
         let e = GatewayError::backend("routing.send")(tonic::Status::internal("disk on fire"));
         assert_eq!(e.to_event().code, "internal");
         assert_eq!(e.to_event().message, "internal error");
+    }
+
+    #[test]
+    fn a_response_above_the_grpc_limit_is_internal_without_its_text() {
+        let e = GatewayError::backend("storage.history")(tonic::Status::out_of_range(
+            "Error, decoded message length too large: found 4194400 bytes, the limit is: 4194304 bytes",
+        ));
+        let event = e.to_event();
+        assert_eq!(event.code, "internal");
+        assert_eq!(event.message, "internal error");
+        // The detail stays in the server's log line.
+        assert!(e.to_string().contains("4194304"));
+        let e = GatewayError::backend("presence.watch")(tonic::Status::unavailable(
+            "error trying to connect: tcp connect error",
+        ));
+        let event = e.to_event();
+        assert_eq!(event.code, "unavailable");
+        assert!(!event.message.contains("tcp"));
     }
 }

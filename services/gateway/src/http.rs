@@ -1,25 +1,129 @@
 //! The client HTTP listener: the WebSocket upgrade at `/v1/connect`, the HTTP API
 //! (`crate::api`), health and metrics, and in dev mode the chat page and the token
 //! endpoint.
+//!
+//! Its accept loop ([`serve_clients`]) is the gateway's own rather than
+//! `axum::serve`, for what unauthenticated clients must not hold: a complete request
+//! header within `gateway.header_read_timeout_ms`, at most
+//! `gateway.max_pending_upgrades` connections not yet upgraded, at most
+//! `gateway.max_connections_per_ip` connections from one address.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Query, State};
+use axum::extract::{Extension, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 use switchboard_proto::codec::Encoding;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::connection::{self, hard_frame_cap, SessionGuard};
-use crate::sessions::Session;
+use crate::limits::{IpGuard, PendingGuard};
+use crate::sessions::{lock, Session};
 use crate::Shared;
+
+/// Pause after a failed accept (out of file descriptors, for example), so the loop
+/// does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// What one accepted TCP connection holds against the listener's caps, shared with
+/// its requests (as a request extension) so that `/v1/connect` can hand the
+/// per-IP count to the WebSocket and release the pending count at the upgrade.
+pub(crate) struct ConnectionCaps {
+    /// Released when the connection is upgraded (or closes).
+    pending: Mutex<Option<PendingGuard>>,
+    /// Moved to the WebSocket's session at the upgrade, else released at close.
+    ip: Mutex<Option<IpGuard>>,
+}
+
+/// Serve the client listener until `stop`: each connection gets hyper's HTTP/1
+/// server with the header read timeout and upgrades, counted against the pending
+/// and per-IP caps; connections over a cap are closed at once.
+pub(crate) async fn serve_clients(
+    listener: TcpListener,
+    app: Router,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let header_read_timeout = Duration::from_millis(shared.config.gateway.header_read_timeout_ms);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = stop.cancelled() => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    debug!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        let rejected = |reason: &str| {
+            shared
+                .metrics
+                .connections_rejected
+                .with_label_values(&[reason])
+                .inc();
+        };
+        let Some(ip) = shared.per_ip.try_acquire(peer.ip()) else {
+            rejected("per_ip");
+            debug!(peer = %peer.ip(), "connection refused: per-ip limit");
+            continue;
+        };
+        let Some(pending) = shared.pending_upgrades.try_acquire() else {
+            rejected("pending_upgrades");
+            debug!("connection refused: too many pending upgrades");
+            continue;
+        };
+        // Small frames (an ack, then the message event) must not wait for the
+        // client's delayed ACK: no Nagle on client sockets.
+        if let Err(e) = tcp.set_nodelay(true) {
+            debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        let caps = Arc::new(ConnectionCaps {
+            pending: Mutex::new(Some(pending)),
+            ip: Mutex::new(Some(ip)),
+        });
+        let app = app.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(
+                move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                    request.extensions_mut().insert(caps.clone());
+                    let mut app = app.clone();
+                    async move {
+                        tower_service::Service::call(&mut app, request.map(axum::body::Body::new))
+                            .await
+                    }
+                },
+            );
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_read_timeout)
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                result = conn.as_mut() => result,
+                () = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                debug!(error = %e, "client connection ended with an error");
+            }
+        });
+    }
+}
 
 /// The development chat page (plain HTML and JavaScript, no build step).
 const CHAT_PAGE: &str = include_str!("../assets/chat.html");
@@ -125,6 +229,7 @@ fn validate_device(device: &str) -> Result<(), String> {
 
 async fn connect(
     State(shared): State<Arc<Shared>>,
+    caps: Option<Extension<Arc<ConnectionCaps>>>,
     headers: HeaderMap,
     query: Result<Query<ConnectParams>, QueryRejection>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -226,18 +331,36 @@ async fn connect(
         claims.bot,
         device.into(),
         encoding.unwrap_or(Encoding::Json),
-        config.outbound_queue,
+        crate::sessions::QueueLimits {
+            frames: config.outbound_queue,
+            bytes: config.outbound_queue_bytes,
+        },
     );
     // Registered with its status from the start: a session opened invisible never
     // shows its user online, not even for a moment.
     session.choose_status(status);
     // Local first: an event routed to the session right after presence knows it
     // finds it here and waits in its queue until the connection task starts.
-    shared.sessions.insert(session.clone());
+    let per_user = config.max_connections_per_user;
+    if !shared.sessions.try_insert(session.clone(), per_user) {
+        return refuse(
+            &shared,
+            StatusCode::TOO_MANY_REQUESTS,
+            "per_user",
+            "rate_limited",
+            format!("a user may have at most {per_user} connections on this gateway"),
+        );
+    }
+    let (pending, ip) = match &caps {
+        Some(Extension(caps)) => (lock(&caps.pending).take(), lock(&caps.ip).take()),
+        None => (None, None),
+    };
     let guard = SessionGuard {
         shared: shared.clone(),
         session: session.clone(),
+        token_exp_secs: claims.exp,
         _slot: slot,
+        _ip: ip,
     };
     if let Err(status) = shared.register(&session).await {
         warn!(error = %status.message(), "cannot register session with presence");
@@ -263,7 +386,11 @@ async fn connect(
     }
     // If the upgrade fails, the callback is dropped with the guard, which releases
     // the session.
-    upgrade.on_upgrade(move |socket| connection::serve(socket, guard))
+    upgrade.on_upgrade(move |socket| {
+        // Upgraded: no longer pending; the per-IP count lives as long as the session.
+        drop(pending);
+        connection::serve(socket, guard)
+    })
 }
 
 #[derive(Debug, Deserialize)]

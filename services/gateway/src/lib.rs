@@ -16,13 +16,13 @@ mod deliver;
 mod error;
 mod http;
 mod last_seen;
+mod limits;
 mod metrics;
 mod requests;
 mod sessions;
 
 use std::sync::Arc;
 
-use axum::serve::ListenerExt as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -72,6 +72,12 @@ pub(crate) struct Shared {
     /// Who shares a conversation with whom, for last-seen privacy "contacts".
     pub contacts: last_seen::ContactsCache,
     pub slots: Arc<ConnectionSlots>,
+    /// The request budget each user's connections and HTTP API calls share.
+    pub user_limiter: limits::UserRateLimiter,
+    /// Client connections accepted but not upgraded (`gateway.max_pending_upgrades`).
+    pub pending_upgrades: Arc<limits::PendingUpgrades>,
+    /// Client connections per IP address (`gateway.max_connections_per_ip`).
+    pub per_ip: Arc<limits::PerIpConnections>,
     pub metrics: Metrics,
     pub readiness: Readiness,
     /// The URL presence hands to routing for `Deliver` calls to this gateway.
@@ -230,6 +236,12 @@ impl Gateway {
                 config.gateway.max_connections,
                 metrics.connections.clone(),
             ),
+            user_limiter: limits::UserRateLimiter::new(
+                config.gateway.requests_per_second,
+                config.gateway.request_burst,
+            ),
+            pending_upgrades: limits::PendingUpgrades::new(config.gateway.max_pending_upgrades),
+            per_ip: limits::PerIpConnections::new(config.gateway.max_connections_per_ip),
             metrics,
             readiness: Readiness::new(),
             advertise_url: config.gateway_advertise_url(),
@@ -290,20 +302,12 @@ impl Gateway {
             stop.clone(),
         ));
         let app = http::router(shared.clone(), self.registry, shared.readiness.clone());
-        let http_stop = stop.clone();
-        servers.spawn(async move {
-            // Small frames (an ack, then the message event) must not wait for the
-            // client's delayed ACK: no Nagle on client sockets.
-            let listener = listeners.http.tap_io(|tcp| {
-                if let Err(e) = tcp.set_nodelay(true) {
-                    debug!(error = %e, "cannot set TCP_NODELAY");
-                }
-            });
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { http_stop.cancelled().await })
-                .await
-                .map_err(|e| anyhow::anyhow!("client listener failed: {e}"))
-        });
+        servers.spawn(http::serve_clients(
+            listeners.http,
+            app,
+            shared.clone(),
+            stop.clone(),
+        ));
         let heartbeat = tokio::spawn(heartbeat(shared.clone(), shared.drained.clone()));
         let unregister = tokio::spawn(unregister_worker(
             shared.clone(),

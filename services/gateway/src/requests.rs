@@ -94,7 +94,10 @@ pub(crate) async fn handle(
     let result = match result {
         Ok(result) => result,
         Err(e) => {
-            if e.code() == ErrorCode::Internal || e.code() == ErrorCode::Unavailable {
+            if matches!(
+                e.code(),
+                ErrorCode::Internal | ErrorCode::Unavailable | ErrorCode::Timeout
+            ) {
                 warn!(session_id = %session.session_id, error = %e, "request failed");
             }
             // The typing limit is an answer ("not so often"), not misbehaviour.
@@ -128,16 +131,40 @@ fn require_seq(seq: u64, field: &str) -> Result<(), GatewayError> {
     Ok(())
 }
 
+/// A conversation id or client message id: the protocol's id rule
+/// (`switchboard_proto::ids`), checked here so a bad one is `invalid_request`
+/// before any backend is called.
+pub(crate) fn check_id(value: &str, field: &str) -> Result<(), GatewayError> {
+    match switchboard_proto::ids::id_problem(value) {
+        None => Ok(()),
+        Some(_) if value.is_empty() => Err(GatewayError::invalid(format!("`{field}` is required"))),
+        Some(problem) => Err(GatewayError::invalid(format!("`{field}` {problem}"))),
+    }
+}
+
+/// Like [`check_id`], but empty means "none" (the server picks one).
+fn check_optional_id(value: &str, field: &str) -> Result<(), GatewayError> {
+    if value.is_empty() {
+        return Ok(());
+    }
+    check_id(value, field)
+}
+
+/// A user id, with the rule of a token's `sub`.
+pub(crate) fn check_user(value: &str, field: &str) -> Result<(), GatewayError> {
+    switchboard_auth::validate_user_id(value)
+        .map_err(|e| GatewayError::invalid(format!("`{field}`: {e}")))
+}
+
+/// A list of user ids: at most [`MAX_LIST`], each a valid user id.
 fn bounded_list(list: &[String], field: &str) -> Result<(), GatewayError> {
     if list.len() > MAX_LIST {
         return Err(GatewayError::invalid(format!(
             "`{field}` holds more than {MAX_LIST} entries"
         )));
     }
-    if list.iter().any(|u| u.is_empty()) {
-        return Err(GatewayError::invalid(format!(
-            "`{field}` holds an empty id"
-        )));
+    for user in list {
+        check_user(user, field)?;
     }
     Ok(())
 }
@@ -257,8 +284,8 @@ pub(crate) async fn dispatch(
     let peers = &shared.peers;
     match request {
         Request::Send(req) => {
-            require(&req.conversation_id, "conversation_id")?;
-            require(&req.client_msg_id, "client_msg_id")?;
+            check_id(&req.conversation_id, "conversation_id")?;
+            check_id(&req.client_msg_id, "client_msg_id")?;
             check_body(shared, &req.body)?;
             check_mentions(&req.mentions)?;
             let result = route_send(
@@ -279,9 +306,9 @@ pub(crate) async fn dispatch(
             Ok(ack::Result::Send(result))
         }
         Request::Edit(req) => {
-            require(&req.conversation_id, "conversation_id")?;
+            check_id(&req.conversation_id, "conversation_id")?;
             require_seq(req.seq, "seq")?;
-            require(&req.client_msg_id, "client_msg_id")?;
+            check_id(&req.client_msg_id, "client_msg_id")?;
             check_body(shared, &req.body)?;
             let result = route_send(
                 shared,
@@ -300,9 +327,9 @@ pub(crate) async fn dispatch(
             Ok(ack::Result::Send(result))
         }
         Request::Delete(req) => {
-            require(&req.conversation_id, "conversation_id")?;
+            check_id(&req.conversation_id, "conversation_id")?;
             require_seq(req.seq, "seq")?;
-            require(&req.client_msg_id, "client_msg_id")?;
+            check_id(&req.client_msg_id, "client_msg_id")?;
             let result = route_send(
                 shared,
                 session,
@@ -318,9 +345,9 @@ pub(crate) async fn dispatch(
             Ok(ack::Result::Send(result))
         }
         Request::React(req) => {
-            require(&req.conversation_id, "conversation_id")?;
+            check_id(&req.conversation_id, "conversation_id")?;
             require_seq(req.seq, "seq")?;
-            require(&req.client_msg_id, "client_msg_id")?;
+            check_id(&req.client_msg_id, "client_msg_id")?;
             if let Some(problem) = switchboard_proto::timeline::emoji_problem(&req.emoji) {
                 return Err(GatewayError::invalid(problem));
             }
@@ -341,7 +368,8 @@ pub(crate) async fn dispatch(
             Ok(ack::Result::Send(result))
         }
         Request::ConversationUpdate(req) => {
-            require(&req.conversation_id, "conversation_id")?;
+            check_id(&req.conversation_id, "conversation_id")?;
+            check_optional_id(&req.client_msg_id, "client_msg_id")?;
             let action = system_action(&req.action)?;
             let user_ids = match action {
                 "member_left" => vec![user.to_owned()],
@@ -381,7 +409,7 @@ pub(crate) async fn dispatch(
             Ok(ack::Result::Send(result))
         }
         Request::History(req) => {
-            require(&req.conversation_id, "conversation_id")?;
+            check_id(&req.conversation_id, "conversation_id")?;
             let result = peers
                 .storage
                 .clone()
@@ -394,6 +422,9 @@ pub(crate) async fn dispatch(
             Ok(ack::Result::History(result.into_inner()))
         }
         Request::Sync(req) => {
+            for cursor in &req.cursors {
+                check_id(&cursor.conversation_id, "cursors.conversation_id")?;
+            }
             let result = peers
                 .storage
                 .clone()
@@ -406,7 +437,7 @@ pub(crate) async fn dispatch(
             Ok(ack::Result::Sync(result.into_inner()))
         }
         Request::Thread(req) => {
-            require(&req.conversation_id, "conversation_id")?;
+            check_id(&req.conversation_id, "conversation_id")?;
             require_seq(req.root_seq, "root_seq")?;
             let result = peers
                 .storage
@@ -420,7 +451,7 @@ pub(crate) async fn dispatch(
             Ok(ack::Result::Thread(result.into_inner()))
         }
         Request::Receipts(req) => {
-            require(&req.conversation_id, "conversation_id")?;
+            check_id(&req.conversation_id, "conversation_id")?;
             let result = peers
                 .storage
                 .clone()
@@ -433,7 +464,7 @@ pub(crate) async fn dispatch(
             Ok(ack::Result::Receipts(result.into_inner()))
         }
         Request::Read(req) => {
-            require(&req.conversation_id, "conversation_id")?;
+            check_id(&req.conversation_id, "conversation_id")?;
             if !matches!(req.kind.as_str(), "" | "read" | "delivered") {
                 return Err(GatewayError::invalid(format!(
                     "unknown kind `{}` (read or delivered)",
@@ -470,6 +501,8 @@ pub(crate) async fn dispatch(
             Ok(ack::Result::Ok(v1::Empty {}))
         }
         Request::NotificationSet(req) => {
+            // No conversation: the user's global do-not-disturb.
+            check_optional_id(&req.conversation_id, "conversation_id")?;
             if req.until_ms < -1 {
                 return Err(GatewayError::invalid(
                     "`until_ms` is -1 (forever), 0 (off) or a time in ms since the epoch",
@@ -488,7 +521,7 @@ pub(crate) async fn dispatch(
             Ok(ack::Result::Ok(v1::Empty {}))
         }
         Request::Typing(req) => {
-            require(&req.conversation_id, "conversation_id")?;
+            check_id(&req.conversation_id, "conversation_id")?;
             let gateway = &shared.config.gateway;
             let interval = Duration::from_millis(gateway.typing_interval_ms);
             let now = Instant::now();
@@ -553,24 +586,28 @@ pub(crate) async fn dispatch(
             }))
         }
         Request::PresenceWatch(req) => {
+            // Every id is a valid user id (at most 128 bytes) before any is stored:
+            // the watched set is bounded by bytes, MAX_WATCHED ids of at most 128.
             bounded_list(&req.user_ids, "user_ids")?;
-            {
+            let added: Vec<String> = {
                 // Remember the watch before registering it, so no event that presence
                 // sends right after registering is filtered out here.
                 let mut delivery = lock(&session.delivery);
-                let new = req
-                    .user_ids
-                    .iter()
-                    .filter(|u| !delivery.watched.contains(*u))
-                    .count();
-                if delivery.watched.len() + new > MAX_WATCHED {
+                let mut added: Vec<String> = Vec::new();
+                for id in &req.user_ids {
+                    if !delivery.watched.contains(id) && !added.contains(id) {
+                        added.push(id.clone());
+                    }
+                }
+                if delivery.watched.len() + added.len() > MAX_WATCHED {
                     return Err(GatewayError::invalid(format!(
                         "a session watches at most {MAX_WATCHED} users"
                     )));
                 }
-                delivery.watched.extend(req.user_ids.iter().cloned());
-            }
-            let mut users = peers
+                delivery.watched.extend(added.iter().cloned());
+                added
+            };
+            let watched = peers
                 .presence
                 .clone()
                 .watch(v1::WatchRequest {
@@ -578,10 +615,22 @@ pub(crate) async fn dispatch(
                     watcher_id: user.to_owned(),
                     user_ids: req.user_ids,
                 })
-                .await
-                .map_err(GatewayError::backend("presence.watch"))?
-                .into_inner()
-                .users;
+                .await;
+            let mut users = match watched {
+                Ok(response) => response.into_inner().users,
+                Err(status) => {
+                    // Refused (or failed): what this request added is forgotten, so
+                    // refused ids hold neither memory nor the session's watch quota.
+                    let mut delivery = lock(&session.delivery);
+                    for id in &added {
+                        delivery.watched.remove(id);
+                    }
+                    if delivery.watched.is_empty() {
+                        delivery.watched = Default::default();
+                    }
+                    return Err(GatewayError::backend("presence.watch")(status));
+                }
+            };
             last_seen::filter(shared, user, &mut users).await;
             Ok(ack::Result::Presence(v1::PresenceResult { users }))
         }
@@ -603,7 +652,7 @@ pub(crate) async fn dispatch(
             Ok(ack::Result::Conversation(conversation))
         }
         Request::ConversationMembers(req) => {
-            require(&req.conversation_id, "conversation_id")?;
+            check_id(&req.conversation_id, "conversation_id")?;
             let change = match req.action.as_str() {
                 "" | "list" => None,
                 "add" => Some("members_added"),

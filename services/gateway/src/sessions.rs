@@ -80,27 +80,43 @@ impl FrameKind {
 pub(crate) struct OutFrame {
     pub kind: FrameKind,
     pub message: WsMessage,
+    /// Encoded size, counted against the queue's byte bound.
+    pub bytes: usize,
 }
 
 impl OutFrame {
     pub(crate) fn encode(frame: &ServerFrame, encoding: Encoding) -> OutFrame {
-        let message = match encode(frame, encoding) {
+        let payload = encode(frame, encoding);
+        let bytes = payload.len();
+        let message = match payload {
             Payload::Text(text) => WsMessage::Text(text.into()),
             Payload::Binary(bytes) => WsMessage::Binary(bytes.into()),
         };
         OutFrame {
             kind: FrameKind::of(frame),
             message,
+            bytes,
         }
     }
+}
+
+/// Bounds of one session's outbound queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct QueueLimits {
+    /// Most frames queued (`gateway.outbound_queue`).
+    pub frames: usize,
+    /// Most encoded bytes queued (`gateway.outbound_queue_bytes`); a frame larger
+    /// than this alone is still queued into an empty queue.
+    pub bytes: usize,
 }
 
 /// Why a frame could not be queued.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum PushError {
-    /// The queue holds `gateway.outbound_queue` frames already, or, for an ephemeral
-    /// event, more than half of that: a client that falls behind loses typing,
-    /// presence and receipts first, keeping room for the events it must not lose.
+    /// The queue holds `gateway.outbound_queue` frames or `gateway.outbound_queue_bytes`
+    /// bytes already, or, for an ephemeral event, more than half of either: a client
+    /// that falls behind loses typing, presence and receipts first, keeping room for
+    /// the events it must not lose.
     Full,
     /// The connection is ending.
     Closed,
@@ -109,10 +125,12 @@ pub(crate) enum PushError {
 /// What the delivery path remembers per session, and its outbound queue.
 #[derive(Default)]
 pub(crate) struct DeliveryState {
-    /// Frames waiting for the connection task, at most `Session::queue_capacity`.
+    /// Frames waiting for the connection task, within `Session::queue`.
     /// A plain deque under the session's lock rather than a channel: an idle
     /// connection's empty deque allocates nothing.
     queue: VecDeque<Arc<OutFrame>>,
+    /// Encoded bytes of the frames in `queue`.
+    queued_bytes: usize,
     /// Set when the connection task stopped taking frames.
     closed: bool,
     /// Users whose presence events this session asked for (presence_watch).
@@ -125,15 +143,25 @@ pub(crate) struct DeliveryState {
 
 impl DeliveryState {
     /// Queue a frame without waiting.
-    pub(crate) fn push(&mut self, frame: Arc<OutFrame>, capacity: usize) -> Result<(), PushError> {
+    pub(crate) fn push(
+        &mut self,
+        frame: Arc<OutFrame>,
+        limits: QueueLimits,
+    ) -> Result<(), PushError> {
         if self.closed {
             return Err(PushError::Closed);
         }
-        if self.queue.len() >= capacity
-            || (frame.kind.is_ephemeral() && self.queue.len() * 2 > capacity)
+        let bytes = self.queued_bytes.saturating_add(frame.bytes);
+        let over_bytes = !self.queue.is_empty() && bytes > limits.bytes;
+        if self.queue.len() >= limits.frames
+            || over_bytes
+            || (frame.kind.is_ephemeral()
+                && (self.queue.len() * 2 > limits.frames
+                    || (!self.queue.is_empty() && bytes.saturating_mul(2) > limits.bytes)))
         {
             return Err(PushError::Full);
         }
+        self.queued_bytes = bytes;
         self.queue.push_back(frame);
         Ok(())
     }
@@ -172,8 +200,8 @@ pub(crate) struct Session {
     /// The token's `bot` claim: sends of this session carry `from_bot`.
     pub bot: bool,
     pub encoding: Encoding,
-    /// Bound of the outbound queue (`gateway.outbound_queue`).
-    pub queue_capacity: usize,
+    /// Bounds of the outbound queue.
+    pub queue: QueueLimits,
     /// Delivery state and outbound queue, locked only for map and queue operations
     /// (never across an await), so "seq not yet delivered" and the enqueue are atomic.
     pub delivery: Mutex<DeliveryState>,
@@ -206,7 +234,10 @@ impl Session {
             false,
             device_id,
             encoding,
-            queue_capacity,
+            QueueLimits {
+                frames: queue_capacity,
+                bytes: usize::MAX,
+            },
         )
     }
 
@@ -217,7 +248,7 @@ impl Session {
         bot: bool,
         device_id: Arc<str>,
         encoding: Encoding,
-        queue_capacity: usize,
+        queue: QueueLimits,
     ) -> Arc<Session> {
         Arc::new(Session {
             session_id,
@@ -225,7 +256,7 @@ impl Session {
             device_id,
             bot,
             encoding,
-            queue_capacity,
+            queue,
             delivery: Mutex::new(DeliveryState::default()),
             outbound_notify: Notify::new(),
             slow: AtomicBool::new(false),
@@ -302,7 +333,10 @@ impl Session {
     pub(crate) fn take_batch(&self, out: &mut Vec<Arc<OutFrame>>, max: usize) -> bool {
         let mut state = lock(&self.delivery);
         let n = state.queue.len().min(max);
+        let start = out.len();
         out.extend(state.queue.drain(..n));
+        let taken: usize = out[start..].iter().map(|f| f.bytes).sum();
+        state.queued_bytes = state.queued_bytes.saturating_sub(taken);
         if state.queue.is_empty() && state.queue.capacity() > 16 {
             // Give back what a burst needed; idle connections stay small.
             state.queue.shrink_to_fit();
@@ -316,6 +350,7 @@ impl Session {
         state.closed = true;
         let dropped = state.queue.len();
         state.queue = VecDeque::new();
+        state.queued_bytes = 0;
         dropped
     }
 
@@ -356,14 +391,25 @@ struct RegistryInner {
 }
 
 impl SessionRegistry {
+    #[cfg(test)]
     pub(crate) fn insert(&self, session: Arc<Session>) {
+        assert!(self.try_insert(session, usize::MAX));
+    }
+
+    /// Add a session unless its user has `max_per_user` sessions here already
+    /// (`gateway.max_connections_per_user`); false when refused.
+    pub(crate) fn try_insert(&self, session: Arc<Session>, max_per_user: usize) -> bool {
         let mut inner = lock(&self.inner);
-        inner
-            .by_user
-            .entry(session.user_id.clone())
-            .or_default()
-            .push(session.clone());
+        let list = inner.by_user.entry(session.user_id.clone()).or_default();
+        if list.len() >= max_per_user {
+            if list.is_empty() {
+                inner.by_user.remove(&session.user_id);
+            }
+            return false;
+        }
+        list.push(session.clone());
         inner.by_id.insert(session.session_id.clone(), session);
+        true
     }
 
     /// Remove a session; false when it was not (or no longer) registered.
@@ -486,6 +532,18 @@ mod tests {
         assert_eq!(reg.len(), 1);
     }
 
+    #[test]
+    fn a_user_has_at_most_max_sessions_and_gets_room_back_on_close() {
+        let reg = SessionRegistry::default();
+        assert!(reg.try_insert(session("s1", "alice"), 2));
+        assert!(reg.try_insert(session("s2", "alice"), 2));
+        assert!(!reg.try_insert(session("s3", "alice"), 2));
+        assert!(reg.get("s3").is_none());
+        assert!(reg.try_insert(session("s4", "bob"), 2));
+        assert!(reg.remove("s1"));
+        assert!(reg.try_insert(session("s3", "alice"), 2));
+    }
+
     #[tokio::test]
     async fn slots_cap_connections_and_report_when_all_closed() {
         let gauge = prometheus::IntGauge::new("g", "g").unwrap();
@@ -511,20 +569,20 @@ mod tests {
         let frame = Arc::new(OutFrame::encode(&ServerFrame::default(), Encoding::Json));
         let mut state = lock(&s.delivery);
         for _ in 0..4 {
-            state.push(frame.clone(), s.queue_capacity).unwrap();
+            state.push(frame.clone(), s.queue).unwrap();
         }
-        assert_eq!(
-            state.push(frame.clone(), s.queue_capacity),
-            Err(PushError::Full)
-        );
+        assert_eq!(state.push(frame.clone(), s.queue), Err(PushError::Full));
         drop(state);
         let mut out = Vec::new();
         assert!(s.take_batch(&mut out, 3));
         assert!(!s.take_batch(&mut out, 3));
         assert_eq!(out.len(), 4);
-        lock(&s.delivery).push(frame.clone(), 4).unwrap();
+        lock(&s.delivery).push(frame.clone(), s.queue).unwrap();
         assert_eq!(s.close_outbound(), 1);
-        assert_eq!(lock(&s.delivery).push(frame, 4), Err(PushError::Closed));
+        assert_eq!(
+            lock(&s.delivery).push(frame, s.queue),
+            Err(PushError::Closed)
+        );
     }
 
     #[test]
@@ -544,12 +602,71 @@ mod tests {
         ));
         let mut state = lock(&s.delivery);
         // Capacity 4: ephemeral events fit while at most 2 frames are queued.
-        state.push(typing.clone(), 4).unwrap();
-        state.push(typing.clone(), 4).unwrap();
-        state.push(typing.clone(), 4).unwrap();
-        assert_eq!(state.push(typing.clone(), 4), Err(PushError::Full));
-        state.push(message.clone(), 4).unwrap();
-        assert_eq!(state.push(message, 4), Err(PushError::Full));
+        state.push(typing.clone(), s.queue).unwrap();
+        state.push(typing.clone(), s.queue).unwrap();
+        state.push(typing.clone(), s.queue).unwrap();
+        assert_eq!(state.push(typing.clone(), s.queue), Err(PushError::Full));
+        state.push(message.clone(), s.queue).unwrap();
+        assert_eq!(state.push(message, s.queue), Err(PushError::Full));
+    }
+
+    #[test]
+    fn the_outbound_queue_is_bounded_by_bytes_too() {
+        let message = |body: usize| {
+            Arc::new(OutFrame::encode(
+                &ServerFrame {
+                    event: Some(Event::Message(switchboard_proto::v1::MessageEvent {
+                        message: Some(switchboard_proto::v1::Message {
+                            body: "x".repeat(body),
+                            ..Default::default()
+                        }),
+                    })),
+                },
+                Encoding::Json,
+            ))
+        };
+        let typing = Arc::new(OutFrame::encode(
+            &ServerFrame {
+                event: Some(Event::Typing(Default::default())),
+            },
+            Encoding::Json,
+        ));
+        let m = message(1_000);
+        assert!(typing.bytes * 2 < m.bytes);
+        let s = Session::for_account(
+            "s".into(),
+            "u".into(),
+            false,
+            "d".into(),
+            Encoding::Json,
+            QueueLimits {
+                frames: 100,
+                bytes: 3 * m.bytes,
+            },
+        );
+        // One frame above the bound still goes into an empty queue, alone.
+        lock(&s.delivery).push(message(10_000), s.queue).unwrap();
+        assert_eq!(
+            lock(&s.delivery).push(m.clone(), s.queue),
+            Err(PushError::Full)
+        );
+        let mut out = Vec::new();
+        assert!(!s.take_batch(&mut out, 10));
+        // Taken frames give their bytes back.
+        let mut state = lock(&s.delivery);
+        for _ in 0..3 {
+            state.push(m.clone(), s.queue).unwrap();
+        }
+        assert_eq!(state.push(m.clone(), s.queue), Err(PushError::Full));
+        drop(state);
+        out.clear();
+        s.take_batch(&mut out, 10);
+        // Ephemeral events stop at half the bytes.
+        let mut state = lock(&s.delivery);
+        state.push(m.clone(), s.queue).unwrap();
+        state.push(typing.clone(), s.queue).unwrap();
+        state.push(m.clone(), s.queue).unwrap();
+        assert_eq!(state.push(typing, s.queue), Err(PushError::Full));
     }
 
     #[test]

@@ -132,6 +132,10 @@ impl presence_server::Presence for FakePresence {
         request: Request<v1::WatchRequest>,
     ) -> Result<Response<v1::QueryResponse>, Status> {
         let request = request.into_inner();
+        if request.user_ids.iter().any(|u| u.starts_with("refused")) {
+            self.0.lock().unwrap().watches.push(request);
+            return Err(status(ErrorCode::InvalidRequest, "unknown user"));
+        }
         let users = request
             .user_ids
             .iter()
@@ -2072,5 +2076,291 @@ async fn an_unknown_initial_status_is_refused() {
         }
     }
     assert!(h.calls.lock().unwrap().registered.is_empty());
+    h.stop().await;
+}
+
+// ---------------------------------------------------------------- hardening
+
+#[tokio::test]
+async fn refused_watches_keep_nothing_and_leave_the_quota_alone() {
+    let h = start(|_| {}).await;
+    let (mut ws, _) = h.connect("watcher").await;
+    // Presence refuses these: before, every refused id stayed in the session's
+    // watched set (memory and quota); 4 x 300 ids exceed the 1,000-user quota.
+    for round in 0..4 {
+        let ids: Vec<String> = (0..300).map(|i| format!("refused-{round}-{i}")).collect();
+        let ack = request(
+            &mut ws,
+            &format!("r{round}"),
+            json!({"presence_watch": {"user_ids": ids}}),
+        )
+        .await;
+        assert_eq!(ack["error"]["code"], "invalid_request", "{ack}");
+    }
+    let ids: Vec<String> = (0..300).map(|i| format!("friend-{i}")).collect();
+    let ack = request(&mut ws, "ok", json!({"presence_watch": {"user_ids": ids}})).await;
+    assert_eq!(
+        ack["presence"]["users"].as_array().unwrap().len(),
+        300,
+        "{ack}"
+    );
+    // A refused id is not watched: its presence events do not reach the session.
+    let response = h
+        .deliver(vec![presence_delivery("watcher", "refused-0-1")])
+        .await;
+    assert_eq!(response.delivered, 0);
+    let response = h
+        .deliver(vec![presence_delivery("watcher", "friend-1")])
+        .await;
+    assert_eq!(response.delivered, 1);
+    let event = recv(&mut ws).await;
+    assert_eq!(
+        event["presence"]["presence"]["user_id"], "friend-1",
+        "{event}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn bad_watch_ids_are_refused_before_presence_hears_them() {
+    let h = start(|_| {}).await;
+    let (mut ws, _) = h.connect("watcher").await;
+    let long = "x".repeat(129);
+    for (i, id) in ["bad\u{1}id", "two words", long.as_str(), ""]
+        .iter()
+        .enumerate()
+    {
+        let ack = request(
+            &mut ws,
+            &format!("w{i}"),
+            json!({"presence_watch": {"user_ids": ["fine", id]}}),
+        )
+        .await;
+        assert_eq!(ack["error"]["code"], "invalid_request", "{ack}");
+    }
+    assert!(h.calls.lock().unwrap().watches.is_empty());
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn control_characters_in_ids_are_invalid_request() {
+    let h = start(|_| {}).await;
+    let (mut ws, _) = h.connect("alice").await;
+    let frames = [
+        json!({"send": {"conversation_id": "c\u{1}", "client_msg_id": "m1", "body": "x"}}),
+        json!({"send": {"conversation_id": "c1", "client_msg_id": "m\n1", "body": "x"}}),
+        json!({"send": {"conversation_id": "c".repeat(129), "client_msg_id": "m1", "body": "x"}}),
+        json!({"edit": {"conversation_id": "c\u{7f}", "seq": 1, "client_msg_id": "m", "body": "x"}}),
+        json!({"history": {"conversation_id": "c\u{0}"}}),
+        json!({"typing": {"conversation_id": "c\u{1b}", "typing": true}}),
+        json!({"read": {"conversation_id": "c\r", "seq": 1}}),
+        json!({"sync": {"cursors": [{"conversation_id": "c\u{1}", "last_seq": 1}]}}),
+        json!({"conversation_create": {"kind": "group", "members": ["bob", "eve\u{1}"]}}),
+        json!({"conversation_members": {"conversation_id": "c1", "action": "add", "user_ids": ["b\tb"]}}),
+        json!({"conversation_update": {"conversation_id": "c1", "action": "kick", "user_ids": ["x\u{0}"]}}),
+        json!({"notification_set": {"conversation_id": "c\u{1}", "until_ms": 0}}),
+    ];
+    for (i, frame) in frames.into_iter().enumerate() {
+        let ack = request(&mut ws, &format!("f{i}"), frame).await;
+        assert_eq!(ack["error"]["code"], "invalid_request", "frame {i}: {ack}");
+    }
+    {
+        let calls = h.calls.lock().unwrap();
+        assert!(calls.sends.is_empty() && calls.publishes.is_empty());
+    }
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn bad_bodies_of_known_requests_are_bad_frame_and_arrays_are_refused() {
+    let h = start(|_| {}).await;
+    let (mut ws, _) = h.connect("alice").await;
+    let frames = [
+        json!({"edit": {"conversation_id": "c1", "seq": "not a number"}}),
+        json!({"delete": 5}),
+        json!({"react": {"emoji": 1}}),
+        json!({"thread": []}),
+        json!({"receipts": "c1"}),
+        json!({"conversation_update": {"user_ids": 3}}),
+        json!({"notification_set": {"until_ms": "x"}}),
+        // Read positionally by serde as conversation_id, client_msg_id, body.
+        json!({"send": ["c1", "m1", "hello"]}),
+    ];
+    for (i, frame) in frames.into_iter().enumerate() {
+        let ack = request(&mut ws, &format!("b{i}"), frame).await;
+        assert_eq!(ack["error"]["code"], "bad_frame", "frame {i}: {ack}");
+    }
+    assert!(h.calls.lock().unwrap().sends.is_empty());
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_user_has_at_most_max_connections_per_user() {
+    let h = start(|c| c.gateway.max_connections_per_user = 2).await;
+    let (first, _) = h.connect("greedy").await;
+    let (_second, _) = h.connect("greedy").await;
+    let query = format!("token={}", h.token("greedy"));
+    match h.try_connect(&query, None).await {
+        Err(WsError::Http(response)) => assert_eq!(response.status(), 429),
+        other => panic!("expected 429, got {:?}", other.map(|_| ())),
+    }
+    // Another user is not affected.
+    let (_other, _) = h.connect("someone-else").await;
+    // A closed connection gives its place back.
+    drop(first);
+    tokio::time::timeout(TIMEOUT, async {
+        while h.try_connect(&query, None).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("a place is free again");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn sessions_close_with_4002_when_their_token_expires() {
+    let h = start(|c| c.auth.leeway_secs = 0).await;
+    let token = h.signer.sign("short", Duration::from_secs(2)).unwrap();
+    let mut ws = h
+        .try_connect(&format!("token={token}"), Some("switchboard.v1.json"))
+        .await
+        .unwrap();
+    let welcome = recv(&mut ws).await;
+    assert!(welcome.get("welcome").is_some(), "{welcome}");
+    let (frames, code) = recv_until_close(&mut ws).await;
+    assert_eq!(code, Some(CloseCode::from(close_code::TOKEN_EXPIRED)));
+    assert!(
+        frames.iter().any(|f| f["error"]["code"] == "unauthorized"),
+        "{frames:?}"
+    );
+    h.stop().await;
+}
+
+/// Read until the server closes the connection (EOF or reset).
+async fn read_until_closed(stream: &mut tokio::net::TcpStream) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(TIMEOUT, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .expect("the server closed the connection");
+}
+
+/// A TCP connection that has sent half a request header.
+async fn half_request(addr: SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /v1/connect HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    s
+}
+
+#[tokio::test]
+async fn unfinished_request_headers_are_timed_out() {
+    let h = start(|c| c.gateway.header_read_timeout_ms = 200).await;
+    let mut slow = half_request(h.http).await;
+    read_until_closed(&mut slow).await;
+    // A connection that sends nothing at all is closed too.
+    let mut silent = tokio::net::TcpStream::connect(h.http).await.unwrap();
+    read_until_closed(&mut silent).await;
+    // And a keep-alive connection idle after its request.
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut idle = tokio::net::TcpStream::connect(h.http).await.unwrap();
+        idle.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        read_until_closed(&mut idle).await;
+    }
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn connections_not_yet_upgraded_are_capped() {
+    let h = start(|c| {
+        c.gateway.max_pending_upgrades = 2;
+        c.gateway.header_read_timeout_ms = 60_000;
+    })
+    .await;
+    // Upgraded connections do not count: more of them than the cap open fine.
+    let mut sockets = Vec::new();
+    for i in 0..3 {
+        sockets.push(h.connect(&format!("user{i}")).await.0);
+    }
+    let first = half_request(h.http).await;
+    let _second = half_request(h.http).await;
+    let mut third = half_request(h.http).await;
+    read_until_closed(&mut third).await;
+    assert!(h
+        .try_connect(&format!("token={}", h.token("late")), None)
+        .await
+        .is_err());
+    drop(first);
+    tokio::time::timeout(TIMEOUT, async {
+        while h
+            .try_connect(&format!("token={}", h.token("late")), None)
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("a pending place is free again");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn connections_per_ip_are_capped() {
+    let h = start(|c| c.gateway.max_connections_per_ip = 2).await;
+    let (a, _) = h.connect("a").await;
+    let (_b, _) = h.connect("b").await;
+    let mut extra = tokio::net::TcpStream::connect(h.http).await.unwrap();
+    read_until_closed(&mut extra).await;
+    drop(a);
+    tokio::time::timeout(TIMEOUT, async {
+        while h
+            .try_connect(&format!("token={}", h.token("c")), None)
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the address has a place again");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_users_connections_share_one_request_budget() {
+    let h = start(|c| {
+        c.gateway.requests_per_second = 1;
+        c.gateway.request_burst = 3;
+    })
+    .await;
+    let (mut one, _) = h.connect("reader").await;
+    let (mut two, _) = h.connect("reader").await;
+    for i in 0..3 {
+        let ack = request(&mut one, &format!("p{i}"), json!({"ping": {}})).await;
+        assert!(ack["pong"].is_object(), "{ack}");
+    }
+    // Each connection has a burst of 3 of its own; the user's budget is spent.
+    let mut limited = 0;
+    for i in 0..2 {
+        let ack = request(&mut two, &format!("q{i}"), json!({"ping": {}})).await;
+        if ack["error"]["code"] == "rate_limited" {
+            limited += 1;
+        }
+    }
+    assert!(limited >= 1, "the second connection got its own budget");
     h.stop().await;
 }

@@ -649,6 +649,108 @@ fn documented_schemas_have_exactly_the_fields_of_the_protocol_json() {
     assert_eq!(codes, expected);
 }
 
+/// Every enum in the document lists values, none of them empty.
+fn check_enums(value: &Value, at: &str) {
+    match value {
+        Value::Object(map) => {
+            if let Some(values) = map.get("enum") {
+                let values = values.as_array().expect("an enum is an array");
+                assert!(!values.is_empty(), "empty enum at {at}");
+                assert!(
+                    !values.contains(&json!("")),
+                    "empty string in the enum at {at}"
+                );
+            }
+            for (key, v) in map {
+                check_enums(v, &format!("{at}/{key}"));
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| check_enums(v, at)),
+        _ => {}
+    }
+}
+
+/// No control characters (what `char::is_control` matches: C0, DEL and C1).
+const NO_CONTROL: &str = "\\u0000-\\u001F\\u007F-\\u009F";
+
+#[test]
+fn the_schema_refuses_what_the_server_refuses() {
+    let doc = openapi();
+    check_enums(&doc, "");
+    let schemas = &doc["components"]["schemas"];
+    let id = &schemas["Id"];
+    assert_eq!(id["minLength"], 1);
+    assert_eq!(id["maxLength"], switchboard_proto::ids::MAX_ID_BYTES);
+    assert_eq!(id["pattern"], format!("^[^{NO_CONTROL}]+$"));
+    let user = &schemas["UserId"];
+    assert_eq!(user["minLength"], 1);
+    assert_eq!(user["maxLength"], switchboard_auth::MAX_USER_ID_BYTES);
+    assert_eq!(user["pattern"], format!("^[^\\s{NO_CONTROL}]+$"));
+    // Every path parameter is an id.
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for parameter in item["parameters"].as_array().into_iter().flatten() {
+            if parameter["in"] == "path" {
+                assert_eq!(
+                    parameter["schema"]["$ref"], "#/components/schemas/Id",
+                    "{path}: {parameter}"
+                );
+            }
+        }
+    }
+    let user_ref = json!({"$ref": "#/components/schemas/UserId"});
+    let create = &schemas["ConversationCreateRequest"]["properties"];
+    assert_eq!(create["members"]["items"], user_ref);
+    assert_eq!(create["members"]["maxItems"], 1000);
+    let send = &schemas["SendMessageRequest"]["properties"];
+    assert_eq!(send["mentions"]["items"], user_ref);
+    assert_eq!(
+        send["mentions"]["maxItems"],
+        switchboard_proto::timeline::MAX_MENTIONS
+    );
+    for field in ["conversation_id", "client_msg_id"] {
+        assert_eq!(send[field]["maxLength"], 128, "{field}");
+        assert_eq!(
+            send[field]["pattern"],
+            format!("^[^{NO_CONTROL}]*$"),
+            "{field}"
+        );
+    }
+    let url = &schemas["WebhookCreateRequest"]["properties"]["url"];
+    assert_eq!(url["minLength"], 1);
+    assert_eq!(url["maxLength"], 2048);
+}
+
+#[tokio::test]
+async fn the_server_refuses_ids_the_schema_refuses() {
+    let h = start(|_| {}).await;
+    let token = h.token("alice");
+    for path in [
+        "/v1/conversations/c%01x/messages",
+        "/v1/conversations/c%7Fx",
+        "/v1/presence?user_ids=a%0Ab",
+        "/v1/presence?user_ids=a%20b",
+        "/v1/conversations/c%01x/webhooks",
+    ] {
+        let reply = h.call("GET", path, &token, None).await;
+        reply.assert_error(400, "invalid_request");
+    }
+    let long = "c".repeat(129);
+    let reply = h
+        .call("GET", &format!("/v1/conversations/{long}"), &token, None)
+        .await;
+    reply.assert_error(400, "invalid_request");
+    let reply = h
+        .call(
+            "POST",
+            "/v1/conversations",
+            &token,
+            Some(json!({"kind": "group", "members": ["bob", "eve\u{1}"]})),
+        )
+        .await;
+    reply.assert_error(400, "invalid_request");
+    h.stop().await;
+}
+
 #[test]
 fn the_webhook_delivery_and_bearer_auth_are_documented() {
     let doc = openapi();
@@ -753,6 +855,29 @@ async fn bad_json_oversized_bodies_and_wrong_methods_get_json_errors() {
     reply.assert_error(400, "bad_frame");
     let reply = h
         .raw("POST", "/v1/conversations", &auth, br#"{"kind": 5}"#)
+        .await;
+    reply.assert_error(400, "bad_frame");
+    // serde would read these positionally; the API takes objects only.
+    let reply = h
+        .raw(
+            "POST",
+            "/v1/conversations/conv-1/messages",
+            &auth,
+            br#"["conv-1", "m1", "hello"]"#,
+        )
+        .await;
+    reply.assert_error(400, "bad_frame");
+    let reply = h
+        .raw("POST", "/v1/conversations", &auth, br#"[["bob"], "group"]"#)
+        .await;
+    reply.assert_error(400, "bad_frame");
+    let reply = h
+        .raw(
+            "POST",
+            "/v1/conversations/conv-1/webhooks",
+            &auth,
+            br#"["https://example.com/hook"]"#,
+        )
         .await;
     reply.assert_error(400, "bad_frame");
 
