@@ -48,13 +48,15 @@ DATA=
 start_server() {
     DATA=$(mktemp -d /tmp/switchboard-bench-data.XXXXXX)
     # The server reads every SWITCHBOARD_* variable as a setting and refuses
-    # unknown ones, so the harness's secret variable must not reach it.
+    # unknown ones, so the harness's secret variable must not reach it. Every
+    # generated client comes from 127.0.0.1: no per-address connection cap.
     env -u SWITCHBOARD_LOAD_SECRET \
     SWITCHBOARD_DATA_DIR="$DATA" \
     SWITCHBOARD_AUTH__HS256_SECRET="$SECRET" \
     SWITCHBOARD_DEV_MODE=false \
     SWITCHBOARD_LOG__LEVEL=warn \
     SWITCHBOARD_GATEWAY__LISTEN=127.0.0.1:8080 \
+    SWITCHBOARD_GATEWAY__MAX_CONNECTIONS_PER_IP=0 \
     SWITCHBOARD_GATEWAY__ADMIN_LISTEN=$GATEWAY_ADMIN \
     SWITCHBOARD_PRESENCE__ADMIN_LISTEN=127.0.0.1:19192 \
     SWITCHBOARD_ROUTING__ADMIN_LISTEN=127.0.0.1:19193 \
