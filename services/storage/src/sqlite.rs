@@ -959,6 +959,7 @@ fn webhook_from_row(row: &Row<'_>) -> rusqlite::Result<Webhook> {
         delivered_seq: row.get::<_, i64>(4)? as u64,
         created_at_ms: row.get(5)?,
         created_by: row.get(6)?,
+        suspended: false,
     })
 }
 
@@ -1619,6 +1620,7 @@ impl HistoryStore for SqliteStore {
                     delivered_seq: conv.last_seq,
                     created_at_ms: webhook.created_at_ms,
                     created_by: webhook.created_by,
+                    suspended: false,
                 };
                 tx.prepare_cached(&format!(
                     "INSERT INTO webhooks ({WEBHOOK_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"

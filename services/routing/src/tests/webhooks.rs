@@ -228,6 +228,7 @@ pub(super) fn webhook(id: &str, conversation: &str, url: &str, delivered_seq: u6
         delivered_seq,
         created_at_ms: 1,
         created_by: "alice".into(),
+        suspended: false,
     }
 }
 

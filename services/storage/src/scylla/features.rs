@@ -661,6 +661,7 @@ fn webhook_from_row(conversation_id: &str, row: WebhookRow) -> (i32, Webhook) {
             delivered_seq: delivered.unwrap_or(0).max(0) as u64,
             created_at_ms: created.unwrap_or(0),
             created_by: by.unwrap_or_default(),
+            suspended: false,
         },
     )
 }
@@ -1476,6 +1477,7 @@ impl ScyllaStore {
                     delivered_seq: last.max(0) as u64,
                     created_at_ms: new.created_at_ms,
                     created_by: new.created_by,
+                    suspended: false,
                 });
             }
         }
