@@ -901,9 +901,10 @@ async fn invalid_sends_are_rejected_with_their_codes() {
         code(client.send(send_req("mallory", "c1", "m3", "hi")).await),
         ErrorCode::NotMember
     );
+    // An unknown conversation answers like a foreign one: existence is not revealed.
     assert_eq!(
         code(client.send(send_req("alice", "nope", "m4", "hi")).await),
-        ErrorCode::NotFound
+        ErrorCode::NotMember
     );
     assert_eq!(
         code(client.send(send_req("alice", "c1", "", "hi")).await),
@@ -926,7 +927,8 @@ async fn invalid_sends_are_rejected_with_their_codes() {
 
     let metrics = http_get(routing.admin, "/metrics").await;
     assert!(
-        metrics.contains("switchboard_routing_sends_rejected_total{code=\"not_member\"} 1"),
+        // mallory's send and the one to an unknown conversation.
+        metrics.contains("switchboard_routing_sends_rejected_total{code=\"not_member\"} 2"),
         "{metrics}"
     );
     routing.stop().await;
