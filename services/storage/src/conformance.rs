@@ -1893,14 +1893,8 @@ pub(crate) async fn notification_preferences(factory: &dyn StoreFactory) {
     assert_eq!(code(unknown), ErrorCode::NotFound);
 }
 
-pub(crate) async fn shared_contacts_are_co_members(factory: &dyn StoreFactory) {
+pub(crate) async fn contacts_are_co_members_who_sent(factory: &dyn StoreFactory) {
     let h = Harness::open(factory, 200).await;
-    h.direct("alice", "bob").await;
-    let g = h
-        .group("carol", &["alice", "dan"], "g")
-        .await
-        .conversation_id;
-    h.group("erin", &["frank"], "other").await;
     let shared = |user: &str, others: &[&str]| {
         let svc = Arc::clone(&h.svc);
         let req = SharedContactsRequest {
@@ -1909,20 +1903,56 @@ pub(crate) async fn shared_contacts_are_co_members(factory: &dyn StoreFactory) {
         };
         async move { svc.shared_contacts(req).await.map(|r| r.shared) }
     };
+    let none = Vec::<String>::new();
+
+    // A stranger cannot make himself a contact alone: not by opening a direct
+    // conversation, writing in it, nor by putting the victim in a group.
+    let d = h.direct("mallory", "victim").await.conversation_id;
+    assert_eq!(shared("mallory", &["victim"]).await.unwrap(), none);
+    h.say(&d, "mallory", "hello?").await;
+    let g = h
+        .group("mallory", &["victim"], "trap")
+        .await
+        .conversation_id;
+    h.say(&g, "mallory", "hi all").await;
+    assert_eq!(shared("mallory", &["victim"]).await.unwrap(), none);
+    // The victim sees mallory's (mallory wrote), not the other way round.
+    assert_eq!(shared("victim", &["mallory"]).await.unwrap(), ["mallory"]);
+    // Once the victim answers, they are contacts.
+    h.say(&d, "victim", "who is this?").await;
+    assert_eq!(shared("mallory", &["victim"]).await.unwrap(), ["victim"]);
+
+    // Groups: members count once they sent something (any event), and not after
+    // leaving.
+    let g = h
+        .group("carol", &["alice", "dan"], "g")
+        .await
+        .conversation_id;
+    h.group("erin", &["frank"], "other").await;
+    assert_eq!(shared("alice", &["carol", "dan"]).await.unwrap(), none);
+    h.send(system(
+        &g,
+        "carol",
+        SystemEvent {
+            action: "renamed".into(),
+            name: "g2".into(),
+            ..Default::default()
+        },
+    ))
+    .await
+    .unwrap();
     assert_eq!(
-        shared("alice", &["frank", "dan", "bob", "zed", "alice", "bob"])
+        shared("alice", &["frank", "dan", "carol", "zed", "alice", "carol"])
             .await
             .unwrap(),
-        ["bob", "dan"]
+        ["carol"]
     );
+    h.say(&g, "dan", "hey").await;
     assert_eq!(
-        shared("bob", &["dan", "carol"]).await.unwrap(),
-        Vec::<String>::new()
+        shared("alice", &["dan", "carol"]).await.unwrap(),
+        ["carol", "dan"]
     );
-    assert_eq!(
-        shared("nobody", &["alice"]).await.unwrap(),
-        Vec::<String>::new()
-    );
+    assert_eq!(shared("nobody", &["alice"]).await.unwrap(), none);
     h.admin(&g, "dan", "member_left", &["dan"]).await.unwrap();
     assert_eq!(shared("alice", &["dan", "carol"]).await.unwrap(), ["carol"]);
     assert_eq!(code(shared("", &["a"]).await), ErrorCode::InvalidRequest);
@@ -2364,6 +2394,55 @@ pub(crate) async fn webhooks_end_with_their_creators_right(factory: &dyn StoreFa
     );
 }
 
+pub(crate) async fn conversations_created_are_capped(factory: &dyn StoreFactory) {
+    let h = Harness::open(factory, 200).await;
+    let create = |creator: &str, kind: &str, members: &[&str]| {
+        let svc = Arc::clone(&h.svc);
+        let req = CreateConversationRequest {
+            creator_id: creator.into(),
+            kind: kind.into(),
+            members: members.iter().map(|m| m.to_string()).collect(),
+            name: String::new(),
+        };
+        async move { svc.create_conversation(req).await }
+    };
+    let first = h.direct("maker", "peer0").await.conversation_id;
+    for i in 1..MAX_CREATED {
+        let kind = if i % 2 == 0 { "direct" } else { "group" };
+        create("maker", kind, &[&format!("peer{i}")]).await.unwrap();
+    }
+    // Being put into others' conversations does not count.
+    h.group("other", &["maker"], "theirs").await;
+    let refused = create("maker", "group", &["x"]).await;
+    match &refused {
+        Err(StorageError::InvalidRequest(message)) => {
+            assert!(message.contains(&MAX_CREATED.to_string()), "{message}")
+        }
+        other => panic!("expected invalid_request, got {other:?}"),
+    }
+    assert_eq!(
+        code(create("maker", "direct", &["someone-new"]).await),
+        ErrorCode::InvalidRequest
+    );
+    // An existing direct pair is still answered, from either side.
+    assert_eq!(
+        create("maker", "direct", &["peer0"])
+            .await
+            .unwrap()
+            .conversation_id,
+        first
+    );
+    assert_eq!(
+        create("peer0", "direct", &["maker"])
+            .await
+            .unwrap()
+            .conversation_id,
+        first
+    );
+    // Others are not affected.
+    create("other", "group", &["maker"]).await.unwrap();
+}
+
 /// The largest body the gateway accepts by default (`routing.max_body_bytes`).
 const LARGEST_BODY: usize = 64 * 1024;
 
@@ -2511,12 +2590,13 @@ macro_rules! history_store_conformance {
             bans_keep_users_out,
             ownership_passes_on,
             notification_preferences,
-            shared_contacts_are_co_members,
+            contacts_are_co_members_who_sent,
             webhooks_are_managed_by_admins,
             conversation_state_survives_reopening,
             answers_stay_under_the_byte_budget,
             unknown_conversations_answer_like_foreign_ones,
             webhooks_end_with_their_creators_right,
+            conversations_created_are_capped,
         );
     };
     (@cases $factory:expr; $($case:ident),* $(,)?) => {

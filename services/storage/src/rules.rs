@@ -551,6 +551,17 @@ pub fn dedup_ids(field: &str, ids: &[String]) -> Result<Vec<String>> {
     Ok(out)
 }
 
+/// A user who created `created` conversations may create another one while under
+/// `max_created`.
+pub fn created_cap(created: u64, max_created: u32) -> Result<()> {
+    if created >= u64::from(max_created) {
+        return Err(StorageError::InvalidRequest(format!(
+            "a user creates at most {max_created} conversations"
+        )));
+    }
+    Ok(())
+}
+
 /// A conversation may not grow past [`MAX_MEMBERS`].
 pub fn check_member_count(count: usize) -> Result<()> {
     if count > MAX_MEMBERS {

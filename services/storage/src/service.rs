@@ -175,6 +175,7 @@ impl StorageService {
                 members,
                 name,
                 now_ms: self.now_ms(),
+                max_created: self.settings.max_conversations_created,
             })
             .await
     }

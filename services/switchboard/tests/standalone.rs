@@ -769,7 +769,7 @@ async fn migrate_brings_the_embedded_store_to_the_latest_schema() {
             .to_owned()
     };
     let text = last_line(first.stdout);
-    assert!(text.contains("sqlite backend) is at version 2"), "{text}");
+    assert!(text.contains("sqlite backend) is at version 3"), "{text}");
     assert!(setup.data_dir().join("storage.sqlite3").exists());
     // Idempotent.
     let again = run();
