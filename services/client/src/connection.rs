@@ -573,7 +573,14 @@ async fn open(options: &ConnectOptions) -> Result<(Socket, Welcome), ClientError
     let config = WebSocketConfig::default()
         .read_buffer_size(options.read_buffer_size)
         .write_buffer_size(options.write_buffer_size)
-        .max_write_buffer_size(options.write_buffer_size.saturating_mul(4).max(64 * 1024))
+        // Room for one whole frame of the largest kind beside what is buffered: a
+        // send of the largest body (64 KiB plus its JSON) must not fail as "full".
+        .max_write_buffer_size(
+            options
+                .write_buffer_size
+                .saturating_mul(4)
+                .max(options.max_message_size),
+        )
         .max_message_size(Some(options.max_message_size))
         .max_frame_size(Some(options.max_message_size));
     let (mut ws, _response) =

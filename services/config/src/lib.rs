@@ -27,6 +27,13 @@ pub const ENV_PREFIX: &str = "SWITCHBOARD_";
 /// The variable naming the configuration file; not a setting itself.
 pub const CONFIG_FILE_ENV: &str = "SWITCHBOARD_CONFIG";
 
+/// Room a message's fields other than its body may take in an answer (ids, mentions,
+/// reactions, framing): `storage.max_answer_bytes` leaves at least this much beside
+/// one largest body.
+pub const MESSAGE_FIELDS_BYTES: usize = 64 * 1024;
+/// Largest `storage.max_answer_bytes`: under the 4 MiB a gRPC peer decodes by default.
+pub const MAX_ANSWER_BYTES: usize = 3 * 1024 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -458,6 +465,12 @@ pub struct StorageConfig {
     pub dedupe_window_secs: u64,
     /// Largest history page, in messages.
     pub max_page: u32,
+    /// Byte budget of every answer that carries messages (history, sync, thread): a
+    /// page stops before it and says there is more. Well under the 4 MiB a gRPC
+    /// peer accepts by default; at least one largest message plus its fields.
+    pub max_answer_bytes: usize,
+    /// Most conversations (direct and groups) one user may create.
+    pub max_conversations_created: u32,
 }
 
 impl Default for StorageConfig {
@@ -481,6 +494,8 @@ impl Default for StorageConfig {
             sqlite_path: String::new(),
             dedupe_window_secs: 24 * 3600,
             max_page: 200,
+            max_answer_bytes: 1024 * 1024,
+            max_conversations_created: 1000,
         }
     }
 }
@@ -838,6 +853,21 @@ impl Config {
             )?;
         }
         positive("storage.dedupe_window_secs", s.dedupe_window_secs)?;
+        if s.max_answer_bytes < self.routing.max_body_bytes + MESSAGE_FIELDS_BYTES
+            || s.max_answer_bytes > MAX_ANSWER_BYTES
+        {
+            return Err(ConfigError::Invalid {
+                key: "storage.max_answer_bytes",
+                reason: format!(
+                    "must be between routing.max_body_bytes + {MESSAGE_FIELDS_BYTES} and \
+                     {MAX_ANSWER_BYTES}"
+                ),
+            });
+        }
+        positive(
+            "storage.max_conversations_created",
+            u64::from(s.max_conversations_created),
+        )?;
         if s.max_page == 0 || s.max_page > 200 {
             return Err(ConfigError::Invalid {
                 key: "storage.max_page",

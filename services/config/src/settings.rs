@@ -106,6 +106,8 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ("storage.sqlite_path", "SQLite file; empty = <data_dir>/storage.sqlite3"),
     ("storage.dedupe_window_secs", "how long (sender, client_msg_id) stays deduplicated, seconds"),
     ("storage.max_page", "largest history page, messages (at most 200)"),
+    ("storage.max_answer_bytes", "byte budget of a history, sync or thread answer: a page stops before it and says has_more (at most 3 MiB)"),
+    ("storage.max_conversations_created", "most conversations one user may create (direct and groups); more are refused with limit_exceeded"),
 ];
 
 /// The default configuration as commented TOML: every setting, its default and meaning.

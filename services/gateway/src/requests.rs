@@ -416,6 +416,7 @@ pub(crate) async fn dispatch(
                 .history(v1::StorageHistoryRequest {
                     user_id: user.to_owned(),
                     request: Some(req),
+                    webhook_id: String::new(),
                 })
                 .await
                 .map_err(GatewayError::backend("storage.history"))?;

@@ -110,12 +110,18 @@ impl MemberCache {
         conversation_id: &str,
         user: &str,
     ) -> Result<Arc<Members>, RoutingError> {
-        let members = self.get(conversation_id).await?;
+        // To a user, an unknown conversation is one they are not a member of:
+        // the answer does not reveal which conversations exist.
+        let hide = |e| match e {
+            RoutingError::NotFound(_) => RoutingError::NotMember(conversation_id.to_owned()),
+            other => other,
+        };
+        let members = self.get(conversation_id).await.map_err(hide)?;
         if members.contains(user) {
             return Ok(members);
         }
         self.invalidate(conversation_id);
-        self.get(conversation_id).await
+        self.get(conversation_id).await.map_err(hide)
     }
 
     /// Forget a conversation's members (they changed).

@@ -43,6 +43,8 @@ struct StorageState {
     webhooks: Vec<Webhook>,
     /// The user_id of every History call.
     history_users: Vec<String>,
+    /// The webhook_id of every History call.
+    history_webhooks: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -400,6 +402,20 @@ impl Storage for FakeStorage {
         assert_eq!(page.direction, "forward", "the dispatcher reads forward");
         let mut state = self.state.lock().unwrap();
         state.history_users.push(req.user_id);
+        state.history_webhooks.push(req.webhook_id.clone());
+        // Like storage: a read for a webhook that is gone (deleted, or removed when
+        // its creator lost the right to it) is not_found.
+        if !req.webhook_id.is_empty()
+            && !state
+                .webhooks
+                .iter()
+                .any(|w| w.webhook_id == req.webhook_id)
+        {
+            return Err(switchboard_proto::status(
+                ErrorCode::NotFound,
+                format!("webhook {}", req.webhook_id),
+            ));
+        }
         let limit = if page.limit == 0 {
             50
         } else {
@@ -901,9 +917,10 @@ async fn invalid_sends_are_rejected_with_their_codes() {
         code(client.send(send_req("mallory", "c1", "m3", "hi")).await),
         ErrorCode::NotMember
     );
+    // An unknown conversation answers like a foreign one: existence is not revealed.
     assert_eq!(
         code(client.send(send_req("alice", "nope", "m4", "hi")).await),
-        ErrorCode::NotFound
+        ErrorCode::NotMember
     );
     assert_eq!(
         code(client.send(send_req("alice", "c1", "", "hi")).await),
@@ -926,7 +943,8 @@ async fn invalid_sends_are_rejected_with_their_codes() {
 
     let metrics = http_get(routing.admin, "/metrics").await;
     assert!(
-        metrics.contains("switchboard_routing_sends_rejected_total{code=\"not_member\"} 1"),
+        // mallory's send and the one to an unknown conversation.
+        metrics.contains("switchboard_routing_sends_rejected_total{code=\"not_member\"} 2"),
         "{metrics}"
     );
     routing.stop().await;

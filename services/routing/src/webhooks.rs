@@ -303,7 +303,7 @@ enum Failure {
     /// The URL names an address webhooks may not go to.
     #[error("destination refused: {0}")]
     Destination(String),
-    /// The webhook no longer exists (AdvanceWebhook said not_found).
+    /// The webhook no longer exists (History or AdvanceWebhook said not_found).
     #[error("webhook deleted")]
     Deleted,
 }
@@ -431,8 +431,10 @@ impl Worker<'_> {
     }
 
     /// The next events after the cursor, in sequence order, at most [`BATCH`], read
-    /// from storage as an internal caller (empty user id: no membership check, and no
-    /// reader-relative `mine` flags on reactions).
+    /// from storage as an internal caller for this webhook (empty user id: no
+    /// membership check, and no reader-relative `mine` flags on reactions; the
+    /// webhook id: the page stops before its creator lost the right to it, and a
+    /// removed webhook reads as deleted).
     async fn read_after_cursor(&self) -> Result<Vec<Message>, Failure> {
         let reply = self
             .shared
@@ -447,9 +449,17 @@ impl Worker<'_> {
                     direction: "forward".into(),
                     limit: BATCH,
                 }),
+                webhook_id: self.webhook.webhook_id.clone(),
             })
             .await
-            .map_err(|st| Failure::Storage(format!("history: {}", st.message())))?;
+            .map_err(|st| {
+                // Gone, or removed because its creator lost the right to it.
+                if switchboard_proto::status_error_code(&st) == ErrorCode::NotFound {
+                    Failure::Deleted
+                } else {
+                    Failure::Storage(format!("history: {}", st.message()))
+                }
+            })?;
         let cursor = self.cursor;
         let mut events: Vec<Message> = reply
             .into_inner()

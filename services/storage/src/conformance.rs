@@ -30,6 +30,10 @@ pub(crate) trait StoreFactory: Send + Sync {
 }
 
 pub(crate) const WINDOW_MS: i64 = 3_600_000;
+/// `storage.max_answer_bytes` of the harness (the default).
+pub(crate) const ANSWER_BYTES: usize = 1024 * 1024;
+/// `storage.max_conversations_created` of the harness (small, to reach it).
+pub(crate) const MAX_CREATED: u32 = 20;
 const T0: i64 = 1_700_000_000_000;
 
 /// A service over a fresh store with a manual clock.
@@ -53,6 +57,8 @@ impl Harness {
             ServiceSettings {
                 dedupe_window_ms: WINDOW_MS,
                 max_page,
+                max_answer_bytes: ANSWER_BYTES,
+                max_conversations_created: MAX_CREATED,
             },
             Arc::new(move || now.load(Ordering::SeqCst)),
             metrics.clone(),
@@ -160,6 +166,7 @@ impl Harness {
                     direction: direction.into(),
                     limit,
                 }),
+                webhook_id: String::new(),
             })
             .await
     }
@@ -579,7 +586,7 @@ pub(crate) async fn groups_have_an_owner_and_member_rules(factory: &dyn StoreFac
     );
     assert_eq!(
         code(h.change("nope", "olga", "add", &["x"]).await),
-        ErrorCode::NotFound
+        ErrorCode::NotMember
     );
     let direct = h.direct("alice", "bob").await;
     assert_eq!(
@@ -659,7 +666,7 @@ pub(crate) async fn reads_require_membership(factory: &dyn StoreFactory) {
     assert_eq!(code(h.read(id, "eve", 1).await), ErrorCode::NotMember);
     assert_eq!(
         code(h.read("no-such", "alice", 1).await),
-        ErrorCode::NotFound
+        ErrorCode::NotMember
     );
     assert_eq!(
         h.history("bob", id, 0, "", 0).await.unwrap().messages.len(),
@@ -821,6 +828,7 @@ pub(crate) async fn history_pages_both_directions(factory: &dyn StoreFactory) {
         .history(StorageHistoryRequest {
             user_id: "bob".into(),
             request: None,
+            webhook_id: String::new(),
         })
         .await;
     assert_eq!(code(no_request), ErrorCode::InvalidRequest);
@@ -1075,7 +1083,7 @@ pub(crate) async fn edits_replace_the_body_and_only_the_sender_edits(factory: &d
     );
     assert_eq!(
         code(h.send(edit("no-such", "alice", 1, "x")).await),
-        ErrorCode::NotFound
+        ErrorCode::NotMember
     );
     h.advance(5_000);
     let e = h.send(edit(&id, "alice", m1, "hello")).await.unwrap();
@@ -1885,14 +1893,8 @@ pub(crate) async fn notification_preferences(factory: &dyn StoreFactory) {
     assert_eq!(code(unknown), ErrorCode::NotFound);
 }
 
-pub(crate) async fn shared_contacts_are_co_members(factory: &dyn StoreFactory) {
+pub(crate) async fn contacts_are_co_members_who_sent(factory: &dyn StoreFactory) {
     let h = Harness::open(factory, 200).await;
-    h.direct("alice", "bob").await;
-    let g = h
-        .group("carol", &["alice", "dan"], "g")
-        .await
-        .conversation_id;
-    h.group("erin", &["frank"], "other").await;
     let shared = |user: &str, others: &[&str]| {
         let svc = Arc::clone(&h.svc);
         let req = SharedContactsRequest {
@@ -1901,20 +1903,56 @@ pub(crate) async fn shared_contacts_are_co_members(factory: &dyn StoreFactory) {
         };
         async move { svc.shared_contacts(req).await.map(|r| r.shared) }
     };
+    let none = Vec::<String>::new();
+
+    // A stranger cannot make himself a contact alone: not by opening a direct
+    // conversation, writing in it, nor by putting the victim in a group.
+    let d = h.direct("mallory", "victim").await.conversation_id;
+    assert_eq!(shared("mallory", &["victim"]).await.unwrap(), none);
+    h.say(&d, "mallory", "hello?").await;
+    let g = h
+        .group("mallory", &["victim"], "trap")
+        .await
+        .conversation_id;
+    h.say(&g, "mallory", "hi all").await;
+    assert_eq!(shared("mallory", &["victim"]).await.unwrap(), none);
+    // The victim sees mallory's (mallory wrote), not the other way round.
+    assert_eq!(shared("victim", &["mallory"]).await.unwrap(), ["mallory"]);
+    // Once the victim answers, they are contacts.
+    h.say(&d, "victim", "who is this?").await;
+    assert_eq!(shared("mallory", &["victim"]).await.unwrap(), ["victim"]);
+
+    // Groups: members count once they sent something (any event), and not after
+    // leaving.
+    let g = h
+        .group("carol", &["alice", "dan"], "g")
+        .await
+        .conversation_id;
+    h.group("erin", &["frank"], "other").await;
+    assert_eq!(shared("alice", &["carol", "dan"]).await.unwrap(), none);
+    h.send(system(
+        &g,
+        "carol",
+        SystemEvent {
+            action: "renamed".into(),
+            name: "g2".into(),
+            ..Default::default()
+        },
+    ))
+    .await
+    .unwrap();
     assert_eq!(
-        shared("alice", &["frank", "dan", "bob", "zed", "alice", "bob"])
+        shared("alice", &["frank", "dan", "carol", "zed", "alice", "carol"])
             .await
             .unwrap(),
-        ["bob", "dan"]
+        ["carol"]
     );
+    h.say(&g, "dan", "hey").await;
     assert_eq!(
-        shared("bob", &["dan", "carol"]).await.unwrap(),
-        Vec::<String>::new()
+        shared("alice", &["dan", "carol"]).await.unwrap(),
+        ["carol", "dan"]
     );
-    assert_eq!(
-        shared("nobody", &["alice"]).await.unwrap(),
-        Vec::<String>::new()
-    );
+    assert_eq!(shared("nobody", &["alice"]).await.unwrap(), none);
     h.admin(&g, "dan", "member_left", &["dan"]).await.unwrap();
     assert_eq!(shared("alice", &["dan", "carol"]).await.unwrap(), ["carol"]);
     assert_eq!(code(shared("", &["a"]).await), ErrorCode::InvalidRequest);
@@ -1966,7 +2004,7 @@ pub(crate) async fn webhooks_are_managed_by_admins(factory: &dyn StoreFactory) {
     );
     assert_eq!(
         code(h.put_hook("no-such", "olga", "https://example.com/h").await),
-        ErrorCode::NotFound
+        ErrorCode::NotMember
     );
 
     let hook = h
@@ -1991,12 +2029,34 @@ pub(crate) async fn webhooks_are_managed_by_admins(factory: &dyn StoreFactory) {
     let second = h.put_hook(&g, "olga", "http://10.0.0.1/x").await.unwrap();
     assert_ne!(second.secret, hook.secret);
 
-    // Members see urls, only owner and admins see secrets; internal callers see all.
+    // Plain members see a url's origin only (no userinfo, path or query), only owner
+    // and admins see secrets and whole urls; internal callers see all.
+    let creds = h
+        .put_hook(&g, "olga", "https://u:pw@hooks.example.com/T0/tok?key=s")
+        .await
+        .unwrap();
     let seen = h.hooks(&g, "bob").await.unwrap();
-    assert_eq!(seen.len(), 2);
+    assert_eq!(seen.len(), 3);
     assert!(seen.iter().all(|w| w.secret.is_empty()));
+    let urls: Vec<&str> = seen.iter().map(|w| w.url.as_str()).collect();
+    assert!(urls.contains(&"https://hooks.example.com"), "{urls:?}");
+    assert!(urls.contains(&"https://hooks.example.com:8443"), "{urls:?}");
+    assert!(
+        urls.iter()
+            .all(|u| !u.contains("pw") && !u.contains('?') && !u.contains("tok")),
+        "{urls:?}"
+    );
     let seen = h.hooks(&g, "adam").await.unwrap();
     assert!(seen.iter().all(|w| w.secret.len() == 64));
+    assert!(seen.iter().any(|w| w.url == creds.url));
+    let svc = Arc::clone(&h.svc);
+    svc.delete_webhook(DeleteWebhookRequest {
+        conversation_id: g.clone(),
+        actor_id: "olga".into(),
+        webhook_id: creds.webhook_id.clone(),
+    })
+    .await
+    .unwrap();
     assert_eq!(code(h.hooks(&g, "eve").await), ErrorCode::NotMember);
     let ab = h.direct("alice", "bob").await.conversation_id;
     let direct = h
@@ -2103,6 +2163,409 @@ pub(crate) async fn conversation_state_survives_reopening(factory: &dyn StoreFac
     assert_eq!(h.hooks(&g, "olga").await.unwrap().len(), 1);
 }
 
+pub(crate) async fn unknown_conversations_answer_like_foreign_ones(factory: &dyn StoreFactory) {
+    let h = Harness::open(factory, 200).await;
+    let g = h.group("olga", &["bob"], "g").await.conversation_id;
+    h.say(&g, "bob", "hi").await;
+    let hook = h
+        .put_hook(&g, "olga", "https://example.com/h")
+        .await
+        .unwrap();
+    // Every request a user makes that names a conversation: eve gets the same answer
+    // for a conversation she is not in and for one that does not exist.
+    for conv in [g.as_str(), "0193aaaa-no-such-conversation"] {
+        let svc = Arc::clone(&h.svc);
+        let codes = [
+            ("get", code(h.get(conv, "eve").await)),
+            (
+                "change",
+                code(h.change(conv, "eve", "remove", &["eve"]).await),
+            ),
+            ("history", code(h.history("eve", conv, 0, "", 0).await)),
+            ("read", code(h.marker(conv, "eve", 1, "read").await)),
+            (
+                "delivered",
+                code(h.marker(conv, "eve", 1, "delivered").await),
+            ),
+            ("send", code(h.send(text(conv, "eve", "x")).await)),
+            ("edit", code(h.send(edit(conv, "eve", 2, "x")).await)),
+            (
+                "react",
+                code(h.send(react(conv, "eve", 2, "👍", false)).await),
+            ),
+            (
+                "leave",
+                code(h.admin(conv, "eve", "member_left", &["eve"]).await),
+            ),
+            ("thread", code(h.thread("eve", conv, 2, 0, 0).await)),
+            ("receipts", code(h.receipts("eve", conv, 0).await)),
+            ("mute", code(h.notify("eve", conv, -1).await)),
+            (
+                "put_hook",
+                code(h.put_hook(conv, "eve", "https://example.com/x").await),
+            ),
+            ("hooks", code(h.hooks(conv, "eve").await)),
+            (
+                "delete_hook",
+                code(
+                    svc.delete_webhook(DeleteWebhookRequest {
+                        conversation_id: conv.into(),
+                        actor_id: "eve".into(),
+                        webhook_id: hook.webhook_id.clone(),
+                    })
+                    .await,
+                ),
+            ),
+        ];
+        for (request, got) in codes {
+            assert_eq!(got, ErrorCode::NotMember, "{request} of {conv}");
+        }
+    }
+    // Internal callers (no user) still learn that a conversation does not exist.
+    assert_eq!(code(h.get("no-such", "").await), ErrorCode::NotFound);
+    assert_eq!(
+        code(h.history("", "no-such", 0, "", 0).await),
+        ErrorCode::NotFound
+    );
+}
+
+pub(crate) async fn webhooks_end_with_their_creators_right(factory: &dyn StoreFactory) {
+    let store = factory.open().await;
+    let h = Harness::over(Arc::clone(&store), 200);
+    let g = h.group("olga", &["adam", "bob"], "g").await.conversation_id;
+    let role = |user: &str, role: &str| {
+        system(
+            &g,
+            "olga",
+            SystemEvent {
+                action: "role_changed".into(),
+                user_ids: vec![user.into()],
+                role: role.into(),
+                ..Default::default()
+            },
+        )
+    };
+    h.send(role("adam", "admin")).await.unwrap();
+    let delivery = |hook: &Webhook, from_seq: u64| {
+        let svc = Arc::clone(&h.svc);
+        let req = StorageHistoryRequest {
+            user_id: String::new(),
+            request: Some(HistoryRequest {
+                conversation_id: hook.conversation_id.clone(),
+                from_seq,
+                direction: "forward".into(),
+                limit: 50,
+            }),
+            webhook_id: hook.webhook_id.clone(),
+        };
+        async move { svc.history(req).await }
+    };
+    let ids =
+        |hooks: Vec<Webhook>| -> Vec<String> { hooks.into_iter().map(|w| w.webhook_id).collect() };
+
+    // Removed with the event that takes the right away: gone from the listing, and
+    // its delivery read answers not_found.
+    let kicked = h
+        .put_hook(&g, "adam", "https://example.com/adam")
+        .await
+        .unwrap();
+    let owners = h
+        .put_hook(&g, "olga", "https://example.com/olga")
+        .await
+        .unwrap();
+    h.say(&g, "bob", "before").await;
+    assert_eq!(
+        delivery(&kicked, kicked.delivered_seq)
+            .await
+            .unwrap()
+            .messages
+            .len(),
+        1
+    );
+    h.admin(&g, "olga", "members_removed", &["adam"])
+        .await
+        .unwrap();
+    h.say(&g, "bob", "after the kick").await;
+    assert_eq!(
+        ids(h.hooks(&g, "olga").await.unwrap()),
+        std::slice::from_ref(&owners.webhook_id)
+    );
+    assert_eq!(
+        code(delivery(&kicked, kicked.delivered_seq).await),
+        ErrorCode::NotFound
+    );
+    // Back as an admin, the old webhook stays gone: nothing sent meanwhile leaks.
+    h.admin(&g, "olga", "members_added", &["adam"])
+        .await
+        .unwrap();
+    h.send(role("adam", "admin")).await.unwrap();
+    assert_eq!(
+        code(delivery(&kicked, kicked.delivered_seq).await),
+        ErrorCode::NotFound
+    );
+    assert_eq!(h.hooks(&g, "adam").await.unwrap().len(), 1);
+
+    // Demoted, or leaving, removes it too.
+    let demoted = h
+        .put_hook(&g, "adam", "https://example.com/a2")
+        .await
+        .unwrap();
+    h.send(role("adam", "member")).await.unwrap();
+    assert!(!ids(h.hooks(&g, "olga").await.unwrap()).contains(&demoted.webhook_id));
+    h.send(role("adam", "admin")).await.unwrap();
+    let left = h
+        .put_hook(&g, "adam", "https://example.com/a3")
+        .await
+        .unwrap();
+    h.admin(&g, "adam", "member_left", &["adam"]).await.unwrap();
+    assert!(!ids(h.hooks(&g, "olga").await.unwrap()).contains(&left.webhook_id));
+
+    // Should the removal not have happened with the event (the event written by a
+    // partition owner straight to the store), delivery stops right before it and
+    // the webhook is removed when it is reached.
+    h.admin(&g, "olga", "members_added", &["adam"])
+        .await
+        .unwrap();
+    h.send(role("adam", "admin")).await.unwrap();
+    let raced = h
+        .put_hook(&g, "adam", "https://example.com/a4")
+        .await
+        .unwrap();
+    let before = h.say(&g, "bob", "still allowed").await;
+    let mut kick = system(
+        &g,
+        "olga",
+        SystemEvent {
+            action: "members_banned".into(),
+            user_ids: vec!["adam".into()],
+            ..Default::default()
+        },
+    );
+    kick.seq = before + 1;
+    kick.message_id = "kick".into();
+    kick.sent_at_ms = T0;
+    store.append(kick, 0, T0).await.unwrap();
+    h.say(&g, "bob", "secret").await;
+    let listed = h.hooks(&g, "olga").await.unwrap();
+    let shown = listed
+        .iter()
+        .find(|w| w.webhook_id == raced.webhook_id)
+        .unwrap();
+    assert!(
+        shown.suspended,
+        "listed as suspended while its creator lacks the right"
+    );
+    let page = delivery(&raced, raced.delivered_seq).await.unwrap();
+    assert_eq!(seqs(&page.messages), [before]);
+    assert!(page.has_more);
+    assert_eq!(code(delivery(&raced, before).await), ErrorCode::NotFound);
+    assert!(!ids(h.hooks(&g, "olga").await.unwrap()).contains(&raced.webhook_id));
+
+    // Any current owner or admin deletes a suspended webhook (here suspended by a
+    // membership change that wrote no event).
+    h.admin(&g, "olga", "members_unbanned", &["adam"])
+        .await
+        .unwrap();
+    h.admin(&g, "olga", "members_added", &["adam", "cleo"])
+        .await
+        .unwrap();
+    h.send(role("adam", "admin")).await.unwrap();
+    h.send(role("cleo", "admin")).await.unwrap();
+    let quiet = h
+        .put_hook(&g, "adam", "https://example.com/a5")
+        .await
+        .unwrap();
+    h.change(&g, "olga", "remove", &["adam"]).await.unwrap();
+    let listed = h.hooks(&g, "cleo").await.unwrap();
+    assert!(listed
+        .iter()
+        .any(|w| w.webhook_id == quiet.webhook_id && w.suspended));
+    h.svc
+        .delete_webhook(DeleteWebhookRequest {
+            conversation_id: g.clone(),
+            actor_id: "cleo".into(),
+            webhook_id: quiet.webhook_id.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(h.hooks(&g, "olga").await.unwrap()),
+        std::slice::from_ref(&owners.webhook_id)
+    );
+}
+
+pub(crate) async fn conversations_created_are_capped(factory: &dyn StoreFactory) {
+    let h = Harness::open(factory, 200).await;
+    let create = |creator: &str, kind: &str, members: &[&str]| {
+        let svc = Arc::clone(&h.svc);
+        let req = CreateConversationRequest {
+            creator_id: creator.into(),
+            kind: kind.into(),
+            members: members.iter().map(|m| m.to_string()).collect(),
+            name: String::new(),
+        };
+        async move { svc.create_conversation(req).await }
+    };
+    let first = h.direct("maker", "peer0").await.conversation_id;
+    for i in 1..MAX_CREATED {
+        let kind = if i % 2 == 0 { "direct" } else { "group" };
+        create("maker", kind, &[&format!("peer{i}")]).await.unwrap();
+    }
+    // Being put into others' conversations does not count.
+    h.group("other", &["maker"], "theirs").await;
+    let refused = create("maker", "group", &["x"]).await;
+    match &refused {
+        Err(StorageError::InvalidRequest(message)) => {
+            assert!(message.contains(&MAX_CREATED.to_string()), "{message}")
+        }
+        other => panic!("expected invalid_request, got {other:?}"),
+    }
+    assert_eq!(
+        code(create("maker", "direct", &["someone-new"]).await),
+        ErrorCode::InvalidRequest
+    );
+    // An existing direct pair is still answered, from either side.
+    assert_eq!(
+        create("maker", "direct", &["peer0"])
+            .await
+            .unwrap()
+            .conversation_id,
+        first
+    );
+    assert_eq!(
+        create("peer0", "direct", &["maker"])
+            .await
+            .unwrap()
+            .conversation_id,
+        first
+    );
+    // Others are not affected.
+    create("other", "group", &["maker"]).await.unwrap();
+}
+
+/// The largest body the gateway accepts by default (`routing.max_body_bytes`).
+const LARGEST_BODY: usize = 64 * 1024;
+
+pub(crate) async fn answers_stay_under_the_byte_budget(factory: &dyn StoreFactory) {
+    use prost::Message as _;
+    let h = Harness::open(factory, 200).await;
+    let g = h.group("olga", &["bob"], "big").await.conversation_id;
+    let first = h.last_seq(&g).await + 1;
+    let big = |i: u64| format!("{i:08}").repeat(LARGEST_BODY / 8);
+    for i in 0..64 {
+        h.say(&g, "bob", &big(i)).await;
+    }
+    let last = h.last_seq(&g).await;
+    let all: Vec<u64> = (1..=last).collect();
+
+    // Backward from the newest with a limit above what fits: every page fits, says
+    // has_more until the first event, and the pages cover every event once.
+    let mut seen = Vec::new();
+    let mut from = 0;
+    loop {
+        let page = h.history("bob", &g, from, "backward", 100).await.unwrap();
+        assert!(page.encoded_len() <= ANSWER_BYTES, "{}", page.encoded_len());
+        assert!(!page.messages.is_empty());
+        assert!(page.messages.len() < 64, "a page stops at the byte budget");
+        let mut page_seqs = seqs(&page.messages);
+        from = page_seqs[0];
+        page_seqs.extend(seen);
+        seen = page_seqs;
+        if !page.has_more {
+            break;
+        }
+    }
+    assert_eq!(seen, all, "backward pages return every event exactly once");
+
+    // Forward from the start, the same.
+    let mut seen = Vec::new();
+    let mut from = 0;
+    loop {
+        let page = h.history("bob", &g, from, "forward", 200).await.unwrap();
+        assert!(page.encoded_len() <= ANSWER_BYTES);
+        seen.extend(seqs(&page.messages));
+        from = *seen.last().expect("a page");
+        if !page.has_more {
+            break;
+        }
+    }
+    assert_eq!(seen, all, "forward pages return every event exactly once");
+    for m in &h
+        .history("bob", &g, first - 1, "forward", 3)
+        .await
+        .unwrap()
+        .messages
+    {
+        assert_eq!(m.body.len(), LARGEST_BODY, "bodies are whole");
+    }
+
+    // The default sync fits, says has_more and lists the conversation as truncated;
+    // history forward from the last event it returned gives the rest exactly once.
+    let sync = h.sync_all("bob").await;
+    assert!(sync.encoded_len() <= ANSWER_BYTES, "{}", sync.encoded_len());
+    assert!(sync.has_more);
+    assert_eq!(sync.truncated, std::slice::from_ref(&g));
+    let mut seen = seqs(&sync.messages);
+    assert_eq!(seen[0], 1);
+    loop {
+        let from = *seen.last().expect("sync returned events");
+        let page = h.history("bob", &g, from, "forward", 100).await.unwrap();
+        seen.extend(seqs(&page.messages));
+        if !page.has_more {
+            break;
+        }
+    }
+    assert_eq!(
+        seen, all,
+        "sync then history return every event exactly once"
+    );
+
+    // A small conversation after a full one is truncated too, not dropped.
+    let ab = h.direct("bob", "alice").await.conversation_id;
+    h.say(&ab, "alice", "hi").await;
+    let sync = h.sync_all("bob").await;
+    assert!(sync.encoded_len() <= ANSWER_BYTES);
+    assert!(sync.has_more);
+    let listed: Vec<&str> = sync
+        .conversations
+        .iter()
+        .map(|c| c.conversation_id.as_str())
+        .collect();
+    for id in [&g, &ab] {
+        assert!(listed.contains(&id.as_str()));
+        let returned = sync
+            .messages
+            .iter()
+            .filter(|m| m.conversation_id == *id)
+            .count();
+        let last = h.last_seq(id).await as usize;
+        assert!(
+            returned == last || sync.truncated.contains(id),
+            "{id}: {returned} of {last} returned and not truncated"
+        );
+    }
+
+    // A thread of large replies pages the same way.
+    let root = h.say(&g, "olga", "root").await;
+    for i in 0..24 {
+        let mut reply = text(&g, "bob", &big(i));
+        reply.thread_root_seq = root;
+        h.send(reply).await.unwrap();
+    }
+    let mut replies = Vec::new();
+    let mut from = 0;
+    loop {
+        let page = h.thread("olga", &g, root, from, 0).await.unwrap();
+        assert!(page.encoded_len() <= ANSWER_BYTES);
+        replies.extend(seqs(&page.replies));
+        from = *replies.last().expect("replies");
+        if !page.has_more {
+            break;
+        }
+    }
+    assert_eq!(replies, (root + 1..=root + 24).collect::<Vec<_>>());
+}
+
 /// One `#[tokio::test]` per conformance case for the factory built by `$factory()`.
 macro_rules! history_store_conformance {
     ($factory:expr) => {
@@ -2127,9 +2590,13 @@ macro_rules! history_store_conformance {
             bans_keep_users_out,
             ownership_passes_on,
             notification_preferences,
-            shared_contacts_are_co_members,
+            contacts_are_co_members_who_sent,
             webhooks_are_managed_by_admins,
             conversation_state_survives_reopening,
+            answers_stay_under_the_byte_budget,
+            unknown_conversations_answer_like_foreign_ones,
+            webhooks_end_with_their_creators_right,
+            conversations_created_are_capped,
         );
     };
     (@cases $factory:expr; $($case:ident),* $(,)?) => {

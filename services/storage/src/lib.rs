@@ -305,6 +305,7 @@ mod tests {
                 conversation_id: conv.conversation_id.clone(),
                 ..Default::default()
             }),
+            webhook_id: String::new(),
         };
         let page = client.history(history("bob")).await.unwrap().into_inner();
         assert_eq!(page.messages.len(), 1);

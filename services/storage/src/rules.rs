@@ -1,6 +1,6 @@
 //! Validation and authorization rules, written once for every backend.
 
-use switchboard_proto::{Conversation, MemberReceipt, Message, SystemEvent};
+use switchboard_proto::{Conversation, MemberReceipt, Message, SyncResult, SystemEvent};
 
 use crate::error::{Result, StorageError};
 use crate::store::{actions, kinds, roles, ConversationKind, MemberAction, MemberNotification};
@@ -479,6 +479,41 @@ pub fn validate_webhook_url(url: &str) -> Result<()> {
     Ok(())
 }
 
+/// The users whose right to manage webhooks (and so the webhooks they created) a
+/// timeline event takes away: those removed or banned, the member who leaves, those
+/// set back to plain members. Empty for every other event.
+pub fn webhook_rights_revoked(event: &Message) -> Vec<&str> {
+    let Some(system) = event
+        .system
+        .as_ref()
+        .filter(|_| event.kind == kinds::SYSTEM)
+    else {
+        return Vec::new();
+    };
+    match system.action.as_str() {
+        actions::MEMBERS_REMOVED | actions::MEMBERS_BANNED => {
+            system.user_ids.iter().map(String::as_str).collect()
+        }
+        actions::MEMBER_LEFT => vec![event.sender_id.as_str()],
+        actions::ROLE_CHANGED if system.role == roles::MEMBER => {
+            system.user_ids.iter().map(String::as_str).collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// What a member who does not manage a webhook sees of its URL: the origin only
+/// (`scheme://host[:port]`), without userinfo, path, query or fragment, any of which
+/// may hold a credential of the receiver.
+pub fn webhook_url_origin(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return String::new();
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host_port = authority.rsplit('@').next().unwrap_or("");
+    format!("{scheme}://{host_port}")
+}
+
 /// Who may add and delete a conversation's webhooks and see their secrets: in a
 /// group the owner and admins, in a direct conversation either member
 /// (`NotMember` for outsiders, `Forbidden` for other group members).
@@ -514,6 +549,17 @@ pub fn dedup_ids(field: &str, ids: &[String]) -> Result<Vec<String>> {
         }
     }
     Ok(out)
+}
+
+/// A user who created `created` conversations may create another one while under
+/// `max_created`.
+pub fn created_cap(created: u64, max_created: u32) -> Result<()> {
+    if created >= u64::from(max_created) {
+        return Err(StorageError::InvalidRequest(format!(
+            "a user creates at most {max_created} conversations"
+        )));
+    }
+    Ok(())
 }
 
 /// A conversation may not grow past [`MAX_MEMBERS`].
@@ -580,6 +626,108 @@ pub fn history_limit(requested: u32, max_page: u32) -> u32 {
     limit.min(max_page).max(1)
 }
 
+/// Bytes the fields of an answer other than its messages may take beside them
+/// (conversation id, `has_more`, a thread's framing, sync's `truncated` entries are
+/// counted apart): kept free under `storage.max_answer_bytes`.
+pub const ANSWER_SLACK_BYTES: usize = 1024;
+
+/// Bytes one element of a repeated message field (tag, length, message) takes.
+pub fn encoded_bytes<M: prost::Message>(m: &M) -> usize {
+    let len = m.encoded_len();
+    1 + prost::length_delimiter_len(len) + len
+}
+
+/// How many of `messages`, taken in order, fit in `budget` bytes, never fewer than
+/// one when there is one (a page always moves the cursor; the configured budget
+/// holds at least one largest message).
+pub fn fitting<'a>(messages: impl IntoIterator<Item = &'a Message>, budget: usize) -> usize {
+    fit(messages, budget, true).0
+}
+
+/// How many of `messages` fit in `budget` (at least one when `at_least_one`), and the
+/// bytes they take.
+fn fit<'a>(
+    messages: impl IntoIterator<Item = &'a Message>,
+    budget: usize,
+    at_least_one: bool,
+) -> (usize, usize) {
+    let mut used = 0usize;
+    let mut count = 0usize;
+    for m in messages {
+        let next = used.saturating_add(encoded_bytes(m));
+        if next > budget && (count > 0 || !at_least_one) {
+            break;
+        }
+        used = next;
+        count += 1;
+    }
+    (count, used)
+}
+
+/// Trim a sync answer to `budget` bytes: its conversations count first, then each
+/// conversation's messages (grouped, in order) as long as they fit. A conversation
+/// that lost messages is listed in `truncated` (paged with history forward from
+/// the client's cursor), and so is every conversation after it that had some.
+/// At least one message stays when there is one. `has_more` says whether any
+/// conversation is in `truncated`.
+pub fn trim_sync(result: &mut SyncResult, budget: usize) {
+    let mut used: usize = result.conversations.iter().map(encoded_bytes).sum();
+    used += result
+        .truncated
+        .iter()
+        .map(|id| id.len() + 3)
+        .sum::<usize>();
+    let messages = std::mem::take(&mut result.messages);
+    let mut kept = Vec::with_capacity(messages.len());
+    let mut full = false;
+    let mut start = 0;
+    while start < messages.len() {
+        let id = messages[start].conversation_id.clone();
+        let len = messages[start..]
+            .iter()
+            .take_while(|m| m.conversation_id == id)
+            .count();
+        let group = &messages[start..start + len];
+        let (n, bytes) = if full {
+            (0, 0)
+        } else {
+            fit(group, budget.saturating_sub(used), kept.is_empty())
+        };
+        used += bytes;
+        kept.extend_from_slice(&group[..n]);
+        if n < len {
+            full = true;
+            if !result.truncated.contains(&id) {
+                used += id.len() + 3;
+                result.truncated.push(id);
+            }
+        }
+        start += len;
+    }
+    result.messages = kept;
+    result.has_more = !result.truncated.is_empty();
+}
+
+/// Trim a history page (ascending) to `budget` bytes, keeping the messages nearest the
+/// cursor: the first ones going forward, the last ones going backward. Returns true
+/// when something was cut (the page then has more).
+pub fn trim_page(messages: &mut Vec<Message>, backward: bool, budget: usize) -> bool {
+    let keep = if backward {
+        fitting(messages.iter().rev(), budget)
+    } else {
+        fitting(messages.iter(), budget)
+    };
+    if keep == messages.len() {
+        return false;
+    }
+    if backward {
+        messages.drain(..messages.len() - keep);
+    } else {
+        messages.truncate(keep);
+    }
+    true
+}
+
 /// Messages per conversation of a sync: 0 -> [`DEFAULT_SYNC_LIMIT`], capped at [`MAX_SYNC_LIMIT`].
 pub fn sync_limit(requested: u32) -> u32 {
     if requested == 0 {
@@ -620,6 +768,36 @@ mod tests {
         assert_eq!(sync_limit(0), 100);
         assert_eq!(sync_limit(7), 7);
         assert_eq!(sync_limit(1000), 200);
+    }
+
+    #[test]
+    fn pages_are_trimmed_to_the_byte_budget_nearest_the_cursor() {
+        let msg = |seq: u64| Message {
+            conversation_id: "c".into(),
+            seq,
+            body: "x".repeat(1000),
+            ..Default::default()
+        };
+        let one = encoded_bytes(&msg(1));
+        let page = || (1..=10).map(msg).collect::<Vec<_>>();
+        let mut forward = page();
+        assert!(trim_page(&mut forward, false, 3 * one + one / 2));
+        assert_eq!(forward.iter().map(|m| m.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        let mut backward = page();
+        assert!(trim_page(&mut backward, true, 3 * one));
+        assert_eq!(
+            backward.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            [8, 9, 10]
+        );
+        let mut whole = page();
+        assert!(!trim_page(&mut whole, true, 10 * one));
+        assert_eq!(whole.len(), 10);
+        let mut tiny = page();
+        assert!(
+            trim_page(&mut tiny, false, 1),
+            "at least one message moves the cursor"
+        );
+        assert_eq!(tiny.len(), 1);
     }
 
     #[test]
@@ -695,6 +873,22 @@ mod tests {
         assert_eq!(at_limit.len(), MAX_WEBHOOK_URL_BYTES);
         assert!(validate_webhook_url(&at_limit).is_ok());
         assert!(validate_webhook_url(&format!("{at_limit}a")).is_err());
+    }
+
+    #[test]
+    fn webhook_url_origins_hold_no_credentials() {
+        for (url, origin) in [
+            ("https://example.com", "https://example.com"),
+            (
+                "https://user:pw@hooks.example.com:8443/services/T0/B0/tok?key=s#f",
+                "https://hooks.example.com:8443",
+            ),
+            ("http://a@b@10.0.0.1/x", "http://10.0.0.1"),
+            ("http://[::1]:8080?token=t", "http://[::1]:8080"),
+            ("no scheme", ""),
+        ] {
+            assert_eq!(webhook_url_origin(url), origin, "{url}");
+        }
     }
 
     #[test]

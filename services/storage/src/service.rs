@@ -58,6 +58,10 @@ pub struct ServiceSettings {
     pub dedupe_window_ms: i64,
     /// Largest history page.
     pub max_page: u32,
+    /// Byte budget of an answer carrying messages (history, sync, thread).
+    pub max_answer_bytes: usize,
+    /// Most conversations one user may create.
+    pub max_conversations_created: u32,
 }
 
 impl ServiceSettings {
@@ -66,6 +70,8 @@ impl ServiceSettings {
             dedupe_window_ms: i64::try_from(storage.dedupe_window_secs.saturating_mul(1000))
                 .unwrap_or(i64::MAX),
             max_page: storage.max_page,
+            max_answer_bytes: storage.max_answer_bytes,
+            max_conversations_created: storage.max_conversations_created,
         }
     }
 }
@@ -102,6 +108,21 @@ impl StorageService {
 
     fn now_ms(&self) -> i64 {
         (self.clock)()
+    }
+
+    /// The conversation with members, for a request naming `user_id` (empty = an
+    /// internal caller): to a user an unknown conversation answers `not_member`, the
+    /// same as one they are not in, so that no answer reveals which exist.
+    async fn conversation_for(&self, conversation_id: &str, user_id: &str) -> Result<Conversation> {
+        let found = self.store.get_conversation(conversation_id).await;
+        hide_unknown(found, conversation_id, user_id)
+    }
+
+    /// Bytes the messages of one answer may take.
+    fn message_budget(&self) -> usize {
+        self.settings
+            .max_answer_bytes
+            .saturating_sub(rules::ANSWER_SLACK_BYTES)
     }
 
     fn dedupe_since_ms(&self) -> i64 {
@@ -154,6 +175,7 @@ impl StorageService {
                 members,
                 name,
                 now_ms: self.now_ms(),
+                max_created: self.settings.max_conversations_created,
             })
             .await
     }
@@ -162,7 +184,9 @@ impl StorageService {
     pub async fn get_conversation(&self, req: GetConversationRequest) -> Result<Conversation> {
         rules::validate_id("conversation_id", &req.conversation_id)?;
         rules::validate_optional_id("caller_id", &req.caller_id)?;
-        let conv = self.store.get_conversation(&req.conversation_id).await?;
+        let conv = self
+            .conversation_for(&req.conversation_id, &req.caller_id)
+            .await?;
         if !req.caller_id.is_empty() && !conv.members.contains(&req.caller_id) {
             return Err(StorageError::not_member(
                 &req.conversation_id,
@@ -187,15 +211,17 @@ impl StorageService {
             return Err(StorageError::InvalidRequest("user_ids is required".into()));
         }
         rules::check_member_count(user_ids.len())?;
-        self.store
+        let changed = self
+            .store
             .change_members(MemberChange {
-                conversation_id: req.conversation_id,
-                actor_id: req.actor_id,
+                conversation_id: req.conversation_id.clone(),
+                actor_id: req.actor_id.clone(),
                 action,
                 user_ids,
                 now_ms: self.now_ms(),
             })
-            .await
+            .await;
+        hide_unknown(changed, &req.conversation_id, &req.actor_id)
     }
 
     /// The user's conversations with `last_seq`, without members.
@@ -249,6 +275,8 @@ impl StorageService {
                 seq = appended.message.seq,
                 "duplicate append answered from the dedupe key"
             );
+        } else {
+            self.remove_revoked_webhooks(&appended.message).await;
         }
         Ok(AppendResponse {
             message: Some(appended.message),
@@ -273,6 +301,12 @@ impl StorageService {
     /// not revealed to non-members) and `not_found` to internal callers.
     pub async fn history(&self, req: StorageHistoryRequest) -> Result<HistoryResult> {
         rules::validate_optional_id("user_id", &req.user_id)?;
+        rules::validate_optional_id("webhook_id", &req.webhook_id)?;
+        if !req.user_id.is_empty() && !req.webhook_id.is_empty() {
+            return Err(StorageError::InvalidRequest(
+                "user_id and webhook_id exclude each other".into(),
+            ));
+        }
         let page = req
             .request
             .ok_or_else(|| StorageError::InvalidRequest("request is required".into()))?;
@@ -292,6 +326,7 @@ impl StorageService {
             direction,
             limit: rules::history_limit(page.limit, self.settings.max_page),
         };
+        let backward = direction == Direction::Backward;
         if req.user_id.is_empty() {
             // Internal: the conversation must exist (an empty page would hide a typo).
             self.store.last_seq(&query.conversation_id).await?;
@@ -320,7 +355,96 @@ impl StorageService {
             self.mark_mine(&page.conversation_id, &req.user_id, &mut page.messages)
                 .await?;
         }
+        if rules::trim_page(&mut page.messages, backward, self.message_budget()) {
+            page.has_more = true;
+        }
+        if !req.webhook_id.is_empty() {
+            self.cut_for_webhook(&req.webhook_id, &mut page).await?;
+        }
         Ok(page)
+    }
+
+    /// A page read to deliver a webhook: `NotFound` when the webhook is gone; cut
+    /// before the first event that takes its creator's right to it. When that event
+    /// comes first, or the creator lacks the right now, the webhook is removed and
+    /// the answer is `NotFound`: it never delivers what was sent after the loss.
+    async fn cut_for_webhook(&self, webhook_id: &str, page: &mut HistoryResult) -> Result<()> {
+        let id = page.conversation_id.clone();
+        let hook = self
+            .store
+            .list_webhooks(Some(&id))
+            .await?
+            .into_iter()
+            .find(|w| w.webhook_id == webhook_id)
+            .ok_or_else(|| StorageError::NotFound(format!("webhook {webhook_id}")))?;
+        let revoked_at = page
+            .messages
+            .iter()
+            .position(|m| rules::webhook_rights_revoked(m).contains(&hook.created_by.as_str()));
+        match revoked_at {
+            Some(at) if at > 0 => {
+                page.messages.truncate(at);
+                page.has_more = true;
+                return Ok(());
+            }
+            Some(_) => {}
+            None => {
+                let conv = self.store.get_conversation(&id).await?;
+                if rules::authorize_webhook_admin(&conv, &hook.created_by).is_ok() {
+                    return Ok(());
+                }
+            }
+        }
+        self.remove_webhook(&id, webhook_id).await?;
+        Err(StorageError::NotFound(format!(
+            "webhook {webhook_id} was removed: its creator lost the right to it"
+        )))
+    }
+
+    /// Remove a webhook whose creator lost the right to it (gone already is fine).
+    async fn remove_webhook(&self, conversation_id: &str, webhook_id: &str) -> Result<()> {
+        match self.store.delete_webhook(conversation_id, webhook_id).await {
+            Ok(()) | Err(StorageError::NotFound(_)) => {
+                tracing::info!(
+                    conversation_id,
+                    webhook_id,
+                    "webhook removed: its creator lost the right to it"
+                );
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// After `event` was stored: remove the webhooks created by users it takes the
+    /// right away from. The delivery read ([`Self::cut_for_webhook`]) stops at the
+    /// event anyway, so a failure here leaks nothing; it is logged and retried there.
+    async fn remove_revoked_webhooks(&self, event: &Message) {
+        let revoked = rules::webhook_rights_revoked(event);
+        if revoked.is_empty() {
+            return;
+        }
+        let id = &event.conversation_id;
+        let hooks = match self.store.list_webhooks(Some(id)).await {
+            Ok(hooks) => hooks,
+            Err(e) => {
+                tracing::warn!(conversation_id = %id, error = %e, "listing webhooks to remove failed");
+                return;
+            }
+        };
+        for hook in hooks
+            .iter()
+            .filter(|w| revoked.contains(&w.created_by.as_str()))
+        {
+            if let Err(e) = self.remove_webhook(id, &hook.webhook_id).await {
+                tracing::warn!(
+                    conversation_id = %id,
+                    webhook_id = %hook.webhook_id,
+                    error = %e,
+                    "removing a webhook whose creator lost the right failed"
+                );
+            }
+        }
     }
 
     /// Set `ReactionCount.mine` for `reader` on messages of one conversation.
@@ -382,6 +506,7 @@ impl StorageService {
                 .await?;
             start += len;
         }
+        rules::trim_sync(&mut result, self.message_budget());
         result.dnd_until_ms =
             rules::active_until(self.store.dnd_until(&req.user_id).await?, now_ms);
         Ok(result)
@@ -398,14 +523,15 @@ impl StorageService {
             ))
         })?;
         let (id, user, now_ms) = (&req.conversation_id, &req.user_id, self.now_ms());
-        match kind {
+        let marker = match kind {
             MarkerKind::Read => self.store.set_read_marker(id, user, req.seq, now_ms).await,
             MarkerKind::Delivered => {
                 self.store
                     .set_delivered_marker(id, user, req.seq, now_ms)
                     .await
             }
-        }
+        };
+        hide_unknown(marker, id, user)
     }
 
     /// Fails with the error the client gets when `event` may not be appended now.
@@ -414,7 +540,9 @@ impl StorageService {
             .message
             .ok_or_else(|| StorageError::InvalidRequest("message is required".into()))?;
         rules::validate_event(&event)?;
-        let conversation = self.store.get_conversation(&event.conversation_id).await?;
+        let conversation = self
+            .conversation_for(&event.conversation_id, &event.sender_id)
+            .await?;
         let id = event.conversation_id.as_str();
         let at = |seq: u64| async move {
             if seq == 0 {
@@ -494,11 +622,15 @@ impl StorageService {
         self.mark_mine(&thread.conversation_id, &req.user_id, &mut messages)
             .await?;
         let root = messages.remove(0);
+        let budget = self
+            .message_budget()
+            .saturating_sub(rules::encoded_bytes(&root));
+        let cut = rules::trim_page(&mut messages, false, budget);
         Ok(ThreadResult {
             conversation_id: thread.conversation_id,
             root: Some(root),
             replies: messages,
-            has_more: page.has_more,
+            has_more: page.has_more || cut,
         })
     }
 
@@ -599,7 +731,9 @@ impl StorageService {
         rules::validate_id("conversation_id", &req.conversation_id)?;
         rules::validate_id("actor_id", &req.actor_id)?;
         rules::validate_webhook_url(&req.url)?;
-        let conv = self.store.get_conversation(&req.conversation_id).await?;
+        let conv = self
+            .conversation_for(&req.conversation_id, &req.actor_id)
+            .await?;
         rules::authorize_webhook_admin(&conv, &req.actor_id)?;
         let hook = self
             .store
@@ -621,7 +755,8 @@ impl StorageService {
         Ok(hook)
     }
 
-    /// A conversation's webhooks for a member (secrets only for owner/admin), or,
+    /// A conversation's webhooks for a member (secrets only for owner/admin; the URL in
+    /// full only for them and the webhook's creator, others see its origin), or,
     /// with an empty actor (internal callers), with secrets; with an empty
     /// conversation and actor, every webhook.
     pub async fn list_webhooks(&self, req: ListWebhooksRequest) -> Result<ListWebhooksResponse> {
@@ -636,9 +771,11 @@ impl StorageService {
             let webhooks = self.store.list_webhooks(None).await?;
             return Ok(ListWebhooksResponse { webhooks });
         }
+        let conv = self
+            .conversation_for(&req.conversation_id, &req.actor_id)
+            .await?;
         let mut show_secrets = true;
         if !req.actor_id.is_empty() {
-            let conv = self.store.get_conversation(&req.conversation_id).await?;
             if rules::role_of(&conv, &req.actor_id).is_none() {
                 return Err(StorageError::not_member(
                     &req.conversation_id,
@@ -648,9 +785,15 @@ impl StorageService {
             show_secrets = rules::authorize_webhook_admin(&conv, &req.actor_id).is_ok();
         }
         let mut webhooks = self.store.list_webhooks(Some(&req.conversation_id)).await?;
+        for hook in &mut webhooks {
+            hook.suspended = rules::authorize_webhook_admin(&conv, &hook.created_by).is_err();
+        }
         if !show_secrets {
             for hook in &mut webhooks {
                 hook.secret.clear();
+                if hook.created_by != req.actor_id {
+                    hook.url = rules::webhook_url_origin(&hook.url);
+                }
             }
         }
         Ok(ListWebhooksResponse { webhooks })
@@ -661,7 +804,9 @@ impl StorageService {
         rules::validate_id("conversation_id", &req.conversation_id)?;
         rules::validate_id("actor_id", &req.actor_id)?;
         rules::validate_id("webhook_id", &req.webhook_id)?;
-        let conv = self.store.get_conversation(&req.conversation_id).await?;
+        let conv = self
+            .conversation_for(&req.conversation_id, &req.actor_id)
+            .await?;
         rules::authorize_webhook_admin(&conv, &req.actor_id)?;
         self.store
             .delete_webhook(&req.conversation_id, &req.webhook_id)
@@ -705,6 +850,17 @@ impl StorageService {
     #[cfg(test)]
     pub(crate) fn history_participants(&self, query: &PageQuery) -> usize {
         self.history_flights.participants(query)
+    }
+}
+
+/// `NotFound` of the conversation itself as `NotMember` when a user asked (see
+/// [`StorageService::conversation_for`]); internal callers (empty `user_id`) keep it.
+fn hide_unknown<T>(result: Result<T>, conversation_id: &str, user_id: &str) -> Result<T> {
+    match result {
+        Err(StorageError::NotFound(_)) if !user_id.is_empty() => {
+            Err(StorageError::not_member(conversation_id, user_id))
+        }
+        other => other,
     }
 }
 
@@ -1109,6 +1265,7 @@ pub(crate) mod tests {
                 direction: String::new(),
                 limit: 5,
             }),
+            webhook_id: String::new(),
         };
         let tasks: Vec<_> = users
             .iter()

@@ -171,6 +171,22 @@ pub const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX webhooks_by_conversation ON webhooks (conversation_id, webhook_id);
     "#,
+    // 3: who has sent an event in each conversation: contacts for last-seen privacy
+    // are users who shared a conversation and sent something in it.
+    r#"
+    CREATE TABLE senders (
+        conversation_id TEXT NOT NULL,
+        user_id         TEXT NOT NULL,
+        PRIMARY KEY (conversation_id, user_id)
+    ) WITHOUT ROWID;
+    INSERT OR IGNORE INTO senders (conversation_id, user_id)
+        SELECT DISTINCT conversation_id, sender_id FROM messages;
+    -- who created a conversation (storage.max_conversations_created); groups made
+    -- before this version count for their owner, direct ones for nobody
+    ALTER TABLE conversations ADD COLUMN created_by TEXT NOT NULL DEFAULT '';
+    UPDATE conversations SET created_by = owner_id WHERE kind = 'group';
+    CREATE INDEX conversations_by_creator ON conversations (created_by);
+    "#,
 ];
 
 const ROLE_OWNER: &str = roles::OWNER;
@@ -959,6 +975,7 @@ fn webhook_from_row(row: &Row<'_>) -> rusqlite::Result<Webhook> {
         delivered_seq: row.get::<_, i64>(4)? as u64,
         created_at_ms: row.get(5)?,
         created_by: row.get(6)?,
+        suspended: false,
     })
 }
 
@@ -998,17 +1015,22 @@ impl HistoryStore for SqliteStore {
                         return Ok(conv);
                     }
                 }
+                let created: i64 = tx
+                    .prepare_cached("SELECT COUNT(*) FROM conversations WHERE created_by = ?1")?
+                    .query_row([&new.creator_id], |r| r.get(0))?;
+                rules::created_cap(created.max(0) as u64, new.max_created)?;
                 tx.execute(
                     "INSERT INTO conversations (conversation_id, kind, name, owner_id, direct_key,
-                         last_seq, created_at_ms, updated_at_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?6)",
+                         last_seq, created_at_ms, updated_at_ms, created_by)
+                     VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?6, ?7)",
                     params![
                         new.conversation_id,
                         new.kind.as_str(),
                         new.name,
                         owner_id,
                         pair,
-                        new.now_ms
+                        new.now_ms,
+                        new.creator_id
                     ],
                 )?;
                 {
@@ -1211,6 +1233,10 @@ impl HistoryStore for SqliteStore {
                     message.system.as_ref().map(|s| s.encode_to_vec()),
                     message.from_bot
                 ])?;
+                tx.prepare_cached(
+                    "INSERT OR IGNORE INTO senders (conversation_id, user_id) VALUES (?1, ?2)",
+                )?
+                .execute(params![id, message.sender_id])?;
                 if kinds::is_message(&message.kind) {
                     let mut insert = tx.prepare_cached(
                         "INSERT OR IGNORE INTO mentions (conversation_id, user_id, seq)
@@ -1577,6 +1603,8 @@ impl HistoryStore for SqliteStore {
                 let mut stmt = tx.prepare_cached(
                     "SELECT 1 FROM members me
                      JOIN members o ON o.conversation_id = me.conversation_id
+                     JOIN senders s ON s.conversation_id = o.conversation_id
+                         AND s.user_id = o.user_id
                      WHERE me.user_id = ?1 AND o.user_id = ?2 LIMIT 1",
                 )?;
                 let mut shared = Vec::new();
@@ -1619,6 +1647,7 @@ impl HistoryStore for SqliteStore {
                     delivered_seq: conv.last_seq,
                     created_at_ms: webhook.created_at_ms,
                     created_by: webhook.created_by,
+                    suspended: false,
                 };
                 tx.prepare_cached(&format!(
                     "INSERT INTO webhooks ({WEBHOOK_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"

@@ -59,6 +59,9 @@ pub struct NewConversation {
     /// Group name, possibly empty.
     pub name: String,
     pub now_ms: i64,
+    /// Most conversations `creator_id` may have created, this one included
+    /// (`InvalidRequest` past it; an existing direct pair is still returned).
+    pub max_created: u32,
 }
 
 /// What a membership change does.
@@ -225,7 +228,8 @@ pub struct NewWebhook {
 #[async_trait]
 pub trait HistoryStore: Send + Sync + 'static {
     /// Create a conversation; a direct pair that already has one gets that one back
-    /// (created from either side). Returned with members.
+    /// (created from either side). Returned with members. A creator who already
+    /// created `max_created` conversations is refused ([`crate::rules::created_cap`]).
     async fn create_conversation(&self, new: NewConversation) -> Result<Conversation>;
 
     /// A conversation with its members (sorted by user id), `member_roles` (every
@@ -402,8 +406,10 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// an unknown conversation.
     async fn notification_state(&self, conversation_id: &str) -> Result<Vec<MemberNotification>>;
 
-    /// Those of `other_ids` that share at least one conversation with `user_id`
-    /// (deduplicated, sorted; `user_id` itself is never in the answer).
+    /// Those of `other_ids` that are contacts of `user_id`: they share at least one
+    /// conversation with `user_id` in which they (the other) have appended an event
+    /// of any kind. Being put into a conversation alone makes nobody a contact.
+    /// Deduplicated, sorted; `user_id` itself is never in the answer.
     async fn shared_contacts(&self, user_id: &str, other_ids: &[String]) -> Result<Vec<String>>;
 
     /// Store a webhook, atomically with its two checks: the conversation exists

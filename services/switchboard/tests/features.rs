@@ -235,8 +235,13 @@ async fn last_seen_privacy_hides_last_seen_from_non_contacts_or_everyone() {
     let (alice, _a) = setup.connect("alice", "d").await;
     let (bob, mut bob_ev) = setup.connect("bob", "d").await;
     let (carol, mut carol_ev) = setup.connect("carol", "d").await;
-    // bob shares a conversation with alice; carol shares none.
-    alice.create_direct("bob").await.unwrap();
+    // bob shares a conversation in which alice wrote; carol opened a direct
+    // conversation with alice and wrote in it, which makes nobody a contact alone.
+    let ab = alice.create_direct("bob").await.unwrap().conversation_id;
+    alice.send(&ab, "hi bob").await.unwrap();
+    let ca = carol.create_direct("alice").await.unwrap().conversation_id;
+    carol.send(&ca, "hello alice").await.unwrap();
+    carol.create_group("trap", ["alice"]).await.unwrap();
     bob.presence_watch(["alice"]).await.unwrap();
     carol.presence_watch(["alice"]).await.unwrap();
     alice
@@ -259,7 +264,7 @@ async fn last_seen_privacy_hides_last_seen_from_non_contacts_or_everyone() {
     .await;
     assert_eq!(
         to_carol.last_seen_ms, 0,
-        "a non-contact does not: {to_carol:?}"
+        "a stranger who opened a conversation alone does not: {to_carol:?}"
     );
     let queried = carol.presence_watch(["alice"]).await.unwrap().users[0].clone();
     assert_eq!(

@@ -228,6 +228,7 @@ pub(super) fn webhook(id: &str, conversation: &str, url: &str, delivered_seq: u6
         delivered_seq,
         created_at_ms: 1,
         created_by: "alice".into(),
+        suspended: false,
     }
 }
 
@@ -390,6 +391,58 @@ async fn webhooks_added_later_start_at_their_cursor_and_deleted_ones_stop() {
     })
     .await
     .expect("the deleted webhook's worker stopped");
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_removed_by_storage_delivers_nothing_more_before_the_next_discovery() {
+    let p = peers().await;
+    p.storage.add_conversation("c1", &["alice"]);
+    let receiver = Receiver::start(0).await;
+    p.storage.put_webhook(webhook("w1", "c1", &receiver.url, 0));
+    // No periodic discovery during the test: only the delivery read can stop the
+    // worker.
+    let d = Dispatching::start(
+        &p,
+        DispatchOptions {
+            discover_every: Duration::from_secs(3600),
+            ..fast_options()
+        },
+    )
+    .await;
+    d.send("alice", "c1", "a1").await;
+    p.storage.wait_delivered("w1", 1).await;
+    assert!(p
+        .storage
+        .state
+        .lock()
+        .unwrap()
+        .history_webhooks
+        .iter()
+        .all(|w| w == "w1"));
+
+    // Storage removes it (its creator was kicked): the next read says not_found and
+    // the worker stops without posting what came after.
+    let reads = || p.storage.state.lock().unwrap().history_webhooks.len();
+    let before = reads();
+    p.storage.remove_webhook("w1");
+    d.send("alice", "c1", "after the kick").await;
+    tokio::time::timeout(WAIT, async {
+        while reads() == before {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the worker read after the removal");
+    // A worker that went on would post right after its read.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(reads(), before + 1, "the worker stopped after not_found");
+    let seqs: Vec<u64> = receiver
+        .requests()
+        .iter()
+        .flat_map(|r| r.seqs.clone())
+        .collect();
+    assert_eq!(seqs, vec![1]);
     d.stop().await;
 }
 

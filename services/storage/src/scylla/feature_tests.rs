@@ -100,6 +100,7 @@ fn group(id: &str, owner: &str, members: &[&str]) -> NewConversation {
         members: members.iter().map(|m| m.to_string()).collect(),
         name: "g".into(),
         now_ms: NOW,
+        max_created: u32::MAX,
     }
 }
 

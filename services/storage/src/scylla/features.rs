@@ -78,6 +78,11 @@ pub(super) struct FeatureStatements {
     webhook_index_insert: PreparedStatement,
     webhook_index_delete: PreparedStatement,
     webhook_index_shard: PreparedStatement,
+    sender_insert: PreparedStatement,
+    sender_exists: PreparedStatement,
+    pub(super) creator_insert: PreparedStatement,
+    pub(super) creator_count: PreparedStatement,
+    pub(super) pair_conversation: PreparedStatement,
 }
 
 impl FeatureStatements {
@@ -456,6 +461,41 @@ impl FeatureStatements {
                 true,
             )
             .await?,
+            sender_insert: prep(
+                format!("INSERT INTO {ks}.senders (conversation_id, user_id) VALUES (?, ?)"),
+                true,
+                false,
+            )
+            .await?,
+            sender_exists: prep(
+                format!(
+                    "SELECT user_id FROM {ks}.senders WHERE conversation_id = ? AND user_id = ?"
+                ),
+                true,
+                false,
+            )
+            .await?,
+            creator_insert: prep(
+                format!(
+                    "INSERT INTO {ks}.conversations_by_creator (creator_id, conversation_id) \
+                     VALUES (?, ?)"
+                ),
+                true,
+                false,
+            )
+            .await?,
+            creator_count: prep(
+                format!("SELECT COUNT(*) FROM {ks}.conversations_by_creator WHERE creator_id = ?"),
+                true,
+                false,
+            )
+            .await?,
+            pair_conversation: prep(
+                format!("SELECT conversation_id FROM {ks}.direct_pairs WHERE pair_key = ?"),
+                true,
+                false,
+            )
+            .await?,
         })
     }
 }
@@ -661,6 +701,7 @@ fn webhook_from_row(conversation_id: &str, row: WebhookRow) -> (i32, Webhook) {
             delivered_seq: delivered.unwrap_or(0).max(0) as u64,
             created_at_ms: created.unwrap_or(0),
             created_by: by.unwrap_or_default(),
+            suspended: false,
         },
     )
 }
@@ -693,6 +734,8 @@ impl ScyllaStore {
     /// that earlier steps of the same event do not change in a way that alters the
     /// outcome.
     pub(super) async fn apply_effects(&self, m: &Message, now_ms: i64) -> Result<()> {
+        self.exec(&self.xt.sender_insert, (&m.conversation_id, &m.sender_id))
+            .await?;
         match m.kind.as_str() {
             kinds::EDIT => self.apply_edit(m).await,
             kinds::DELETE => self.apply_delete(m).await,
@@ -1398,8 +1441,15 @@ impl ScyllaStore {
                 .iter()
                 .zip(futures::future::try_join_all(reads).await?)
             {
-                if convs.iter().any(|(c,)| mine.contains(c)) {
-                    shared.push((*other).clone());
+                // A contact shares a conversation in which they sent something.
+                for (conv,) in convs.iter().filter(|(c,)| mine.contains(c)) {
+                    let sent = self
+                        .first::<(String,)>(&self.xt.sender_exists, (conv, other.as_str()))
+                        .await?;
+                    if sent.is_some() {
+                        shared.push((*other).clone());
+                        break;
+                    }
                 }
             }
         }
@@ -1476,6 +1526,7 @@ impl ScyllaStore {
                     delivered_seq: last.max(0) as u64,
                     created_at_ms: new.created_at_ms,
                     created_by: new.created_by,
+                    suspended: false,
                 });
             }
         }

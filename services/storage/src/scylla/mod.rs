@@ -1855,10 +1855,40 @@ impl ScyllaStore {
 #[async_trait]
 impl HistoryStore for ScyllaStore {
     async fn create_conversation(&self, new: NewConversation) -> Result<Conversation> {
-        match new.kind {
-            ConversationKind::Direct => self.create_direct(new).await,
-            ConversationKind::Group => self.create_group(new).await,
+        // The cap is read before the creation, not with it: requests of one user
+        // racing each other may pass it by as many as run at once.
+        let created = self
+            .first::<(i64,)>(&self.xt.creator_count, (new.creator_id.as_str(),))
+            .await?
+            .map_or(0, |(n,)| n.max(0) as u64);
+        if let Err(refused) = rules::created_cap(created, new.max_created) {
+            // An existing direct pair is still returned.
+            if new.kind == ConversationKind::Direct {
+                let pair = direct_key(&new.members);
+                if let Some((id,)) = self
+                    .first::<(String,)>(&self.xt.pair_conversation, (pair.as_str(),))
+                    .await?
+                {
+                    if self.conv_row(&id, false).await?.is_some() {
+                        return self.get_conversation(&id).await;
+                    }
+                }
+            }
+            return Err(refused);
         }
+        let (creator, fresh_id) = (new.creator_id.clone(), new.conversation_id.clone());
+        let conv = match new.kind {
+            ConversationKind::Direct => self.create_direct(new).await?,
+            ConversationKind::Group => self.create_group(new).await?,
+        };
+        if conv.conversation_id == fresh_id {
+            self.exec(
+                &self.xt.creator_insert,
+                (creator.as_str(), fresh_id.as_str()),
+            )
+            .await?;
+        }
+        Ok(conv)
     }
 
     async fn get_conversation(&self, conversation_id: &str) -> Result<Conversation> {

@@ -244,6 +244,23 @@ pub const MIGRATIONS: &[&[&str]] = &[
             PRIMARY KEY ((shard), conversation_id, webhook_id)
         )",
     ],
+    // 3: who has sent an event in each conversation (contacts for last-seen
+    // privacy). Not backfilled: a pair becomes contacts again when one of them sends
+    // something in a shared conversation (until then their last-seen stays hidden).
+    &[
+        "CREATE TABLE IF NOT EXISTS senders (
+            conversation_id text,
+            user_id         text,
+            PRIMARY KEY ((conversation_id), user_id)
+        )",
+        // Conversations by creator (storage.max_conversations_created), written after
+        // a conversation is created; those created before version 3 are not counted.
+        "CREATE TABLE IF NOT EXISTS conversations_by_creator (
+            creator_id      text,
+            conversation_id text,
+            PRIMARY KEY ((creator_id), conversation_id)
+        )",
+    ],
 ];
 
 /// The columns an `ALTER TABLE <table> ADD (<column> <type>, ...)` migration statement
