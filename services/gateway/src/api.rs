@@ -563,8 +563,9 @@ fn presence_users(params: PresenceParams) -> Result<Vec<String>, ApiError> {
 
 /// Presence of users as the caller may see it: presence answers the public view
 /// (the caller's own true status); a last-seen time a user shows only to contacts is
-/// cleared unless the caller shares a conversation with that user, as for presence
-/// acks over WebSocket ([`last_seen::filter`]).
+/// cleared unless the caller is that user's contact (shares a conversation in which
+/// that user has sent something), as for presence acks over WebSocket
+/// ([`last_seen::filter`]).
 async fn presence(
     State(api): State<Arc<Api>>,
     headers: HeaderMap,

@@ -31,7 +31,8 @@ const MAX_PENDING: usize = 10_000;
 /// The privacy value that needs the check.
 const CONTACTS: &str = "contacts";
 
-/// Whether `viewer` may see `presence.last_seen_ms` only if they share a conversation.
+/// Whether `viewer` may see `presence.last_seen_ms` only if they are the user's contact:
+/// they share a conversation in which the user has sent something (storage decides).
 pub(crate) fn needs_check(viewer: &str, presence: &UserPresence) -> bool {
     presence.last_seen_privacy == CONTACTS
         && presence.last_seen_ms != 0
@@ -62,7 +63,7 @@ pub(crate) enum Visibility {
 
 #[derive(Default)]
 struct Inner {
-    /// Answers: whether viewer and user share a conversation, and when that was asked.
+    /// Answers: whether viewer is a contact of user, and when that was asked.
     known: HashMap<Key, (bool, Instant)>,
     /// Events waiting for an answer being fetched, at most one per session.
     pending: HashMap<Key, Vec<(Arc<Session>, UserPresence)>>,

@@ -69,7 +69,8 @@ pub(crate) struct Shared {
     pub signer: Option<Signer>,
     pub peers: Peers,
     pub sessions: SessionRegistry,
-    /// Who shares a conversation with whom, for last-seen privacy "contacts".
+    /// Who is whose contact (a shared conversation the user wrote in), for last-seen
+    /// privacy "contacts".
     pub contacts: last_seen::ContactsCache,
     pub slots: Arc<ConnectionSlots>,
     /// The request budget each user's connections and HTTP API calls share.

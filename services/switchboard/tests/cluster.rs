@@ -200,6 +200,7 @@ async fn internal_grpc_refuses_calls_without_the_cluster_credential() {
             direction: "backward".into(),
             limit: 50,
         }),
+        webhook_id: String::new(),
     };
     let list_webhooks = || v1::ListWebhooksRequest {
         conversation_id: id.clone(),
