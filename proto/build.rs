@@ -14,7 +14,8 @@ const PROTOS: &[&str] = &[
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    // Read at run time: a build script compiled for one checkout may run for another.
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
     for proto in PROTOS {
         println!("cargo:rerun-if-changed={}", root.join(proto).display());
     }
