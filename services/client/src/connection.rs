@@ -18,7 +18,7 @@ use futures::{SinkExt, StreamExt};
 use switchboard_proto::codec::{self, Encoding, Payload};
 use switchboard_proto::v1::{
     ack, client_frame::Request, server_frame, ClientFrame, ConversationEvent, ErrorEvent, GoAway,
-    Message, ReadMarker, ServerFrame, TypingEvent, UserPresence, Welcome,
+    Message, ReadMarker, Resync, ServerFrame, TypingEvent, UserPresence, Welcome,
 };
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
@@ -224,6 +224,9 @@ pub enum Event {
     GoAway(GoAway),
     /// An error not tied to a request (for example a frame without a usable id).
     Error(ErrorEvent),
+    /// The server may have failed to deliver events to this session: sync from the
+    /// cursors, as after a reconnect ([`crate::Timeline::resync`] does it).
+    Resync(Resync),
 }
 
 /// What a waiting request receives: the ack's result or the connection's end.
@@ -737,6 +740,7 @@ fn event_name(event: Option<&server_frame::Event>) -> &'static str {
         Some(E::Goaway(_)) => "goaway",
         Some(E::Error(_)) => "error",
         Some(E::Welcome(_)) => "welcome",
+        Some(E::Resync(_)) => "resync",
     }
 }
 
@@ -951,6 +955,7 @@ impl ConnectionTask {
             Some(E::Conversation(c)) => Event::Conversation(c),
             Some(E::Goaway(g)) => Event::GoAway(g),
             Some(E::Error(e)) => Event::Error(e),
+            Some(E::Resync(r)) => Event::Resync(r),
             Some(E::Welcome(_)) => {
                 return Err(ClientError::Protocol("second welcome frame".into()));
             }
