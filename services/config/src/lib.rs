@@ -229,6 +229,10 @@ pub struct GatewayConfig {
     pub outbound_queue_bytes: usize,
     /// Interval of the batched presence heartbeat, in milliseconds.
     pub heartbeat_interval_ms: u64,
+    /// Interval of the cheap presence probe (a heartbeat without sessions) that
+    /// notices a presence that lost its state or was unreachable, in milliseconds:
+    /// how soon the gateway registers its sessions again.
+    pub presence_probe_ms: u64,
     /// Close a connection that sent nothing (not even a ping) for this long, in ms.
     pub client_idle_timeout_ms: u64,
     /// How long draining waits for clients to leave before closing them, in ms.
@@ -278,6 +282,7 @@ impl Default for GatewayConfig {
             outbound_queue: 256,
             outbound_queue_bytes: 4 * 1024 * 1024,
             heartbeat_interval_ms: 10_000,
+            presence_probe_ms: 1_000,
             client_idle_timeout_ms: 90_000,
             drain_deadline_ms: 10_000,
             requests_per_second: 50,
@@ -303,6 +308,10 @@ pub struct PresenceConfig {
     pub backend: String,
     /// A session not heartbeated for this long goes offline, in milliseconds.
     pub session_ttl_ms: u64,
+    /// After presence lost its state (a store that came back empty), how long its
+    /// routes are marked partial while gateways register their sessions again, in
+    /// milliseconds; routing delivers to every gateway it knows meanwhile.
+    pub rebuild_window_ms: u64,
     /// Redis URL for the `redis` backend (`redis://[user:password@]host:port[/db]`, or
     /// `rediss://` for TLS).
     pub redis_url: SecretUrl,
@@ -330,6 +339,7 @@ impl Default for PresenceConfig {
             admin_listen: "127.0.0.1:9192".into(),
             backend: "memory".into(),
             session_ttl_ms: 30_000,
+            rebuild_window_ms: 10_000,
             redis_url: "redis://127.0.0.1:6379".into(),
             redis_key_prefix: "sb".into(),
             redis_username: String::new(),
@@ -704,6 +714,7 @@ impl Config {
             g.outbound_queue_bytes as u64,
         )?;
         positive("gateway.heartbeat_interval_ms", g.heartbeat_interval_ms)?;
+        positive("gateway.presence_probe_ms", g.presence_probe_ms)?;
         positive("gateway.client_idle_timeout_ms", g.client_idle_timeout_ms)?;
         positive("gateway.requests_per_second", g.requests_per_second as u64)?;
         positive("gateway.max_violations", g.max_violations as u64)?;
@@ -753,6 +764,7 @@ impl Config {
             )?;
         }
         positive("presence.session_ttl_ms", p.session_ttl_ms)?;
+        positive("presence.rebuild_window_ms", p.rebuild_window_ms)?;
         if g.heartbeat_interval_ms >= p.session_ttl_ms {
             return Err(ConfigError::Invalid {
                 key: "gateway.heartbeat_interval_ms",

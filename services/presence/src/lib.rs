@@ -45,6 +45,11 @@
 //! changes of all of them to the gateways it is responsible for
 //! ([`store::PresenceFeed`]; layout and consistency in [`store::redis`]).
 //!
+//! It notices when the store's state is new or was lost (its epoch changed, see
+//! [`rebuild`]): `Heartbeat` answers carry the epoch, so gateways register their
+//! sessions again at once, and for `presence.rebuild_window_ms` its routes say
+//! `partial`, so routing delivers to every gateway it knows meanwhile.
+//!
 //! It does not own: client connections or the client protocol (gateway), who may
 //! watch whom (the gateway decides before calling `Watch`), conversations and their
 //! members (storage; routing passes the member list with each `RouteConversation`),
@@ -65,6 +70,7 @@ use tokio_util::sync::CancellationToken;
 mod error;
 mod metrics;
 pub mod notifier;
+mod rebuild;
 mod service;
 pub mod store;
 
@@ -164,6 +170,13 @@ pub async fn serve(
         workers.clone(),
     ));
 
+    let state = Arc::new(rebuild::StateWatch::new(
+        store.clone(),
+        Duration::from_millis(config.presence.rebuild_window_ms),
+        metrics.clone(),
+    ));
+    let state_task = tokio::spawn(rebuild::run(state.clone(), workers.clone()));
+
     let (health_reporter, health_service) = switchboard_rpc::health();
     health_reporter
         .set_serving::<PresenceServer<PresenceService>>()
@@ -188,11 +201,12 @@ pub async fn serve(
             notifications,
             pool,
             metrics.clone(),
+            state.clone(),
         ))
         .message_limits(&config.cluster),
     )
     .add_service(
-        PresenceInterestServer::new(InterestService::new(store, metrics))
+        PresenceInterestServer::new(InterestService::new(store, metrics, state))
             .message_limits(&config.cluster),
     );
     tracing::info!(
@@ -217,7 +231,11 @@ pub async fn serve(
     }
     readiness.set(false);
     admin_stop.cancel();
-    let tasks = [("sweeper", sweeper_task), ("notifier", notifier_task)];
+    let tasks = [
+        ("sweeper", sweeper_task),
+        ("notifier", notifier_task),
+        ("state", state_task),
+    ];
     for (name, task) in tasks.into_iter().chain(feed_tasks) {
         if let Err(e) = task.await {
             tracing::error!(task = name, error = %e, "presence task failed");

@@ -43,6 +43,8 @@ pub(crate) struct Metrics {
     /// `miss`: computed). Invalidations are counted by the store
     /// (`switchboard_presence_interest_invalidations_total`).
     pub interest_lookups: IntCounterVec,
+    /// Times this instance saw the session store's state new or lost (a new epoch).
+    pub state_losses: IntCounter,
 }
 
 impl Metrics {
@@ -98,6 +100,10 @@ impl Metrics {
                 ),
                 &["result"],
             )?,
+            state_losses: IntCounter::new(
+                "switchboard_presence_state_losses_total",
+                "Times the session store's state was seen new or lost (routes partial while gateways register again)",
+            )?,
         };
         registry.register(Box::new(metrics.sessions.clone()))?;
         registry.register(Box::new(metrics.online_users.clone()))?;
@@ -109,6 +115,7 @@ impl Metrics {
         registry.register(Box::new(metrics.expired_offline.clone()))?;
         registry.register(Box::new(metrics.rpc_seconds.clone()))?;
         registry.register(Box::new(metrics.interest_lookups.clone()))?;
+        registry.register(Box::new(metrics.state_losses.clone()))?;
         Ok(metrics)
     }
 

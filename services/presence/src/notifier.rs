@@ -173,6 +173,7 @@ pub(crate) async fn run_notifier(
                 }),
                 recipients: group.watcher_ids,
                 exclude_session_id: String::new(),
+                all_local_sessions: false,
             };
             let mut delivery = Some(delivery);
             // At most two rounds: the second after replacing an outbox that closed.

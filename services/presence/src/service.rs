@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status};
 use crate::error::PresenceError;
 use crate::metrics::{Metrics, INTEREST_HIT, INTEREST_MISS};
 use crate::notifier::Notifications;
+use crate::rebuild::StateWatch;
 use crate::store::{
     is_privacy, NewSession, SessionStatus, SessionStore, StatusChange, MAX_STATUS_TEXT_BYTES,
 };
@@ -41,6 +42,8 @@ pub(crate) struct PresenceService {
     /// Channels to gateways; a dropped gateway's channel is forgotten.
     gateways: ChannelPool,
     metrics: Metrics,
+    /// The store's epoch, and whether routes are partial while it is rebuilt.
+    state: Arc<StateWatch>,
 }
 
 impl PresenceService {
@@ -49,12 +52,14 @@ impl PresenceService {
         notifications: Notifications,
         gateways: ChannelPool,
         metrics: Metrics,
+        state: Arc<StateWatch>,
     ) -> Self {
         PresenceService {
             store,
             notifications,
             gateways,
             metrics,
+            state,
         }
     }
 
@@ -71,11 +76,16 @@ pub(crate) struct InterestService {
     /// Where the interest index lives.
     store: Arc<dyn SessionStore>,
     metrics: Metrics,
+    state: Arc<StateWatch>,
 }
 
 impl InterestService {
-    pub fn new(store: Arc<dyn SessionStore>, metrics: Metrics) -> Self {
-        InterestService { store, metrics }
+    pub fn new(store: Arc<dyn SessionStore>, metrics: Metrics, state: Arc<StateWatch>) -> Self {
+        InterestService {
+            store,
+            metrics,
+            state,
+        }
     }
 }
 
@@ -110,6 +120,7 @@ impl PresenceInterest for InterestService {
             .inc();
         Ok(Response::new(RouteResponse {
             routes: answer.routes,
+            partial: self.state.partial(),
         }))
     }
 }
@@ -269,13 +280,19 @@ impl Presence for PresenceService {
         self.metrics
             .heartbeat_sessions
             .observe(req.session_ids.len() as f64);
-        let unknown = self
-            .store
-            .heartbeat(&req.gateway_addr, &req.session_ids)
-            .await?;
+        // The epoch first: a gateway that sees it change registers everything again.
+        let epoch = self.state.check().await?;
+        let unknown = if req.session_ids.is_empty() {
+            Vec::new()
+        } else {
+            self.store
+                .heartbeat(&req.gateway_addr, &req.session_ids)
+                .await?
+        };
         self.metrics.heartbeat_unknown.inc_by(unknown.len() as u64);
         Ok(Response::new(HeartbeatResponse {
             unknown_session_ids: unknown,
+            epoch,
         }))
     }
 
@@ -346,7 +363,10 @@ impl Presence for PresenceService {
         let req = request.into_inner();
         check_ids("user_ids", &req.user_ids, MAX_USERS_PER_REQUEST)?;
         let routes = self.store.route(&req.user_ids).await?;
-        Ok(Response::new(RouteResponse { routes }))
+        Ok(Response::new(RouteResponse {
+            routes,
+            partial: self.state.partial(),
+        }))
     }
 
     async fn drop_gateway(

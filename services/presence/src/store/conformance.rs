@@ -61,6 +61,7 @@ macro_rules! session_store_suite {
             automatic_status_never_overrides_the_users_choice,
             a_session_registered_invisible_never_shows_online,
             a_forgotten_session_registered_again_gets_the_status_it_had,
+            the_epoch_is_fresh_once_and_stays_while_the_state_lives,
         );
     };
     (@tests $factory:expr; $($name:ident),* $(,)?) => {
@@ -677,6 +678,30 @@ pub async fn stats_count_sessions_and_online_users<F: Fn(Duration) -> Arc<dyn Se
             sessions: 2,
             online_users: 1,
         }
+    );
+}
+
+pub async fn the_epoch_is_fresh_once_and_stays_while_the_state_lives<
+    F: Fn(Duration) -> Arc<dyn SessionStore>,
+>(
+    factory: F,
+) {
+    let store = factory(TTL);
+    let first = store.epoch().await.unwrap();
+    assert!(first.fresh, "a new store's first epoch is fresh");
+    assert!(!first.id.is_empty());
+    store.register(session("a1", "alice", GW1)).await.unwrap();
+    store.unregister("a1").await.unwrap();
+    let again = store.epoch().await.unwrap();
+    assert_eq!(again.id, first.id, "operations keep the epoch");
+    assert!(
+        !again.fresh,
+        "only the call that made the epoch sees it fresh"
+    );
+    let other = factory(TTL).epoch().await.unwrap();
+    assert_ne!(
+        other.id, first.id,
+        "another store's state has another epoch"
     );
 }
 

@@ -16,8 +16,8 @@ use switchboard_proto::v1::GatewayRoute;
 
 use super::interest::{self, ConversationRoutes, InterestIndex};
 use super::{
-    is_visible, Clock, DropOutcome, GatewayWatchers, NewSession, PresenceState, PresenceUpdate,
-    SessionStatus, SessionStore, StatusChange, StoreStats, LAST_SEEN_RETENTION,
+    is_visible, Clock, DropOutcome, Epoch, GatewayWatchers, NewSession, PresenceState,
+    PresenceUpdate, SessionStatus, SessionStore, StatusChange, StoreStats, LAST_SEEN_RETENTION,
     MAX_OFFLINE_LAST_SEEN, MAX_WATCHED_PER_WATCHER, PRIVACY_EVERYONE, STATUS_OFFLINE,
 };
 use crate::error::PresenceError;
@@ -35,6 +35,10 @@ pub struct MemorySessionStore {
     state: Mutex<State>,
     /// Dropped interest entries (also held by `State::interest`), for `register_metrics`.
     interest_invalidations: prometheus::IntCounter,
+    /// The identity of this store's state: the state lives exactly as long as the store.
+    epoch: String,
+    /// Whether [`SessionStore::epoch`] was asked yet (the first answer is `fresh`).
+    epoch_asked: std::sync::atomic::AtomicBool,
 }
 
 /// One live session.
@@ -136,6 +140,8 @@ impl MemorySessionStore {
                 settings: HashMap::new(),
             }),
             interest_invalidations,
+            epoch: format!("{:016x}", rand::random::<u64>()),
+            epoch_asked: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -742,6 +748,16 @@ impl SessionStore for MemorySessionStore {
         Ok(StoreStats {
             sessions: st.sessions.len() as u64,
             online_users: st.users.len() as u64,
+        })
+    }
+
+    async fn epoch(&self) -> Result<Epoch, PresenceError> {
+        let asked = self
+            .epoch_asked
+            .swap(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(Epoch {
+            id: self.epoch.clone(),
+            fresh: !asked,
         })
     }
 

@@ -250,6 +250,16 @@ pub struct GatewayWatchers {
     pub watcher_ids: Vec<String>,
 }
 
+/// The identity of a store's state ([`SessionStore::epoch`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Epoch {
+    /// The same for as long as the state lives; a new one once it was lost.
+    pub id: String,
+    /// This call found no identity and made one: the state is new or was lost (a
+    /// Redis that restarted without its data, or was flushed).
+    pub fresh: bool,
+}
+
 /// Sizes for the gauges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct StoreStats {
@@ -393,6 +403,10 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Sizes for the gauges.
     async fn stats(&self) -> Result<StoreStats, PresenceError>;
+
+    /// The identity of the state: stays while the state lives, changes when it is
+    /// lost. Exactly one caller sees `fresh` per new identity (the one that made it).
+    async fn epoch(&self) -> Result<Epoch, PresenceError>;
 
     /// Wait until the backend answers, retrying with backoff and logging failures.
     /// Returns false when `shutdown` fires first. An in-process store is ready at once.

@@ -113,9 +113,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::interest::{distinct, fmix64, fnv1a, ConversationRoutes};
 use super::{
-    is_visible, Clock, DropOutcome, GatewayWatchers, NewSession, PresenceFeed, PresenceState,
-    PresenceUpdate, SessionStatus, SessionStore, StatusChange, StoreStats, LAST_SEEN_RETENTION,
-    MAX_WATCHED_PER_WATCHER, PRIVACY_EVERYONE, STATUS_OFFLINE,
+    is_visible, Clock, DropOutcome, Epoch, GatewayWatchers, NewSession, PresenceFeed,
+    PresenceState, PresenceUpdate, SessionStatus, SessionStore, StatusChange, StoreStats,
+    LAST_SEEN_RETENTION, MAX_WATCHED_PER_WATCHER, PRIVACY_EVERYONE, STATUS_OFFLINE,
 };
 use crate::error::PresenceError;
 
@@ -225,6 +225,11 @@ impl Keys {
     }
     fn channel(&self) -> String {
         format!("{}:presence", self.prefix)
+    }
+    /// The identity of the state in this Redis: gone with the data (no TTL), so a
+    /// Redis that comes back empty gets a new one.
+    fn epoch(&self) -> String {
+        format!("{}:epoch", self.prefix)
     }
 }
 
@@ -1287,6 +1292,27 @@ impl SessionStore for RedisSessionStore {
         Ok(StoreStats {
             sessions: sessions.max(0) as u64,
             online_users: online.max(0) as u64,
+        })
+    }
+
+    async fn epoch(&self) -> Result<Epoch, PresenceError> {
+        let s = &*self.inner;
+        let candidate = format!(
+            "{:016x}{:016x}",
+            rand::random::<u64>(),
+            rand::random::<u64>()
+        );
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(s.keys.epoch())
+            .arg(&candidate)
+            .arg("NX")
+            .get(s.keys.epoch());
+        let (created, id): (Option<String>, Option<String>) = s.pipe("epoch", &pipe).await?;
+        let id = id.ok_or_else(|| PresenceError::Unavailable("the epoch key vanished".into()))?;
+        Ok(Epoch {
+            fresh: created.is_some() && id == candidate,
+            id,
         })
     }
 

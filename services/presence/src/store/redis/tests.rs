@@ -135,6 +135,9 @@ impl SessionStore for TestStore {
     async fn stats(&self) -> Result<StoreStats, PresenceError> {
         self.store.stats().await
     }
+    async fn epoch(&self) -> Result<Epoch, PresenceError> {
+        self.store.epoch().await
+    }
 }
 
 crate::session_store_suite!(test_store);
@@ -168,6 +171,28 @@ fn two_instances(ttl: Duration) -> (RedisSessionStore, RedisSessionStore, Cleanu
 
 const GW1: &str = "http://gw1:50051";
 const GW2: &str = "http://gw2:50051";
+
+#[tokio::test]
+async fn instances_share_the_epoch_and_a_wiped_redis_gets_a_new_one() {
+    let (a, b, cleanup) = two_instances(TTL);
+    let first = a.epoch().await.unwrap();
+    assert!(first.fresh);
+    let seen = b.epoch().await.unwrap();
+    assert_eq!(seen.id, first.id, "one Redis, one epoch");
+    assert!(!seen.fresh);
+    a.register(session("a1", "alice", GW1)).await.unwrap();
+    // What a Redis restarted without its data looks like to the stores.
+    drop(Cleanup {
+        prefix: cleanup.prefix.clone(),
+    });
+    let after = b.epoch().await.unwrap();
+    assert!(
+        after.fresh,
+        "the first to ask after the loss makes the new epoch"
+    );
+    assert_ne!(after.id, first.id);
+    assert_eq!(a.epoch().await.unwrap().id, after.id);
+}
 
 #[tokio::test]
 async fn a_change_through_one_instance_is_seen_by_the_other() {
