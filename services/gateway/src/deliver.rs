@@ -114,6 +114,58 @@ pub(crate) fn push_ephemeral(shared: &Shared, session: &Session, frame: &v1::Ser
     }
 }
 
+/// Tell one session it may have missed events (`resync`): the client syncs from its
+/// cursors. Not ephemeral: a session whose queue is full is disconnected as a slow
+/// consumer, and its client syncs when it reconnects anyway. True when queued.
+pub(crate) fn push_resync(
+    shared: &Shared,
+    session: &Session,
+    reason: &str,
+    conversation_id: &str,
+) -> bool {
+    let frame = v1::ServerFrame {
+        event: Some(Event::Resync(v1::Resync {
+            reason: reason.to_owned(),
+            conversation_id: conversation_id.to_owned(),
+        })),
+    };
+    let out = Arc::new(OutFrame::encode(&frame, session.encoding));
+    let mut state = lock(&session.delivery);
+    push_or_close(shared, session, &mut state, out, FrameKind::Resync)
+}
+
+/// Push a frame that must not be lost: a full queue closes the session as a slow
+/// consumer (its client reconnects and syncs). True when queued.
+fn push_or_close(
+    shared: &Shared,
+    session: &Session,
+    state: &mut crate::sessions::DeliveryState,
+    out: Arc<OutFrame>,
+    kind: FrameKind,
+) -> bool {
+    match state.push(out, session.queue) {
+        Ok(()) => {
+            session.wake_writer();
+            shared.metrics.outbound_queued.inc();
+            true
+        }
+        Err(PushError::Full) if kind.is_ephemeral() => false,
+        Err(PushError::Full) => {
+            if session.mark_slow() {
+                shared.sessions.remove(&session.session_id);
+                shared.metrics.slow_consumer_disconnects.inc();
+                info!(
+                    session_id = %session.session_id,
+                    user_id = %session.user_id,
+                    "slow consumer, closing"
+                );
+            }
+            false
+        }
+        Err(PushError::Closed) => false,
+    }
+}
+
 /// Enqueue each delivery for the local sessions of its recipients. Never waits: an
 /// ephemeral event is dropped for a session whose queue is more than half full, a
 /// full queue disconnects the session as a slow consumer. A presence event whose
@@ -135,14 +187,26 @@ pub(crate) fn deliver(shared: &Arc<Shared>, request: DeliverRequest) -> DeliverR
                 | FrameKind::Typing
                 | FrameKind::Presence
                 | FrameKind::Conversation
+                | FrameKind::Resync
         ) {
             continue;
         }
         targets.clear();
-        for user in &delivery.recipients {
-            if !shared.sessions.sessions_of(user, &mut targets) && !absent.contains(user) {
-                absent.push(user.clone());
+        if delivery.all_local_sessions && kind == FrameKind::Resync {
+            targets.extend(shared.sessions.all());
+        } else {
+            for user in &delivery.recipients {
+                if !shared.sessions.sessions_of(user, &mut targets) && !absent.contains(user) {
+                    absent.push(user.clone());
+                }
             }
+        }
+        if kind == FrameKind::Resync {
+            shared
+                .metrics
+                .resyncs_sent
+                .with_label_values(&["delivery_failed"])
+                .inc_by(targets.len() as u64);
         }
         // The same user listed twice must not get the event twice.
         targets.sort_by(|a, b| a.session_id.cmp(&b.session_id));
@@ -196,18 +260,38 @@ pub(crate) fn deliver(shared: &Arc<Shared>, request: DeliverRequest) -> DeliverR
                 encoded.get(frame, session.encoding)
             };
             let mut state = lock(&session.delivery);
+            // A sequence past the next one this connection expects: something before
+            // it did not reach this session (a failed delivery, routes missing it).
+            let mut gap = false;
             if let Some((conversation, seq, _)) = message_key {
                 let last = state.last_seq.get(conversation).copied().unwrap_or(0);
                 // seq 0 is a message not sequenced yet; it cannot be deduplicated.
                 if seq != 0 && seq <= last {
                     continue;
                 }
+                gap = last != 0 && seq > last + 1;
             }
             match state.push(out, session.queue) {
                 Ok(()) => {
                     if let Some((conversation, seq, sent_at_ms)) = message_key {
                         if seq != 0 {
                             state.last_seq.insert(conversation.to_owned(), seq);
+                        }
+                        if gap {
+                            let resync = v1::ServerFrame {
+                                event: Some(Event::Resync(v1::Resync {
+                                    reason: "gap".to_owned(),
+                                    conversation_id: conversation.to_owned(),
+                                })),
+                            };
+                            let out = Arc::new(OutFrame::encode(&resync, session.encoding));
+                            if push_or_close(shared, session, &mut state, out, FrameKind::Resync) {
+                                shared
+                                    .metrics
+                                    .resyncs_sent
+                                    .with_label_values(&["gap"])
+                                    .inc();
+                            }
                         }
                         shared.metrics.messages_delivered.inc();
                         let latency_ms = crate::now_ms().saturating_sub(sent_at_ms).max(0);

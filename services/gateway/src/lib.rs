@@ -14,6 +14,7 @@ mod api;
 mod connection;
 mod deliver;
 mod error;
+mod heartbeat;
 mod http;
 mod last_seen;
 mod limits;
@@ -42,8 +43,6 @@ use metrics::Metrics;
 use requests::Peers;
 use sessions::{ConnectionSlots, Session, SessionRegistry};
 
-/// Session ids per `Presence.Heartbeat` call.
-const HEARTBEAT_CHUNK: usize = 1_000;
 /// After the drain deadline, how long closing connections get to finish.
 const CLOSE_GRACE: Duration = Duration::from_secs(3);
 /// Closed sessions waiting to be unregistered from presence. When many connections
@@ -309,7 +308,7 @@ impl Gateway {
             shared.clone(),
             stop.clone(),
         ));
-        let heartbeat = tokio::spawn(heartbeat(shared.clone(), shared.drained.clone()));
+        let heartbeat = tokio::spawn(heartbeat::run(shared.clone(), shared.drained.clone()));
         let unregister = tokio::spawn(unregister_worker(
             shared.clone(),
             self.unregister_rx,
@@ -390,44 +389,4 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> anyhow::Re
     let gateway = Gateway::new(config.clone())?;
     let listeners = Listeners::bind(&config).await?;
     gateway.serve(listeners, shutdown).await
-}
-
-/// Keep this gateway's sessions alive in presence: every `heartbeat_interval_ms`, one
-/// `Heartbeat` call per chunk of session ids; sessions presence no longer knows
-/// (expired, for example after a presence restart) are registered again.
-async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
-    let period = Duration::from_millis(shared.config.gateway.heartbeat_interval_ms);
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
-        let ids = shared.sessions.session_ids();
-        for chunk in ids.chunks(HEARTBEAT_CHUNK) {
-            let request = v1::HeartbeatRequest {
-                gateway_addr: shared.advertise_url.clone(),
-                session_ids: chunk.iter().map(|id| id.to_string()).collect(),
-            };
-            let unknown = match shared.peers.presence.clone().heartbeat(request).await {
-                Ok(response) => response.into_inner().unknown_session_ids,
-                Err(status) => {
-                    warn!(error = %status.message(), sessions = chunk.len(), "heartbeat failed");
-                    continue;
-                }
-            };
-            for id in unknown {
-                let Some(session) = shared.sessions.get(&id) else {
-                    continue;
-                };
-                match shared.register(&session).await {
-                    Ok(()) => debug!(session_id = %id, "session registered again"),
-                    Err(status) => {
-                        warn!(session_id = %id, error = %status.message(), "re-register failed")
-                    }
-                }
-            }
-        }
-    }
 }

@@ -31,6 +31,12 @@ pub(crate) struct Metrics {
     pub unregister_skipped: IntCounter,
     /// Protocol violations, by error code.
     pub violations: IntCounterVec,
+    /// `resync` events queued for sessions, by reason (`presence_lost`,
+    /// `delivery_failed`, `gap`).
+    pub resyncs_sent: IntCounterVec,
+    /// Times this gateway registered all its sessions again because presence lost
+    /// its state or was unreachable.
+    pub presence_rebuilds: IntCounter,
 }
 
 impl Metrics {
@@ -102,6 +108,17 @@ impl Metrics {
                 ),
                 &["code"],
             )?,
+            resyncs_sent: IntCounterVec::new(
+                Opts::new(
+                    "switchboard_gateway_resyncs_sent_total",
+                    "Resync events queued for sessions that may have missed events, by reason",
+                ),
+                &["reason"],
+            )?,
+            presence_rebuilds: IntCounter::new(
+                "switchboard_gateway_presence_rebuilds_total",
+                "Registrations of every session again after presence lost its state or was unreachable",
+            )?,
         };
         registry.register(Box::new(m.connections.clone()))?;
         registry.register(Box::new(m.connections_rejected.clone()))?;
@@ -115,6 +132,8 @@ impl Metrics {
         registry.register(Box::new(m.slow_consumer_disconnects.clone()))?;
         registry.register(Box::new(m.violations.clone()))?;
         registry.register(Box::new(m.unregister_skipped.clone()))?;
+        registry.register(Box::new(m.resyncs_sent.clone()))?;
+        registry.register(Box::new(m.presence_rebuilds.clone()))?;
         Ok(m)
     }
 }

@@ -30,6 +30,7 @@ pub(crate) enum FrameKind {
     Conversation,
     GoAway,
     Error,
+    Resync,
     Empty,
 }
 
@@ -45,6 +46,7 @@ impl FrameKind {
             Some(Event::Conversation(_)) => FrameKind::Conversation,
             Some(Event::Goaway(_)) => FrameKind::GoAway,
             Some(Event::Error(_)) => FrameKind::Error,
+            Some(Event::Resync(_)) => FrameKind::Resync,
             None => FrameKind::Empty,
         }
     }
@@ -60,6 +62,7 @@ impl FrameKind {
             FrameKind::Conversation => "conversation",
             FrameKind::GoAway => "goaway",
             FrameKind::Error => "error",
+            FrameKind::Resync => "resync",
             FrameKind::Empty => "empty",
         }
     }
@@ -440,6 +443,11 @@ impl SessionRegistry {
             }
             None => false,
         }
+    }
+
+    /// Every live session.
+    pub(crate) fn all(&self) -> Vec<Arc<Session>> {
+        lock(&self.inner).by_id.values().cloned().collect()
     }
 
     pub(crate) fn session_ids(&self) -> Vec<Arc<str>> {

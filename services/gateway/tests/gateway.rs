@@ -41,7 +41,10 @@ struct Calls {
     publishes: Vec<v1::PublishRequest>,
     watches: Vec<v1::WatchRequest>,
     dropped_gateways: Vec<String>,
+    /// Heartbeats naming sessions (probes without sessions are not recorded).
     heartbeats: Vec<v1::HeartbeatRequest>,
+    /// The epoch the fake presence answers ("e1" while empty).
+    epoch: String,
     statuses: Vec<v1::SetStatusRequest>,
     threads: Vec<v1::StorageThreadRequest>,
     receipts: Vec<v1::StorageReceiptsRequest>,
@@ -99,9 +102,17 @@ impl presence_server::Presence for FakePresence {
         // Presence "forgot" every session (as after a restart of an in-memory store).
         let request = request.into_inner();
         let unknown_session_ids = request.session_ids.clone();
-        self.0.lock().unwrap().heartbeats.push(request);
+        let mut calls = self.0.lock().unwrap();
+        if !request.session_ids.is_empty() {
+            calls.heartbeats.push(request);
+        }
+        let epoch = match calls.epoch.as_str() {
+            "" => "e1".to_owned(),
+            e => e.to_owned(),
+        };
         Ok(Response::new(v1::HeartbeatResponse {
             unknown_session_ids,
+            epoch,
         }))
     }
     async fn set_status(
@@ -616,6 +627,7 @@ fn message_delivery(recipients: &[&str], conversation: &str, seq: u64) -> v1::De
         }),
         recipients: recipients.iter().map(|s| s.to_string()).collect(),
         exclude_session_id: String::new(),
+        all_local_sessions: false,
     }
 }
 
@@ -631,6 +643,7 @@ fn typing_delivery(recipient: &str) -> v1::Delivery {
         }),
         recipients: vec![recipient.into()],
         exclude_session_id: String::new(),
+        all_local_sessions: false,
     }
 }
 
@@ -649,6 +662,7 @@ fn presence_delivery(watcher: &str, user: &str) -> v1::Delivery {
         }),
         recipients: vec![watcher.into()],
         exclude_session_id: String::new(),
+        all_local_sessions: false,
     }
 }
 
@@ -904,6 +918,105 @@ async fn deliver_reaches_the_client_once_per_sequence() {
     assert_eq!(frame["message"]["message"]["seq"], 2);
     // Nothing else is queued: the next frame is the answer to this ping.
     assert_alive(&mut ws).await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_gap_in_a_conversations_sequence_tells_the_session_to_sync() {
+    let h = start(|_| {}).await;
+    let (mut ws, _) = h.connect("bob").await;
+    h.deliver(vec![message_delivery(&["bob"], "c1", 1)]).await;
+    assert_eq!(recv(&mut ws).await["message"]["message"]["seq"], 1);
+    // 2 and 3 never came: 4 shows the gap, and a resync follows it.
+    h.deliver(vec![message_delivery(&["bob"], "c1", 4)]).await;
+    assert_eq!(recv(&mut ws).await["message"]["message"]["seq"], 4);
+    let resync = recv(&mut ws).await;
+    assert_eq!(resync["resync"]["reason"], "gap", "{resync}");
+    assert_eq!(resync["resync"]["conversation_id"], "c1");
+    // In order again: no resync.
+    h.deliver(vec![message_delivery(&["bob"], "c1", 5)]).await;
+    assert_eq!(recv(&mut ws).await["message"]["message"]["seq"], 5);
+    assert_alive(&mut ws).await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_resync_delivery_reaches_its_recipients_or_every_local_session() {
+    let h = start(|_| {}).await;
+    let (mut bob, _) = h.connect("bob").await;
+    let (mut carol, _) = h.connect("carol").await;
+    let resync = |recipients: &[&str], all: bool| v1::Delivery {
+        event: Some(v1::ServerFrame {
+            event: Some(Event::Resync(v1::Resync {
+                reason: "delivery_failed".into(),
+                conversation_id: String::new(),
+            })),
+        }),
+        recipients: recipients.iter().map(|s| s.to_string()).collect(),
+        exclude_session_id: String::new(),
+        all_local_sessions: all,
+    };
+    let response = h.deliver(vec![resync(&["bob", "dave"], false)]).await;
+    assert_eq!(response.delivered, 1);
+    assert_eq!(response.absent, ["dave"]);
+    assert_eq!(recv(&mut bob).await["resync"]["reason"], "delivery_failed");
+    assert_alive(&mut carol).await;
+    let response = h.deliver(vec![resync(&[], true)]).await;
+    assert_eq!(response.delivered, 2);
+    assert_eq!(recv(&mut bob).await["resync"]["reason"], "delivery_failed");
+    assert_eq!(
+        recv(&mut carol).await["resync"]["reason"],
+        "delivery_failed"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn presence_that_lost_its_state_gets_every_session_back_with_its_watches() {
+    let h = start(|c| {
+        c.gateway.heartbeat_interval_ms = 60_000;
+        c.gateway.presence_probe_ms = 50;
+    })
+    .await;
+    let (mut ws, welcome) = h.connect("alice").await;
+    let session_id = session_id_of(&welcome);
+    let ack = request(
+        &mut ws,
+        "w",
+        json!({"presence_watch": {"user_ids": ["bob"]}}),
+    )
+    .await;
+    assert!(ack["presence"].is_object(), "{ack}");
+    // Probes see the same epoch: nothing is registered again.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(h.calls.lock().unwrap().registered.len(), 1);
+    assert!(h.calls.lock().unwrap().heartbeats.is_empty());
+
+    h.calls.lock().unwrap().epoch = "e2".into();
+    h.wait_for("the session registered again", |calls| {
+        calls.registered.len() >= 2
+    })
+    .await;
+    // The watches follow the registration.
+    tokio::time::timeout(TIMEOUT, async {
+        while h.calls.lock().unwrap().watches.len() < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("watching again in time");
+    {
+        let calls = h.calls.lock().unwrap();
+        assert_eq!(calls.registered[1].session_id, session_id);
+        assert_eq!(calls.heartbeats[0].session_ids, vec![session_id.clone()]);
+        let watch = calls.watches.last().unwrap();
+        assert_eq!(
+            (watch.watcher_id.as_str(), watch.user_ids.clone()),
+            ("alice", vec!["bob".to_string()])
+        );
+    }
+    let resync = recv(&mut ws).await;
+    assert_eq!(resync["resync"]["reason"], "presence_lost", "{resync}");
     h.stop().await;
 }
 
@@ -1238,11 +1351,18 @@ fn int(v: &Value) -> i64 {
 }
 
 /// Send one request and return its ack (the next frame must be it).
+/// Send a request and read its ack. `resync` events may come first (the fake
+/// presence forgets every session at each heartbeat, so sessions are told to sync).
 async fn request(ws: &mut Ws, id: &str, body: Value) -> Value {
     let mut frame = body;
     frame["id"] = json!(id);
     send(ws, frame).await;
-    let ack = recv(ws).await;
+    let ack = loop {
+        let frame = recv(ws).await;
+        if frame.get("resync").is_none() {
+            break frame;
+        }
+    };
     assert_eq!(ack["ack"]["id"], id, "{ack}");
     ack["ack"].clone()
 }
