@@ -8,9 +8,12 @@
 //! Sequenced messages wait for room when a queue is full (backpressure on the
 //! partition owner); ephemeral events are dropped and counted instead. A `Deliver`
 //! that still fails after a few retries drops its batch and the rest of that
-//! gateway's queue: the clients behind it see a gap in the sequence (or reconnect)
-//! and recover the messages with `sync`/`history`, which is the contract for
-//! anything not delivered live.
+//! gateway's queue, and remembers whom the dropped messages were for (bounded: past
+//! [`MAX_MISSED_USERS`] users, "everyone on that gateway"). A retry task then sends
+//! that gateway a `resync` delivery for those users, with backoff, until it answers
+//! or [`MISSED_RETRY_FOR`] passed (by then its clients have reconnected elsewhere and
+//! synced): a session that stayed connected is told to sync, instead of waiting for
+//! the next message to reveal the gap.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,7 +22,7 @@ use std::time::Duration;
 
 use prost::Message as _;
 use switchboard_proto::v1::gateway_client::GatewayClient;
-use switchboard_proto::v1::{DeliverRequest, Delivery};
+use switchboard_proto::v1::{server_frame, DeliverRequest, Delivery, Resync, ServerFrame};
 use switchboard_rpc::{ChannelPool, MessageLimits as _};
 use switchboard_telemetry::TraceContext;
 use tokio::sync::mpsc::{self, error::TrySendError};
@@ -36,6 +39,18 @@ const DELIVER_BACKOFF: Duration = Duration::from_millis(50);
 const IDLE_QUEUE: Duration = Duration::from_secs(60);
 /// Encoded size a batch stops growing at, well below gRPC's 4 MiB default limit.
 const MAX_BATCH_BYTES: usize = 2 * 1024 * 1024;
+/// Users remembered per gateway as having missed a delivery; past it the whole
+/// gateway is told to resync.
+pub(crate) const MAX_MISSED_USERS: usize = 10_000;
+/// Gateways with missed deliveries remembered at once; past it the missed deliveries
+/// of further gateways are only counted (their clients see the gap at the next
+/// message, or sync when they reconnect).
+const MAX_MISSED_GATEWAYS: usize = 1_024;
+/// How long the resync of a gateway is retried.
+pub(crate) const MISSED_RETRY_FOR: Duration = Duration::from_secs(600);
+/// Backoff of the resync retries: from the first to the max, doubling.
+const MISSED_BACKOFF: Duration = Duration::from_millis(200);
+const MISSED_BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// Limits of the gateway queues.
 #[derive(Debug, Clone)]
@@ -67,6 +82,73 @@ struct Inner {
     /// Taken (None) once shutting down so no new task starts.
     done_tx: Mutex<Option<mpsc::Sender<()>>>,
     done_rx: tokio::sync::Mutex<mpsc::Receiver<()>>,
+    /// Whom failed deliveries were for, by gateway URL, until a resync reaches it.
+    missed: Mutex<HashMap<String, Missed>>,
+}
+
+/// Who on one gateway missed a delivery.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) enum Missed {
+    #[default]
+    Nobody,
+    Users(std::collections::BTreeSet<String>),
+    /// More than [`MAX_MISSED_USERS`]: every session of the gateway.
+    Everyone,
+}
+
+impl Missed {
+    pub fn add<'a>(&mut self, users: impl IntoIterator<Item = &'a String>) {
+        if *self == Missed::Everyone {
+            return;
+        }
+        let mut set = match std::mem::take(self) {
+            Missed::Users(set) => set,
+            _ => Default::default(),
+        };
+        for user in users {
+            if set.contains(user) {
+                continue;
+            }
+            if set.len() >= MAX_MISSED_USERS {
+                *self = Missed::Everyone;
+                return;
+            }
+            set.insert(user.clone());
+        }
+        *self = if set.is_empty() {
+            Missed::Nobody
+        } else {
+            Missed::Users(set)
+        };
+    }
+
+    pub fn merge(&mut self, other: Missed) {
+        match other {
+            Missed::Nobody => {}
+            Missed::Everyone => *self = Missed::Everyone,
+            Missed::Users(set) => self.add(set.iter()),
+        }
+    }
+
+    /// The `resync` delivery that tells these users' sessions to sync.
+    pub fn delivery(&self) -> Option<Delivery> {
+        let (recipients, all_local_sessions) = match self {
+            Missed::Nobody => return None,
+            Missed::Users(set) => (set.iter().cloned().collect(), false),
+            Missed::Everyone => (Vec::new(), true),
+        };
+        Some(Delivery {
+            event: Some(ServerFrame {
+                event: Some(server_frame::Event::Resync(Resync {
+                    reason: "delivery_failed".into(),
+                    conversation_id: String::new(),
+                })),
+            }),
+            recipients,
+            exclude_session_id: String::new(),
+            all_local_sessions,
+        })
+    }
 }
 
 struct Queue {
@@ -99,6 +181,7 @@ impl Fanout {
                 abort: CancellationToken::new(),
                 done_tx: Mutex::new(Some(done_tx)),
                 done_rx: tokio::sync::Mutex::new(done_rx),
+                missed: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -269,18 +352,18 @@ impl Inner {
         true
     }
 
-    async fn run_sender(&self, url: String, generation: u64, mut rx: mpsc::Receiver<Queued>) {
+    async fn run_sender(
+        self: &Arc<Self>,
+        url: String,
+        generation: u64,
+        mut rx: mpsc::Receiver<Queued>,
+    ) {
         let mut client = match self.pool.get(&url) {
             Ok(channel) => GatewayClient::new(channel).message_limits(self.pool.cluster()),
             Err(e) => {
                 tracing::warn!(gateway = %url, error = %e, "cannot reach gateway");
                 self.remove_queue(&url, generation, &rx, false);
-                rx.close();
-                let mut n = 0;
-                while rx.try_recv().is_ok() {
-                    n += 1;
-                }
-                self.dropped("deliver_failed", n);
+                self.drop_queued(&url, &mut rx);
                 return;
             }
         };
@@ -328,12 +411,7 @@ impl Inner {
                 // next event open a fresh queue (and connection).
                 self.remove_queue(&url, generation, &rx, false);
                 self.pool.remove(&url);
-                rx.close();
-                let mut n = 0;
-                while rx.try_recv().is_ok() {
-                    n += 1;
-                }
-                self.dropped("deliver_failed", n);
+                self.drop_queued(&url, &mut rx);
                 return;
             }
         }
@@ -341,13 +419,133 @@ impl Inner {
 
     /// One batch with retries; false if it was dropped.
     async fn deliver(
-        &self,
+        self: &Arc<Self>,
         client: &mut GatewayClient<switchboard_rpc::Channel>,
         url: &str,
         batch: Vec<Delivery>,
     ) -> bool {
         let n = batch.len();
         let request = DeliverRequest { deliveries: batch };
+        let result = self.deliver_request(client, url, &request, n).await;
+        if !result {
+            self.note_missed(url, &request.deliveries);
+        }
+        result
+    }
+
+    /// Close the queue of a gateway given up on, dropping (and noting) what it holds.
+    fn drop_queued(self: &Arc<Self>, url: &str, rx: &mut mpsc::Receiver<Queued>) {
+        rx.close();
+        let mut dropped = Vec::new();
+        while let Ok(q) = rx.try_recv() {
+            dropped.push(q.delivery);
+        }
+        self.dropped("deliver_failed", dropped.len());
+        self.note_missed(url, &dropped);
+    }
+
+    /// Remember whom the dropped sequenced deliveries were for, and start the
+    /// gateway's resync retries if they are not running.
+    fn note_missed(self: &Arc<Self>, url: &str, dropped: &[Delivery]) {
+        let users: Vec<&String> = dropped
+            .iter()
+            .filter(|d| {
+                matches!(
+                    d.event.as_ref().and_then(|e| e.event.as_ref()),
+                    Some(server_frame::Event::Message(_) | server_frame::Event::Conversation(_))
+                )
+            })
+            .flat_map(|d| d.recipients.iter())
+            .collect();
+        if users.is_empty() {
+            return;
+        }
+        let start = {
+            let mut missed = self.missed.lock().unwrap_or_else(|p| p.into_inner());
+            if !missed.contains_key(url) && missed.len() >= MAX_MISSED_GATEWAYS {
+                self.dropped("resync_untracked", users.len());
+                return;
+            }
+            let entry = missed.entry(url.to_owned());
+            let start = matches!(entry, std::collections::hash_map::Entry::Vacant(_));
+            entry.or_default().add(users);
+            start
+        };
+        if start {
+            let inner = self.clone();
+            let url = url.to_owned();
+            tokio::spawn(async move { inner.run_resync(url).await });
+        }
+    }
+
+    /// Deliver the gateway's `resync` until it answers, [`MISSED_RETRY_FOR`] passed or
+    /// the fan-out shuts down; the entry is removed when this ends.
+    async fn run_resync(self: Arc<Self>, url: String) {
+        let started = tokio::time::Instant::now();
+        let mut backoff = MISSED_BACKOFF;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = self.abort.cancelled() => break,
+            }
+            backoff = (backoff * 2).min(MISSED_BACKOFF_MAX);
+            let missed = {
+                let mut map = self.missed.lock().unwrap_or_else(|p| p.into_inner());
+                match map.get_mut(&url) {
+                    Some(m) => std::mem::take(m),
+                    None => return,
+                }
+            };
+            let Some(delivery) = missed.delivery() else {
+                break;
+            };
+            let sent = match self.pool.get(&url) {
+                Ok(channel) => {
+                    let mut client =
+                        GatewayClient::new(channel).message_limits(self.pool.cluster());
+                    client
+                        .deliver(DeliverRequest {
+                            deliveries: vec![delivery],
+                        })
+                        .await
+                        .is_ok()
+                }
+                Err(_) => false,
+            };
+            let mut map = self.missed.lock().unwrap_or_else(|p| p.into_inner());
+            if sent {
+                self.metrics.resyncs_delivered.inc();
+                tracing::info!(gateway = %url, "sessions told to sync after failed deliveries");
+                // Deliveries that failed meanwhile are retried at once.
+                if map.get(&url).is_some_and(|m| *m != Missed::Nobody) {
+                    backoff = MISSED_BACKOFF;
+                    continue;
+                }
+                map.remove(&url);
+                return;
+            }
+            if let Some(m) = map.get_mut(&url) {
+                m.merge(missed);
+            }
+            if started.elapsed() >= MISSED_RETRY_FOR {
+                tracing::warn!(gateway = %url, "gateway unreachable for too long; its clients sync when they reconnect");
+                break;
+            }
+        }
+        self.missed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&url);
+    }
+
+    /// One Deliver request with retries; false if it still failed.
+    async fn deliver_request(
+        &self,
+        client: &mut GatewayClient<switchboard_rpc::Channel>,
+        url: &str,
+        request: &DeliverRequest,
+        n: usize,
+    ) -> bool {
         let mut backoff = DELIVER_BACKOFF;
         for attempt in 1..=DELIVER_ATTEMPTS {
             self.metrics.deliver_calls.inc();

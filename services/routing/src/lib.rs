@@ -52,6 +52,7 @@ mod egress;
 mod error;
 pub mod eventlog;
 mod fanout;
+mod gateways;
 mod limiter;
 mod members;
 mod metrics;
@@ -223,6 +224,7 @@ fn build_node(
         interest,
         interest_supported: std::sync::atomic::AtomicBool::new(true),
         fanout,
+        gateways: Default::default(),
         metrics,
         webhooks: Default::default(),
     }))

@@ -29,8 +29,14 @@ pub(crate) struct Metrics {
     pub deliver_failures: IntCounter,
     /// Deliveries dropped, by reason (`deliver_failed`, `queue_full`, `shutdown`).
     pub deliveries_dropped: IntCounterVec,
-    /// Presence Route failures during fan-out (the event reached no gateway live).
+    /// Failed member or route lookups during fan-out (each is retried, or the
+    /// event goes to every known gateway).
     pub route_failures: IntCounter,
+    /// Fan-outs sent to every known gateway because presence was unreachable or
+    /// rebuilding its state.
+    pub superset_fanouts: IntCounter,
+    /// Resync deliveries that reached a gateway after deliveries to it had failed.
+    pub resyncs_delivered: IntCounter,
     /// Deliveries queued per gateway.
     pub gateway_queue_depth: IntGaugeVec,
     /// Ephemeral events published.
@@ -111,7 +117,15 @@ impl Metrics {
             )?,
             route_failures: IntCounter::new(
                 "switchboard_routing_route_failures_total",
-                "presence Route failures during fan-out",
+                "Failed member or route lookups during fan-out (retried, or sent to every known gateway)",
+            )?,
+            superset_fanouts: IntCounter::new(
+                "switchboard_routing_superset_fanouts_total",
+                "Fan-outs sent to every known gateway because presence was unreachable or rebuilding",
+            )?,
+            resyncs_delivered: IntCounter::new(
+                "switchboard_routing_resyncs_delivered_total",
+                "Resync deliveries that reached a gateway after deliveries to it had failed",
             )?,
             gateway_queue_depth: IntGaugeVec::new(
                 Opts::new(
@@ -175,6 +189,8 @@ impl Metrics {
         registry.register(Box::new(m.deliver_failures.clone()))?;
         registry.register(Box::new(m.deliveries_dropped.clone()))?;
         registry.register(Box::new(m.route_failures.clone()))?;
+        registry.register(Box::new(m.superset_fanouts.clone()))?;
+        registry.register(Box::new(m.resyncs_delivered.clone()))?;
         registry.register(Box::new(m.gateway_queue_depth.clone()))?;
         registry.register(Box::new(m.published.clone()))?;
         Ok(m)

@@ -17,17 +17,33 @@ use switchboard_proto::v1::{
 };
 use switchboard_rpc::Channel;
 use switchboard_telemetry::Readiness;
+use tokio_util::sync::CancellationToken;
 
 use crate::error::RoutingError;
 use crate::eventlog::EventLog;
 use crate::fanout::Fanout;
-use crate::members::MemberCache;
+use crate::gateways::KnownGateways;
+use crate::members::{MemberCache, Members};
 use crate::metrics::Metrics;
 use crate::waiters::Waiters;
 use crate::webhooks::WebhookWake;
 
-/// Attempts of a presence Route call during fan-out.
+/// Route lookups of a fan-out tried before falling back to every known gateway.
 const ROUTE_ATTEMPTS: u32 = 3;
+/// Backoff before the first retry of a lookup during fan-out; doubles up to the max.
+const LOOKUP_BACKOFF: Duration = Duration::from_millis(20);
+const LOOKUP_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// The partition owner was told to stop before the fan-out in hand was done: its
+/// records are not committed, and the next owner replays them.
+pub(crate) struct Stopped;
+
+/// Where users are, as presence answered.
+pub(crate) struct Routed {
+    pub routes: Vec<GatewayRoute>,
+    /// Presence is rebuilding its state: the routes may miss sessions.
+    pub partial: bool,
+}
 
 pub(crate) struct Node {
     pub config: Arc<Config>,
@@ -42,6 +58,8 @@ pub(crate) struct Node {
     pub members: MemberCache,
     pub waiters: Arc<Waiters>,
     pub fanout: Fanout,
+    /// Gateways named in routes: the superset fan-out falls back to.
+    pub gateways: KnownGateways,
     /// Wakes the webhook dispatchers of a conversation when its owner persisted.
     pub webhooks: WebhookWake,
     pub metrics: Arc<Metrics>,
@@ -50,18 +68,27 @@ pub(crate) struct Node {
 
 impl Node {
     /// Where `users` have live sessions.
-    pub async fn route(&self, users: &[String]) -> Result<Vec<GatewayRoute>, RoutingError> {
+    pub async fn route(&self, users: &[String]) -> Result<Routed, RoutingError> {
         if users.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Routed {
+                routes: Vec::new(),
+                partial: false,
+            });
         }
-        self.presence
+        let reply = self
+            .presence
             .clone()
             .route(RouteRequest {
                 user_ids: users.to_vec(),
             })
             .await
-            .map(|r| r.into_inner().routes)
-            .map_err(|st| RoutingError::peer("presence Route", &st))
+            .map_err(|st| RoutingError::peer("presence Route", &st))?
+            .into_inner();
+        self.gateways.note(&reply.routes);
+        Ok(Routed {
+            routes: reply.routes,
+            partial: reply.partial,
+        })
     }
 
     /// Where the members of a conversation have live sessions, from presence's
@@ -71,9 +98,12 @@ impl Node {
         &self,
         conversation_id: &str,
         members: &[String],
-    ) -> Result<Vec<GatewayRoute>, RoutingError> {
+    ) -> Result<Routed, RoutingError> {
         if members.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Routed {
+                routes: Vec::new(),
+                partial: false,
+            });
         }
         if !self.interest_supported.load(Ordering::Relaxed) {
             return self.route(members).await;
@@ -87,7 +117,14 @@ impl Node {
             })
             .await;
         match reply {
-            Ok(r) => Ok(r.into_inner().routes),
+            Ok(r) => {
+                let reply = r.into_inner();
+                self.gateways.note(&reply.routes);
+                Ok(Routed {
+                    routes: reply.routes,
+                    partial: reply.partial,
+                })
+            }
             Err(st) if st.code() == tonic::Code::Unimplemented => {
                 tracing::warn!("presence has no interest index; routing every member instead");
                 self.interest_supported.store(false, Ordering::Relaxed);
@@ -102,14 +139,20 @@ impl Node {
     ///
     /// A system event also reaches the users it names and its actor, members or not
     /// (so a kicked, banned or leaving user sees it), routed user by user.
-    pub async fn fan_out_message(&self, message: &Message) {
-        let members = match self.members.get(&message.conversation_id).await {
-            Ok(m) => m,
-            Err(e) => {
-                self.metrics.route_failures.inc();
-                tracing::warn!(conversation_id = %message.conversation_id, seq = message.seq, error = %e, "no members for fan-out; clients will sync");
-                return;
-            }
+    ///
+    /// Nothing is given up because a lookup failed: the member list is read from
+    /// storage until it answers; the routes are asked from presence a few times, then
+    /// the message goes to every known gateway (with every user as a recipient), and
+    /// while no gateway is known the lookup is retried. A `partial` answer (presence
+    /// rebuilding) also goes to every known gateway. `Stopped` when `stop` fired
+    /// first.
+    pub async fn fan_out_message(
+        &self,
+        message: &Message,
+        stop: &CancellationToken,
+    ) -> Result<(), Stopped> {
+        let Some(members) = self.fan_out_members(&message.conversation_id, stop).await? else {
+            return Ok(());
         };
         let outsiders: Vec<String> = match &message.system {
             Some(system) if message.kind == kinds::SYSTEM => {
@@ -126,35 +169,40 @@ impl Node {
             }
             _ => Vec::new(),
         };
-        let mut backoff = Duration::from_millis(20);
-        let mut routes = None;
-        for attempt in 1..=ROUTE_ATTEMPTS {
+        let users = || {
+            let mut users = members.as_slice().to_vec();
+            users.extend(outsiders.iter().cloned());
+            users
+        };
+        let mut backoff = LOOKUP_BACKOFF;
+        let mut attempt = 0u32;
+        let routes = loop {
+            attempt += 1;
             let routed = if outsiders.is_empty() {
                 self.route_conversation(&message.conversation_id, members.as_slice())
                     .await
             } else {
-                let mut users = members.as_slice().to_vec();
-                users.extend(outsiders.iter().cloned());
-                self.route(&users).await
+                self.route(&users()).await
             };
             match routed {
+                Ok(r) if !r.partial => break r.routes,
                 Ok(r) => {
-                    routes = Some(r);
-                    break;
+                    self.metrics.superset_fanouts.inc();
+                    break self.superset(users(), &r.routes);
                 }
                 Err(e) => {
-                    tracing::warn!(conversation_id = %message.conversation_id, attempt, error = %e, "route failed");
-                    if attempt < ROUTE_ATTEMPTS {
-                        tokio::time::sleep(backoff).await;
-                        backoff *= 2;
+                    self.metrics.route_failures.inc();
+                    if attempt == 1 || attempt.is_multiple_of(10) {
+                        tracing::warn!(conversation_id = %message.conversation_id, seq = message.seq, attempt, error = %e, "route lookup failed");
                     }
+                    if attempt >= ROUTE_ATTEMPTS && !self.gateways.all().is_empty() {
+                        self.metrics.superset_fanouts.inc();
+                        break self.superset(users(), &[]);
+                    }
+                    sleep_or_stop(backoff, stop).await?;
+                    backoff = (backoff * 2).min(LOOKUP_BACKOFF_MAX);
                 }
             }
-        }
-        let Some(routes) = routes else {
-            // Persisted but not delivered live: online clients catch up with sync.
-            self.metrics.route_failures.inc();
-            return;
         };
         let event = ServerFrame {
             event: Some(Event::Message(MessageEvent {
@@ -169,11 +217,64 @@ impl Node {
                 event: Some(event.clone()),
                 recipients: route.user_ids,
                 exclude_session_id: String::new(),
+                all_local_sessions: false,
             };
             self.fanout
                 .enqueue_ordered(&route.gateway_addr, delivery)
                 .await;
         }
+        Ok(())
+    }
+
+    /// The conversation's members for a fan-out, read until storage answers; `None`
+    /// when the conversation does not exist (nobody to deliver to).
+    async fn fan_out_members(
+        &self,
+        conversation_id: &str,
+        stop: &CancellationToken,
+    ) -> Result<Option<Arc<Members>>, Stopped> {
+        let mut backoff = LOOKUP_BACKOFF;
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            match self.members.get(conversation_id).await {
+                Ok(members) => return Ok(Some(members)),
+                Err(RoutingError::NotFound(_)) => {
+                    tracing::warn!(conversation_id, "no conversation for fan-out");
+                    return Ok(None);
+                }
+                Err(e) => {
+                    self.metrics.route_failures.inc();
+                    if attempt == 1 || attempt.is_multiple_of(10) {
+                        tracing::warn!(conversation_id, attempt, error = %e, "member lookup for fan-out failed; retrying");
+                    }
+                    sleep_or_stop(backoff, stop).await?;
+                    backoff = (backoff * 2).min(LOOKUP_BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    /// Every known gateway (and those of `answer`), each with every user.
+    fn superset(&self, users: Vec<String>, answer: &[GatewayRoute]) -> Vec<GatewayRoute> {
+        let mut gateways = self.gateways.all();
+        gateways.extend(answer.iter().map(|r| r.gateway_addr.clone()));
+        gateways.sort();
+        gateways.dedup();
+        gateways
+            .into_iter()
+            .map(|gateway_addr| GatewayRoute {
+                gateway_addr,
+                user_ids: users.clone(),
+            })
+            .collect()
+    }
+}
+
+async fn sleep_or_stop(d: Duration, stop: &CancellationToken) -> Result<(), Stopped> {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => Ok(()),
+        _ = stop.cancelled() => Err(Stopped),
     }
 }
 

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::eventlog::LogRecord;
-use crate::node::Node;
+use crate::node::{Node, Stopped};
 
 const COMMIT_EVERY: u64 = 256;
 const COMMIT_INTERVAL: Duration = Duration::from_millis(20);
@@ -42,9 +42,6 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const MAX_CACHED_CONVERSATIONS: usize = 100_000;
 /// Conversations of one polled batch persisted and fanned out at the same time.
 const CONCURRENT_CONVERSATIONS: usize = 32;
-
-/// The owner was told to stop before finishing the record in hand.
-struct Stopped;
 
 /// Own the partitions the log assigns to this process until `stop`.
 pub(crate) async fn supervise(node: Arc<Node>, stop: CancellationToken) {
@@ -293,8 +290,7 @@ impl Owner {
         // The sender is waiting for this; its other devices can be a moment later.
         self.node.waiters.complete(&stored);
         self.node.webhooks.wake(&stored.conversation_id);
-        self.node.fan_out_message(&stored).await;
-        Ok(())
+        self.node.fan_out_message(&stored, &self.stop).await
     }
 
     /// Assign the next sequence and have storage persist the message; returns the

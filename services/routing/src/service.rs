@@ -386,12 +386,13 @@ impl RoutingService {
             }
         }
         let routes = if !req.user_ids.is_empty() {
-            self.node.route(&req.user_ids).await?
+            self.node.route(&req.user_ids).await?.routes
         } else if let Some(members) = &members {
             // Typing and receipts go to the whole conversation: the interest index.
             self.node
                 .route_conversation(&req.conversation_id, members.as_slice())
                 .await?
+                .routes
         } else {
             return Err(RoutingError::InvalidRequest(
                 "conversation_id or user_ids is required".into(),
@@ -406,6 +407,7 @@ impl RoutingService {
                 event: Some(event.clone()),
                 recipients: route.user_ids,
                 exclude_session_id: req.exclude_session_id.clone(),
+                all_local_sessions: false,
             };
             if self
                 .node

@@ -45,6 +45,8 @@ struct StorageState {
     history_users: Vec<String>,
     /// The webhook_id of every History call.
     history_webhooks: Vec<String>,
+    /// Fail this many GetConversation calls with `unavailable` before answering.
+    fail_gets: usize,
 }
 
 #[derive(Clone)]
@@ -294,7 +296,11 @@ impl Storage for FakeStorage {
             req.caller_id.is_empty(),
             "routing looks members up as an internal caller"
         );
-        let state = self.state.lock().unwrap();
+        let mut state = self.state.lock().unwrap();
+        if state.fail_gets > 0 {
+            state.fail_gets -= 1;
+            return Err(Status::unavailable("storage hiccup"));
+        }
         match state.members.get(&req.conversation_id) {
             Some(members) => Ok(Response::new(Conversation {
                 conversation_id: req.conversation_id,
@@ -489,6 +495,10 @@ fn apply_effects(state: &mut StorageState, message: &Message) {
 struct FakePresence {
     /// user -> gateway URL of its session.
     routes: Arc<Mutex<HashMap<String, String>>>,
+    /// Route fails with `unavailable` (presence or Redis down).
+    down: Arc<std::sync::atomic::AtomicBool>,
+    /// Route answers `partial` (presence rebuilding its state).
+    partial: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[tonic::async_trait]
@@ -527,6 +537,10 @@ impl Presence for FakePresence {
         &self,
         request: Request<RouteRequest>,
     ) -> Result<Response<RouteResponse>, Status> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.down.load(SeqCst) {
+            return Err(Status::unavailable("presence is down"));
+        }
         let routes = self.routes.lock().unwrap();
         let mut by_gateway: HashMap<String, Vec<String>> = HashMap::new();
         for user in request.into_inner().user_ids {
@@ -542,6 +556,7 @@ impl Presence for FakePresence {
                     user_ids,
                 })
                 .collect(),
+            partial: self.partial.load(SeqCst),
         }))
     }
     async fn drop_gateway(
@@ -1207,6 +1222,231 @@ async fn replayed_records_map_to_their_stored_sequence() {
     owner.await.unwrap();
     assert_eq!(node.log.committed(partition).await.unwrap(), 4);
     node.log.close().await;
+}
+
+/// A stored message of `conversation` with `seq`, as a partition owner fans it out.
+fn stored(conversation: &str, seq: u64) -> Message {
+    Message {
+        conversation_id: conversation.into(),
+        seq,
+        message_id: format!("m{seq}"),
+        sender_id: "u1".into(),
+        body: "hi".into(),
+        ..Default::default()
+    }
+}
+
+fn recipients_of(deliveries: &[Delivery], seq: u64) -> Vec<String> {
+    let mut r: Vec<String> = deliveries
+        .iter()
+        .filter(|d| message_seqs(std::slice::from_ref(d)) == [seq])
+        .flat_map(|d| d.recipients.clone())
+        .collect();
+    r.sort();
+    r
+}
+
+#[tokio::test]
+async fn without_presence_a_message_goes_to_every_known_gateway() {
+    let p = peers().await;
+    p.storage.add_conversation("c1", &["u1", "u2"]);
+    p.online("u1", &p.gateway_a_url);
+    p.online("u2", &p.gateway_b_url);
+    let node = node_with_untrimmed_log(&p).await;
+    let stop = CancellationToken::new();
+    node.fan_out_message(&stored("c1", 1), &stop).await.ok();
+    assert_eq!(
+        recipients_of(&p.gateway_a.wait_deliveries(1).await, 1),
+        ["u1"]
+    );
+    assert_eq!(
+        recipients_of(&p.gateway_b.wait_deliveries(1).await, 1),
+        ["u2"]
+    );
+
+    // Presence is down: after a few quick retries the message goes to both
+    // gateways routing has seen, for every member; none is dropped.
+    p.presence
+        .down
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    node.fan_out_message(&stored("c1", 2), &stop).await.ok();
+    assert_eq!(
+        recipients_of(&p.gateway_a.wait_deliveries(2).await, 2),
+        ["u1", "u2"]
+    );
+    assert_eq!(
+        recipients_of(&p.gateway_b.wait_deliveries(2).await, 2),
+        ["u1", "u2"]
+    );
+    assert_eq!(node.metrics.superset_fanouts.get(), 1);
+    assert!(node.metrics.route_failures.get() >= 3);
+    node.log.close().await;
+}
+
+#[tokio::test]
+async fn a_partial_answer_goes_to_every_known_gateway() {
+    let p = peers().await;
+    p.storage.add_conversation("c1", &["u1", "u2"]);
+    p.online("u1", &p.gateway_a_url);
+    p.online("u2", &p.gateway_b_url);
+    let node = node_with_untrimmed_log(&p).await;
+    let stop = CancellationToken::new();
+    node.fan_out_message(&stored("c1", 1), &stop).await.ok();
+    p.gateway_b.wait_deliveries(1).await;
+
+    // Presence lost its state and u2's gateway has not registered again yet.
+    p.presence.routes.lock().unwrap().remove("u2");
+    p.presence
+        .partial
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    node.fan_out_message(&stored("c1", 2), &stop).await.ok();
+    assert_eq!(
+        recipients_of(&p.gateway_b.wait_deliveries(2).await, 2),
+        ["u1", "u2"]
+    );
+    assert_eq!(node.metrics.superset_fanouts.get(), 1);
+
+    // Complete again: only where the members are.
+    p.presence
+        .partial
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    node.fan_out_message(&stored("c1", 3), &stop).await.ok();
+    assert_eq!(
+        recipients_of(&p.gateway_a.wait_deliveries(3).await, 3),
+        ["u1"]
+    );
+    assert_eq!(node.metrics.superset_fanouts.get(), 1);
+    node.log.close().await;
+}
+
+#[tokio::test]
+async fn with_no_gateway_known_the_route_lookup_is_retried_until_presence_answers() {
+    let p = peers().await;
+    p.storage.add_conversation("c1", &["u1"]);
+    p.online("u1", &p.gateway_a_url);
+    p.presence
+        .down
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let node = node_with_untrimmed_log(&p).await;
+    let stop = CancellationToken::new();
+    let fan_out = {
+        let node = node.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move { node.fan_out_message(&stored("c1", 1), &stop).await.is_ok() })
+    };
+    while node.metrics.route_failures.get() < 5 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !fan_out.is_finished(),
+        "nothing to fall back to: it keeps trying"
+    );
+    p.presence
+        .down
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(tokio::time::timeout(WAIT, fan_out).await.unwrap().unwrap());
+    assert_eq!(
+        recipients_of(&p.gateway_a.wait_deliveries(1).await, 1),
+        ["u1"]
+    );
+
+    // A stop while it retries ends it without a delivery (the record is replayed).
+    let q = peers().await;
+    q.storage.add_conversation("c1", &["u1"]);
+    q.presence
+        .down
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let other = node_with_untrimmed_log(&q).await;
+    let stop = CancellationToken::new();
+    stop.cancel();
+    assert!(other
+        .fan_out_message(&stored("c1", 2), &stop)
+        .await
+        .is_err());
+    node.log.close().await;
+    other.log.close().await;
+}
+
+#[tokio::test]
+async fn the_member_lookup_of_a_fan_out_is_retried_until_storage_answers() {
+    let p = peers().await;
+    p.storage.add_conversation("c1", &["u1"]);
+    p.online("u1", &p.gateway_a_url);
+    p.storage.state.lock().unwrap().fail_gets = 4;
+    let node = node_with_untrimmed_log(&p).await;
+    let stop = CancellationToken::new();
+    node.fan_out_message(&stored("c1", 1), &stop)
+        .await
+        .ok()
+        .expect("delivered once storage answered");
+    assert_eq!(
+        recipients_of(&p.gateway_a.wait_deliveries(1).await, 1),
+        ["u1"]
+    );
+    assert_eq!(p.storage.state.lock().unwrap().fail_gets, 0);
+    assert_eq!(node.metrics.route_failures.get(), 4);
+    node.log.close().await;
+}
+
+#[tokio::test]
+async fn a_gateway_whose_deliveries_failed_is_told_to_resync_those_users() {
+    let p = peers().await;
+    p.storage.add_conversation("c1", &["u1", "u2"]);
+    p.online("u1", &p.gateway_a_url);
+    p.online("u2", &p.gateway_a_url);
+    // Every attempt of the batch fails, and the first resync attempt too.
+    *p.gateway_a.fail_calls.lock().unwrap() = 4;
+    let node = node_with_untrimmed_log(&p).await;
+    let stop = CancellationToken::new();
+    node.fan_out_message(&stored("c1", 1), &stop).await.ok();
+    let received = p.gateway_a.wait_deliveries(1).await;
+    let resync: Vec<&Delivery> = received
+        .iter()
+        .filter(|d| {
+            matches!(
+                d.event.as_ref().and_then(|e| e.event.as_ref()),
+                Some(Event::Resync(_))
+            )
+        })
+        .collect();
+    assert_eq!(resync.len(), 1, "{received:?}");
+    let mut users = resync[0].recipients.clone();
+    users.sort();
+    assert_eq!(users, ["u1", "u2"]);
+    assert!(!resync[0].all_local_sessions);
+    assert!(
+        message_seqs(&received).is_empty(),
+        "the message itself was dropped"
+    );
+    // Counted once the gateway's answer is back.
+    tokio::time::timeout(WAIT, async {
+        while node.metrics.resyncs_delivered.get() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the resync counted");
+    assert_eq!(node.metrics.resyncs_delivered.get(), 1);
+    node.log.close().await;
+}
+
+#[test]
+fn missed_users_turn_into_everyone_past_the_bound() {
+    use crate::fanout::{Missed, MAX_MISSED_USERS};
+    let mut missed = Missed::default();
+    assert!(missed.delivery().is_none());
+    let users: Vec<String> = (0..MAX_MISSED_USERS).map(|i| format!("u{i}")).collect();
+    missed.add(users.iter());
+    assert!(matches!(&missed, Missed::Users(set) if set.len() == MAX_MISSED_USERS));
+    missed.add([&"u0".to_string()]);
+    assert!(
+        matches!(missed, Missed::Users(_)),
+        "a known user adds nothing"
+    );
+    missed.add([&"one-more".to_string()]);
+    assert_eq!(missed, Missed::Everyone);
+    let delivery = missed.delivery().unwrap();
+    assert!(delivery.all_local_sessions && delivery.recipients.is_empty());
 }
 
 #[tokio::test]
