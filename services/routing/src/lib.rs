@@ -225,6 +225,7 @@ fn build_node(
         interest_supported: std::sync::atomic::AtomicBool::new(true),
         fanout,
         gateways: Default::default(),
+        presence_hold_off: Default::default(),
         metrics,
         webhooks: Default::default(),
     }))

@@ -33,6 +33,9 @@ const ROUTE_ATTEMPTS: u32 = 3;
 /// Backoff before the first retry of a lookup during fan-out; doubles up to the max.
 const LOOKUP_BACKOFF: Duration = Duration::from_millis(20);
 const LOOKUP_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// After a failed route lookup, fan-outs go straight to every known gateway for this
+/// long instead of each paying for lookups that fail (or time out) too.
+const PRESENCE_HOLD_OFF: Duration = Duration::from_secs(1);
 
 /// The partition owner was told to stop before the fan-out in hand was done: its
 /// records are not committed, and the next owner replays them.
@@ -60,6 +63,8 @@ pub(crate) struct Node {
     pub fanout: Fanout,
     /// Gateways named in routes: the superset fan-out falls back to.
     pub gateways: KnownGateways,
+    /// Until when fan-out skips presence after a failed route lookup.
+    pub presence_hold_off: std::sync::Mutex<Option<tokio::time::Instant>>,
     /// Wakes the webhook dispatchers of a conversation when its owner persisted.
     pub webhooks: WebhookWake,
     pub metrics: Arc<Metrics>,
@@ -143,9 +148,11 @@ impl Node {
     /// Nothing is given up because a lookup failed: the member list is read from
     /// storage until it answers; the routes are asked from presence a few times, then
     /// the message goes to every known gateway (with every user as a recipient), and
-    /// while no gateway is known the lookup is retried. A `partial` answer (presence
-    /// rebuilding) also goes to every known gateway. `Stopped` when `stop` fired
-    /// first.
+    /// while no gateway is known the lookup is retried. For [`PRESENCE_HOLD_OFF`]
+    /// after a failed lookup, fan-outs skip presence and go to every known gateway at
+    /// once, so an unreachable presence does not slow every conversation down. A
+    /// `partial` answer (presence rebuilding) also goes to every known gateway.
+    /// `Stopped` when `stop` fired first.
     pub async fn fan_out_message(
         &self,
         message: &Message,
@@ -178,6 +185,13 @@ impl Node {
         let mut attempt = 0u32;
         let routes = loop {
             attempt += 1;
+            if attempt == 1 && self.holding_off() {
+                let known = self.gateways.all();
+                if !known.is_empty() {
+                    self.metrics.superset_fanouts.inc();
+                    break self.superset(users(), &[]);
+                }
+            }
             let routed = if outsiders.is_empty() {
                 self.route_conversation(&message.conversation_id, members.as_slice())
                     .await
@@ -192,6 +206,7 @@ impl Node {
                 }
                 Err(e) => {
                     self.metrics.route_failures.inc();
+                    self.hold_off();
                     if attempt == 1 || attempt.is_multiple_of(10) {
                         tracing::warn!(conversation_id = %message.conversation_id, seq = message.seq, attempt, error = %e, "route lookup failed");
                     }
@@ -253,6 +268,22 @@ impl Node {
                 }
             }
         }
+    }
+
+    fn holding_off(&self) -> bool {
+        let hold = self
+            .presence_hold_off
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        hold.is_some_and(|until| tokio::time::Instant::now() < until)
+    }
+
+    fn hold_off(&self) {
+        *self
+            .presence_hold_off
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) =
+            Some(tokio::time::Instant::now() + PRESENCE_HOLD_OFF);
     }
 
     /// Every known gateway (and those of `answer`), each with every user.

@@ -327,3 +327,213 @@ async fn a_second_routing_instance_takes_over_the_partitions_of_a_killed_one() {
     drop(gateway2);
     drop(routing2);
 }
+
+/// What a session that stays connected received of one conversation: message ids
+/// that came live, and those it fetched because the server told it to resync.
+#[derive(Default)]
+struct Received {
+    live: std::collections::HashSet<String>,
+    after_resync: std::collections::HashSet<String>,
+    resyncs: Vec<String>,
+}
+
+/// Bob's side of a fault test: read events until `stop`, and on every `resync`
+/// fetch the conversation's history as a client would (the test does no fetch of
+/// its own: what Bob holds came live or because the server said so).
+fn receive(
+    bob: Client,
+    mut events: switchboard_client::Events,
+    conversation: String,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<Received> {
+    tokio::spawn(async move {
+        let mut got = Received::default();
+        loop {
+            let event = tokio::select! {
+                e = events.recv() => e,
+                _ = stop.cancelled() => break,
+            };
+            match event {
+                Some(Event::Message(m)) if m.conversation_id == conversation => {
+                    got.live.insert(m.client_msg_id);
+                }
+                Some(Event::Resync(r)) => {
+                    got.resyncs.push(r.reason);
+                    for m in full_history(&bob, &conversation).await {
+                        got.after_resync.insert(m.client_msg_id);
+                    }
+                }
+                Some(_) => {}
+                None => panic!("bob's connection ended: {:?}", events.close_reason()),
+            }
+        }
+        got
+    })
+}
+
+/// Wait until Bob holds every accepted message (live or through a resync), or 30 s.
+async fn settle(
+    bob: tokio::task::JoinHandle<Received>,
+    stop: tokio_util::sync::CancellationToken,
+    sent: &[String],
+    alice: &Client,
+    conversation: &str,
+) -> Received {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    // Everything accepted is stored first (the live half is checked against it).
+    let stored = settled_history(alice, conversation, sent.len(), deadline).await;
+    assert_gapless_and_complete(&stored, sent);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.cancel();
+    let got = bob.await.expect("bob's task");
+    let missing: Vec<&String> = sent
+        .iter()
+        .filter(|id| !got.live.contains(*id) && !got.after_resync.contains(*id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "accepted messages bob never got live nor was told to fetch: {missing:?} \
+         (live {}, after resync {}, resyncs {:?})",
+        got.live.len(),
+        got.after_resync.len(),
+        got.resyncs
+    );
+    got
+}
+
+#[tokio::test]
+async fn presence_killed_mid_stream_withholds_nothing_from_a_connected_session() {
+    let mut setup = Setup::new(true);
+    setup.real_backends();
+    let mut s = start(setup).await;
+    let (alice, _alice_ev) = s.setup.connect("alice", "d").await;
+    let (bob, bob_ev) = s.setup.connect("bob", "d").await;
+    let id = alice.create_direct("bob").await.unwrap().conversation_id;
+    let stop = tokio_util::sync::CancellationToken::new();
+    // Bob's handle stays here: his connection lives to the end of the test.
+    let received = receive(bob.clone(), bob_ev, id.clone(), stop.clone());
+
+    let mut sent = Vec::new();
+    for i in 0..30 {
+        if i == 10 {
+            s.presence.kill9();
+        }
+        if i == 20 {
+            s.presence = s.setup.spawn(&["presence"], &[]);
+        }
+        let cid = format!("m{i}");
+        send_until_accepted(&alice, &id, &cid, "x").await;
+        sent.push(cid);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let got = settle(received, stop, &sent, &alice, &id).await;
+    // Presence kept its state in Redis: routing reached the known gateway while it
+    // was down, so nothing needed a resync.
+    assert_eq!(got.live.len(), sent.len(), "resyncs: {:?}", got.resyncs);
+    drop(bob);
+}
+
+/// A Redis of this test's own (no persistence), so it can be killed and restarted.
+fn spawn_redis(setup: &Setup, port: u16) -> Proc {
+    let log = setup.data_dir().join(format!("redis-{port}.log"));
+    let child = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--logfile",
+            log.to_str().expect("utf-8 path"),
+        ])
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run redis-server ({e}): install it with `deploy/local/up.sh redis`")
+        });
+    Proc {
+        child: Some(child),
+        log,
+    }
+}
+
+async fn wait_redis(port: u16) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "redis-server on {port} did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn redis_killed_and_back_empty_withholds_nothing_and_the_route_table_comes_back() {
+    let mut setup = Setup::new(true);
+    setup.real_backends();
+    let port = free_port();
+    let mut redis = spawn_redis(&setup, port);
+    wait_redis(port).await;
+    setup.set(
+        "SWITCHBOARD_PRESENCE__REDIS_URL",
+        &format!("redis://127.0.0.1:{port}"),
+    );
+    let s = start(setup).await;
+    let (alice, _alice_ev) = s.setup.connect("alice", "d").await;
+    let (bob, bob_ev) = s.setup.connect("bob", "d").await;
+    let id = alice.create_direct("bob").await.unwrap().conversation_id;
+    let stop = tokio_util::sync::CancellationToken::new();
+    // Bob's handle stays here: his connection lives to the end of the test.
+    let received = receive(bob.clone(), bob_ev, id.clone(), stop.clone());
+
+    let mut sent = Vec::new();
+    for i in 0..30 {
+        if i == 10 {
+            redis.kill9();
+        }
+        if i == 15 {
+            // Back without its data: presence forgot every session.
+            redis = spawn_redis(&s.setup, port);
+            wait_redis(port).await;
+        }
+        let cid = format!("m{i}");
+        send_until_accepted(&alice, &id, &cid, "x").await;
+        sent.push(cid);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let got = settle(received, stop, &sent, &alice, &id).await;
+    assert!(
+        got.resyncs.iter().any(|r| r == "presence_lost"),
+        "bob's session was registered again and told to sync: {:?}",
+        got.resyncs
+    );
+    // The route table is complete again: bob shows online to alice.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let watched = alice.presence_watch(["bob"]).await;
+        if let Ok(w) = &watched {
+            if w.users.first().is_some_and(|u| u.status == "online") {
+                break;
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            let tail = |p: &Proc| {
+                let out = p.output();
+                out.lines().rev().take(40).collect::<Vec<_>>().join("\n")
+            };
+            panic!(
+                "bob is not online again: {watched:?}\n--- presence\n{}\n--- gateway\n{}",
+                tail(&s.presence),
+                tail(&s.gateway)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop((redis, bob));
+}
