@@ -8,7 +8,9 @@
 //! storage. It does not decide who receives an event (routing does) nor check
 //! membership (the backends do); it only filters what reaches each local connection
 //! (excluded session, presence watches, last-seen privacy, duplicate sequences, slow
-//! consumers).
+//! consumers). When presence lost its state or was unreachable it registers its
+//! sessions again and tells them to `resync` (the `heartbeat` module); it also tells a session
+//! to resync when a conversation skips a sequence on its connection.
 
 mod api;
 mod connection;

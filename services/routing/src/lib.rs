@@ -4,7 +4,8 @@
 //! conversation's partition of the [`eventlog::EventLog`], and, as the owner of that
 //! partition, assigns each conversation's gapless sequence, has storage persist the
 //! message and fans it out to the gateways of the online members (one `Deliver`
-//! batch per gateway). Ephemeral events (typing, receipts, conversation changes) go
+//! batch per gateway; when presence is unreachable or rebuilding, to every gateway it
+//! knows, see the `gateways` module). Ephemeral events (typing, receipts, conversation changes) go
 //! through `Publish` and never touch the log or storage.
 //!
 //! The log backend is chosen by `routing.backend`: `embedded` (one SQLite file, one
