@@ -154,10 +154,15 @@ fn explicit_code(status: &tonic::Status) -> Option<ErrorCode> {
 /// The client code of a status that carries none: a failure of the internal call
 /// itself (tonic's own statuses: connection errors, timeouts, decode errors, size
 /// limits), never the client's fault. Connection failures are `unavailable`
-/// (retry), an expired deadline `timeout`, anything else `internal`.
+/// (retry), an expired deadline `timeout`, anything else `internal`. tonic reports a
+/// connection that broke during the call (the service died, or was restarted) as
+/// `Unknown` ("transport error"): the call may or may not have taken effect, and a
+/// retry with the same idempotency key is the answer, so it is `unavailable` too.
 fn transport_code(code: tonic::Code) -> ErrorCode {
     match code {
-        tonic::Code::Unavailable | tonic::Code::Cancelled => ErrorCode::Unavailable,
+        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown => {
+            ErrorCode::Unavailable
+        }
         tonic::Code::DeadlineExceeded => ErrorCode::Timeout,
         _ => ErrorCode::Internal,
     }

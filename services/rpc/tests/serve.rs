@@ -140,3 +140,69 @@ async fn message_sizes_are_limited_both_ways() {
     assert_eq!(refused.code(), tonic::Code::OutOfRange, "{refused:?}");
     shutdown.cancel();
 }
+
+/// Takes a Deliver call, says so, and never answers.
+struct Hang(std::sync::Arc<tokio::sync::Notify>);
+
+#[tonic::async_trait]
+impl Gateway for Hang {
+    async fn deliver(
+        &self,
+        _: Request<DeliverRequest>,
+    ) -> Result<Response<DeliverResponse>, Status> {
+        self.0.notify_one();
+        std::future::pending().await
+    }
+
+    async fn drain(&self, _: Request<DrainRequest>) -> Result<Response<DrainResponse>, Status> {
+        std::future::pending().await
+    }
+}
+
+#[tokio::test]
+async fn a_server_that_dies_during_a_call_is_unavailable_to_the_caller() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let called = std::sync::Arc::new(tokio::sync::Notify::new());
+    let (kill_tx, kill_rx) = std::sync::mpsc::channel::<()>();
+    // The server runs on a runtime of its own: dropping it is the process dying,
+    // with the call in flight.
+    let server = {
+        let called = called.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.spawn(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                tonic::transport::Server::builder()
+                    .add_service(GatewayServer::new(Hang(called)))
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                    .await
+            });
+            let _ = kill_rx.recv();
+            runtime.shutdown_background();
+        })
+    };
+    let config = cluster(CREDENTIAL, LIMIT);
+    let mut client = GatewayClient::new(switchboard_rpc::channel(&url, &config).unwrap());
+    let call = tokio::spawn(async move {
+        client
+            .deliver(DeliverRequest {
+                deliveries: vec![Delivery::default()],
+            })
+            .await
+    });
+    called.notified().await;
+    kill_tx.send(()).unwrap();
+    server.join().unwrap();
+    let status = call.await.unwrap().expect_err("the server died");
+    assert_eq!(
+        switchboard_proto::status_error_code(&status),
+        switchboard_proto::ErrorCode::Unavailable,
+        "{status:?}"
+    );
+}
