@@ -281,6 +281,9 @@ struct Session {
     read_credit: f64,
     /// Read markers sent and not yet acked (bounded by [`MAX_READS_IN_FLIGHT`]).
     reads_in_flight: Arc<AtomicUsize>,
+    /// The server sent `resync`: sync from the cursors on this connection (what a
+    /// client does), once no recovery is running.
+    resync: bool,
 }
 
 impl Session {
@@ -402,6 +405,10 @@ impl Session {
             Event::Typing(_) => recorder.count(Count::TypingReceived),
             Event::GoAway(_) => recorder.error("goaway"),
             Event::Error(error) => recorder.error(format!("error_event_{}", error.code)),
+            Event::Resync(resync) => {
+                tracing::debug!(session = self.index, reason = %resync.reason, "resync asked");
+                self.resync = true;
+            }
             // Conversation events from forming the groups, presence.
             _ => {}
         }
@@ -498,6 +505,38 @@ impl Session {
         }
     }
 
+    /// Where `sync` starts for each of this session's conversations.
+    fn sync_cursors(&self) -> Vec<SyncCursor> {
+        match self.ctx.convs() {
+            Some(convs) => self
+                .end
+                .cursors
+                .iter()
+                .filter_map(|(ci, cursor)| {
+                    convs.list[*ci].as_ref().map(|conv| SyncCursor {
+                        conversation_id: conv.id.to_string(),
+                        last_seq: cursor.sync_from(),
+                    })
+                })
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// The recovery a `resync` asked for, on the current connection; `None` when
+    /// none is due (or there is nothing to sync).
+    fn take_resync(&mut self) -> Option<Recovery> {
+        if !std::mem::take(&mut self.resync) {
+            return None;
+        }
+        let client = self.slot().client().clone()?;
+        let cursors = self.sync_cursors();
+        if cursors.is_empty() {
+            return None;
+        }
+        Some(Box::pin(recover(client, cursors)))
+    }
+
     /// Reconnect (with backoff, until the reconnect deadline) and start recovering.
     async fn reconnect(&mut self) -> Option<Recovery> {
         let mut backoff = RECONNECT_BACKOFF;
@@ -512,20 +551,7 @@ impl Session {
                     for (_, cursor) in &mut self.end.cursors {
                         cursor.reconnected();
                     }
-                    let cursors: Vec<SyncCursor> = match self.ctx.convs() {
-                        Some(convs) => self
-                            .end
-                            .cursors
-                            .iter()
-                            .filter_map(|(ci, cursor)| {
-                                convs.list[*ci].as_ref().map(|conv| SyncCursor {
-                                    conversation_id: conv.id.to_string(),
-                                    last_seq: cursor.sync_from(),
-                                })
-                            })
-                            .collect(),
-                        None => Vec::new(),
-                    };
+                    let cursors = self.sync_cursors();
                     if cursors.is_empty() {
                         return None;
                     }
@@ -602,6 +628,7 @@ async fn session_task(
         cursors_ready: false,
         read_credit: 0.0,
         reads_in_flight: Arc::new(AtomicUsize::new(0)),
+        resync: false,
     };
     tokio::time::sleep_until(due).await;
     let began = Instant::now();
@@ -646,14 +673,20 @@ async fn session_task(
                 }
             }
             recovered = async { recovery.as_mut().expect("guarded").await }, if recovery.is_some() => {
-                recovery = None;
                 match recovered {
                     Ok(messages) => session.apply_recovered(messages),
                     Err(error) => ctx.recorder.error(format!("recovery_{}", stats::error_label(&error))),
                 }
+                // A resync asked while that ran.
+                recovery = session.take_resync();
             }
             event = async { session.events.as_mut().expect("guarded").recv().await }, if session.events.is_some() => match event {
-                Some(event) => session.handle(event),
+                Some(event) => {
+                    session.handle(event);
+                    if recovery.is_none() {
+                        recovery = session.take_resync();
+                    }
+                }
                 None => {
                     // The server ended the connection.
                     let reason = session.events.as_ref().and_then(Events::close_reason);
