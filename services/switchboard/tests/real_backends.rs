@@ -403,6 +403,22 @@ async fn settle(
 
 #[tokio::test]
 async fn presence_killed_mid_stream_withholds_nothing_from_a_connected_session() {
+    presence_restart_withholds_nothing(|p| p.kill9()).await;
+}
+
+#[tokio::test]
+async fn presence_restarted_gracefully_withholds_nothing_from_a_connected_session() {
+    presence_restart_withholds_nothing(|p| {
+        p.terminate(Duration::from_secs(10))
+            .expect("presence stops on SIGTERM");
+    })
+    .await;
+}
+
+/// Stop presence with `stop` after 10 of 30 messages, start it again after 20: a
+/// session that stayed connected gets every message live.
+async fn presence_restart_withholds_nothing(stop_presence: impl FnOnce(&mut Proc)) {
+    let mut stop_presence = Some(stop_presence);
     let mut setup = Setup::new(true);
     setup.real_backends();
     let mut s = start(setup).await;
@@ -416,7 +432,9 @@ async fn presence_killed_mid_stream_withholds_nothing_from_a_connected_session()
     let mut sent = Vec::new();
     for i in 0..30 {
         if i == 10 {
-            s.presence.kill9();
+            if let Some(stop) = stop_presence.take() {
+                stop(&mut s.presence);
+            }
         }
         if i == 20 {
             s.presence = s.setup.spawn(&["presence"], &[]);
