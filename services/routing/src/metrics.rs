@@ -37,6 +37,9 @@ pub(crate) struct Metrics {
     pub superset_fanouts: IntCounter,
     /// Resync deliveries that reached a gateway after deliveries to it had failed.
     pub resyncs_delivered: IntCounter,
+    /// Sends whose sequence was read back from storage (another instance owns the
+    /// conversation's partition).
+    pub sequences_read_back: IntCounter,
     /// Deliveries queued per gateway.
     pub gateway_queue_depth: IntGaugeVec,
     /// Ephemeral events published.
@@ -123,6 +126,10 @@ impl Metrics {
                 "switchboard_routing_superset_fanouts_total",
                 "Fan-outs sent to every known gateway because presence was unreachable or rebuilding",
             )?,
+            sequences_read_back: IntCounter::new(
+                "switchboard_routing_sequences_read_back_total",
+                "Sends whose sequence was read back from storage because another instance owns the partition",
+            )?,
             resyncs_delivered: IntCounter::new(
                 "switchboard_routing_resyncs_delivered_total",
                 "Resync deliveries that reached a gateway after deliveries to it had failed",
@@ -191,6 +198,7 @@ impl Metrics {
         registry.register(Box::new(m.route_failures.clone()))?;
         registry.register(Box::new(m.superset_fanouts.clone()))?;
         registry.register(Box::new(m.resyncs_delivered.clone()))?;
+        registry.register(Box::new(m.sequences_read_back.clone()))?;
         registry.register(Box::new(m.gateway_queue_depth.clone()))?;
         registry.register(Box::new(m.published.clone()))?;
         Ok(m)

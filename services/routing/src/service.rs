@@ -299,7 +299,21 @@ impl RoutingService {
 
         // Durable from here on: whatever happens next, the answer is "accepted".
         let wait = Duration::from_millis(limits.sequence_wait_ms);
-        let waited = tokio::time::timeout(wait, &mut waiter.rx).await;
+        // The owner wakes local waiters; when another instance owns the partition the
+        // sequence is read back from storage as soon as that owner stored it.
+        let owned_here = self.node.log.assignment().borrow().contains(&partition);
+        let waited = tokio::time::timeout(wait, async {
+            if owned_here {
+                return (&mut waiter.rx).await.ok();
+            }
+            tokio::select! {
+                woken = &mut waiter.rx => woken.ok(),
+                stored = self.stored_by_other_owner(&message) => Some(stored),
+            }
+        })
+        .await
+        .ok()
+        .flatten();
         if kind == EventKind::System {
             // The partition owner (maybe another instance) dropped its cached members
             // when it persisted the change; drop ours too, so the next send through
@@ -307,7 +321,7 @@ impl RoutingService {
             self.node.members.invalidate(&message.conversation_id);
         }
         match waited {
-            Ok(Ok(stored)) => {
+            Some(stored) => {
                 let duplicate = stored.message_id != message.message_id;
                 tracing::Span::current().record("seq", stored.seq);
                 Ok(result_of(&stored, duplicate))
@@ -315,6 +329,30 @@ impl RoutingService {
             _ => {
                 self.node.metrics.sequence_wait_timeouts.inc();
                 Ok(result_of(&message, false))
+            }
+        }
+    }
+
+    /// The stored form of `message`, sequenced by another instance's partition owner:
+    /// its dedupe key is looked up with backoff (2 ms doubling to 50 ms) until found.
+    /// The caller bounds the wait.
+    async fn stored_by_other_owner(&self, message: &Message) -> Message {
+        let mut backoff = Duration::from_millis(2);
+        loop {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(50));
+            let found = self
+                .node
+                .storage
+                .clone()
+                .lookup_dedupe(LookupDedupeRequest {
+                    sender_id: message.sender_id.clone(),
+                    client_msg_id: message.client_msg_id.clone(),
+                })
+                .await;
+            if let Ok(Some(stored)) = found.map(|r| r.into_inner().message) {
+                self.node.metrics.sequences_read_back.inc();
+                return stored;
             }
         }
     }

@@ -309,6 +309,30 @@ async fn a_second_routing_instance_takes_over_the_partitions_of_a_killed_one() {
             sent[c].push(cid);
         }
     }
+    // Once both instances own partitions, every ack carries its sequence, also when
+    // the instance that took the send (the second) does not own the conversation.
+    let r1 = admin_port(&s.setup, "SWITCHBOARD_ROUTING__ADMIN_LISTEN");
+    let owned = |port: u16| async move {
+        let (_, body) = http_get(port, "/metrics").await.unwrap_or_default();
+        body.lines()
+            .find_map(|l| l.strip_prefix("switchboard_routing_partitions_owned "))
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while owned(r1).await == 0 || owned(ra).await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "both routing instances own partitions"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (c, conv) in conversations.iter().enumerate() {
+        let cid = format!("settled-c{c}");
+        let seq = send_until_accepted(&alice, conv, &cid, "x").await;
+        sent[c].push(cid);
+        assert_eq!(seq, sent[c].len() as u64, "the ack carries the sequence");
+    }
     // The first instance dies without leaving the group; after the group's session
     // timeout the second owns every partition and continues each sequence.
     s.routing.kill9();
