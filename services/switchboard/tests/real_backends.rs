@@ -517,6 +517,29 @@ async fn wait_redis(port: u16) {
 
 #[tokio::test]
 async fn redis_killed_and_back_empty_withholds_nothing_and_the_route_table_comes_back() {
+    redis_restart_withholds_nothing(|redis, _| redis.kill9()).await;
+}
+
+#[tokio::test]
+async fn redis_shut_down_and_back_empty_withholds_nothing_and_the_route_table_comes_back() {
+    redis_restart_withholds_nothing(|redis, port| {
+        // A clean shutdown; redis-cli's own exit status reports the dropped
+        // connection, so only its running at all is checked.
+        std::process::Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "shutdown", "nosave"])
+            .status()
+            .expect("redis-cli runs (installed by `deploy/local/up.sh redis`)");
+        let stopped = redis.terminate(Duration::from_secs(10));
+        assert!(stopped.is_some(), "redis-server stopped");
+    })
+    .await;
+}
+
+/// Stop this test's Redis with `stop_redis` after 10 of 30 messages and start it
+/// again, empty, after 15: every message reaches a session that stayed connected,
+/// which is told to resync, and the route table is complete again.
+async fn redis_restart_withholds_nothing(stop_redis: impl FnOnce(&mut Proc, u16)) {
+    let mut stop_redis = Some(stop_redis);
     let mut setup = Setup::new(true);
     setup.real_backends();
     let port = free_port();
@@ -537,7 +560,9 @@ async fn redis_killed_and_back_empty_withholds_nothing_and_the_route_table_comes
     let mut sent = Vec::new();
     for i in 0..30 {
         if i == 10 {
-            redis.kill9();
+            if let Some(stop) = stop_redis.take() {
+                stop(&mut redis, port);
+            }
         }
         if i == 15 {
             // Back without its data: presence forgot every session.
