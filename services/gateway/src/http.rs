@@ -363,15 +363,28 @@ async fn connect(
         _ip: ip,
     };
     if let Err(status) = shared.register(&session).await {
-        warn!(error = %status.message(), "cannot register session with presence");
-        drop(guard);
-        return refuse(
-            &shared,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "unavailable",
-            "presence is unavailable, retry later".into(),
-        );
+        let code = switchboard_proto::status_error_code(&status);
+        if matches!(
+            code,
+            switchboard_proto::ErrorCode::Unavailable | switchboard_proto::ErrorCode::Timeout
+        ) {
+            // Presence is unreachable: the session is served anyway. The heartbeat
+            // registers it once presence answers (it reports the session unknown) and
+            // then tells it to resync; until then its user shows offline, and routing
+            // reaches this gateway through the known-gateway superset.
+            warn!(error = %status.message(), "presence unreachable; session registered later");
+            shared.metrics.registrations_deferred.inc();
+        } else {
+            warn!(error = %status.message(), "cannot register session with presence");
+            drop(guard);
+            return refuse(
+                &shared,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "unavailable",
+                "the session cannot be registered, retry later".into(),
+            );
+        }
     }
     debug!(session_id = %session.session_id, user_id = %session.user_id, "upgrading");
 

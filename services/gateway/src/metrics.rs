@@ -37,6 +37,8 @@ pub(crate) struct Metrics {
     /// Times this gateway registered all its sessions again because presence lost
     /// its state or was unreachable.
     pub presence_rebuilds: IntCounter,
+    /// Connections served while presence was unreachable, registered later.
+    pub registrations_deferred: IntCounter,
 }
 
 impl Metrics {
@@ -115,6 +117,10 @@ impl Metrics {
                 ),
                 &["reason"],
             )?,
+            registrations_deferred: IntCounter::new(
+                "switchboard_gateway_registrations_deferred_total",
+                "Connections served while presence was unreachable; registered once it answers",
+            )?,
             presence_rebuilds: IntCounter::new(
                 "switchboard_gateway_presence_rebuilds_total",
                 "Registrations of every session again after presence lost its state or was unreachable",
@@ -134,6 +140,7 @@ impl Metrics {
         registry.register(Box::new(m.unregister_skipped.clone()))?;
         registry.register(Box::new(m.resyncs_sent.clone()))?;
         registry.register(Box::new(m.presence_rebuilds.clone()))?;
+        registry.register(Box::new(m.registrations_deferred.clone()))?;
         Ok(m)
     }
 }

@@ -45,6 +45,8 @@ struct Calls {
     heartbeats: Vec<v1::HeartbeatRequest>,
     /// The epoch the fake presence answers ("e1" while empty).
     epoch: String,
+    /// RegisterSession fails with `unavailable` (presence unreachable).
+    presence_down: bool,
     statuses: Vec<v1::SetStatusRequest>,
     threads: Vec<v1::StorageThreadRequest>,
     receipts: Vec<v1::StorageReceiptsRequest>,
@@ -85,6 +87,9 @@ impl presence_server::Presence for FakePresence {
         request: Request<v1::RegisterSessionRequest>,
     ) -> Result<Response<v1::RegisterSessionResponse>, Status> {
         let session = request.into_inner().session.unwrap_or_default();
+        if self.0.lock().unwrap().presence_down {
+            return Err(Status::unavailable("presence is down"));
+        }
         self.0.lock().unwrap().registered.push(session);
         self.1.notify_waiters();
         Ok(Response::new(Default::default()))
@@ -968,6 +973,26 @@ async fn a_resync_delivery_reaches_its_recipients_or_every_local_session() {
         recv(&mut carol).await["resync"]["reason"],
         "delivery_failed"
     );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_opened_while_presence_is_down_is_served_and_registered_later() {
+    let h = start(|c| c.gateway.heartbeat_interval_ms = 100).await;
+    h.calls.lock().unwrap().presence_down = true;
+    let (mut ws, welcome) = h.connect("alice").await;
+    let session_id = session_id_of(&welcome);
+    assert!(h.calls.lock().unwrap().registered.is_empty());
+    h.deliver(vec![message_delivery(&["alice"], "c1", 1)]).await;
+    assert_eq!(recv(&mut ws).await["message"]["message"]["seq"], 1);
+
+    h.calls.lock().unwrap().presence_down = false;
+    h.wait_for("the session registered once presence answers", |calls| {
+        calls.registered.iter().any(|s| s.session_id == session_id)
+    })
+    .await;
+    let resync = recv(&mut ws).await;
+    assert_eq!(resync["resync"]["reason"], "presence_lost", "{resync}");
     h.stop().await;
 }
 
