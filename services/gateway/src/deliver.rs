@@ -123,15 +123,34 @@ pub(crate) fn push_resync(
     reason: &str,
     conversation_id: &str,
 ) -> bool {
+    let out = resync_frame(reason, conversation_id, session.encoding);
+    let mut state = lock(&session.delivery);
+    push_or_close(shared, session, &mut state, out, FrameKind::Resync)
+}
+
+/// A `resync` event, encoded for one session.
+fn resync_frame(reason: &str, conversation_id: &str, encoding: Encoding) -> Arc<OutFrame> {
     let frame = v1::ServerFrame {
         event: Some(Event::Resync(v1::Resync {
             reason: reason.to_owned(),
             conversation_id: conversation_id.to_owned(),
         })),
     };
-    let out = Arc::new(OutFrame::encode(&frame, session.encoding));
-    let mut state = lock(&session.delivery);
-    push_or_close(shared, session, &mut state, out, FrameKind::Resync)
+    Arc::new(OutFrame::encode(&frame, encoding))
+}
+
+/// Close a session that cannot keep up (once): out of the registry at once, so later
+/// deliveries skip it, and its connection closes with `slow_consumer`.
+fn close_slow(shared: &Shared, session: &Session) {
+    if session.mark_slow() {
+        shared.sessions.remove(&session.session_id);
+        shared.metrics.slow_consumer_disconnects.inc();
+        info!(
+            session_id = %session.session_id,
+            user_id = %session.user_id,
+            "slow consumer, closing"
+        );
+    }
 }
 
 /// Push a frame that must not be lost: a full queue closes the session as a slow
@@ -151,15 +170,7 @@ fn push_or_close(
         }
         Err(PushError::Full) if kind.is_ephemeral() => false,
         Err(PushError::Full) => {
-            if session.mark_slow() {
-                shared.sessions.remove(&session.session_id);
-                shared.metrics.slow_consumer_disconnects.inc();
-                info!(
-                    session_id = %session.session_id,
-                    user_id = %session.user_id,
-                    "slow consumer, closing"
-                );
-            }
+            close_slow(shared, session);
             false
         }
         Err(PushError::Closed) => false,
@@ -278,13 +289,7 @@ pub(crate) fn deliver(shared: &Arc<Shared>, request: DeliverRequest) -> DeliverR
                             state.last_seq.insert(conversation.to_owned(), seq);
                         }
                         if gap {
-                            let resync = v1::ServerFrame {
-                                event: Some(Event::Resync(v1::Resync {
-                                    reason: "gap".to_owned(),
-                                    conversation_id: conversation.to_owned(),
-                                })),
-                            };
-                            let out = Arc::new(OutFrame::encode(&resync, session.encoding));
+                            let out = resync_frame("gap", conversation, session.encoding);
                             if push_or_close(shared, session, &mut state, out, FrameKind::Resync) {
                                 shared
                                     .metrics
@@ -314,16 +319,7 @@ pub(crate) fn deliver(shared: &Arc<Shared>, request: DeliverRequest) -> DeliverR
                 }
                 Err(PushError::Full) => {
                     drop(state);
-                    if session.mark_slow() {
-                        // Out of the registry now, so later deliveries skip it at once.
-                        shared.sessions.remove(&session.session_id);
-                        shared.metrics.slow_consumer_disconnects.inc();
-                        info!(
-                            session_id = %session.session_id,
-                            user_id = %session.user_id,
-                            "slow consumer, closing"
-                        );
-                    }
+                    close_slow(shared, session);
                 }
                 // The connection is ending; its session leaves the registry soon.
                 Err(PushError::Closed) => {}
