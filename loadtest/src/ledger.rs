@@ -285,8 +285,13 @@ pub struct Correctness {
     pub duplicates: u64,
     /// Deliveries lower than an earlier one on the same connection.
     pub reorders: u64,
-    /// Sequence numbers skipped on a live connection.
+    /// Sequence numbers skipped on a live connection that no `resync` announced.
     pub gaps: u64,
+    /// Sequence numbers skipped on a live connection and announced by a `resync`
+    /// (the server knew its fan-out may have missed them; the client synced): not a
+    /// violation, as long as nothing is `lost`.
+    #[serde(default)]
+    pub gaps_resynced: u64,
     /// Accepted messages (ack without a sequence) never seen delivered.
     pub accepted_not_delivered: u64,
     pub unknown: u64,
@@ -335,6 +340,7 @@ impl Correctness {
         self.duplicates += o.duplicates;
         self.reorders += o.reorders;
         self.gaps += o.gaps;
+        self.gaps_resynced += o.gaps_resynced;
         self.accepted_not_delivered += o.accepted_not_delivered;
         self.unknown += o.unknown;
         self.refused_delivered += o.refused_delivered;

@@ -5,7 +5,8 @@
 //! running a scenario ([`runner`]: the connect ramp, conversation forming, the
 //! open-loop send schedule ([`schedule`]), reconnect churn with sync recovery, the
 //! drain, `max-throughput` steps); the delivery checkers ([`ledger`] for scenario
-//! runs, [`check`] for `chat-1to1`); measurements ([`measure`]: HDR histograms
+//! runs, [`check`] for `chat-1to1`); the file of a run's sends and its check
+//! against storage ([`acklog`]); measurements ([`measure`]: HDR histograms
 //! overall and per interval, counters, event-loop lag, CPU, the raw files that
 //! distributed agents write and `merge` adds up); reports ([`report`], plots in
 //! [`svg`]); connecting many clients ([`connect`]); process measurements
@@ -15,6 +16,7 @@
 //! configuring the server, or scheduling distributed agents (a Kubernetes Indexed
 //! Job does, `loadtest/k8s/job.yaml`; each agent is one `run` process).
 
+pub mod acklog;
 pub mod chat;
 pub mod check;
 pub mod connect;

@@ -8,6 +8,8 @@
 //!   p99 passes a target; reports the knee.
 //! - `switchboard-load merge DIR... --report-dir OUT`: one report from the raw
 //!   files of several agents (`run --agent-index i --agent-count n`).
+//! - `switchboard-load check-ledger FILE --url URL`: compares the file of sends a
+//!   run wrote (`run --ledger FILE`) with the history the server holds.
 //! - `switchboard-load chat-1to1 ...` and `idle ...`: the earlier fixed scenarios.
 
 use std::net::IpAddr;
@@ -19,6 +21,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use switchboard_auth::Signer;
 use switchboard_client::Encoding;
+use switchboard_load::acklog;
 use switchboard_load::chat::{self, ChatSettings};
 use switchboard_load::connect::ConnectSettings;
 use switchboard_load::idle::{self, IdleSettings};
@@ -49,6 +52,10 @@ enum Command {
     MaxThroughput(MaxThroughputArgs),
     /// Merge the raw files of a distributed run's agents into one report.
     Merge(MergeArgs),
+    /// Check the file of sends a run wrote (`run --ledger`) against storage: every
+    /// accepted message stored once at its acked sequence, no refused one, no gaps.
+    #[command(name = "check-ledger")]
+    CheckLedger(CheckLedgerArgs),
     /// Pairs of clients in direct conversations, sending on an open-loop schedule;
     /// every delivery is checked.
     #[command(name = "chat-1to1")]
@@ -95,6 +102,9 @@ struct ScenarioArgs {
     /// No progress line on stderr.
     #[arg(long)]
     quiet: bool,
+    /// Write every send's outcome to this file (JSON lines) for `check-ledger`.
+    #[arg(long)]
+    ledger: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -123,6 +133,20 @@ struct MaxThroughputArgs {
     /// Measured length of each step.
     #[arg(long, value_parser = parse_duration)]
     step_duration: Option<Duration>,
+}
+
+#[derive(Args)]
+struct CheckLedgerArgs {
+    /// The file `run --ledger` wrote.
+    file: PathBuf,
+    /// A gateway endpoint of the server the run went to.
+    #[arg(long, default_value = "ws://127.0.0.1:8080/v1/connect")]
+    url: String,
+    /// HS256 secret the server verifies tokens with.
+    #[arg(long, env = "SWITCHBOARD_LOAD_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    #[arg(long, conflicts_with = "secret")]
+    secret_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -184,6 +208,7 @@ impl ScenarioArgs {
             agent_count: self.agent_count,
             server_pid: self.server_pid,
             progress: !self.quiet,
+            ledger: self.ledger.clone(),
         }
     }
 }
@@ -410,6 +435,12 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             report::write_all(&args.report_dir, &built)?;
             println!("  reports in {}", args.report_dir.display());
             Ok(built.report.passed)
+        }
+        Command::CheckLedger(args) => {
+            let signer = signer_from(args.secret.as_deref(), args.secret_file.as_ref(), None)?;
+            let check = runtime.block_on(acklog::check(&args.file, &args.url, &signer))?;
+            println!("{}", serde_json::to_string_pretty(&check)?);
+            Ok(!check.violated())
         }
         Command::Chat1to1(args) => {
             let common = &args.common;

@@ -101,6 +101,14 @@ pub struct Counters {
     /// `typing` events received.
     #[serde(default)]
     pub typing_received: u64,
+    /// `resync` events received (the server's fan-out may have missed the session;
+    /// it synced).
+    #[serde(default)]
+    pub resyncs: u64,
+    /// Sends made again with the same `client_msg_id` after an unknown outcome
+    /// (`load.retry_for`).
+    #[serde(default)]
+    pub retries: u64,
 }
 
 /// Which counter an event bumps.
@@ -123,6 +131,8 @@ pub enum Count {
     ReceiptReceived,
     TypingAcked,
     TypingReceived,
+    Resync,
+    Retry,
 }
 
 impl Counters {
@@ -145,6 +155,8 @@ impl Counters {
             Count::ReceiptReceived => &mut self.receipts_received,
             Count::TypingAcked => &mut self.typing_acked,
             Count::TypingReceived => &mut self.typing_received,
+            Count::Resync => &mut self.resyncs,
+            Count::Retry => &mut self.retries,
         }
     }
 
@@ -166,6 +178,8 @@ impl Counters {
         self.receipts_received += o.receipts_received;
         self.typing_acked += o.typing_acked;
         self.typing_received += o.typing_received;
+        self.resyncs += o.resyncs;
+        self.retries += o.retries;
     }
 }
 

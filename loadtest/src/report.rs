@@ -293,13 +293,13 @@ pub fn render_text(r: &Report) -> String {
     let c = &r.totals;
     let _ = writeln!(
         out,
-        "  sends: scheduled {}  sent {}  accepted {}  refused {}  unresolved {}  skipped {} (offline {})",
-        c.scheduled, c.sent, c.accepted, c.refused, c.unresolved, c.skipped, c.skipped_offline
+        "  sends: scheduled {}  sent {}  accepted {}  refused {}  unresolved {}  skipped {} (offline {})  retries {}",
+        c.scheduled, c.sent, c.accepted, c.refused, c.unresolved, c.skipped, c.skipped_offline, c.retries
     );
     let _ = writeln!(
         out,
-        "  connections: connects {}  failures {}  reconnects {}",
-        c.connects, c.connect_failures, c.reconnects
+        "  connections: connects {}  failures {}  reconnects {}  resyncs {}",
+        c.connects, c.connect_failures, c.reconnects, c.resyncs
     );
     let _ = writeln!(
         out,
@@ -309,8 +309,8 @@ pub fn render_text(r: &Report) -> String {
     let k = &r.correctness;
     let _ = writeln!(
         out,
-        "  correctness: expected {}  delivered {}  recovered {}  lost {}  duplicates {}  reorders {}  gaps {}  (ratio {:.6})",
-        k.expected, k.delivered, k.recovered, k.lost, k.duplicates, k.reorders, k.gaps, r.delivered_ratio
+        "  correctness: expected {}  delivered {}  recovered {}  lost {}  duplicates {}  reorders {}  gaps {} (+{} resynced)  (ratio {:.6})",
+        k.expected, k.delivered, k.recovered, k.lost, k.duplicates, k.reorders, k.gaps, k.gaps_resynced, r.delivered_ratio
     );
     let _ = writeln!(
         out,
@@ -428,17 +428,17 @@ pub fn render_markdown(r: &Report) -> String {
     let k = &r.correctness;
     let _ = writeln!(
         out,
-        "\n## Correctness\n\n| | |\n|---|---:|\n| expected deliveries | {} |\n| delivered live | {} |\n| recovered after reconnect | {} |\n| lost | {} |\n| duplicates | {} |\n| reorders | {} |\n| gaps | {} |\n| accepted, never delivered | {} |\n| unknown / refused delivered | {} / {} |\n| duplicate messages / seq mismatches | {} / {} |\n| unresolved sends | {} |\n| delivered ratio | {:.6} |",
-        k.expected, k.delivered, k.recovered, k.lost, k.duplicates, k.reorders, k.gaps,
+        "\n## Correctness\n\n| | |\n|---|---:|\n| expected deliveries | {} |\n| delivered live | {} |\n| recovered (after a reconnect or a resync) | {} |\n| lost | {} |\n| duplicates | {} |\n| reorders | {} |\n| gaps (not announced) / announced by resync | {} / {} |\n| accepted, never delivered | {} |\n| unknown / refused delivered | {} / {} |\n| duplicate messages / seq mismatches | {} / {} |\n| unresolved sends | {} |\n| delivered ratio | {:.6} |",
+        k.expected, k.delivered, k.recovered, k.lost, k.duplicates, k.reorders, k.gaps, k.gaps_resynced,
         k.accepted_not_delivered, k.unknown, k.refused_delivered, k.duplicate_messages,
         k.seq_mismatches, k.unresolved_sends, r.delivered_ratio
     );
     let c = &r.totals;
     let _ = writeln!(
         out,
-        "\n## Counts\n\n| scheduled | sent | accepted | refused | unresolved | skipped | skipped offline | connects | connect failures | reconnects |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+        "\n## Counts\n\n| scheduled | sent | accepted | refused | unresolved | skipped | skipped offline | retries | connects | connect failures | reconnects | resyncs |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
         c.scheduled, c.sent, c.accepted, c.refused, c.unresolved, c.skipped, c.skipped_offline,
-        c.connects, c.connect_failures, c.reconnects
+        c.retries, c.connects, c.connect_failures, c.reconnects, c.resyncs
     );
     let _ = writeln!(
         out,

@@ -34,6 +34,7 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use crate::acklog::{self, Outcome};
 use crate::connect::ConnectSettings;
 use crate::ledger::{Correctness, Cursor, Ledger, Live};
 use crate::measure::{
@@ -67,6 +68,10 @@ const MAX_HISTORY_PAGES: usize = 10_000;
 const RECONNECT_BACKOFF: Duration = Duration::from_millis(100);
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(2);
 
+/// Pause before retrying a send of unknown outcome, doubled up to the maximum.
+const RETRY_BACKOFF: Duration = Duration::from_millis(250);
+const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
 /// Longest wait for the sessions to close at the end.
 const CLOSE_LIMIT: Duration = Duration::from_secs(30);
 
@@ -90,6 +95,8 @@ pub struct RunOptions {
     pub server_pid: Option<u32>,
     /// Print the progress line on stderr once per second.
     pub progress: bool,
+    /// Write every send's outcome here ([`acklog`]).
+    pub ledger: Option<std::path::PathBuf>,
 }
 
 /// `max-throughput`'s steps.
@@ -202,6 +209,8 @@ struct Ctx {
     stopping: AtomicBool,
     /// Sends whose outcome stayed unknown.
     unresolved: AtomicU64,
+    /// Where each send's outcome is written, when asked.
+    acklog: Option<acklog::Writer>,
 }
 
 impl Ctx {
@@ -264,7 +273,10 @@ struct SessionEnd {
     recovered: u64,
     duplicates: u64,
     reorders: u64,
+    /// Skipped on a live connection and never announced by a `resync`.
     gaps: u64,
+    /// Skipped on a live connection and announced by a `resync` (then synced).
+    gaps_resynced: u64,
     overlap: u64,
 }
 
@@ -284,6 +296,9 @@ struct Session {
     /// The server sent `resync`: sync from the cursors on this connection (what a
     /// client does), once no recovery is running.
     resync: bool,
+    /// Sequence numbers skipped on this connection that no `resync` has announced
+    /// yet: a contract violation unless one comes before the connection ends.
+    unannounced_gaps: u64,
 }
 
 impl Session {
@@ -375,7 +390,7 @@ impl Session {
                     Live::Overlap => self.end.overlap += 1,
                     outcome @ (Live::New { .. } | Live::Reorder) => {
                         match outcome {
-                            Live::New { gap } => self.end.gaps += gap,
+                            Live::New { gap } => self.unannounced_gaps += gap,
                             _ => self.end.reorders += 1,
                         }
                         let id = ctx.parse_msg_id(&message.client_msg_id);
@@ -407,7 +422,9 @@ impl Session {
             Event::Error(error) => recorder.error(format!("error_event_{}", error.code)),
             Event::Resync(resync) => {
                 tracing::debug!(session = self.index, reason = %resync.reason, "resync asked");
+                recorder.count(Count::Resync);
                 self.resync = true;
+                self.end.gaps_resynced += std::mem::take(&mut self.unannounced_gaps);
             }
             // Conversation events from forming the groups, presence.
             _ => {}
@@ -503,6 +520,12 @@ impl Session {
         while let Some(event) = events.recv().await {
             self.handle(event);
         }
+        self.connection_ended();
+    }
+
+    /// The current connection is gone: gaps on it that no `resync` announced count.
+    fn connection_ended(&mut self) {
+        self.end.gaps += std::mem::take(&mut self.unannounced_gaps);
     }
 
     /// Where `sync` starts for each of this session's conversations.
@@ -629,6 +652,7 @@ async fn session_task(
         read_credit: 0.0,
         reads_in_flight: Arc::new(AtomicUsize::new(0)),
         resync: false,
+        unannounced_gaps: 0,
     };
     tokio::time::sleep_until(due).await;
     let began = Instant::now();
@@ -692,6 +716,7 @@ async fn session_task(
                     let reason = session.events.as_ref().and_then(Events::close_reason);
                     session.events = None;
                     session.offline();
+                    session.connection_ended();
                     recovery = None;
                     if ctx.stopping.load(Ordering::Relaxed) {
                         break;
@@ -860,6 +885,7 @@ async fn dispatch(
             typing_credit -= 1.0;
             last_typing[slot_index] = Some(due);
         }
+        let ctx = ctx.clone();
         in_flight.push(async move {
             let send = client.send_with_id(
                 &conversation_id,
@@ -868,18 +894,43 @@ async fn dispatch(
                 DEFAULT_CONTENT_TYPE,
             );
             // `join` polls the typing request first, so its frame goes out first.
-            let (typed, result) = if typing {
+            let (typed, mut result) = if typing {
                 let (typed, result) = tokio::join!(client.typing(&conversation_id, true), send);
                 (Some(typed), result)
             } else {
                 (None, send.await)
             };
+            // Unknown outcome: the same send again, while `load.retry_for` allows.
+            let retry_until = due + ctx.scenario.load.retry_for;
+            let mut backoff = RETRY_BACKOFF;
+            let mut retried = false;
+            while matches!(&result, Err(e) if !chat::outcome_known(e))
+                && Instant::now() + backoff <= retry_until
+            {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+                // The connection the session has now (it may have reconnected).
+                let Some(client) = ctx.sessions[slot.session].client().clone() else {
+                    continue;
+                };
+                ctx.recorder.count(Count::Retry);
+                retried = true;
+                result = client
+                    .send_with_id(
+                        &conversation_id,
+                        &client_msg_id,
+                        &body,
+                        DEFAULT_CONTENT_TYPE,
+                    )
+                    .await;
+            }
             Sent {
                 slot: slot_index,
                 conversation: slot.conversation,
                 id,
                 result,
                 typed,
+                retried,
                 at: Instant::now(),
             }
         });
@@ -897,6 +948,8 @@ struct Sent {
     result: Result<SendResult, ClientError>,
     /// The outcome of the `typing` sent before it, if one was.
     typed: Option<Result<(), ClientError>>,
+    /// Made more than once (the last outcome is `result`).
+    retried: bool,
     at: Instant,
 }
 
@@ -911,10 +964,25 @@ fn settle(ctx: &Ctx, waiting: &mut [usize], sent: Sent) {
     let Some(conv) = ctx.convs().and_then(|c| c.list[sent.conversation].as_ref()) else {
         return;
     };
+    if let Some(log) = &ctx.acklog {
+        let (outcome, seq) = match &sent.result {
+            Ok(result) => (Outcome::Accepted, result.seq),
+            Err(error) if chat::outcome_known(error) => (Outcome::Refused, 0),
+            Err(_) => (Outcome::Unresolved, 0),
+        };
+        log.record(&acklog::Entry {
+            conversation: conv.id.to_string(),
+            client_msg_id: ctx.msg_id(sent.id),
+            sender: user_id(ctx.plan.sessions[sent.id.session].user),
+            outcome,
+            seq,
+        });
+    }
     match sent.result {
         Ok(result) => {
             recorder.count(Count::Accepted);
-            if result.duplicate {
+            // A retry of a send that was taken is acked as a duplicate, as it should.
+            if result.duplicate && !sent.retried {
                 recorder.error("duplicate_ack");
             }
             if ctx.measured(sent.id.due_us) {
@@ -1029,6 +1097,11 @@ async fn set_up(options: &RunOptions, signer: Signer, total: Duration) -> anyhow
         write_buffer: client.write_buffer,
     };
 
+    let acklog = options
+        .ledger
+        .as_deref()
+        .map(acklog::Writer::create)
+        .transpose()?;
     let mut receivers = Vec::new();
     let mut sessions = Vec::new();
     for _ in 0..plan.sessions.len() {
@@ -1054,6 +1127,7 @@ async fn set_up(options: &RunOptions, signer: Signer, total: Duration) -> anyhow
         reconnect_until: AtomicU64::new(u64::MAX),
         stopping: AtomicBool::new(false),
         unresolved: AtomicU64::new(0),
+        acklog,
     });
 
     tracing::info!(
@@ -1235,6 +1309,9 @@ impl Fleet {
         }
         let end = Instant::now();
         self.probes.stop().await;
+        if let Some(log) = &ctx.acklog {
+            log.finish()?;
+        }
 
         let mut correctness = Correctness {
             unresolved_sends: ctx.unresolved.load(Ordering::Relaxed),
@@ -1247,6 +1324,7 @@ impl Fleet {
             correctness.duplicates += session.duplicates;
             correctness.reorders += session.reorders;
             correctness.gaps += session.gaps;
+            correctness.gaps_resynced += session.gaps_resynced;
             correctness.sync_overlap += session.overlap;
             let mut missing_here = 0;
             for (ci, cursor) in &session.cursors {

@@ -169,6 +169,13 @@ pub struct Load {
     /// one per sender and conversation every 2 s, within the server's typing rate
     /// limit); the other members get `typing` events. 0 = none.
     pub typing_fraction: f64,
+    /// How long a send whose outcome is unknown (`unavailable`, `timeout`,
+    /// `internal`, no answer, the connection lost) is retried with the same
+    /// `client_msg_id`, as a client riding out an outage would, counted from its due
+    /// time; on the connection the session has then. 0 = never retried (the send
+    /// counts as unresolved).
+    #[serde(with = "duration_text")]
+    pub retry_for: Duration,
 }
 
 impl Default for Load {
@@ -182,6 +189,7 @@ impl Default for Load {
             max_in_flight: 32,
             read_fraction: 0.0,
             typing_fraction: 0.0,
+            retry_for: Duration::ZERO,
         }
     }
 }
