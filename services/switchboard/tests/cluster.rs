@@ -164,17 +164,6 @@ async fn grpc_channel(port: u16) -> tonic::transport::Channel {
         .expect("connect to the gRPC port")
 }
 
-/// The port of a `host:port` setting of the setup.
-fn port_of(setup: &Setup, key: &str) -> u16 {
-    setup
-        .env
-        .iter()
-        .find(|(k, _)| k == key)
-        .and_then(|(_, v)| v.rsplit(':').next())
-        .and_then(|p| p.parse().ok())
-        .expect("port in the environment")
-}
-
 #[tokio::test]
 async fn internal_grpc_refuses_calls_without_the_cluster_credential() {
     use switchboard_proto::v1;
@@ -185,10 +174,10 @@ async fn internal_grpc_refuses_calls_without_the_cluster_credential() {
     alice.send(&id, "between alice and bob").await.unwrap();
 
     let mut storage = v1::storage_client::StorageClient::new(
-        grpc_channel(port_of(&c.setup, "SWITCHBOARD_STORAGE__GRPC_LISTEN")).await,
+        grpc_channel(c.setup.port_of("SWITCHBOARD_STORAGE__GRPC_LISTEN")).await,
     );
     let mut routing = v1::routing_client::RoutingClient::new(
-        grpc_channel(port_of(&c.setup, "SWITCHBOARD_ROUTING__GRPC_LISTEN")).await,
+        grpc_channel(c.setup.port_of("SWITCHBOARD_ROUTING__GRPC_LISTEN")).await,
     );
     let gateway_channel = grpc_channel(c.second.grpc).await;
     let mut gateway = v1::gateway_client::GatewayClient::new(gateway_channel.clone());

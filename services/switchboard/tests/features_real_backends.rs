@@ -14,56 +14,16 @@ use http_support::*;
 use switchboard_client::{Client, Direction, MarkerKind};
 use switchboard_proto::{ErrorCode, Message};
 
-struct Services {
-    setup: Setup,
-    _procs: Vec<Proc>,
-}
-
-fn port_of(setup: &Setup, setting: &str) -> u16 {
-    setup
-        .env
-        .iter()
-        .find(|(k, _)| k == setting)
-        .and_then(|(_, v)| v.rsplit(':').next())
-        .and_then(|p| p.parse().ok())
-        .expect("admin port in the environment")
-}
-
 async fn start(setup: Setup) -> Services {
-    // Storage first: it creates the keyspace and applies the schema migrations.
-    let storage = setup.spawn(&["storage"], &[]);
-    wait_ready_long(
-        port_of(&setup, "SWITCHBOARD_STORAGE__ADMIN_LISTEN"),
-        &storage,
-    )
-    .await;
-    let presence = setup.spawn(&["presence"], &[]);
     // A broker that has just started creates its consumer-offsets topic on the first
     // group join, which can outlast the default wait for a sequence: wait longer, so
     // every ack carries the sequence the next request refers to.
-    let routing = setup.spawn(
-        &["routing"],
-        &[(
+    setup
+        .start_services(&[(
             "SWITCHBOARD_ROUTING__SEQUENCE_WAIT_MS".into(),
             "30000".into(),
-        )],
-    );
-    let gateway = setup.spawn(&["gateway"], &setup.gateway.env());
-    wait_ready_long(
-        port_of(&setup, "SWITCHBOARD_PRESENCE__ADMIN_LISTEN"),
-        &presence,
-    )
-    .await;
-    wait_ready_long(
-        port_of(&setup, "SWITCHBOARD_ROUTING__ADMIN_LISTEN"),
-        &routing,
-    )
-    .await;
-    wait_ready_long(setup.gateway.listen, &gateway).await;
-    Services {
-        setup,
-        _procs: vec![storage, presence, routing, gateway],
-    }
+        )])
+        .await
 }
 
 /// The conversation's history once `done` holds for it (the log is persisted by

@@ -11,53 +11,8 @@ use common::*;
 use switchboard_client::{Client, ClientError, Direction, Encoding, Event};
 use switchboard_proto::{ErrorCode, SyncCursor};
 
-struct Services {
-    setup: Setup,
-    storage: Proc,
-    presence: Proc,
-    routing: Proc,
-    gateway: Proc,
-}
-
-fn admin_port(setup: &Setup, setting: &str) -> u16 {
-    setup
-        .env
-        .iter()
-        .find(|(k, _)| k == setting)
-        .and_then(|(_, v)| v.rsplit(':').next())
-        .and_then(|p| p.parse().ok())
-        .expect("admin port in the environment")
-}
-
 async fn start(setup: Setup) -> Services {
-    // Storage first: it creates the keyspace and applies the schema migrations.
-    let storage = setup.spawn(&["storage"], &[]);
-    wait_ready_long(
-        admin_port(&setup, "SWITCHBOARD_STORAGE__ADMIN_LISTEN"),
-        &storage,
-    )
-    .await;
-    let presence = setup.spawn(&["presence"], &[]);
-    let routing = setup.spawn(&["routing"], &[]);
-    let gateway = setup.spawn(&["gateway"], &setup.gateway.env());
-    wait_ready_long(
-        admin_port(&setup, "SWITCHBOARD_PRESENCE__ADMIN_LISTEN"),
-        &presence,
-    )
-    .await;
-    wait_ready_long(
-        admin_port(&setup, "SWITCHBOARD_ROUTING__ADMIN_LISTEN"),
-        &routing,
-    )
-    .await;
-    wait_ready_long(setup.gateway.listen, &gateway).await;
-    Services {
-        setup,
-        storage,
-        presence,
-        routing,
-        gateway,
-    }
+    setup.start_services(&[]).await
 }
 
 /// Send with retries of the same client_msg_id until accepted (as a client riding
@@ -311,7 +266,7 @@ async fn a_second_routing_instance_takes_over_the_partitions_of_a_killed_one() {
     }
     // Once both instances own partitions, every ack carries its sequence, also when
     // the instance that took the send (the second) does not own the conversation.
-    let r1 = admin_port(&s.setup, "SWITCHBOARD_ROUTING__ADMIN_LISTEN");
+    let r1 = s.setup.port_of("SWITCHBOARD_ROUTING__ADMIN_LISTEN");
     let owned = |port: u16| async move {
         let (_, body) = http_get(port, "/metrics").await.unwrap_or_default();
         body.lines()
@@ -475,46 +430,6 @@ async fn presence_restart_withholds_nothing(stop_presence: impl FnOnce(&mut Proc
     drop(bob);
 }
 
-/// A Redis of this test's own (no persistence), so it can be killed and restarted.
-fn spawn_redis(setup: &Setup, port: u16) -> Proc {
-    let log = setup.data_dir().join(format!("redis-{port}.log"));
-    let child = std::process::Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--logfile",
-            log.to_str().expect("utf-8 path"),
-        ])
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("cannot run redis-server ({e}): install it with `deploy/local/up.sh redis`")
-        });
-    Proc {
-        child: Some(child),
-        log,
-    }
-}
-
-async fn wait_redis(port: u16) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "redis-server on {port} did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn redis_killed_and_back_empty_withholds_nothing_and_the_route_table_comes_back() {
     redis_restart_withholds_nothing(|redis, _| redis.kill9()).await;
@@ -522,17 +437,7 @@ async fn redis_killed_and_back_empty_withholds_nothing_and_the_route_table_comes
 
 #[tokio::test]
 async fn redis_shut_down_and_back_empty_withholds_nothing_and_the_route_table_comes_back() {
-    redis_restart_withholds_nothing(|redis, port| {
-        // A clean shutdown; redis-cli's own exit status reports the dropped
-        // connection, so only its running at all is checked.
-        std::process::Command::new("redis-cli")
-            .args(["-p", &port.to_string(), "shutdown", "nosave"])
-            .status()
-            .expect("redis-cli runs (installed by `deploy/local/up.sh redis`)");
-        let stopped = redis.terminate(Duration::from_secs(10));
-        assert!(stopped.is_some(), "redis-server stopped");
-    })
-    .await;
+    redis_restart_withholds_nothing(shut_down_redis).await;
 }
 
 /// Stop this test's Redis with `stop_redis` after 10 of 30 messages and start it

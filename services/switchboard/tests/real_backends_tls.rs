@@ -101,25 +101,11 @@ fn tls_setup() -> Setup {
     setup
 }
 
-fn admin_port(setup: &Setup, setting: &str) -> u16 {
-    setup
-        .env
-        .iter()
-        .find(|(k, _)| k == setting)
-        .and_then(|(_, v)| v.rsplit(':').next())
-        .and_then(|p| p.parse().ok())
-        .expect("admin port in the environment")
-}
-
 #[tokio::test]
 async fn messages_flow_through_redis_kafka_and_cql_over_tls() {
     let setup = tls_setup();
     let storage = setup.spawn(&["storage"], &[]);
-    wait_ready_long(
-        admin_port(&setup, "SWITCHBOARD_STORAGE__ADMIN_LISTEN"),
-        &storage,
-    )
-    .await;
+    wait_ready_long(setup.port_of("SWITCHBOARD_STORAGE__ADMIN_LISTEN"), &storage).await;
     let presence = setup.spawn(&["presence"], &[]);
     // A broker that has just started creates its consumer-offsets topic on the first
     // group join, which can outlast the default wait for a sequence: wait longer, so
@@ -133,15 +119,11 @@ async fn messages_flow_through_redis_kafka_and_cql_over_tls() {
     );
     let gateway = setup.spawn(&["gateway"], &setup.gateway.env());
     wait_ready_long(
-        admin_port(&setup, "SWITCHBOARD_PRESENCE__ADMIN_LISTEN"),
+        setup.port_of("SWITCHBOARD_PRESENCE__ADMIN_LISTEN"),
         &presence,
     )
     .await;
-    wait_ready_long(
-        admin_port(&setup, "SWITCHBOARD_ROUTING__ADMIN_LISTEN"),
-        &routing,
-    )
-    .await;
+    wait_ready_long(setup.port_of("SWITCHBOARD_ROUTING__ADMIN_LISTEN"), &routing).await;
     wait_ready_long(setup.gateway.listen, &gateway).await;
 
     let (alice, mut alice_ev) = setup.connect("alice", "phone").await;

@@ -104,16 +104,6 @@ async fn start_collector(collector: Collector) -> String {
     format!("http://{addr}")
 }
 
-fn admin_port(setup: &Setup, setting: &str) -> u16 {
-    setup
-        .env
-        .iter()
-        .find(|(k, _)| k == setting)
-        .and_then(|(_, v)| v.rsplit(':').next())
-        .and_then(|p| p.parse().ok())
-        .expect("admin port in the environment")
-}
-
 /// The one span named `name` among `spans`; panics (listing them) otherwise.
 fn one<'a>(spans: &'a [&'a Exported], name: &str) -> &'a Exported {
     let found: Vec<_> = spans.iter().filter(|s| s.name == name).collect();
@@ -158,7 +148,7 @@ async fn one_message_is_one_trace(mut setup: Setup) {
         ("SWITCHBOARD_PRESENCE__ADMIN_LISTEN", &presence),
         ("SWITCHBOARD_ROUTING__ADMIN_LISTEN", &routing),
     ] {
-        wait_ready_long(admin_port(&setup, setting), proc).await;
+        wait_ready_long(setup.port_of(setting), proc).await;
     }
     wait_ready_long(setup.gateway.listen, &sending).await;
     wait_ready_long(second.listen, &delivering).await;

@@ -237,6 +237,56 @@ impl Setup {
         self.dir.path()
     }
 
+    /// The port of one of this setup's `host:port` settings.
+    pub fn port_of(&self, setting: &str) -> u16 {
+        self.env
+            .iter()
+            .find(|(k, _)| k == setting)
+            .and_then(|(_, v)| v.rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("{setting} is not a port in the environment"))
+    }
+
+    /// Start `service` (storage, presence or routing) with `extra` settings and wait
+    /// until its admin port says ready.
+    pub async fn spawn_ready(&self, service: &str, extra: &[(String, String)]) -> Proc {
+        let proc = self.spawn(&[service], extra);
+        let admin = format!("SWITCHBOARD_{}__ADMIN_LISTEN", service.to_uppercase());
+        wait_ready_long(self.port_of(&admin), &proc).await;
+        proc
+    }
+
+    /// A gateway on `ports`, ready for clients.
+    pub async fn spawn_gateway(&self, ports: &GatewayPorts) -> Proc {
+        let proc = self.spawn(&["gateway"], &ports.env());
+        wait_ready_long(ports.listen, &proc).await;
+        proc
+    }
+
+    /// The four services as separate processes: storage first (it creates the
+    /// keyspace and applies the schema migrations), then presence, routing (with
+    /// `routing_env` on top) and the setup's gateway, each waited for.
+    pub async fn start_services(self, routing_env: &[(String, String)]) -> Services {
+        let storage = self.spawn_ready("storage", &[]).await;
+        let presence = self.spawn(&["presence"], &[]);
+        let routing = self.spawn(&["routing"], routing_env);
+        let gateway = self.spawn(&["gateway"], &self.gateway.env());
+        wait_ready_long(
+            self.port_of("SWITCHBOARD_PRESENCE__ADMIN_LISTEN"),
+            &presence,
+        )
+        .await;
+        wait_ready_long(self.port_of("SWITCHBOARD_ROUTING__ADMIN_LISTEN"), &routing).await;
+        wait_ready_long(self.gateway.listen, &gateway).await;
+        Services {
+            setup: self,
+            storage,
+            presence,
+            routing,
+            gateway,
+        }
+    }
+
     /// Start a process running `args` with this setup's environment plus `extra`.
     pub fn spawn(&self, args: &[&str], extra: &[(String, String)]) -> Proc {
         let log = self
@@ -301,6 +351,70 @@ pub fn unique_suffix() -> String {
         .map(|d| d.as_nanos())
         .unwrap_or(0);
     format!("{:x}{:x}", std::process::id(), nanos % 0xffff_ffff)
+}
+
+/// The four services as separate processes on one [`Setup`]; killed on drop.
+pub struct Services {
+    pub setup: Setup,
+    pub storage: Proc,
+    pub presence: Proc,
+    pub routing: Proc,
+    pub gateway: Proc,
+}
+
+/// A Redis of a test's own (no persistence) on `port`, so that it can be killed and
+/// started again empty.
+pub fn spawn_redis(setup: &Setup, port: u16) -> Proc {
+    let log = setup.data_dir().join(format!("redis-{port}.log"));
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--logfile",
+            log.to_str().expect("utf-8 path"),
+        ])
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run redis-server ({e}): install it with `deploy/local/up.sh redis`")
+        });
+    Proc {
+        child: Some(child),
+        log,
+    }
+}
+
+/// Wait until the Redis on `port` accepts connections (10 s at most).
+pub async fn wait_redis(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "redis-server on {port} did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Shut the Redis on `port` down cleanly (`SHUTDOWN NOSAVE`) and wait for `redis`
+/// to exit.
+pub fn shut_down_redis(redis: &mut Proc, port: u16) {
+    // redis-cli's own exit status reports the dropped connection: only its running
+    // at all is checked.
+    Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "shutdown", "nosave"])
+        .status()
+        .expect("redis-cli runs (installed by `deploy/local/up.sh redis`)");
+    let stopped = redis.terminate(Duration::from_secs(10));
+    assert!(stopped.is_some(), "redis-server stopped");
 }
 
 /// A running switchboard process; killed on drop.
