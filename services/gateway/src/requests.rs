@@ -236,6 +236,7 @@ async fn route_send(
     send.sender_device = session.device_id.to_string();
     send.session_id = session.session_id.to_string();
     send.from_bot = session.bot;
+    send.accepted_at_ms = u64::try_from(crate::now_ms()).unwrap_or(0);
     // The root of the event's trace (the client protocol carries no trace context
     // of its own).
     let span = tracing::info_span!(

@@ -1440,11 +1440,21 @@ async fn timeline_requests_reach_routing_with_their_fields() {
     {
         let calls = h.calls.lock().unwrap();
         assert_eq!(calls.sends.len(), 4);
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
         for sent in &calls.sends {
             assert_eq!(sent.sender_id, "alice");
             assert_eq!(sent.sender_device, "phone");
             assert_eq!(sent.session_id, session_id);
             assert!(!sent.from_bot);
+            // Stamped when the gateway took it, for routing's rate limiter.
+            assert!(
+                sent.accepted_at_ms <= now_ms && sent.accepted_at_ms + 60_000 > now_ms,
+                "accepted_at_ms {} vs now {now_ms}",
+                sent.accepted_at_ms
+            );
         }
         let send = &calls.sends[0];
         assert_eq!(send.kind, "");

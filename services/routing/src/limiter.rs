@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -12,6 +13,10 @@ use tokio::time::Instant;
 /// completely are removed first (a full bucket behaves exactly like no bucket, so
 /// that loses nothing); if that is not enough, arbitrary buckets go, which at worst
 /// gives those users a fresh burst.
+///
+/// A send is charged at the time its gateway accepted it (see [`charge_time`]), so
+/// charges can arrive out of order: a bucket never moves its clock back, and a
+/// charge older than the bucket's clock gets no refill.
 pub(crate) struct RateLimiter {
     rate: f64,
     capacity: f64,
@@ -29,8 +34,26 @@ impl Bucket {
     fn refill(&mut self, now: Instant, rate: f64, capacity: f64) {
         let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
         self.tokens = (self.tokens + elapsed * rate).min(capacity);
-        self.updated = now;
+        self.updated = self.updated.max(now);
     }
+}
+
+/// Furthest in the past a send is charged: bounds what a gateway's clock ahead of
+/// ours, or a very old request, can do to a bucket.
+pub(crate) const ACCEPT_TIME_CREDIT: Duration = Duration::from_secs(60);
+
+/// When to charge a send that its gateway accepted at `accepted_at_ms` (Unix ms, 0 =
+/// unknown), given our wall clock `now_ms` and monotonic `now`: that moment on our
+/// monotonic clock, never in the future and at most [`ACCEPT_TIME_CREDIT`] back.
+/// Sends that waited in a paused or slow instance are so charged as they were sent,
+/// not as one burst when it resumes.
+pub(crate) fn charge_time(accepted_at_ms: u64, now_ms: i64, now: Instant) -> Instant {
+    let now_ms = u64::try_from(now_ms).unwrap_or(0);
+    if accepted_at_ms == 0 || accepted_at_ms >= now_ms {
+        return now;
+    }
+    let waited = Duration::from_millis(now_ms - accepted_at_ms).min(ACCEPT_TIME_CREDIT);
+    now.checked_sub(waited).unwrap_or(now)
 }
 
 impl RateLimiter {
@@ -111,6 +134,60 @@ mod tests {
             assert!(limiter.try_acquire("u", t2));
         }
         assert!(!limiter.try_acquire("u", t2));
+    }
+
+    #[test]
+    fn sends_charged_when_accepted_pass_a_pause_that_a_burst_would_not() {
+        // 2 per second, burst 3: 20 sends accepted 0.5 s apart are within the rate.
+        let t0 = Instant::now();
+        let accepted: Vec<Instant> = (0..20)
+            .map(|i| t0 + Duration::from_millis(500 * i))
+            .collect();
+        // All processed at once after a pause, charged when they were accepted.
+        let stamped = RateLimiter::new(2, 3, 100);
+        assert!(accepted.iter().all(|&at| stamped.try_acquire("u", at)));
+        // The same, charged at processing time: one burst, mostly refused.
+        let late = RateLimiter::new(2, 3, 100);
+        let processed = t0 + Duration::from_secs(15);
+        let admitted = accepted
+            .iter()
+            .filter(|_| late.try_acquire("u", processed))
+            .count();
+        assert_eq!(admitted, 3);
+    }
+
+    #[test]
+    fn an_older_charge_gets_no_refill_twice() {
+        let limiter = RateLimiter::new(1, 2, 100);
+        let t0 = Instant::now();
+        assert!(limiter.try_acquire("u", t0));
+        assert!(limiter.try_acquire("u", t0));
+        let t5 = t0 + Duration::from_secs(5);
+        // Refilled to the capacity (2) at t5, both spent.
+        assert!(limiter.try_acquire("u", t5));
+        assert!(limiter.try_acquire("u", t5));
+        // A charge stamped before t5 must not earn the 5 s again.
+        let t1 = t0 + Duration::from_secs(1);
+        assert!(!limiter.try_acquire("u", t1));
+        assert!(!limiter.try_acquire("u", t5));
+    }
+
+    #[test]
+    fn charge_time_is_the_accept_time_bounded() {
+        let now = Instant::now() + Duration::from_secs(3600);
+        let now_ms: i64 = 1_800_000_000_000;
+        let ms = now_ms as u64;
+        assert_eq!(charge_time(0, now_ms, now), now, "unknown");
+        assert_eq!(charge_time(ms + 5_000, now_ms, now), now, "in our future");
+        assert_eq!(
+            charge_time(ms - 2_500, now_ms, now),
+            now - Duration::from_millis(2_500)
+        );
+        assert_eq!(
+            charge_time(ms - 3_600_000, now_ms, now),
+            now - ACCEPT_TIME_CREDIT,
+            "at most the credit back"
+        );
     }
 
     #[test]

@@ -30,7 +30,7 @@ use tracing::Instrument as _;
 
 use crate::error::RoutingError;
 use crate::eventlog::{partition_for, NewRecord};
-use crate::limiter::RateLimiter;
+use crate::limiter::{self, RateLimiter};
 use crate::node::Node;
 
 /// Longest conversation id and client message id, in bytes.
@@ -196,7 +196,8 @@ impl RoutingService {
             )));
         }
         let kind = EventKind::validate(&req)?;
-        if !self.limiter.try_acquire(&req.sender_id, Instant::now()) {
+        let charged_at = limiter::charge_time(req.accepted_at_ms, now_ms(), Instant::now());
+        if !self.limiter.try_acquire(&req.sender_id, charged_at) {
             return Err(RoutingError::RateLimited);
         }
         let _permit = self

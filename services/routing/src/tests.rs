@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use switchboard_config::Config;
 use switchboard_proto::v1::gateway_server::{Gateway, GatewayServer};
@@ -990,6 +990,31 @@ async fn sends_over_the_burst_are_rate_limited() {
         .all(|c| c.is_none() || *c == Some(ErrorCode::RateLimited)));
     // Another user has their own bucket.
     assert!(client.send(send_req("bob", "c1", "b1", "hi")).await.is_ok());
+    routing.stop().await;
+}
+
+#[tokio::test]
+async fn sends_delayed_before_routing_took_them_are_charged_when_accepted() {
+    let mut p = peers().await;
+    p.config.routing.send_rate_per_user = 1;
+    p.config.routing.send_burst_per_user = 3;
+    p.storage.add_conversation("c1", &["alice", "bob"]);
+    let routing = start(&p.config).await;
+    let mut client = routing.client.clone();
+
+    // 8 sends a gateway accepted one second apart, arriving together (as from a
+    // paused instance resuming): within 1 per second, so none is limited; the same
+    // 8 arriving at once unstamped are (sends_over_the_burst_are_rate_limited).
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    for i in 0..8u64 {
+        let mut req = send_req("alice", "c1", &format!("m{i}"), "hi");
+        req.accepted_at_ms = now_ms - (8 - i) * 1000;
+        let r = client.send(req).await;
+        assert!(r.is_ok(), "send {i}: {r:?}");
+    }
     routing.stop().await;
 }
 
