@@ -308,7 +308,8 @@ impl Api {
 
     /// Run a client request through the WebSocket request path.
     async fn dispatch(&self, caller: &Caller, request: Request) -> Result<ack::Result, ApiError> {
-        Ok(requests::dispatch(&self.shared, &caller.session, request).await?)
+        let accepted_at_ms = u64::try_from(crate::now_ms()).unwrap_or(0);
+        Ok(requests::dispatch(&self.shared, &caller.session, request, accepted_at_ms).await?)
     }
 }
 

@@ -260,7 +260,8 @@ impl Connection {
         let away = tokio::time::sleep(away_after);
         tokio::pin!(away);
         let mut auto_away = false;
-        let mut pending: VecDeque<Box<v1::ClientFrame>> = VecDeque::new();
+        // Requests waiting behind the one in flight, with when each arrived.
+        let mut pending: VecDeque<(Box<v1::ClientFrame>, u64)> = VecDeque::new();
         let mut goaway_sent = false;
         let mut batch: Vec<Arc<OutFrame>> = Vec::new();
 
@@ -291,8 +292,8 @@ impl Connection {
                             return End::Violations;
                         }
                     }
-                    if let Some(next) = pending.pop_front() {
-                        inflight = Some(self.start(*next));
+                    if let Some((next, accepted_at_ms)) = pending.pop_front() {
+                        inflight = Some(self.start(*next, accepted_at_ms));
                     }
                 }
                 () = session.outbound_ready() => {
@@ -334,10 +335,11 @@ impl Connection {
                                     self.set_automatic_status("online");
                                 }
                             }
+                            let accepted_at_ms = u64::try_from(crate::now_ms()).unwrap_or(0);
                             if inflight.is_none() {
-                                inflight = Some(self.start(frame));
+                                inflight = Some(self.start(frame, accepted_at_ms));
                             } else {
-                                pending.push_back(Box::new(frame));
+                                pending.push_back((Box::new(frame), accepted_at_ms));
                             }
                         }
                         Err(rejection) => {
@@ -377,11 +379,13 @@ impl Connection {
         }));
     }
 
-    fn start(&self, frame: v1::ClientFrame) -> BoxFuture<'static, Handled> {
+    /// Run one request, which arrived at `accepted_at_ms` (Unix ms).
+    fn start(&self, frame: v1::ClientFrame, accepted_at_ms: u64) -> BoxFuture<'static, Handled> {
         Box::pin(crate::requests::handle(
             self.shared.clone(),
             self.session.clone(),
             frame,
+            accepted_at_ms,
         ))
     }
 

@@ -78,13 +78,15 @@ impl Peers {
 
 /// Handle one request and build its ack. Also returns the error code when the
 /// failure counts as the client's fault (toward `gateway.max_violations`).
+/// `accepted_at_ms` is when the frame arrived (see [`dispatch`]).
 pub(crate) async fn handle(
     shared: Arc<Shared>,
     session: Arc<Session>,
     frame: v1::ClientFrame,
+    accepted_at_ms: u64,
 ) -> (Ack, Option<ErrorCode>) {
     let result = match frame.request {
-        Some(request) => dispatch(&shared, &session, request).await,
+        Some(request) => dispatch(&shared, &session, request, accepted_at_ms).await,
         None => Err(GatewayError::rejected(
             ErrorCode::UnknownFrame,
             "frame names no known request",
@@ -230,13 +232,14 @@ fn msg_id_or_new(client_msg_id: String) -> String {
 async fn route_send(
     shared: &Shared,
     session: &Session,
+    accepted_at_ms: u64,
     mut send: v1::RouteSendRequest,
 ) -> Result<v1::SendResult, GatewayError> {
     send.sender_id = session.user_id.to_string();
     send.sender_device = session.device_id.to_string();
     send.session_id = session.session_id.to_string();
     send.from_bot = session.bot;
-    send.accepted_at_ms = u64::try_from(crate::now_ms()).unwrap_or(0);
+    send.accepted_at_ms = accepted_at_ms;
     // The root of the event's trace (the client protocol carries no trace context
     // of its own).
     let span = tracing::info_span!(
@@ -276,10 +279,14 @@ async fn route_send(
 
 /// Turn one client request into backend calls and its ack result. `session` is the
 /// caller: a WebSocket connection, or a stand-in for one HTTP request.
+/// `accepted_at_ms` (Unix ms) is when the gateway took the request, before it waited
+/// behind the connection's earlier requests: routing charges sends to the sender's
+/// rate limit at that time.
 pub(crate) async fn dispatch(
     shared: &Shared,
     session: &Session,
     request: Request,
+    accepted_at_ms: u64,
 ) -> Result<ack::Result, GatewayError> {
     let user = &*session.user_id;
     let peers = &shared.peers;
@@ -292,6 +299,7 @@ pub(crate) async fn dispatch(
             let result = route_send(
                 shared,
                 session,
+                accepted_at_ms,
                 v1::RouteSendRequest {
                     conversation_id: req.conversation_id,
                     client_msg_id: req.client_msg_id,
@@ -314,6 +322,7 @@ pub(crate) async fn dispatch(
             let result = route_send(
                 shared,
                 session,
+                accepted_at_ms,
                 v1::RouteSendRequest {
                     kind: kinds::EDIT.into(),
                     conversation_id: req.conversation_id,
@@ -334,6 +343,7 @@ pub(crate) async fn dispatch(
             let result = route_send(
                 shared,
                 session,
+                accepted_at_ms,
                 v1::RouteSendRequest {
                     kind: kinds::DELETE.into(),
                     conversation_id: req.conversation_id,
@@ -355,6 +365,7 @@ pub(crate) async fn dispatch(
             let result = route_send(
                 shared,
                 session,
+                accepted_at_ms,
                 v1::RouteSendRequest {
                     kind: kinds::REACTION.into(),
                     conversation_id: req.conversation_id,
@@ -400,6 +411,7 @@ pub(crate) async fn dispatch(
             let result = route_send(
                 shared,
                 session,
+                accepted_at_ms,
                 system_send(
                     req.conversation_id,
                     msg_id_or_new(req.client_msg_id),
@@ -698,6 +710,7 @@ pub(crate) async fn dispatch(
             route_send(
                 shared,
                 session,
+                accepted_at_ms,
                 system_send(
                     req.conversation_id.clone(),
                     msg_id_or_new(String::new()),

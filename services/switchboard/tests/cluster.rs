@@ -15,7 +15,7 @@ struct Cluster {
     second: GatewayPorts,
     _storage: Proc,
     _presence: Proc,
-    _routing: Proc,
+    routing: Proc,
     gateway1: Proc,
     gateway2: Proc,
 }
@@ -53,7 +53,7 @@ async fn cluster(extra: &[(&str, &str)]) -> Cluster {
         second,
         _storage: storage,
         _presence: presence,
-        _routing: routing,
+        routing,
         gateway1,
         gateway2,
     }
@@ -104,6 +104,60 @@ async fn messages_pass_through_four_separate_processes_and_two_gateways() {
         sync.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
         vec![9, 10, 11]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_delayed_by_a_paused_routing_are_not_rate_limited() {
+    // 10 sends a second per user with a burst of 6; alice sends 6 a second, evenly,
+    // from 6 devices, while routing is frozen. A connection has one request in
+    // flight, the gateway queues the rest in order: on resume routing gets 6 sends
+    // at once (in any order; the burst covers them), then the queued ones. Charged
+    // when the gateway took them they are within the limit; charged when routing
+    // resumes they would be one burst of 18.
+    let c = cluster(&[
+        ("SWITCHBOARD_ROUTING__SEND_RATE_PER_USER", "10"),
+        ("SWITCHBOARD_ROUTING__SEND_BURST_PER_USER", "6"),
+    ])
+    .await;
+    const DEVICES: u64 = 6;
+    const ROUNDS: u64 = 3;
+    let token = c.setup.token("alice");
+    let mut clients = Vec::new();
+    for d in 0..DEVICES {
+        let (client, events) =
+            connect_to(&c.setup.gateway, &token, &format!("d{d}"), Encoding::Json).await;
+        clients.push((client, events));
+    }
+    let conv = clients[0].0.create_direct("bob").await.unwrap();
+    let id = conv.conversation_id;
+
+    c.routing.pause();
+    let start = tokio::time::Instant::now();
+    let mut sends = Vec::new();
+    for round in 0..ROUNDS {
+        for (d, (client, _)) in clients.iter().enumerate() {
+            let due = Duration::from_millis(1000 * round + 1000 * d as u64 / DEVICES);
+            let (client, id) = (client.clone(), id.clone());
+            sends.push(tokio::spawn(async move {
+                tokio::time::sleep_until(start + due).await;
+                client.send(&id, &format!("d{d} r{round}")).await
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(1000 * ROUNDS + 500)).await;
+    c.routing.resume();
+
+    let mut seqs = Vec::new();
+    for send in sends {
+        let ack = send.await.unwrap();
+        match ack {
+            Ok(ack) => seqs.push(ack.seq),
+            Err(e) => panic!("a send delayed by the paused routing failed: {e}"),
+        }
+    }
+    seqs.sort_unstable();
+    let expected: Vec<u64> = (1..=DEVICES * ROUNDS).collect();
+    assert_eq!(seqs, expected, "every send acked once, gapless");
 }
 
 #[tokio::test]

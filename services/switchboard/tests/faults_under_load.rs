@@ -151,10 +151,9 @@ impl Cluster {
                 wait_redis(port).await;
             }
             Fault::FreezeGateway => {
-                let pid = self.gateway2.pid().to_string();
-                signal("-STOP", &pid);
+                self.gateway2.pause();
                 tokio::time::sleep(OUTAGE).await;
-                signal("-CONT", &pid);
+                self.gateway2.resume();
             }
             Fault::KillGateway => {
                 self.gateway2.kill9();
@@ -192,14 +191,6 @@ impl Cluster {
         ]
         .concat()
     }
-}
-
-fn signal(which: &str, pid: &str) {
-    let status = std::process::Command::new("kill")
-        .args([which, pid])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill {which} {pid}");
 }
 
 /// Stop one of `deploy/local/up.sh`'s servers gracefully and start it again with

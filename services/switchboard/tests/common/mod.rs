@@ -440,6 +440,25 @@ impl Proc {
         }
     }
 
+    /// Freeze the process (SIGSTOP): its sockets stay open and calls to it wait.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Let a paused process run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, which: &str) {
+        let pid = self.pid().to_string();
+        let status = Command::new("kill")
+            .args([which, &pid])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {which} {pid}");
+    }
+
     /// SIGTERM, then wait for the exit (at most `deadline`).
     pub fn terminate(&mut self, deadline: Duration) -> Option<ExitStatus> {
         let mut child = self.child.take()?;
