@@ -462,6 +462,9 @@ async fn receive(run: Arc<Run>, pair: Arc<Pair>, side: Side, mut events: Events)
             }
             Event::GoAway(_) => run.errors.add("goaway"),
             Event::Error(error) => run.errors.add(format!("error_event_{}", error.code)),
+            // This benchmark neither reconnects nor syncs: a session told it may have
+            // missed messages is counted, and what it missed shows as lost.
+            Event::Resync(_) => run.errors.add("resync"),
             // Conversation events from pairing, receipts, presence: not checked here.
             _ => {}
         }
