@@ -100,31 +100,7 @@ hops() { # run id
     for port in 19191 19192 19193 19194; do
         curl -fs "http://127.0.0.1:$port/metrics"
     done >"$OUT/metrics-$id.txt"
-    python3 - "$OUT/metrics-$id.txt" <<'PY'
-import re, sys
-sums, counts = {}, {}
-for line in open(sys.argv[1]):
-    m = re.match(r'^(\w+)_(sum|count)(\{[^}]*\})? ([0-9.e+-]+)$', line.strip())
-    if not m:
-        continue
-    key = m.group(1) + (m.group(3) or "")
-    (sums if m.group(2) == "sum" else counts)[key] = float(m.group(4))
-hops = [
-    ("gateway: accept -> delivered to a session (send_to_deliver)", "switchboard_gateway_send_to_deliver_seconds"),
-    ("routing: Kafka append, acks=all (log_append)", "switchboard_routing_log_append_seconds"),
-    ("routing: storage Append round trip (storage_append)", "switchboard_routing_storage_append_seconds"),
-    ("storage: CQL append (LWT commit point)", 'switchboard_storage_backend_duration_seconds{op="append"}'),
-    ("storage: CQL dedupe lookup", 'switchboard_storage_backend_duration_seconds{op="lookup_dedupe"}'),
-    ("storage: CQL last seq", 'switchboard_storage_backend_duration_seconds{op="last_seq"}'),
-    ("presence: RouteConversation (interest index)", 'switchboard_presence_rpc_seconds{method="route_conversation"}'),
-]
-print("| hop | calls | mean |")
-print("|---|---:|---:|")
-for name, key in hops:
-    c = counts.get(key, 0)
-    mean = sums.get(key, 0) / c * 1000 if c else float("nan")
-    print(f"| {name} | {int(c)} | {mean:.2f} ms |")
-PY
+    loadtest/hops.py "$OUT/metrics-$id.txt"
 }
 
 if [ -n "$SCENARIO" ]; then

@@ -96,6 +96,11 @@ if [ -n "$SCENARIO" ]; then
         "$LOAD" run "$file" --url ws://127.0.0.1:8080/v1/connect \
             --report-dir "$OUT/$name" --server-pid "$SERVER_PID" \
             "${SCENARIO_PHASES[@]}" || status=1
+        # Where the time went, from the services' histograms.
+        for port in 19191 19192 19193 19194; do
+            curl -fs "http://127.0.0.1:$port/metrics" || true
+        done >"$OUT/$name/metrics.txt"
+        loadtest/hops.py "$OUT/$name/metrics.txt" | tee "$OUT/$name/hops.md"
         stop_server
     done
     echo "reports in $OUT"
