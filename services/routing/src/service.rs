@@ -205,37 +205,42 @@ impl RoutingService {
             .try_acquire()
             .map_err(|_| RoutingError::Unavailable("routing is overloaded; retry".into()))?;
 
-        // Fast path for retries of an event that is already stored. It comes before
-        // the membership and authorization checks: a retried delete, kick or leave
-        // would fail them now that the first attempt took effect, and must return the
-        // original instead (only the sender's own events are found this way).
-        let known = self
-            .node
-            .storage
-            .clone()
-            .lookup_dedupe(LookupDedupeRequest {
-                sender_id: req.sender_id.clone(),
-                client_msg_id: req.client_msg_id.clone(),
-            })
-            .await
-            .map_err(|st| RoutingError::peer("storage LookupDedupe", &st))?
-            .into_inner()
-            .message;
-        if let Some(stored) = known {
-            tracing::Span::current().record("seq", stored.seq);
-            return Ok(result_of(&stored, true));
-        }
-
         let members = self
             .node
             .members
             .get_checking(&req.conversation_id, &req.sender_id)
             .await?;
-        if !members.contains(&req.sender_id) {
+        let member = members.contains(&req.sender_id);
+        let needs_authorization = kind.needs_authorization(&req);
+
+        // A retry of an event that is already stored returns the original. A plain
+        // message from a member needs no lookup here: the partition owner's Append
+        // finds its dedupe key and answers with the stored message, so the common
+        // send saves a storage round trip. Everything else is looked up before the
+        // checks, which a retried delete, kick or leave (or a message sent before
+        // the sender left) would fail now that the first attempt took effect (only
+        // the sender's own events are found this way).
+        if !member || needs_authorization || kind != EventKind::Message {
+            let known = self
+                .node
+                .storage
+                .clone()
+                .lookup_dedupe(LookupDedupeRequest {
+                    sender_id: req.sender_id.clone(),
+                    client_msg_id: req.client_msg_id.clone(),
+                })
+                .await
+                .map_err(|st| RoutingError::peer("storage LookupDedupe", &st))?
+                .into_inner()
+                .message;
+            if let Some(stored) = known {
+                tracing::Span::current().record("seq", stored.seq);
+                return Ok(result_of(&stored, true));
+            }
+        }
+        if !member {
             return Err(RoutingError::NotMember(req.conversation_id));
         }
-
-        let needs_authorization = kind.needs_authorization(&req);
         let content_type = match kind {
             EventKind::Message | EventKind::Edit if req.content_type.is_empty() => {
                 DEFAULT_CONTENT_TYPE.to_owned()

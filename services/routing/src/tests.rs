@@ -41,6 +41,8 @@ struct StorageState {
     /// (conversation, user) bans (Append applies members_banned).
     banned: HashSet<(String, String)>,
     webhooks: Vec<Webhook>,
+    /// LookupDedupe calls answered.
+    lookups: usize,
     /// The user_id of every History call.
     history_users: Vec<String>,
     /// The webhook_id of every History call.
@@ -390,7 +392,8 @@ impl Storage for FakeStorage {
         request: Request<LookupDedupeRequest>,
     ) -> Result<Response<LookupDedupeResponse>, Status> {
         let req = request.into_inner();
-        let state = self.state.lock().unwrap();
+        let mut state = self.state.lock().unwrap();
+        state.lookups += 1;
         Ok(Response::new(LookupDedupeResponse {
             message: state
                 .dedupe
@@ -879,7 +882,7 @@ async fn duplicate_client_msg_id_returns_the_original_message() {
         (1, &first.message_id, first.sent_at_ms)
     );
 
-    // Two racing retries both pass the fast path; the owner maps the second record
+    // Two racing sends of one id both reach the log; the owner maps the second record
     // to the stored message.
     let (mut c1, mut c2) = (client.clone(), client.clone());
     let (a, b) = tokio::join!(
@@ -902,6 +905,9 @@ async fn duplicate_client_msg_id_returns_the_original_message() {
         .into_inner();
     assert_eq!(next.seq, 3, "duplicates do not advance the sequence");
     assert_eq!(p.storage.stored("c1").len(), 3);
+    // Members' plain messages are deduplicated by the owner's Append: no lookup
+    // before the log.
+    assert_eq!(p.storage.state.lock().unwrap().lookups, 0);
     routing.stop().await;
 }
 
