@@ -280,6 +280,7 @@ impl Owner {
             }
         };
         tracing::Span::current().record("conversation_id", message.conversation_id.as_str());
+        let message_id = message.message_id.clone();
         let stored = self.persist(message).await?;
         tracing::Span::current().record("seq", stored.seq);
         if stored.kind == kinds::SYSTEM {
@@ -289,6 +290,14 @@ impl Owner {
         }
         // The sender is waiting for this; its other devices can be a moment later.
         self.node.waiters.complete(&stored);
+        if stored.message_id != message_id {
+            // A retry of a message another record stored (Send assigns a fresh id to
+            // every attempt): that record fans it out, or its replay does if the
+            // owner stopped first. Only the record that stored a message (first
+            // time or replayed) delivers it, so a retry never delivers it again to
+            // sessions that already hold it.
+            return Ok(());
+        }
         self.node.webhooks.wake(&stored.conversation_id);
         self.node.fan_out_message(&stored, &self.stop).await
     }

@@ -861,6 +861,7 @@ async fn concurrent_sends_to_one_conversation_get_a_gapless_sequence() {
 async fn duplicate_client_msg_id_returns_the_original_message() {
     let p = peers().await;
     p.storage.add_conversation("c1", &["alice", "bob"]);
+    p.online("bob", &p.gateway_a_url);
     let routing = start(&p.config).await;
     let mut client = routing.client.clone();
 
@@ -908,6 +909,13 @@ async fn duplicate_client_msg_id_returns_the_original_message() {
     // Members' plain messages are deduplicated by the owner's Append: no lookup
     // before the log.
     assert_eq!(p.storage.state.lock().unwrap().lookups, 0);
+    // Each message reached bob's gateway once: the retries' records did not deliver
+    // it again (only the record that stored a message fans it out).
+    let at_a = p.gateway_a.wait_deliveries(3).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let at_a_later = p.gateway_a.wait_deliveries(3).await;
+    assert_eq!(message_seqs(&at_a), vec![1, 2, 3]);
+    assert_eq!(message_seqs(&at_a_later), vec![1, 2, 3], "no redelivery");
     routing.stop().await;
 }
 
@@ -971,13 +979,20 @@ async fn invalid_sends_are_rejected_with_their_codes() {
     routing.stop().await;
 }
 
-#[tokio::test]
-async fn sends_over_the_burst_are_rate_limited() {
+/// Routing limiting each user to 1 send per second with a burst of 3, and a
+/// conversation `c1` of alice and bob.
+async fn rate_limited_routing() -> (Peers, Running) {
     let mut p = peers().await;
     p.config.routing.send_rate_per_user = 1;
     p.config.routing.send_burst_per_user = 3;
     p.storage.add_conversation("c1", &["alice", "bob"]);
     let routing = start(&p.config).await;
+    (p, routing)
+}
+
+#[tokio::test]
+async fn sends_over_the_burst_are_rate_limited() {
+    let (_p, routing) = rate_limited_routing().await;
     let mut client = routing.client.clone();
 
     // 3 tokens plus 1 per second: 8 sends finishing within 5 s must hit the limit,
@@ -1001,11 +1016,7 @@ async fn sends_over_the_burst_are_rate_limited() {
 
 #[tokio::test]
 async fn sends_delayed_before_routing_took_them_are_charged_when_accepted() {
-    let mut p = peers().await;
-    p.config.routing.send_rate_per_user = 1;
-    p.config.routing.send_burst_per_user = 3;
-    p.storage.add_conversation("c1", &["alice", "bob"]);
-    let routing = start(&p.config).await;
+    let (_p, routing) = rate_limited_routing().await;
     let mut client = routing.client.clone();
 
     // 8 sends a gateway accepted one second apart, arriving together (as from a
