@@ -565,6 +565,7 @@ mod tests {
                 "chat-1to1",
                 "connect-storm",
                 "groups",
+                "groups-100",
                 "idle-connections",
                 "large-group",
                 "smoke"

@@ -103,28 +103,16 @@ fn tls_setup() -> Setup {
 
 #[tokio::test]
 async fn messages_flow_through_redis_kafka_and_cql_over_tls() {
-    let setup = tls_setup();
-    let storage = setup.spawn(&["storage"], &[]);
-    wait_ready_long(setup.port_of("SWITCHBOARD_STORAGE__ADMIN_LISTEN"), &storage).await;
-    let presence = setup.spawn(&["presence"], &[]);
     // A broker that has just started creates its consumer-offsets topic on the first
     // group join, which can outlast the default wait for a sequence: wait longer, so
     // every ack below carries its sequence.
-    let routing = setup.spawn(
-        &["routing"],
-        &[(
+    let s = tls_setup()
+        .start_services(&[(
             "SWITCHBOARD_ROUTING__SEQUENCE_WAIT_MS".into(),
             "30000".into(),
-        )],
-    );
-    let gateway = setup.spawn(&["gateway"], &setup.gateway.env());
-    wait_ready_long(
-        setup.port_of("SWITCHBOARD_PRESENCE__ADMIN_LISTEN"),
-        &presence,
-    )
-    .await;
-    wait_ready_long(setup.port_of("SWITCHBOARD_ROUTING__ADMIN_LISTEN"), &routing).await;
-    wait_ready_long(setup.gateway.listen, &gateway).await;
+        )])
+        .await;
+    let setup = &s.setup;
 
     let (alice, mut alice_ev) = setup.connect("alice", "phone").await;
     let (bob, mut bob_ev) = setup.connect("bob", "phone").await;
@@ -170,5 +158,4 @@ async fn messages_flow_through_redis_kafka_and_cql_over_tls() {
         _ => None,
     })
     .await;
-    let _ = (&storage, &presence, &routing, &gateway);
 }
