@@ -19,7 +19,7 @@ use std::sync::Mutex;
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 use switchboard_auth::Signer;
-use switchboard_client::{Client, ConnectOptions, Direction};
+use switchboard_client::{Client, ConnectOptions};
 
 /// Messages per `history` page when checking.
 const PAGE: u32 = 200;
@@ -222,24 +222,16 @@ pub async fn check(path: &Path, url: &str, signer: &Signer) -> anyhow::Result<St
                 .with_context(|| format!("connecting to {url} as {user}"))?;
             clients.insert(user, client);
         }
-        let client = &clients[user];
-        let mut history = Vec::new();
-        let mut from = 0;
-        for _ in 0..MAX_PAGES {
-            let page = client
-                .history(conversation, from, Direction::Forward, PAGE)
-                .await
-                .with_context(|| format!("reading the history of {conversation}"))?;
-            let Some(last) = page.messages.iter().map(|m| m.seq).max() else {
-                break;
-            };
-            from = last;
-            history.extend(page.messages.into_iter().map(|m| (m.seq, m.client_msg_id)));
-            if !page.has_more {
-                break;
-            }
-        }
-        stored.insert(conversation.to_owned(), history);
+        let history = crate::history_after(&clients[user], conversation, 0, PAGE, MAX_PAGES)
+            .await
+            .with_context(|| format!("reading the history of {conversation}"))?;
+        stored.insert(
+            conversation.to_owned(),
+            history
+                .into_iter()
+                .map(|m| (m.seq, m.client_msg_id))
+                .collect(),
+        );
     }
     for client in clients.into_values() {
         client.close().await;

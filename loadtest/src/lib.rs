@@ -34,6 +34,9 @@ pub mod system;
 
 use std::time::Duration;
 
+use switchboard_client::{Client, ClientError, Direction};
+use switchboard_proto::v1::Message;
+
 /// Parse a duration such as `30s`, `500ms`, `2m` or `1h` (a bare number is seconds).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -60,6 +63,32 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// The user id of the `index`th load client.
 pub fn user_id(index: usize) -> String {
     format!("load-u{index}")
+}
+
+/// Every message of `conversation_id` after sequence `after`, oldest first, read
+/// with `history` pages of `page` messages, at most `max_pages` of them.
+pub async fn history_after(
+    client: &Client,
+    conversation_id: &str,
+    mut after: u64,
+    page: u32,
+    max_pages: usize,
+) -> Result<Vec<Message>, ClientError> {
+    let mut messages = Vec::new();
+    for _ in 0..max_pages {
+        let answer = client
+            .history(conversation_id, after, Direction::Forward, page)
+            .await?;
+        let Some(last) = answer.messages.iter().map(|m| m.seq).max() else {
+            break;
+        };
+        after = last;
+        messages.extend(answer.messages);
+        if !answer.has_more {
+            break;
+        }
+    }
+    Ok(messages)
 }
 
 #[cfg(test)]

@@ -26,9 +26,7 @@ use futures::stream::FuturesUnordered;
 use futures::StreamExt as _;
 use serde::Serialize;
 use switchboard_auth::Signer;
-use switchboard_client::{
-    Client, ClientError, Direction, Event, Events, MembersAction, DEFAULT_CONTENT_TYPE,
-};
+use switchboard_client::{Client, ClientError, Event, Events, MembersAction, DEFAULT_CONTENT_TYPE};
 use switchboard_proto::v1::{Message, SendResult, SyncCursor};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinSet;
@@ -611,25 +609,21 @@ async fn recover(client: Client, cursors: Vec<SyncCursor>) -> Result<Vec<Message
         else {
             continue;
         };
-        let mut from = messages
+        let from = messages
             .iter()
             .filter(|m| m.conversation_id == conversation_id)
             .map(|m| m.seq)
             .max()
             .unwrap_or(cursor.last_seq);
-        for _ in 0..MAX_HISTORY_PAGES {
-            let page = client
-                .history(&conversation_id, from, Direction::Forward, SYNC_LIMIT)
-                .await?;
-            let Some(last) = page.messages.iter().map(|m| m.seq).max() else {
-                break;
-            };
-            from = last;
-            messages.extend(page.messages);
-            if !page.has_more {
-                break;
-            }
-        }
+        let rest = crate::history_after(
+            &client,
+            &conversation_id,
+            from,
+            SYNC_LIMIT,
+            MAX_HISTORY_PAGES,
+        )
+        .await?;
+        messages.extend(rest);
     }
     Ok(messages)
 }

@@ -37,14 +37,7 @@ async fn cluster(extra: &[(&str, &str)]) -> Cluster {
         ("SWITCHBOARD_PRESENCE__ADMIN_LISTEN", &presence),
         ("SWITCHBOARD_ROUTING__ADMIN_LISTEN", &routing),
     ] {
-        let port = setup
-            .env
-            .iter()
-            .find(|(k, _)| k == setting)
-            .and_then(|(_, v)| v.rsplit(':').next())
-            .and_then(|p| p.parse().ok())
-            .expect("admin port in the environment");
-        wait_ready(port, proc).await;
+        wait_ready(setup.port_of(setting), proc).await;
     }
     wait_ready(setup.gateway.listen, &gateway1).await;
     wait_ready(second.listen, &gateway2).await;
