@@ -42,8 +42,8 @@ pub use api::{ApiRoute, API_ROUTES};
 pub use connection::{close_code, MAX_PENDING_REQUESTS};
 
 use metrics::Metrics;
-use requests::Peers;
 use sessions::{ConnectionSlots, Session, SessionRegistry};
+use switchboard_rpc::Peers;
 
 /// After the drain deadline, how long closing connections get to finish.
 const CLOSE_GRACE: Duration = Duration::from_secs(3);
@@ -214,6 +214,14 @@ impl Gateway {
     /// Build from configuration: token verifier (and in dev mode the signer), peer
     /// channels (lazy) and metrics. Fails on bad auth settings, before any port is bound.
     pub fn new(config: Arc<Config>) -> anyhow::Result<Gateway> {
+        let peers = Peers::remote(&config.cluster)?;
+        Gateway::with_peers(config, peers)
+    }
+
+    /// [`Gateway::new`] calling the services through `peers`; with in-process peers
+    /// the gateway registers itself there when it serves, so that deliveries from
+    /// the same process reach it directly.
+    pub fn with_peers(config: Arc<Config>, peers: Peers) -> anyhow::Result<Gateway> {
         let verifier = Verifier::from_config(&config.auth)
             .map_err(|e| anyhow::anyhow!("gateway auth: {e}"))?;
         let signer = if config.dev_mode {
@@ -231,7 +239,7 @@ impl Gateway {
             unregister_tx,
             verifier,
             signer,
-            peers: Peers::from_config(&config)?,
+            peers,
             sessions: SessionRegistry::default(),
             contacts: last_seen::ContactsCache::default(),
             slots: ConnectionSlots::new(
@@ -282,11 +290,17 @@ impl Gateway {
         reporter
             .set_serving::<v1::gateway_server::GatewayServer<deliver::GatewayService>>()
             .await;
+        let service = Arc::new(deliver::GatewayService {
+            shared: shared.clone(),
+        });
+        shared.peers.provide_gateway(
+            &shared.advertise_url,
+            service.clone(),
+            &shared.config.cluster,
+        );
         let routes = tonic::service::Routes::new(
-            v1::gateway_server::GatewayServer::new(deliver::GatewayService {
-                shared: shared.clone(),
-            })
-            .message_limits(&shared.config.cluster),
+            v1::gateway_server::GatewayServer::from_arc(service)
+                .message_limits(&shared.config.cluster),
         );
         // The three servers; any of them stopping before shutdown is a failure.
         let mut servers = tokio::task::JoinSet::new();
@@ -364,7 +378,7 @@ async fn unregister_worker(
     let calls = tokio_stream::wrappers::ReceiverStream::new(rx).for_each_concurrent(
         UNREGISTER_CONCURRENCY,
         |session_id| {
-            let mut presence = shared.peers.presence.clone();
+            let presence = shared.peers.presence.clone();
             async move {
                 // Bounded by the channel's RPC timeout; if it fails the session
                 // expires by TTL.

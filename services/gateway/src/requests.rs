@@ -31,7 +31,6 @@ use switchboard_proto::v1::{
     self, ack, client_frame::Request, server_frame::Event, Ack, ServerFrame,
 };
 use switchboard_proto::ErrorCode;
-use switchboard_rpc::{Channel, MessageLimits as _};
 use tokio::time::Instant;
 use tracing::{debug, warn, Instrument as _};
 
@@ -44,37 +43,6 @@ use crate::Shared;
 pub(crate) const MAX_LIST: usize = 1_000;
 /// Most users one session may watch.
 pub(crate) const MAX_WATCHED: usize = 1_000;
-
-/// The gRPC clients of the peer services. Channels are lazy and shared; clones are cheap.
-#[derive(Clone)]
-pub(crate) struct Peers {
-    pub presence: v1::presence_client::PresenceClient<Channel>,
-    pub routing: v1::routing_client::RoutingClient<Channel>,
-    pub storage: v1::storage_client::StorageClient<Channel>,
-}
-
-impl Peers {
-    pub(crate) fn from_config(config: &switchboard_config::Config) -> anyhow::Result<Peers> {
-        let cluster = &config.cluster;
-        Ok(Peers {
-            presence: v1::presence_client::PresenceClient::new(switchboard_rpc::channel(
-                &cluster.presence_url,
-                cluster,
-            )?)
-            .message_limits(cluster),
-            routing: v1::routing_client::RoutingClient::new(switchboard_rpc::channel(
-                &cluster.routing_url,
-                cluster,
-            )?)
-            .message_limits(cluster),
-            storage: v1::storage_client::StorageClient::new(switchboard_rpc::channel(
-                &cluster.storage_url,
-                cluster,
-            )?)
-            .message_limits(cluster),
-        })
-    }
-}
 
 /// Handle one request and build its ack. Also returns the error code when the
 /// failure counts as the client's fault (toward `gateway.max_violations`).

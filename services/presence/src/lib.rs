@@ -62,7 +62,7 @@ use prometheus::Registry;
 use switchboard_config::Config;
 use switchboard_proto::v1::presence_interest_server::PresenceInterestServer;
 use switchboard_proto::v1::presence_server::PresenceServer;
-use switchboard_rpc::{ChannelPool, MessageLimits as _};
+use switchboard_rpc::{MessageLimits as _, Peers};
 use switchboard_telemetry::Readiness;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -93,17 +93,20 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> anyhow::Re
         switchboard_telemetry::bind("presence.grpc_listen", &config.presence.grpc_listen).await?;
     let admin =
         switchboard_telemetry::bind("presence.admin_listen", &config.presence.admin_listen).await?;
-    serve(config, grpc, admin, store, shutdown).await
+    let peers = Peers::remote(&config.cluster)?;
+    serve(config, grpc, admin, store, peers, shutdown).await
 }
 
 /// Serve presence on already bound listeners with the given store, until `shutdown`
-/// is cancelled. In-flight requests finish first; then the sweeper and the notifier
+/// is cancelled; it reaches gateways through `peers` and registers itself there (so
+/// that services of the same process call it directly). In-flight requests finish first; then the sweeper and the notifier
 /// stop (a `Deliver` call in flight completes, queued presence events are dropped).
 pub async fn serve(
     config: Arc<Config>,
     grpc: TcpListener,
     admin: TcpListener,
     store: Arc<dyn SessionStore>,
+    peers: Peers,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let grpc_addr = grpc.local_addr()?;
@@ -125,7 +128,7 @@ pub async fn serve(
         admin_stop.clone(),
     ));
 
-    let pool = ChannelPool::new(config.cluster.clone());
+    let pool = peers.gateways.clone();
     let (notifications, local_rx) = Notifications::new(NOTIFY_QUEUE, metrics.clone());
     // A store shared by several instances carries changes through its feed: this
     // instance publishes its own and delivers, from everyone's, those for the gateways
@@ -195,20 +198,19 @@ pub async fn serve(
             }
         }
     });
+    let presence = Arc::new(PresenceService::new(
+        store.clone(),
+        notifications,
+        pool,
+        metrics.clone(),
+        state.clone(),
+    ));
+    let interest = Arc::new(InterestService::new(store, metrics, state));
+    peers.provide_presence(presence.clone(), interest.clone());
     let routes = tonic::service::Routes::new(
-        PresenceServer::new(PresenceService::new(
-            store.clone(),
-            notifications,
-            pool,
-            metrics.clone(),
-            state.clone(),
-        ))
-        .message_limits(&config.cluster),
+        PresenceServer::from_arc(presence).message_limits(&config.cluster),
     )
-    .add_service(
-        PresenceInterestServer::new(InterestService::new(store, metrics, state))
-            .message_limits(&config.cluster),
-    );
+    .add_service(PresenceInterestServer::from_arc(interest).message_limits(&config.cluster));
     tracing::info!(
         grpc = %grpc_addr,
         admin = %admin_addr,

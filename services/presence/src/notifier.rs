@@ -23,11 +23,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchboard_proto::v1::gateway_client::GatewayClient;
 use switchboard_proto::v1::{
     server_frame, DeliverRequest, Delivery, PresenceEvent, ServerFrame, UserPresence,
 };
-use switchboard_rpc::{ChannelPool, MessageLimits as _};
+use switchboard_rpc::GatewayPool;
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -116,7 +115,7 @@ pub(crate) async fn run_notifier(
     mut rx: mpsc::Receiver<UserPresence>,
     store: Arc<dyn SessionStore>,
     feed: Option<Arc<dyn PresenceFeed>>,
-    pool: ChannelPool,
+    pool: GatewayPool,
     metrics: Metrics,
     shutdown: CancellationToken,
 ) {
@@ -216,7 +215,7 @@ pub(crate) async fn run_notifier(
 async fn run_outbox(
     gateway_url: String,
     mut rx: mpsc::Receiver<Delivery>,
-    pool: ChannelPool,
+    pool: GatewayPool,
     metrics: Metrics,
     shutdown: CancellationToken,
 ) {
@@ -257,12 +256,12 @@ async fn run_outbox(
 async fn deliver(
     gateway_url: &str,
     deliveries: Vec<Delivery>,
-    pool: &ChannelPool,
+    pool: &GatewayPool,
     metrics: &Metrics,
 ) {
     let n = deliveries.len() as u64;
-    let channel = match pool.get(gateway_url) {
-        Ok(ch) => ch,
+    let gateway = match pool.get(gateway_url) {
+        Ok(gateway) => gateway,
         Err(e) => {
             metrics.deliver_failures.inc();
             metrics.dropped(DROP_DELIVER_FAILED, n);
@@ -270,11 +269,7 @@ async fn deliver(
             return;
         }
     };
-    match GatewayClient::new(channel)
-        .message_limits(pool.cluster())
-        .deliver(DeliverRequest { deliveries })
-        .await
-    {
+    match gateway.deliver(DeliverRequest { deliveries }).await {
         Ok(_) => metrics.events_sent.inc_by(n),
         Err(status) => {
             metrics.deliver_failures.inc();

@@ -12,7 +12,7 @@ use switchboard_proto::v1::{
     RouteRequest, RouteResponse, SetStatusRequest, SetStatusResponse, UnregisterSessionRequest,
     UnregisterSessionResponse, WatchRequest,
 };
-use switchboard_rpc::ChannelPool;
+use switchboard_rpc::GatewayPool;
 use tonic::{Request, Response, Status};
 
 use crate::error::PresenceError;
@@ -40,7 +40,7 @@ pub(crate) struct PresenceService {
     /// Queue of presence changes to tell watchers about.
     notifications: Notifications,
     /// Channels to gateways; a dropped gateway's channel is forgotten.
-    gateways: ChannelPool,
+    gateways: GatewayPool,
     metrics: Metrics,
     /// The store's epoch, and whether routes are partial while it is rebuilt.
     state: Arc<StateWatch>,
@@ -50,7 +50,7 @@ impl PresenceService {
     pub fn new(
         store: Arc<dyn SessionStore>,
         notifications: Notifications,
-        gateways: ChannelPool,
+        gateways: GatewayPool,
         metrics: Metrics,
         state: Arc<StateWatch>,
     ) -> Self {

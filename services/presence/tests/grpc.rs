@@ -162,7 +162,8 @@ async fn start_on(session_ttl_ms: u64, redis: Option<&RedisPrefix>) -> Harness {
     let grpc_addr = grpc.local_addr().unwrap();
     let admin_addr = admin.local_addr().unwrap();
     let store = build_store(&config.presence).unwrap();
-    let presence_task = tokio::spawn(serve(config, grpc, admin, store, shutdown.clone()));
+    let peers = switchboard_rpc::Peers::remote(&config.cluster).unwrap();
+    let presence_task = tokio::spawn(serve(config, grpc, admin, store, peers, shutdown.clone()));
 
     let client = PresenceClient::connect(format!("http://{grpc_addr}"))
         .await

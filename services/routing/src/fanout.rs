@@ -21,9 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prost::Message as _;
-use switchboard_proto::v1::gateway_client::GatewayClient;
 use switchboard_proto::v1::{server_frame, DeliverRequest, Delivery, Resync, ServerFrame};
-use switchboard_rpc::{ChannelPool, MessageLimits as _};
+use switchboard_rpc::{GatewayApi, GatewayPool};
 use switchboard_telemetry::TraceContext;
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio_util::sync::CancellationToken;
@@ -67,7 +66,7 @@ pub(crate) struct Fanout {
 }
 
 struct Inner {
-    pool: ChannelPool,
+    pool: GatewayPool,
     options: FanoutOptions,
     metrics: Arc<Metrics>,
     /// Queues by gateway URL. A std mutex: only map operations and `try_send`.
@@ -164,7 +163,7 @@ struct Queued {
 }
 
 impl Fanout {
-    pub fn new(pool: ChannelPool, options: FanoutOptions, metrics: Arc<Metrics>) -> Fanout {
+    pub fn new(pool: GatewayPool, options: FanoutOptions, metrics: Arc<Metrics>) -> Fanout {
         // Nothing is ever sent on this channel; it only tracks live sender tasks.
         let (done_tx, done_rx) = mpsc::channel(1);
         Fanout {
@@ -358,8 +357,8 @@ impl Inner {
         generation: u64,
         mut rx: mpsc::Receiver<Queued>,
     ) {
-        let mut client = match self.pool.get(&url) {
-            Ok(channel) => GatewayClient::new(channel).message_limits(self.pool.cluster()),
+        let client = match self.pool.get(&url) {
+            Ok(gateway) => gateway,
             Err(e) => {
                 tracing::warn!(gateway = %url, error = %e, "cannot reach gateway");
                 self.remove_queue(&url, generation, &rx, false);
@@ -402,11 +401,7 @@ impl Inner {
                 .set(rx.len() as i64);
             let span = deliver_span(&url, batch.len(), &traces);
             drop(traces);
-            if !self
-                .deliver(&mut client, &url, batch)
-                .instrument(span)
-                .await
-            {
+            if !self.deliver(&client, &url, batch).instrument(span).await {
                 // Give up on this gateway for now: drop what is queued and let the
                 // next event open a fresh queue (and connection).
                 self.remove_queue(&url, generation, &rx, false);
@@ -420,7 +415,7 @@ impl Inner {
     /// One batch with retries; false if it was dropped.
     async fn deliver(
         self: &Arc<Self>,
-        client: &mut GatewayClient<switchboard_rpc::Channel>,
+        client: &GatewayApi,
         url: &str,
         batch: Vec<Delivery>,
     ) -> bool {
@@ -500,16 +495,12 @@ impl Inner {
                 break;
             };
             let sent = match self.pool.get(&url) {
-                Ok(channel) => {
-                    let mut client =
-                        GatewayClient::new(channel).message_limits(self.pool.cluster());
-                    client
-                        .deliver(DeliverRequest {
-                            deliveries: vec![delivery],
-                        })
-                        .await
-                        .is_ok()
-                }
+                Ok(gateway) => gateway
+                    .deliver(DeliverRequest {
+                        deliveries: vec![delivery],
+                    })
+                    .await
+                    .is_ok(),
                 Err(_) => false,
             };
             let mut map = self.missed.lock().unwrap_or_else(|p| p.into_inner());
@@ -541,7 +532,7 @@ impl Inner {
     /// One Deliver request with retries; false if it still failed.
     async fn deliver_request(
         &self,
-        client: &mut GatewayClient<switchboard_rpc::Channel>,
+        client: &GatewayApi,
         url: &str,
         request: &DeliverRequest,
         n: usize,

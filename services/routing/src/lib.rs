@@ -40,11 +40,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchboard_config::Config;
-use switchboard_proto::v1::presence_client::PresenceClient;
-use switchboard_proto::v1::presence_interest_client::PresenceInterestClient;
 use switchboard_proto::v1::routing_server::RoutingServer;
-use switchboard_proto::v1::storage_client::StorageClient;
-use switchboard_rpc::{ChannelPool, MessageLimits as _};
+use switchboard_rpc::{MessageLimits as _, Peers};
 use switchboard_telemetry::Readiness;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -83,11 +80,13 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> anyhow::Re
         switchboard_telemetry::bind("routing.grpc_listen", &config.routing.grpc_listen).await?;
     let admin =
         switchboard_telemetry::bind("routing.admin_listen", &config.routing.admin_listen).await?;
-    serve(config, grpc, admin, shutdown).await
+    let peers = Peers::remote(&config.cluster)?;
+    serve(config, grpc, admin, peers, shutdown).await
 }
 
 /// Run the routing service on listeners bound by the caller (tests, or a process
-/// that binds every port before starting anything).
+/// that binds every port before starting anything). It calls storage, presence and
+/// gateways through `peers` and registers itself there.
 ///
 /// Shutdown order: readiness goes false and new sends are refused; the gRPC server
 /// finishes in-flight calls (each bounded by `routing.sequence_wait_ms` plus the RPC
@@ -97,6 +96,7 @@ pub async fn serve(
     config: Arc<Config>,
     grpc_listener: TcpListener,
     admin_listener: TcpListener,
+    peers: Peers,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     // A child token: a failure here stops this service, not the caller's others.
@@ -118,7 +118,7 @@ pub async fn serve(
         _ = shutdown.cancelled() => None,
     };
     let node = match opened {
-        Some(Ok(log)) => build_node(config.clone(), log, metrics, readiness.clone()),
+        Some(Ok(log)) => build_node(config.clone(), log, &peers, metrics, readiness.clone()),
         Some(Err(e)) => Err(e),
         None => {
             // Stopped before the log opened.
@@ -147,9 +147,10 @@ pub async fn serve(
     health_reporter
         .set_serving::<RoutingServer<RoutingService>>()
         .await;
+    let service = Arc::new(RoutingService::new(node.clone(), shutdown.clone()));
+    peers.provide_routing(service.clone());
     let routes = tonic::service::Routes::new(
-        RoutingServer::new(RoutingService::new(node.clone(), shutdown.clone()))
-            .message_limits(&config.cluster),
+        RoutingServer::from_arc(service).message_limits(&config.cluster),
     );
     node.health.set_serving(true);
     tracing::info!(
@@ -197,17 +198,13 @@ pub async fn serve(
 fn build_node(
     config: Arc<Config>,
     log: Arc<dyn EventLog>,
+    peers: &Peers,
     metrics: Arc<metrics::Metrics>,
     readiness: Readiness,
 ) -> anyhow::Result<Arc<node::Node>> {
-    let cluster = &config.cluster;
-    let storage = StorageClient::new(switchboard_rpc::channel(&cluster.storage_url, cluster)?)
-        .message_limits(cluster);
-    let presence_channel = switchboard_rpc::channel(&cluster.presence_url, cluster)?;
-    let interest = PresenceInterestClient::new(presence_channel.clone()).message_limits(cluster);
-    let presence = PresenceClient::new(presence_channel).message_limits(cluster);
+    let storage = peers.storage.clone();
     let fanout = fanout::Fanout::new(
-        ChannelPool::new(config.cluster.clone()),
+        peers.gateways.clone(),
         fanout::FanoutOptions {
             queue: config.routing.deliver_queue,
             batch: config.routing.deliver_batch,
@@ -221,8 +218,8 @@ fn build_node(
         config,
         log,
         storage,
-        presence,
-        interest,
+        presence: peers.presence.clone(),
+        interest: peers.interest.clone(),
         interest_supported: std::sync::atomic::AtomicBool::new(true),
         fanout,
         gateways: Default::default(),

@@ -18,10 +18,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use switchboard_proto::v1::storage_client::StorageClient;
 use switchboard_proto::v1::GetConversationRequest;
 use switchboard_proto::ErrorCode;
-use switchboard_rpc::Channel;
+use switchboard_rpc::StorageApi;
 use tokio::time::Instant;
 
 use crate::error::RoutingError;
@@ -48,7 +47,7 @@ impl Members {
 
 /// Members by conversation with a TTL, bounded by `max_entries`.
 pub(crate) struct MemberCache {
-    storage: StorageClient<Channel>,
+    storage: StorageApi,
     ttl: Duration,
     max_entries: usize,
     /// A std mutex: lookups and inserts only, never held across the storage call.
@@ -56,7 +55,7 @@ pub(crate) struct MemberCache {
 }
 
 impl MemberCache {
-    pub fn new(storage: StorageClient<Channel>, ttl: Duration, max_entries: usize) -> MemberCache {
+    pub fn new(storage: StorageApi, ttl: Duration, max_entries: usize) -> MemberCache {
         MemberCache {
             storage,
             ttl,

@@ -7,15 +7,12 @@ use std::time::Duration;
 
 use switchboard_config::Config;
 use switchboard_proto::timeline::kinds;
-use switchboard_proto::v1::presence_client::PresenceClient;
-use switchboard_proto::v1::presence_interest_client::PresenceInterestClient;
 use switchboard_proto::v1::server_frame::Event;
-use switchboard_proto::v1::storage_client::StorageClient;
 use switchboard_proto::v1::{
     Delivery, GatewayRoute, Message, MessageEvent, RouteConversationRequest, RouteRequest,
     ServerFrame,
 };
-use switchboard_rpc::Channel;
+use switchboard_rpc::{PresenceApi, PresenceInterestApi, StorageApi};
 use switchboard_telemetry::Readiness;
 use tokio_util::sync::CancellationToken;
 
@@ -51,10 +48,10 @@ pub(crate) struct Routed {
 pub(crate) struct Node {
     pub config: Arc<Config>,
     pub log: Arc<dyn EventLog>,
-    pub storage: StorageClient<Channel>,
-    pub presence: PresenceClient<Channel>,
+    pub storage: StorageApi,
+    pub presence: PresenceApi,
     /// Presence's cached per-conversation routes (the interest index).
-    pub interest: PresenceInterestClient<Channel>,
+    pub interest: PresenceInterestApi,
     /// False once presence answered `unimplemented` (an older presence): fan-out then
     /// routes every member with `Route`.
     pub interest_supported: AtomicBool,

@@ -737,6 +737,7 @@ async fn start(config: &Config) -> Running {
         Arc::new(config.clone()),
         grpc,
         admin,
+        switchboard_rpc::Peers::remote(&config.cluster).unwrap(),
         shutdown.clone(),
     ));
     let channel =
@@ -1207,6 +1208,7 @@ async fn node_with_untrimmed_log(p: &Peers) -> Arc<crate::node::Node> {
     crate::build_node(
         Arc::new(p.config.clone()),
         Arc::new(log),
+        &switchboard_rpc::Peers::remote(&p.config.cluster).unwrap(),
         metrics,
         switchboard_telemetry::Readiness::new(),
     )

@@ -10,6 +10,10 @@
 //! `cluster.insecure_no_credential`. The message size limits (`cluster.max_message_bytes`)
 //! are applied by [`MessageLimits`], on every generated client and server.
 //!
+//! [`Peers`] is the one place a process builds the handles of the services it calls:
+//! over gRPC, or straight to the implementation when the services share the process
+//! (see [`peers`]).
+//!
 //! It owns no contract (those are in `switchboard-proto`) and no service behaviour.
 
 use std::convert::Infallible;
@@ -29,6 +33,11 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Endpoint;
 
 pub use tonic_health::server::HealthReporter;
+
+pub mod peers;
+pub use peers::{
+    GatewayApi, GatewayPool, Peers, PresenceApi, PresenceInterestApi, RoutingApi, StorageApi,
+};
 
 /// The metadata key of the cluster credential on internal calls.
 pub const CREDENTIAL_METADATA: &str = "x-switchboard-cluster-credential";
@@ -245,52 +254,6 @@ pub fn health() -> (
     tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
 ) {
     tonic_health::server::health_reporter()
-}
-
-/// Channels to peers known only at run time (gateways, by the URL they advertise),
-/// created on first use and shared afterwards.
-#[derive(Clone)]
-pub struct ChannelPool {
-    cluster: ClusterConfig,
-    channels: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Channel>>>,
-}
-
-impl ChannelPool {
-    pub fn new(cluster: ClusterConfig) -> Self {
-        ChannelPool {
-            cluster,
-            channels: Default::default(),
-        }
-    }
-
-    /// The cluster settings the channels are built with.
-    pub fn cluster(&self) -> &ClusterConfig {
-        &self.cluster
-    }
-
-    /// The channel to `url`, creating it on first use.
-    pub fn get(&self, url: &str) -> anyhow::Result<Channel> {
-        // A std mutex is right here: the critical section is a map lookup or insert,
-        // never held across an await.
-        let mut channels = self
-            .channels
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(ch) = channels.get(url) {
-            return Ok(ch.clone());
-        }
-        let ch = channel(url, &self.cluster)?;
-        channels.insert(url.to_owned(), ch.clone());
-        Ok(ch)
-    }
-
-    /// Forget a peer (for example a gateway that went away).
-    pub fn remove(&self, url: &str) {
-        self.channels
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .remove(url);
-    }
 }
 
 /// Exponential backoff with jitter, for retrying a peer or backend that is away: each

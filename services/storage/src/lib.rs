@@ -40,7 +40,7 @@ use std::time::Duration;
 use anyhow::Context;
 use switchboard_config::Config;
 use switchboard_proto::v1::storage_server::StorageServer;
-use switchboard_rpc::MessageLimits as _;
+use switchboard_rpc::{MessageLimits as _, Peers};
 use switchboard_telemetry::Readiness;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -138,14 +138,18 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> anyhow::Re
         switchboard_telemetry::bind("storage.grpc_listen", &config.storage.grpc_listen).await?;
     let admin =
         switchboard_telemetry::bind("storage.admin_listen", &config.storage.admin_listen).await?;
-    serve(config, grpc, admin, shutdown).await
+    let peers = Peers::remote(&config.cluster)?;
+    serve(config, grpc, admin, peers, shutdown).await
 }
 
-/// [`run`] on listeners bound by the caller (tests bind `127.0.0.1:0`).
+/// [`run`] on listeners bound by the caller (tests bind `127.0.0.1:0`). The service
+/// registers itself with `peers`, so that services of the same process call it
+/// directly.
 pub async fn serve(
     config: Arc<Config>,
     grpc_listener: TcpListener,
     admin_listener: TcpListener,
+    peers: Peers,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let registry = prometheus::Registry::new();
@@ -185,9 +189,10 @@ pub async fn serve(
 
     let (reporter, health) = switchboard_rpc::health();
     reporter.set_serving::<StorageServer<StorageGrpc>>().await;
-    let routes = tonic::service::Routes::new(
-        StorageServer::new(StorageGrpc::new(service)).message_limits(&config.cluster),
-    );
+    let grpc = Arc::new(StorageGrpc::new(service));
+    peers.provide_storage(grpc.clone());
+    let routes =
+        tonic::service::Routes::new(StorageServer::from_arc(grpc).message_limits(&config.cluster));
     let addr = grpc_listener.local_addr()?;
     if !shutdown.is_cancelled() {
         readiness.set(true);
@@ -211,9 +216,14 @@ pub async fn serve(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use switchboard_proto::v1::storage_client::StorageClient;
+
+    /// The peers of a storage service alone in its process: it calls no one.
+    pub(crate) fn peers() -> Peers {
+        Peers::remote(&switchboard_config::ClusterConfig::default()).unwrap()
+    }
     use switchboard_proto::{
         status_error_code, AppendRequest, CreateConversationRequest, ErrorCode, HistoryRequest,
         LastSeqRequest, Message, StorageHistoryRequest,
@@ -253,7 +263,14 @@ mod tests {
         config.storage.sqlite_path = dir.path().display().to_string();
         let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let result = serve(Arc::new(config), grpc, admin, CancellationToken::new()).await;
+        let result = serve(
+            Arc::new(config),
+            grpc,
+            admin,
+            peers(),
+            CancellationToken::new(),
+        )
+        .await;
         assert!(result.is_err());
     }
 
@@ -268,7 +285,13 @@ mod tests {
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (grpc_addr, admin_addr) = (grpc.local_addr().unwrap(), admin.local_addr().unwrap());
         let shutdown = CancellationToken::new();
-        let server = tokio::spawn(serve(Arc::new(config), grpc, admin, shutdown.clone()));
+        let server = tokio::spawn(serve(
+            Arc::new(config),
+            grpc,
+            admin,
+            peers(),
+            shutdown.clone(),
+        ));
 
         let mut client = StorageClient::connect(format!("http://{grpc_addr}"))
             .await
@@ -360,7 +383,13 @@ mod tests {
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let grpc_addr = grpc.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let server = tokio::spawn(serve(Arc::new(config), grpc, admin, shutdown.clone()));
+        let server = tokio::spawn(serve(
+            Arc::new(config),
+            grpc,
+            admin,
+            peers(),
+            shutdown.clone(),
+        ));
         let mut client = StorageClient::connect(format!("http://{grpc_addr}"))
             .await
             .unwrap();

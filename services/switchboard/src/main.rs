@@ -166,6 +166,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if config.cluster.credential.is_empty() {
                 config.cluster.credential = switchboard_auth::generate_secret().into();
             }
+            refuse_foreign_urls(&config)?;
             runtime()?.block_on(standalone(Arc::new(config), generated))
         }
         Command::Gateway | Command::Presence | Command::Routing | Command::Storage => {
@@ -196,6 +197,49 @@ fn load_standalone(
     let mut config = Config::load_with_base(STANDALONE_DEV_BASE, file, env)?;
     let generated = switchboard_auth::ensure_dev_secret(&mut config.auth, &config.data_dir)?;
     Ok((config, generated.is_some()))
+}
+
+/// Standalone calls its own services in the process and never uses `cluster.*_url`.
+/// A URL set to anything but the default or this process's own listener shows that
+/// the operator expected another instance's service to be used: refuse, and say so,
+/// rather than silently ignore it.
+fn refuse_foreign_urls(config: &Config) -> anyhow::Result<()> {
+    let defaults = switchboard_config::ClusterConfig::default();
+    let urls = [
+        (
+            "cluster.presence_url",
+            &config.cluster.presence_url,
+            &defaults.presence_url,
+            "presence.grpc_listen",
+            &config.presence.grpc_listen,
+        ),
+        (
+            "cluster.routing_url",
+            &config.cluster.routing_url,
+            &defaults.routing_url,
+            "routing.grpc_listen",
+            &config.routing.grpc_listen,
+        ),
+        (
+            "cluster.storage_url",
+            &config.cluster.storage_url,
+            &defaults.storage_url,
+            "storage.grpc_listen",
+            &config.storage.grpc_listen,
+        ),
+    ];
+    for (setting, url, default, listen_setting, listen) in urls {
+        let url = url.trim_end_matches('/');
+        let own = client_url(listen);
+        let own_localhost = own.replace("127.0.0.1", "localhost");
+        if url == default.trim_end_matches('/') || url == own || url == own_localhost {
+            continue;
+        }
+        anyhow::bail!(
+            "{setting} = {url} points elsewhere than this process's {listen_setting}              ({listen}): standalone runs the four services in one process and calls them              directly, so it would not use that service; remove the setting, or run the              services separately (switchboard gateway|presence|routing|storage)"
+        );
+    }
+    Ok(())
 }
 
 /// Read the cluster credential once (from its file if so configured), so every
@@ -337,7 +381,10 @@ async fn standalone(config: Arc<Config>, generated_secret: bool) -> anyhow::Resu
     let presence_admin = bind("presence.admin_listen", &config.presence.admin_listen).await?;
     let routing_grpc = bind("routing.grpc_listen", &config.routing.grpc_listen).await?;
     let routing_admin = bind("routing.admin_listen", &config.routing.admin_listen).await?;
-    let gateway_service = switchboard_gateway::Gateway::new(config.clone())?;
+    // The services call each other in this process, straight to the implementation;
+    // the gRPC listeners serve outside callers only (operators' tools, probes).
+    let peers = switchboard_rpc::Peers::in_process(&config.cluster);
+    let gateway_service = switchboard_gateway::Gateway::with_peers(config.clone(), peers.clone())?;
     let gateway_listeners = switchboard_gateway::Listeners::bind(&config).await?;
     let url = client_url(&gateway_listeners.http.local_addr()?.to_string());
 
@@ -347,21 +394,21 @@ async fn standalone(config: Arc<Config>, generated_secret: bool) -> anyhow::Resu
     let gateway_stop = CancellationToken::new();
     let mut backends = JoinSet::new();
     {
-        let (c, s) = (config.clone(), backend_stop.clone());
+        let (c, p, s) = (config.clone(), peers.clone(), backend_stop.clone());
         backends.spawn(async move {
-            let served = switchboard_storage::serve(c, storage_grpc, storage_admin, s).await;
+            let served = switchboard_storage::serve(c, storage_grpc, storage_admin, p, s).await;
             ("storage", served)
         });
-        let (c, s) = (config.clone(), backend_stop.clone());
+        let (c, p, s) = (config.clone(), peers.clone(), backend_stop.clone());
         backends.spawn(async move {
             let served =
-                switchboard_presence::serve(c, presence_grpc, presence_admin, presence_store, s)
+                switchboard_presence::serve(c, presence_grpc, presence_admin, presence_store, p, s)
                     .await;
             ("presence", served)
         });
-        let (c, s) = (config.clone(), backend_stop.clone());
+        let (c, p, s) = (config.clone(), peers, backend_stop.clone());
         backends.spawn(async move {
-            let served = switchboard_routing::serve(c, routing_grpc, routing_admin, s).await;
+            let served = switchboard_routing::serve(c, routing_grpc, routing_admin, p, s).await;
             ("routing", served)
         });
     }

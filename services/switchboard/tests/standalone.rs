@@ -960,3 +960,71 @@ async fn trace_logging_shows_no_message_content() {
     }
     assert!(!output.contains(SECRET), "the secret was logged");
 }
+
+/// A setup whose services listen on ports of their own but leave `cluster.*_url` at
+/// the defaults: the documented way to run a second standalone on one machine.
+fn setup_without_urls() -> Setup {
+    let mut setup = Setup::new(true);
+    setup
+        .env
+        .retain(|(k, _)| !(k.starts_with("SWITCHBOARD_CLUSTER__") && k.ends_with("_URL")));
+    setup
+}
+
+#[tokio::test]
+async fn two_standalones_on_one_machine_keep_their_data_apart() {
+    let first = setup_without_urls();
+    let second = setup_without_urls();
+    let _a = first.standalone().await;
+    let _b = second.standalone().await;
+    let (alice_first, _e1) = first.connect("alice", "d").await;
+    let (alice_second, _e2) = second.connect("alice", "d").await;
+    let group = alice_first
+        .create_group("first only", ["bob"])
+        .await
+        .unwrap();
+    alice_first
+        .send(&group.conversation_id, "hello first")
+        .await
+        .unwrap();
+    let listed_first = alice_first.conversations().await.unwrap();
+    assert_eq!(listed_first.len(), 1, "{listed_first:?}");
+    let listed_second = alice_second.conversations().await.unwrap();
+    assert!(
+        listed_second.is_empty(),
+        "the second standalone sees the first one's group: {listed_second:?}"
+    );
+    let refused = code_of(alice_second.send(&group.conversation_id, "x").await);
+    assert!(
+        matches!(refused, ErrorCode::NotFound | ErrorCode::NotMember),
+        "a send into the other instance's group: {refused:?}"
+    );
+}
+
+#[tokio::test]
+async fn standalone_refuses_a_url_that_points_at_another_instance() {
+    let first = setup_without_urls();
+    let storage_of_first = first.port_of("SWITCHBOARD_STORAGE__GRPC_LISTEN");
+    let second = setup_without_urls();
+    let mut proc = second.spawn(
+        &["standalone"],
+        &[(
+            "SWITCHBOARD_CLUSTER__STORAGE_URL".into(),
+            format!("http://127.0.0.1:{storage_of_first}"),
+        )],
+    );
+    wait_exit(&mut proc).await;
+    assert!(
+        !proc.is_running(),
+        "standalone started with a foreign storage URL"
+    );
+    let output = proc.output();
+    assert!(
+        output.contains("cluster.storage_url") && output.contains("storage.grpc_listen"),
+        "{output}"
+    );
+    assert!(!output.contains("open http"), "{output}");
+    // Its own listener (as the test setups configure it) is fine.
+    let own = Setup::new(true);
+    let _running = own.standalone().await;
+}

@@ -17,6 +17,7 @@ async fn start_storage(config: &Config) -> (String, CancellationToken) {
         Arc::new(config.clone()),
         grpc,
         admin,
+        switchboard_rpc::Peers::remote(&config.cluster).unwrap(),
         shutdown.clone(),
     ));
     (url, shutdown)

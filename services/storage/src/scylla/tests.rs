@@ -180,7 +180,14 @@ async fn a_schema_behind_is_refused_without_migrate_on_start() {
     // The service refuses to start on it, with the same message.
     let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let served = crate::serve(Arc::new(config), grpc, admin, CancellationToken::new()).await;
+    let served = crate::serve(
+        Arc::new(config),
+        grpc,
+        admin,
+        crate::tests::peers(),
+        CancellationToken::new(),
+    )
+    .await;
     let err = served.expect_err("refused");
     assert!(err.to_string().contains("switchboard migrate"), "{err}");
 }
@@ -606,6 +613,7 @@ async fn the_service_waits_for_an_unreachable_server_and_becomes_ready_when_it_a
         Arc::new(config),
         grpc,
         admin,
+        crate::tests::peers(),
         shutdown.clone(),
     ));
     // Admin endpoints answer while the store is being waited for: alive, not ready.
@@ -643,6 +651,7 @@ async fn shutdown_while_waiting_for_the_server_returns() {
         Arc::new(config),
         grpc,
         admin,
+        crate::tests::peers(),
         shutdown.clone(),
     ));
     shutdown.cancel();
