@@ -233,6 +233,12 @@ impl storage_server::Storage for FakeStorage {
     ) -> Result<Response<v1::AppendResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
+    async fn append_batch(
+        &self,
+        _: Request<v1::AppendBatchRequest>,
+    ) -> Result<Response<v1::AppendBatchResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
     async fn lookup_dedupe(
         &self,
         _: Request<v1::LookupDedupeRequest>,

@@ -17,9 +17,11 @@ pub(crate) struct Metrics {
     pub messages_sequenced: IntCounter,
     /// Records that mapped to an already stored message (retries, replays).
     pub duplicates_sequenced: IntCounter,
-    /// Time of one storage Append call.
+    /// Time of one storage AppendBatch call (the records of one conversation).
     pub storage_append_seconds: Histogram,
-    /// Storage Append calls that failed (and were retried).
+    /// Records persisted by one storage AppendBatch call.
+    pub storage_append_batch: Histogram,
+    /// Storage AppendBatch calls that failed (and were retried).
     pub storage_append_failures: IntCounter,
     /// Send calls that stopped waiting for their sequence (acked with seq 0).
     pub sequence_wait_timeouts: IntCounter,
@@ -93,11 +95,18 @@ impl Metrics {
             )?,
             storage_append_seconds: histogram(
                 "switchboard_routing_storage_append_seconds",
-                "time of one storage Append call",
+                "time of one storage AppendBatch call (one conversation's records of a poll)",
+            )?,
+            storage_append_batch: Histogram::with_opts(
+                HistogramOpts::new(
+                    "switchboard_routing_storage_append_batch_records",
+                    "records persisted by one storage AppendBatch call",
+                )
+                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]),
             )?,
             storage_append_failures: IntCounter::new(
                 "switchboard_routing_storage_append_failures_total",
-                "storage Append calls that failed and were retried",
+                "storage AppendBatch calls that failed and were retried",
             )?,
             sequence_wait_timeouts: IntCounter::new(
                 "switchboard_routing_sequence_wait_timeouts_total",
@@ -191,6 +200,7 @@ impl Metrics {
         registry.register(Box::new(m.duplicates_sequenced.clone()))?;
         registry.register(Box::new(m.storage_append_seconds.clone()))?;
         registry.register(Box::new(m.storage_append_failures.clone()))?;
+        registry.register(Box::new(m.storage_append_batch.clone()))?;
         registry.register(Box::new(m.sequence_wait_timeouts.clone()))?;
         registry.register(Box::new(m.deliver_calls.clone()))?;
         registry.register(Box::new(m.deliver_failures.clone()))?;

@@ -1,18 +1,21 @@
 //! Partition owners: the one place a conversation's sequence is assigned.
 //!
 //! One task per owned partition reads the log in offset order from the committed
-//! offset and, for each record: takes the conversation's next sequence (cached,
-//! initialised from storage `LastSeq` on first touch), has storage persist the
-//! message (`Append`, retried with capped backoff forever, so no record is ever
-//! skipped and the sequence stays gapless), wakes the send waiting for it, and fans
-//! it out. Records of one conversation are handled strictly one after the other, in
-//! offset order; the conversations of one polled batch proceed side by side (at most
-//! [`CONCURRENT_CONVERSATIONS`] at once), so one slow conversation or a storage
-//! round trip per message does not hold up the rest of the partition. Offsets are
-//! committed only after storage has persisted every record below them (a whole
-//! batch), every [`COMMIT_EVERY`] records or [`COMMIT_INTERVAL`]. Replaying
-//! records after a crash is safe: `Append` dedupes by (sender, client_msg_id) and
-//! returns the stored message, and gateways drop sequences a session already has.
+//! offset. The records of one poll are grouped by conversation (the record key); for
+//! each conversation, storage persists all its records of the poll in one
+//! `AppendBatch` call (one SQLite transaction; split only by the message size limit)
+//! with sequences from the conversation's next one (cached, initialised from storage
+//! `LastSeq` on first touch), retried with capped backoff forever, so no record is
+//! ever skipped and the sequence stays gapless. Then each record, in offset order,
+//! wakes the send waiting for it and is fanned out. A conversation's records are
+//! handled strictly in offset order; the conversations of one poll proceed side by
+//! side (at most [`CONCURRENT_CONVERSATIONS`] at once), so one slow conversation does
+//! not hold up the rest of the partition, and a busy conversation pays one storage
+//! round trip per poll, not per message. Offsets are committed only after storage has
+//! persisted every record below them (a whole poll), every [`COMMIT_EVERY`] records
+//! or [`COMMIT_INTERVAL`]. Replaying records after a crash is safe: `AppendBatch`
+//! dedupes by (sender, client_msg_id) and returns the stored message, and gateways
+//! drop sequences a session already has.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -22,7 +25,7 @@ use std::time::Duration;
 
 use prost::Message as _;
 use switchboard_proto::timeline::kinds;
-use switchboard_proto::v1::{AppendRequest, LastSeqRequest, Message};
+use switchboard_proto::v1::{AppendBatchRequest, LastSeqRequest, Message};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -33,6 +36,9 @@ use crate::node::{Node, Stopped};
 const COMMIT_EVERY: u64 = 256;
 const COMMIT_INTERVAL: Duration = Duration::from_millis(20);
 const POLL_MAX: usize = 256;
+/// Most records of one conversation in one storage AppendBatch call (storage takes
+/// up to 512).
+const MAX_APPEND_BATCH: usize = 256;
 const POLL_WAIT: Duration = Duration::from_millis(500);
 const BACKOFF_START: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -208,12 +214,7 @@ impl Owner {
             }
         }
         let results: Vec<Result<(), Stopped>> = futures::stream::iter(groups)
-            .map(|group| async move {
-                for record in group {
-                    self.process(record).await?;
-                }
-                Ok(())
-            })
+            .map(|group| self.process_conversation(group))
             .buffer_unordered(CONCURRENT_CONVERSATIONS)
             .collect()
             .await;
@@ -243,46 +244,71 @@ impl Owner {
         }
     }
 
-    /// Sequence, persist and fan out one record, in a `routing.sequence` span that
-    /// continues the trace of the Send that appended it (the record's `traceparent`).
-    async fn process(&self, record: LogRecord) -> Result<(), Stopped> {
-        let span = tracing::info_span!(
-            parent: None,
-            "routing.sequence",
-            otel.kind = "consumer",
-            service = "routing",
-            partition = self.partition,
-            offset = record.offset,
-            conversation_id = tracing::field::Empty,
-            seq = tracing::field::Empty,
-            duplicate = tracing::field::Empty,
-        );
-        switchboard_telemetry::set_parent(
-            &span,
-            switchboard_telemetry::context_from_traceparent(&record.traceparent),
-        );
-        self.process_in_span(record).instrument(span).await
+    /// Sequence, persist and fan out the records of one conversation (one key) of a
+    /// poll, in offset order: storage persists them in as few AppendBatch calls as
+    /// the message size limit allows, then each is completed and fanned out in order.
+    /// Each record has a `routing.sequence` span that continues the trace of the Send
+    /// that appended it (the record's `traceparent`); the storage call is a child of
+    /// the first record's.
+    async fn process_conversation(&self, records: Vec<LogRecord>) -> Result<(), Stopped> {
+        let mut sequenced: Vec<(tracing::Span, Message)> = Vec::with_capacity(records.len());
+        for record in records {
+            let span = tracing::info_span!(
+                parent: None,
+                "routing.sequence",
+                otel.kind = "consumer",
+                service = "routing",
+                partition = self.partition,
+                offset = record.offset,
+                conversation_id = tracing::field::Empty,
+                seq = tracing::field::Empty,
+                duplicate = tracing::field::Empty,
+            );
+            switchboard_telemetry::set_parent(
+                &span,
+                switchboard_telemetry::context_from_traceparent(&record.traceparent),
+            );
+            match Message::decode(record.value.as_slice()) {
+                Ok(m) if !m.conversation_id.is_empty() => {
+                    span.record("conversation_id", m.conversation_id.as_str());
+                    sequenced.push((span, m));
+                }
+                other => {
+                    // Only this service writes records; this is corruption, and no
+                    // retry can make it a message.
+                    tracing::error!(
+                        partition = self.partition,
+                        offset = record.offset,
+                        decoded = other.is_ok(),
+                        "undecodable record skipped"
+                    );
+                }
+            }
+        }
+        let mut start = 0;
+        while start < sequenced.len() {
+            let end = chunk_end(
+                &sequenced[start..],
+                self.node.config.cluster.max_message_bytes / 2,
+            ) + start;
+            let chunk = &sequenced[start..end];
+            let messages: Vec<Message> = chunk.iter().map(|(_, m)| m.clone()).collect();
+            let stored = self.persist(messages, &chunk[0].0).await?;
+            for ((span, message), (stored, duplicate)) in chunk.iter().zip(stored) {
+                span.record("seq", stored.seq);
+                span.record("duplicate", duplicate);
+                self.sequenced(&message.message_id, stored)
+                    .instrument(span.clone())
+                    .await?;
+            }
+            start = end;
+        }
+        Ok(())
     }
 
-    async fn process_in_span(&self, record: LogRecord) -> Result<(), Stopped> {
-        let message = match Message::decode(record.value.as_slice()) {
-            Ok(m) if !m.conversation_id.is_empty() => m,
-            other => {
-                // Only this service writes records; this is corruption, and no
-                // retry can make it a message.
-                tracing::error!(
-                    partition = self.partition,
-                    offset = record.offset,
-                    decoded = other.is_ok(),
-                    "undecodable record skipped"
-                );
-                return Ok(());
-            }
-        };
-        tracing::Span::current().record("conversation_id", message.conversation_id.as_str());
-        let message_id = message.message_id.clone();
-        let stored = self.persist(message).await?;
-        tracing::Span::current().record("seq", stored.seq);
+    /// What follows persisting one record: wake its Send, and fan the message out if
+    /// this record stored it.
+    async fn sequenced(&self, message_id: &str, stored: Message) -> Result<(), Stopped> {
         if stored.kind == kinds::SYSTEM {
             // Storage applied the membership change with the event: the next send's
             // membership check and this event's fan-out read the new member list.
@@ -302,48 +328,72 @@ impl Owner {
         self.node.fan_out_message(&stored, &self.stop).await
     }
 
-    /// Assign the next sequence and have storage persist the message; returns the
-    /// stored message (the earlier one if this was a duplicate).
-    async fn persist(&self, message: Message) -> Result<Message, Stopped> {
-        let conversation_id = message.conversation_id.clone();
+    /// Have storage persist `messages` (one conversation's records, in offset
+    /// order), assigning the next sequences; returns the stored message of each (the
+    /// earlier one for a duplicate) and whether it was one, in order. Retried with capped backoff until it
+    /// succeeds (or the owner stops), so no record is skipped and the sequence stays
+    /// gapless. `first_span` is the first record's span, the parent of the calls.
+    async fn persist(
+        &self,
+        messages: Vec<Message>,
+        first_span: &tracing::Span,
+    ) -> Result<Vec<(Message, bool)>, Stopped> {
+        let conversation_id = messages[0].conversation_id.clone();
+        let mut stored: Vec<(Message, bool)> = Vec::with_capacity(messages.len());
         let mut backoff = BACKOFF_START;
-        loop {
+        while stored.len() < messages.len() {
             let last = match self.cached_seq(&conversation_id) {
                 Some(last) => last,
                 None => self.load_last_seq(&conversation_id).await?,
             };
-            let mut candidate = message.clone();
-            candidate.seq = last + 1;
+            let rest = messages[stored.len()..].to_vec();
+            let sent = rest.len();
             let started = Instant::now();
-            let mut request = tonic::Request::new(AppendRequest {
-                message: Some(candidate),
+            let mut request = tonic::Request::new(AppendBatchRequest {
+                messages: rest,
+                first_seq: last + 1,
             });
-            switchboard_telemetry::inject(&mut request);
-            let reply = self.node.storage.clone().append(request).await;
+            first_span.in_scope(|| switchboard_telemetry::inject(&mut request));
+            let reply = self
+                .node
+                .storage
+                .append_batch(request)
+                .instrument(first_span.clone())
+                .await;
             self.node
                 .metrics
                 .storage_append_seconds
                 .observe(started.elapsed().as_secs_f64());
             match reply.map(|r| r.into_inner()) {
-                Ok(reply) => {
-                    let Some(stored) = reply.message else {
-                        tracing::error!(conversation_id = %conversation_id, "storage append returned no message");
-                        self.sleep(backoff).await?;
-                        backoff = (backoff * 2).min(BACKOFF_MAX);
-                        continue;
-                    };
+                Ok(reply) if !reply.results.is_empty() && reply.results.len() <= sent => {
                     self.node.health.set_failing(self.partition, false);
-                    tracing::Span::current().record("duplicate", reply.duplicate);
-                    if reply.duplicate {
-                        // A retry or a replay: it keeps its stored sequence and the
-                        // conversation's sequence does not advance.
-                        self.node.metrics.duplicates_sequenced.inc();
-                    } else {
-                        self.cache_seq(&conversation_id, Some(stored.seq));
-                        self.node.metrics.messages_sequenced.inc();
-                        tracing::debug!(conversation_id = %conversation_id, seq = stored.seq, "message sequenced");
+                    self.node
+                        .metrics
+                        .storage_append_batch
+                        .observe(reply.results.len() as f64);
+                    for result in reply.results {
+                        let Some(message) = result.message else {
+                            tracing::error!(conversation_id = %conversation_id, "storage append returned no message");
+                            break;
+                        };
+                        if result.duplicate {
+                            // A retry or a replay: it keeps its stored sequence and
+                            // the conversation's sequence does not advance.
+                            self.node.metrics.duplicates_sequenced.inc();
+                        } else {
+                            self.cache_seq(&conversation_id, Some(message.seq));
+                            self.node.metrics.messages_sequenced.inc();
+                            tracing::debug!(conversation_id = %conversation_id, seq = message.seq, "message sequenced");
+                        }
+                        stored.push((message, result.duplicate));
                     }
-                    return Ok(stored);
+                    backoff = BACKOFF_START;
+                }
+                Ok(reply) => {
+                    tracing::error!(conversation_id = %conversation_id, results = reply.results.len(), sent, "storage append batch answered a wrong number of results");
+                    self.cache_seq(&conversation_id, None);
+                    self.sleep(backoff).await?;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
                 Err(status) if is_sequence_conflict(&status) => {
                     // Someone else wrote this sequence: our cache is stale.
@@ -360,6 +410,7 @@ impl Owner {
                 }
             }
         }
+        Ok(stored)
     }
 
     async fn load_last_seq(&self, conversation_id: &str) -> Result<u64, Stopped> {
@@ -398,4 +449,18 @@ fn is_sequence_conflict(status: &tonic::Status) -> bool {
         status.code(),
         tonic::Code::AlreadyExists | tonic::Code::FailedPrecondition | tonic::Code::Aborted
     )
+}
+
+/// The end of the first chunk of `records` that fits one storage call: as many as
+/// keep the encoded messages within `max_bytes` (at least one: a single record always
+/// fits, the gateway bounds its size), and at most the store's batch limit.
+fn chunk_end(records: &[(tracing::Span, Message)], max_bytes: usize) -> usize {
+    let mut bytes = 0;
+    for (i, (_, message)) in records.iter().enumerate() {
+        bytes += message.encoded_len() + 8;
+        if i > 0 && (bytes > max_bytes || i >= MAX_APPEND_BATCH) {
+            return i;
+        }
+    }
+    records.len()
 }

@@ -387,6 +387,35 @@ impl Storage for FakeStorage {
         Ok(Response::new(reply))
     }
 
+    /// Single appends one after the other, stopping at the first failure once one
+    /// succeeded, as a store without transactions does.
+    async fn append_batch(
+        &self,
+        request: Request<AppendBatchRequest>,
+    ) -> Result<Response<AppendBatchResponse>, Status> {
+        let request = request.into_inner();
+        let mut next = request.first_seq;
+        let mut results = Vec::new();
+        for mut message in request.messages {
+            message.seq = next;
+            let call = Request::new(AppendRequest {
+                message: Some(message),
+            });
+            match self.append(call).await {
+                Ok(reply) => {
+                    let reply = reply.into_inner();
+                    if !reply.duplicate {
+                        next += 1;
+                    }
+                    results.push(reply);
+                }
+                Err(status) if results.is_empty() => return Err(status),
+                Err(_) => break,
+            }
+        }
+        Ok(Response::new(AppendBatchResponse { results }))
+    }
+
     async fn lookup_dedupe(
         &self,
         request: Request<LookupDedupeRequest>,

@@ -148,6 +148,7 @@ api!(
         list_conversations(ListConversationsRequest) -> ConversationListResult;
         last_seq(LastSeqRequest) -> LastSeqResponse;
         append(AppendRequest) -> AppendResponse;
+        append_batch(AppendBatchRequest) -> AppendBatchResponse;
         lookup_dedupe(LookupDedupeRequest) -> LookupDedupeResponse;
         history(StorageHistoryRequest) -> HistoryResult;
         sync(StorageSyncRequest) -> SyncResult;

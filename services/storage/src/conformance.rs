@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use switchboard_proto::{
-    AdvanceWebhookRequest, AppendRequest, AppendResponse, AuthorizeRequest, ChangeMembersRequest,
-    Conversation, CreateConversationRequest, DeleteWebhookRequest, ErrorCode,
+    AdvanceWebhookRequest, AppendBatchRequest, AppendRequest, AppendResponse, AuthorizeRequest,
+    ChangeMembersRequest, Conversation, CreateConversationRequest, DeleteWebhookRequest, ErrorCode,
     GetConversationRequest, HistoryRequest, HistoryResult, LastSeqRequest,
     ListConversationsRequest, ListWebhooksRequest, LookupDedupeRequest, Message,
     NotificationTargetsRequest, PutWebhookRequest, ReactionCount, ReadMarker, ReceiptsRequest,
@@ -762,6 +762,109 @@ pub(crate) async fn appends_are_gapless_and_deduplicated(factory: &dyn StoreFact
     assert_eq!(code(missing), ErrorCode::InvalidRequest);
     let conv = h.get(&id, "").await.unwrap();
     assert_eq!(conv.last_seq, 4);
+}
+
+pub(crate) async fn batches_append_in_order_like_single_appends(factory: &dyn StoreFactory) {
+    let id = {
+        let h = Harness::open(factory, 200).await;
+        let id = h.direct("alice", "bob").await.conversation_id;
+        let first = h.append(&id, 1, "alice", "c1").await.unwrap();
+        let first = first.message.unwrap();
+        let with_id = |mut m: Message, client_msg_id: &str| {
+            m.client_msg_id = client_msg_id.into();
+            m
+        };
+        let batch = vec![
+            with_id(text(&id, "alice", "two"), "c2"),
+            // Known from an earlier append, and from earlier in this batch.
+            with_id(text(&id, "alice", "again"), "c1"),
+            with_id(text(&id, "alice", "two again"), "c2"),
+            with_id(text(&id, "bob", "three"), "c3"),
+            // An effect on an event of the same batch.
+            with_id(edit(&id, "alice", 2, "two, edited"), "c4"),
+            // No client id: never a duplicate.
+            text(&id, "bob", "five"),
+        ];
+        let reply = h
+            .svc
+            .append_batch(AppendBatchRequest {
+                messages: batch,
+                first_seq: 2,
+            })
+            .await
+            .unwrap();
+        let answered: Vec<(u64, bool)> = reply
+            .results
+            .iter()
+            .map(|r| (r.message.as_ref().unwrap().seq, r.duplicate))
+            .collect();
+        assert_eq!(
+            answered,
+            [
+                (2, false),
+                (1, true),
+                (2, true),
+                (3, false),
+                (4, false),
+                (5, false)
+            ]
+        );
+        assert_eq!(reply.results[1].message.as_ref(), Some(&first));
+        assert_eq!(reply.results[2].message.as_ref().unwrap().body, "two");
+        assert!(reply.results.iter().all(|r| {
+            let m = r.message.as_ref().unwrap();
+            !m.message_id.is_empty() && m.sent_at_ms == T0
+        }));
+        assert_eq!(h.last_seq(&id).await, 5);
+
+        // A batch that does not start at the next sequence writes nothing.
+        let stale = h
+            .svc
+            .append_batch(AppendBatchRequest {
+                messages: vec![
+                    with_id(text(&id, "alice", "x"), "c6"),
+                    with_id(text(&id, "alice", "y"), "c7"),
+                ],
+                first_seq: 5,
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            stale.to_string().contains("expected seq 6, got 5"),
+            "{stale}"
+        );
+        assert_eq!(h.last_seq(&id).await, 5);
+        assert_eq!(h.lookup("alice", "c6").await, None);
+
+        let empty = h
+            .svc
+            .append_batch(AppendBatchRequest {
+                messages: vec![],
+                first_seq: 6,
+            })
+            .await;
+        assert_eq!(code(empty), ErrorCode::InvalidRequest);
+        let other = h.direct("alice", "carol").await.conversation_id;
+        let mixed = h
+            .svc
+            .append_batch(AppendBatchRequest {
+                messages: vec![text(&id, "alice", "x"), text(&other, "alice", "y")],
+                first_seq: 6,
+            })
+            .await;
+        assert_eq!(code(mixed), ErrorCode::InvalidRequest);
+        assert_eq!(h.last_seq(&other).await, 0, "nothing of a refused batch");
+        id
+    };
+    // Durable like single appends.
+    let h = Harness::open(factory, 200).await;
+    let page = h.history("bob", &id, 0, "forward", 0).await.unwrap();
+    assert_eq!(seqs(&page.messages), [1, 2, 3, 4, 5]);
+    assert_eq!(page.messages[1].body, "two, edited");
+    assert!(page.messages[1].edited_at_ms > 0);
+    assert_eq!(page.messages[2].sender_id, "bob");
+    assert!(!h.append(&id, 6, "alice", "c3").await.unwrap().duplicate);
+    assert!(h.append(&id, 7, "bob", "c3").await.unwrap().duplicate);
 }
 
 pub(crate) async fn stored_data_survives_reopening(factory: &dyn StoreFactory) {
@@ -2575,6 +2678,7 @@ macro_rules! history_store_conformance {
             member_count_is_capped,
             reads_require_membership,
             appends_are_gapless_and_deduplicated,
+            batches_append_in_order_like_single_appends,
             stored_data_survives_reopening,
             history_pages_both_directions,
             sync_returns_what_was_missed,

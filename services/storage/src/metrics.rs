@@ -148,6 +148,21 @@ impl HistoryStore for Instrumented {
         .await
     }
 
+    async fn append_batch(
+        &self,
+        messages: Vec<Message>,
+        first_seq: u64,
+        dedupe_since_ms: i64,
+        now_ms: i64,
+    ) -> Result<Vec<Appended>> {
+        self.observe(
+            "append_batch",
+            self.inner
+                .append_batch(messages, first_seq, dedupe_since_ms, now_ms),
+        )
+        .await
+    }
+
     async fn lookup_dedupe(
         &self,
         sender_id: &str,

@@ -9,15 +9,16 @@ use std::time::Duration;
 use switchboard_config::StorageConfig;
 use switchboard_proto::v1::storage_server::Storage;
 use switchboard_proto::{
-    AdvanceWebhookRequest, AppendRequest, AppendResponse, AuthorizeRequest, AuthorizeResponse,
-    ChangeMembersRequest, Conversation, ConversationListResult, CreateConversationRequest,
-    DeleteWebhookRequest, DeleteWebhookResponse, GetConversationRequest, HistoryResult,
-    LastSeqRequest, LastSeqResponse, ListConversationsRequest, ListWebhooksRequest,
-    ListWebhooksResponse, LookupDedupeRequest, LookupDedupeResponse, Message,
-    NotificationTargetsRequest, NotificationTargetsResponse, PutWebhookRequest, ReadMarker,
-    ReceiptsResult, SetNotificationRequest, SetNotificationResponse, SetReadMarkerRequest,
-    SharedContactsRequest, SharedContactsResponse, StorageHistoryRequest, StorageReceiptsRequest,
-    StorageSyncRequest, StorageThreadRequest, SyncResult, ThreadResult, Webhook,
+    AdvanceWebhookRequest, AppendBatchRequest, AppendBatchResponse, AppendRequest, AppendResponse,
+    AuthorizeRequest, AuthorizeResponse, ChangeMembersRequest, Conversation,
+    ConversationListResult, CreateConversationRequest, DeleteWebhookRequest, DeleteWebhookResponse,
+    GetConversationRequest, HistoryResult, LastSeqRequest, LastSeqResponse,
+    ListConversationsRequest, ListWebhooksRequest, ListWebhooksResponse, LookupDedupeRequest,
+    LookupDedupeResponse, Message, NotificationTargetsRequest, NotificationTargetsResponse,
+    PutWebhookRequest, ReadMarker, ReceiptsResult, SetNotificationRequest, SetNotificationResponse,
+    SetReadMarkerRequest, SharedContactsRequest, SharedContactsResponse, StorageHistoryRequest,
+    StorageReceiptsRequest, StorageSyncRequest, StorageThreadRequest, SyncResult, ThreadResult,
+    Webhook,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -28,7 +29,7 @@ use crate::error::{Result, StorageError};
 use crate::metrics::{Instrumented, StorageMetrics};
 use crate::rules;
 use crate::store::{
-    actions, kinds, ConversationKind, Direction, HistoryStore, MarkerKind, MemberAction,
+    actions, kinds, Appended, ConversationKind, Direction, HistoryStore, MarkerKind, MemberAction,
     MemberChange, NewConversation, NewWebhook, PageQuery, ThreadQuery,
 };
 
@@ -247,28 +248,53 @@ impl StorageService {
     /// Persist a sequenced message (gapless), or return the stored one for a known
     /// dedupe key. `message_id` and `sent_at_ms` are filled in when empty.
     pub async fn append(&self, req: AppendRequest) -> Result<AppendResponse> {
-        let mut message = req
+        let message = req
             .message
             .ok_or_else(|| StorageError::InvalidRequest("message is required".into()))?;
-        rules::validate_id("conversation_id", &message.conversation_id)?;
-        rules::validate_id("sender_id", &message.sender_id)?;
-        rules::validate_optional_id("client_msg_id", &message.client_msg_id)?;
-        rules::validate_optional_id("sender_device", &message.sender_device)?;
-        if message.seq == 0 || i64::try_from(message.seq).is_err() {
-            return Err(StorageError::InvalidRequest(format!(
-                "seq {} is out of range",
-                message.seq
-            )));
-        }
+        check_seq(message.seq)?;
         let now_ms = self.now_ms();
-        if message.message_id.is_empty() {
-            message.message_id = uuid::Uuid::now_v7().to_string();
-        }
-        if message.sent_at_ms == 0 {
-            message.sent_at_ms = now_ms;
-        }
+        let message = prepare_append(message, now_ms)?;
         let since = now_ms.saturating_sub(self.settings.dedupe_window_ms);
         let appended = self.store.append(message, since, now_ms).await?;
+        Ok(self.appended(appended).await)
+    }
+
+    /// [`StorageService::append`] of several events of one conversation in one store
+    /// call (see `HistoryStore::append_batch`).
+    pub async fn append_batch(&self, req: AppendBatchRequest) -> Result<AppendBatchResponse> {
+        let Some(conversation_id) = req.messages.first().map(|m| m.conversation_id.clone()) else {
+            return Err(StorageError::InvalidRequest("messages are required".into()));
+        };
+        if req.messages.len() > MAX_APPEND_BATCH {
+            return Err(StorageError::InvalidRequest(format!(
+                "at most {MAX_APPEND_BATCH} messages per batch"
+            )));
+        }
+        check_seq(req.first_seq)?;
+        let now_ms = self.now_ms();
+        let mut messages = Vec::with_capacity(req.messages.len());
+        for message in req.messages {
+            if message.conversation_id != conversation_id {
+                return Err(StorageError::InvalidRequest(
+                    "a batch holds the events of one conversation".into(),
+                ));
+            }
+            messages.push(prepare_append(message, now_ms)?);
+        }
+        let since = now_ms.saturating_sub(self.settings.dedupe_window_ms);
+        let appended = self
+            .store
+            .append_batch(messages, req.first_seq, since, now_ms)
+            .await?;
+        let mut results = Vec::with_capacity(appended.len());
+        for appended in appended {
+            results.push(self.appended(appended).await);
+        }
+        Ok(AppendBatchResponse { results })
+    }
+
+    /// What follows a stored (or deduplicated) append, and its answer.
+    async fn appended(&self, appended: Appended) -> AppendResponse {
         if appended.duplicate {
             tracing::debug!(
                 conversation_id = %appended.message.conversation_id,
@@ -278,10 +304,10 @@ impl StorageService {
         } else {
             self.remove_revoked_webhooks(&appended.message).await;
         }
-        Ok(AppendResponse {
+        AppendResponse {
             message: Some(appended.message),
             duplicate: appended.duplicate,
-        })
+        }
     }
 
     pub async fn lookup_dedupe(&self, req: LookupDedupeRequest) -> Result<LookupDedupeResponse> {
@@ -898,6 +924,34 @@ pub fn spawn_dedupe_purger(
     })
 }
 
+/// Most events in one `AppendBatch` (the partition owner sends at most a poll).
+pub const MAX_APPEND_BATCH: usize = 512;
+
+fn check_seq(seq: u64) -> Result<()> {
+    if seq == 0 || i64::try_from(seq).is_err() {
+        return Err(StorageError::InvalidRequest(format!(
+            "seq {seq} is out of range"
+        )));
+    }
+    Ok(())
+}
+
+/// Validate an event to append and fill what the owner may leave to storage (the
+/// message id, the time).
+fn prepare_append(mut message: Message, now_ms: i64) -> Result<Message> {
+    rules::validate_id("conversation_id", &message.conversation_id)?;
+    rules::validate_id("sender_id", &message.sender_id)?;
+    rules::validate_optional_id("client_msg_id", &message.client_msg_id)?;
+    rules::validate_optional_id("sender_device", &message.sender_device)?;
+    if message.message_id.is_empty() {
+        message.message_id = uuid::Uuid::now_v7().to_string();
+    }
+    if message.sent_at_ms == 0 {
+        message.sent_at_ms = now_ms;
+    }
+    Ok(message)
+}
+
 /// The gRPC face of [`StorageService`].
 #[derive(Clone)]
 pub struct StorageGrpc {
@@ -1056,6 +1110,41 @@ impl Storage for StorageGrpc {
         reply(result)
     }
 
+    async fn append_batch(
+        &self,
+        request: Request<AppendBatchRequest>,
+    ) -> std::result::Result<Response<AppendBatchResponse>, Status> {
+        // Child of the partition owner's `routing.persist` span.
+        let first = request.get_ref().messages.first();
+        let span = tracing::info_span!(
+            "storage.AppendBatch",
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            service = "storage",
+            conversation_id = first.map_or("", |m| m.conversation_id.as_str()),
+            first_seq = request.get_ref().first_seq,
+            messages = request.get_ref().messages.len(),
+            duplicates = tracing::field::Empty,
+        );
+        switchboard_telemetry::set_parent(
+            &span,
+            switchboard_telemetry::extract(request.metadata()),
+        );
+        let result = self
+            .service
+            .append_batch(request.into_inner())
+            .instrument(span.clone())
+            .await;
+        match &result {
+            Ok(r) => span.record(
+                "duplicates",
+                r.results.iter().filter(|r| r.duplicate).count(),
+            ),
+            Err(_) => span.record("otel.status_code", "error"),
+        };
+        reply(result)
+    }
+
     async fn lookup_dedupe(
         &self,
         request: Request<LookupDedupeRequest>,
@@ -1129,6 +1218,15 @@ pub(crate) mod tests {
         }
         async fn append(&self, m: Message, since: i64, now: i64) -> Result<Appended> {
             self.inner.append(m, since, now).await
+        }
+        async fn append_batch(
+            &self,
+            m: Vec<Message>,
+            first: u64,
+            since: i64,
+            now: i64,
+        ) -> Result<Vec<Appended>> {
+            self.inner.append_batch(m, first, since, now).await
         }
         async fn lookup_dedupe(&self, s: &str, c: &str, since: i64) -> Result<Option<Message>> {
             self.inner.lookup_dedupe(s, c, since).await

@@ -722,6 +722,115 @@ fn direct_key(members: &[String]) -> String {
     pair.join(&PAIR_SEPARATOR.to_string())
 }
 
+/// Append one event inside the caller's write transaction (see
+/// [`HistoryStore::append`]): answered from its dedupe key, or stored with its effects
+/// at `message.seq`, which must be the conversation's next sequence.
+fn append_in(
+    tx: &Connection,
+    message: Message,
+    dedupe_since_ms: i64,
+    now_ms: i64,
+) -> DbResult<Appended> {
+    if !message.client_msg_id.is_empty() {
+        if let Some(stored) = dedupe_hit(
+            tx,
+            &message.sender_id,
+            &message.client_msg_id,
+            dedupe_since_ms,
+        )? {
+            return Ok(Appended {
+                message: stored,
+                duplicate: true,
+            });
+        }
+    }
+    let id = &message.conversation_id;
+    let last: Option<i64> = tx
+        .prepare_cached("SELECT last_seq FROM conversations WHERE conversation_id = ?1")?
+        .query_row([id], |r| r.get(0))
+        .optional()?;
+    let last = last.ok_or_else(|| StorageError::NotFound(id.clone()))? as u64;
+    if message.seq != last + 1 {
+        return Err(StorageError::SequenceConflict {
+            conversation_id: id.clone(),
+            expected: last + 1,
+            got: message.seq,
+        }
+        .into());
+    }
+    let seq = seq_param(message.seq);
+    let mut message = message;
+    message.edited_at_ms = 0;
+    message.deleted = false;
+    message.reactions.clear();
+    message.reply_count = 0;
+    apply_effects(&tx, &mut message, now_ms)?;
+    let id = &message.conversation_id;
+    tx.prepare_cached(
+        "INSERT INTO messages (conversation_id, seq, message_id, sender_id,
+             sender_device, client_msg_id, body, content_type, sent_at_ms, kind,
+             target_seq, reply_to_seq, thread_root_seq, mentions, emoji, remove,
+             system, from_bot)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
+             ?16, ?17, ?18)",
+    )?
+    .execute(params![
+        id,
+        seq,
+        message.message_id,
+        message.sender_id,
+        message.sender_device,
+        message.client_msg_id,
+        message.body,
+        message.content_type,
+        message.sent_at_ms,
+        message.kind,
+        seq_param(message.target_seq),
+        seq_param(message.reply_to_seq),
+        seq_param(message.thread_root_seq),
+        join_ids(&message.mentions),
+        message.emoji,
+        message.remove,
+        message.system.as_ref().map(|s| s.encode_to_vec()),
+        message.from_bot
+    ])?;
+    tx.prepare_cached("INSERT OR IGNORE INTO senders (conversation_id, user_id) VALUES (?1, ?2)")?
+        .execute(params![id, message.sender_id])?;
+    if kinds::is_message(&message.kind) {
+        let mut insert = tx.prepare_cached(
+            "INSERT OR IGNORE INTO mentions (conversation_id, user_id, seq)
+             VALUES (?1, ?2, ?3)",
+        )?;
+        for user in &message.mentions {
+            insert.execute(params![id, user, seq])?;
+        }
+    }
+    if !message.client_msg_id.is_empty() {
+        // Replaces an expired key of the same pair, if any.
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO dedupe_keys
+                 (sender_id, client_msg_id, conversation_id, seq, created_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?
+        .execute(params![
+            message.sender_id,
+            message.client_msg_id,
+            id,
+            seq,
+            now_ms
+        ])?;
+    }
+    tx.prepare_cached(
+        "UPDATE conversations SET last_seq = ?2, updated_at_ms = ?3
+         WHERE conversation_id = ?1",
+    )?
+    .execute(params![id, seq, now_ms])?;
+    Ok(Appended {
+        message,
+        duplicate: false,
+    })
+}
+
 /// The effects of appending `event` (see [`HistoryStore::append`]), inside the
 /// append's transaction. May clear the event's own body: an edit of a message that
 /// is already deleted keeps no copy of the text.
@@ -1167,110 +1276,36 @@ impl HistoryStore for SqliteStore {
         self.writer
             .call(move |conn| {
                 let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                if !message.client_msg_id.is_empty() {
-                    if let Some(stored) = dedupe_hit(
-                        &tx,
-                        &message.sender_id,
-                        &message.client_msg_id,
-                        dedupe_since_ms,
-                    )? {
-                        tx.commit()?;
-                        return Ok(Appended {
-                            message: stored,
-                            duplicate: true,
-                        });
-                    }
-                }
-                let id = &message.conversation_id;
-                let last: Option<i64> = tx
-                    .prepare_cached(
-                        "SELECT last_seq FROM conversations WHERE conversation_id = ?1",
-                    )?
-                    .query_row([id], |r| r.get(0))
-                    .optional()?;
-                let last = last.ok_or_else(|| StorageError::NotFound(id.clone()))? as u64;
-                if message.seq != last + 1 {
-                    return Err(StorageError::SequenceConflict {
-                        conversation_id: id.clone(),
-                        expected: last + 1,
-                        got: message.seq,
-                    }
-                    .into());
-                }
-                let seq = seq_param(message.seq);
-                let mut message = message;
-                message.edited_at_ms = 0;
-                message.deleted = false;
-                message.reactions.clear();
-                message.reply_count = 0;
-                apply_effects(&tx, &mut message, now_ms)?;
-                let id = &message.conversation_id;
-                tx.prepare_cached(
-                    "INSERT INTO messages (conversation_id, seq, message_id, sender_id,
-                         sender_device, client_msg_id, body, content_type, sent_at_ms, kind,
-                         target_seq, reply_to_seq, thread_root_seq, mentions, emoji, remove,
-                         system, from_bot)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
-                         ?16, ?17, ?18)",
-                )?
-                .execute(params![
-                    id,
-                    seq,
-                    message.message_id,
-                    message.sender_id,
-                    message.sender_device,
-                    message.client_msg_id,
-                    message.body,
-                    message.content_type,
-                    message.sent_at_ms,
-                    message.kind,
-                    seq_param(message.target_seq),
-                    seq_param(message.reply_to_seq),
-                    seq_param(message.thread_root_seq),
-                    join_ids(&message.mentions),
-                    message.emoji,
-                    message.remove,
-                    message.system.as_ref().map(|s| s.encode_to_vec()),
-                    message.from_bot
-                ])?;
-                tx.prepare_cached(
-                    "INSERT OR IGNORE INTO senders (conversation_id, user_id) VALUES (?1, ?2)",
-                )?
-                .execute(params![id, message.sender_id])?;
-                if kinds::is_message(&message.kind) {
-                    let mut insert = tx.prepare_cached(
-                        "INSERT OR IGNORE INTO mentions (conversation_id, user_id, seq)
-                         VALUES (?1, ?2, ?3)",
-                    )?;
-                    for user in &message.mentions {
-                        insert.execute(params![id, user, seq])?;
-                    }
-                }
-                if !message.client_msg_id.is_empty() {
-                    // Replaces an expired key of the same pair, if any.
-                    tx.prepare_cached(
-                        "INSERT OR REPLACE INTO dedupe_keys
-                             (sender_id, client_msg_id, conversation_id, seq, created_at_ms)
-                         VALUES (?1, ?2, ?3, ?4, ?5)",
-                    )?
-                    .execute(params![
-                        message.sender_id,
-                        message.client_msg_id,
-                        id,
-                        seq,
-                        now_ms
-                    ])?;
-                }
-                tx.prepare_cached(
-                    "UPDATE conversations SET last_seq = ?2, updated_at_ms = ?3
-                     WHERE conversation_id = ?1",
-                )?
-                .execute(params![id, seq, now_ms])?;
+                let appended = append_in(&tx, message, dedupe_since_ms, now_ms)?;
                 tx.commit()?;
-                Ok(Appended {
-                    message,
-                    duplicate: false,
-                })
+                Ok(appended)
+            })
+            .await
+    }
+
+    async fn append_batch(
+        &self,
+        messages: Vec<Message>,
+        first_seq: u64,
+        dedupe_since_ms: i64,
+        now_ms: i64,
+    ) -> Result<Vec<Appended>> {
+        // All or nothing: one transaction (one commit) for the whole batch.
+        self.writer
+            .call(move |conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let mut next = first_seq;
+                let mut results = Vec::with_capacity(messages.len());
+                for mut message in messages {
+                    message.seq = next;
+                    let appended = append_in(&tx, message, dedupe_since_ms, now_ms)?;
+                    if !appended.duplicate {
+                        next += 1;
+                    }
+                    results.push(appended);
+                }
+                tx.commit()?;
+                Ok(results)
             })
             .await
     }

@@ -298,6 +298,24 @@ pub trait HistoryStore: Send + Sync + 'static {
     async fn append(&self, message: Message, dedupe_since_ms: i64, now_ms: i64)
         -> Result<Appended>;
 
+    /// Several events of ONE conversation, in log order, appended as [`append`] would
+    /// one after the other: each non-duplicate takes the next sequence from
+    /// `first_seq` on (`message.seq` of the input is ignored), a duplicate (also of an
+    /// earlier event of the batch) takes none. `first_seq` must be `last_seq + 1`
+    /// (`SequenceConflict`, nothing written). Returns the results of a prefix of the
+    /// batch, at least the first event; an error means nothing of the batch was
+    /// appended by this call. SQLite writes the whole batch in one transaction;
+    /// [`append_each`] is the one-by-one form (which may stop early).
+    ///
+    /// [`append`]: HistoryStore::append
+    async fn append_batch(
+        &self,
+        messages: Vec<Message>,
+        first_seq: u64,
+        dedupe_since_ms: i64,
+        now_ms: i64,
+    ) -> Result<Vec<Appended>>;
+
     /// The message stored under (sender, client_msg_id) if its key is at or after
     /// `since_ms`.
     async fn lookup_dedupe(
@@ -436,4 +454,34 @@ pub trait HistoryStore: Send + Sync + 'static {
 
     /// Delete at most `max_rows` dedupe keys stored before `before_ms`; returns how many.
     async fn purge_dedupe(&self, before_ms: i64, max_rows: u32) -> Result<u64>;
+}
+
+/// [`HistoryStore::append_batch`] as single appends, one after the other: stops at the
+/// first failure once something was appended (the caller sends the rest again).
+pub(crate) async fn append_each<S: HistoryStore + ?Sized>(
+    store: &S,
+    messages: Vec<Message>,
+    first_seq: u64,
+    dedupe_since_ms: i64,
+    now_ms: i64,
+) -> Result<Vec<Appended>> {
+    let mut next = first_seq;
+    let mut results = Vec::with_capacity(messages.len());
+    for mut message in messages {
+        message.seq = next;
+        match store.append(message, dedupe_since_ms, now_ms).await {
+            Ok(appended) => {
+                if !appended.duplicate {
+                    next += 1;
+                }
+                results.push(appended);
+            }
+            Err(e) if results.is_empty() => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, appended = results.len(), "append batch stopped early");
+                break;
+            }
+        }
+    }
+    Ok(results)
 }

@@ -226,12 +226,15 @@ async fn one_message_is_one_trace(mut setup: Setup) {
     assert_eq!(sequence.attributes["seq"], seq);
     assert_eq!(sequence.attributes["offset"], route.attributes["offset"]);
 
-    // storage persists it as a child of the sequencing step.
-    let append = one(&trace, "storage.Append");
+    // storage persists it (in a batch of the conversation's records of one poll,
+    // this one alone) as a child of the sequencing step.
+    let append = one(&trace, "storage.AppendBatch");
     assert_eq!(append.service, "switchboard-storage");
     assert_eq!(append.parent_span_id, sequence.span_id);
-    assert_eq!(append.attributes["seq"], seq);
-    assert_eq!(append.attributes["duplicate"], "false");
+    assert_eq!(append.attributes["first_seq"], seq);
+    assert_eq!(append.attributes["messages"], "1");
+    assert_eq!(append.attributes["duplicates"], "0");
+    assert_eq!(sequence.attributes["duplicate"], "false");
 
     // Fan-out to the gateway bob is on, and that gateway's Deliver under it.
     let second_url = format!("http://127.0.0.1:{}", second.grpc);

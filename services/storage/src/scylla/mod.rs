@@ -2013,6 +2013,17 @@ impl HistoryStore for ScyllaStore {
         Ok(last)
     }
 
+    async fn append_batch(
+        &self,
+        messages: Vec<Message>,
+        first_seq: u64,
+        dedupe_since_ms: i64,
+        now_ms: i64,
+    ) -> Result<Vec<Appended>> {
+        // Each append takes its own lightweight transactions: one by one.
+        crate::store::append_each(self, messages, first_seq, dedupe_since_ms, now_ms).await
+    }
+
     async fn append(
         &self,
         mut message: Message,
