@@ -764,7 +764,7 @@ fn append_in(
     message.deleted = false;
     message.reactions.clear();
     message.reply_count = 0;
-    apply_effects(&tx, &mut message, now_ms)?;
+    apply_effects(tx, &mut message, now_ms)?;
     let id = &message.conversation_id;
     tx.prepare_cached(
         "INSERT INTO messages (conversation_id, seq, message_id, sender_id,
