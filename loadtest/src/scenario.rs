@@ -566,6 +566,7 @@ mod tests {
                 "connect-storm",
                 "groups",
                 "groups-100",
+                "hot-group",
                 "idle-connections",
                 "large-group",
                 "smoke"
