@@ -465,6 +465,7 @@ mod tests {
                 result: Some(v1::ack::Result::Error(v1::ErrorEvent {
                     code: "not_member".into(),
                     message: "no".into(),
+                    ..Default::default()
                 })),
             })),
         };

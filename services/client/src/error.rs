@@ -86,12 +86,14 @@ mod tests {
         let e = ClientError::from_error_event(ErrorEvent {
             code: "not_member".into(),
             message: "no".into(),
+            ..Default::default()
         });
         assert_eq!(e.code(), Some(ErrorCode::NotMember));
         assert!(!e.is_retryable());
         let e = ClientError::from_error_event(ErrorEvent {
             code: "brand_new".into(),
             message: "m".into(),
+            ..Default::default()
         });
         assert_eq!(
             e,

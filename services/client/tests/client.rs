@@ -383,6 +383,7 @@ async fn error_ack_becomes_a_server_error_with_its_code() {
                 ack::Result::Error(ErrorEvent {
                     code: "not_member".into(),
                     message: "not a member of c1".into(),
+                    ..Default::default()
                 }),
             )
             .await;

@@ -54,14 +54,15 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long closing waits for the client's close reply.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Codes that count as protocol violations toward `gateway.max_violations`.
+/// Codes that count as protocol violations toward `gateway.max_violations`. Being
+/// rate limited is not one: a limited connection is throttled instead (its frames are
+/// not read until the budget holds a request again), never closed for it.
 fn is_violation(code: ErrorCode) -> bool {
     matches!(
         code,
         ErrorCode::BadFrame
             | ErrorCode::UnknownFrame
             | ErrorCode::FrameTooLarge
-            | ErrorCode::RateLimited
             | ErrorCode::NotMember
     )
 }
@@ -143,6 +144,19 @@ impl TokenBucket {
             false
         }
     }
+
+    /// How long until the bucket holds a request again (zero if it does).
+    pub(crate) fn wait(&self, now: Instant) -> Duration {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        let tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if tokens >= 1.0 {
+            Duration::ZERO
+        } else if self.rate <= 0.0 {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_secs_f64((1.0 - tokens) / self.rate)
+        }
+    }
 }
 
 /// The state of one connection's loop.
@@ -164,6 +178,7 @@ fn error_frame(code: ErrorCode, message: impl Into<String>) -> ServerFrame {
     server_frame(Event::Error(v1::ErrorEvent {
         code: code.as_str().to_owned(),
         message: message.into(),
+        retry_after_ms: 0,
     }))
 }
 
@@ -173,6 +188,8 @@ struct Rejection {
     id: Option<String>,
     code: ErrorCode,
     message: String,
+    /// For `rate_limited`: when the budget holds a request again.
+    retry_after: Duration,
 }
 
 impl Rejection {
@@ -181,6 +198,7 @@ impl Rejection {
         let error = v1::ErrorEvent {
             code: self.code.as_str().to_owned(),
             message: self.message,
+            retry_after_ms: u32::try_from(self.retry_after.as_millis()).unwrap_or(u32::MAX),
         };
         match self.id {
             Some(id) => server_frame(Event::Ack(v1::Ack {
@@ -230,8 +248,9 @@ pub(crate) async fn serve(socket: WebSocket, guard: SessionGuard) {
         heartbeat_interval_ms: u32::try_from(config.heartbeat_interval_ms).unwrap_or(u32::MAX),
     }));
     let expiry = until_expiry(guard.token_exp_secs);
+    let mut requests = Requests::default();
     let end = match conn.write(welcome).await {
-        Ok(()) => conn.run(expiry).await,
+        Ok(()) => conn.run(expiry, &mut requests).await,
         Err(end) => end,
     };
     // Frames still queued are dropped: account for them in the depth gauge.
@@ -240,12 +259,20 @@ pub(crate) async fn serve(socket: WebSocket, guard: SessionGuard) {
     debug!(session_id = %session.session_id, ?end, "connection ended");
     // Boxed: the closing handshake is needed once, so its state is not carried in
     // every idle connection's future.
-    Box::pin(conn.finish(end)).await;
+    Box::pin(conn.finish(end, requests)).await;
     drop(guard);
 }
 
+/// The requests of a connection not yet answered: the one in flight and those
+/// waiting behind it, each with when it arrived.
+#[derive(Default)]
+struct Requests {
+    inflight: Option<BoxFuture<'static, Handled>>,
+    pending: VecDeque<(Box<v1::ClientFrame>, u64)>,
+}
+
 impl Connection {
-    async fn run(&mut self, token_expiry: Duration) -> End {
+    async fn run(&mut self, token_expiry: Duration, requests: &mut Requests) -> End {
         let shared = self.shared.clone();
         let session = self.session.clone();
         let expired = tokio::time::sleep(token_expiry);
@@ -253,15 +280,19 @@ impl Connection {
         let idle_timeout = Duration::from_millis(shared.config.gateway.client_idle_timeout_ms);
         let idle = tokio::time::sleep(idle_timeout);
         tokio::pin!(idle);
-        let mut inflight: Option<BoxFuture<'static, Handled>> = None;
+        let Requests { inflight, pending } = requests;
         // Automatic away: armed while the client is active (0 = off).
         let away_after = Duration::from_millis(shared.config.gateway.idle_away_after_ms);
         let away_enabled = !away_after.is_zero();
         let away = tokio::time::sleep(away_after);
         tokio::pin!(away);
         let mut auto_away = false;
-        // Requests waiting behind the one in flight, with when each arrived.
-        let mut pending: VecDeque<(Box<v1::ClientFrame>, u64)> = VecDeque::new();
+        // After a `rate_limited` answer no frame is read until the budget holds a
+        // request again: a flood is throttled by TCP backpressure instead of being
+        // answered frame by frame, and the connection stays open.
+        let resume = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(resume);
+        let mut paused = false;
         let mut goaway_sent = false;
         let mut batch: Vec<Arc<OutFrame>> = Vec::new();
 
@@ -281,8 +312,8 @@ impl Connection {
                         return end;
                     }
                 }
-                (ack, code) = next_ack(&mut inflight) => {
-                    inflight = None;
+                (ack, code) = next_ack(inflight) => {
+                    *inflight = None;
                     idle.as_mut().reset(Instant::now() + idle_timeout);
                     if let Err(end) = self.write(server_frame(Event::Ack(ack))).await {
                         return end;
@@ -293,7 +324,7 @@ impl Connection {
                         }
                     }
                     if let Some((next, accepted_at_ms)) = pending.pop_front() {
-                        inflight = Some(self.start(*next, accepted_at_ms));
+                        *inflight = Some(self.start(*next, accepted_at_ms));
                     }
                 }
                 () = session.outbound_ready() => {
@@ -308,7 +339,8 @@ impl Connection {
                         return end;
                     }
                 }
-                incoming = self.socket.recv(), if pending.len() < MAX_PENDING_REQUESTS => {
+                () = &mut resume, if paused => paused = false,
+                incoming = self.socket.recv(), if pending.len() < MAX_PENDING_REQUESTS && !paused => {
                     let payload = match incoming {
                         None => return End::Gone,
                         Some(Err(e)) => return if is_too_large(e) { End::TooBig } else { End::Gone },
@@ -337,15 +369,20 @@ impl Connection {
                             }
                             let accepted_at_ms = u64::try_from(crate::now_ms()).unwrap_or(0);
                             if inflight.is_none() {
-                                inflight = Some(self.start(frame, accepted_at_ms));
+                                *inflight = Some(self.start(frame, accepted_at_ms));
                             } else {
                                 pending.push_back((Box::new(frame), accepted_at_ms));
                             }
                         }
                         Err(rejection) => {
                             let code = rejection.code;
+                            let retry_after = rejection.retry_after;
                             if let Err(end) = self.write(rejection.reply()).await {
                                 return end;
+                            }
+                            if code == ErrorCode::RateLimited {
+                                resume.as_mut().reset(Instant::now() + retry_after);
+                                paused = true;
                             }
                             if self.violation(code) {
                                 return End::Violations;
@@ -400,6 +437,7 @@ impl Connection {
                 id: None,
                 code: ErrorCode::FrameTooLarge,
                 message: format!("frame is larger than {max} bytes"),
+                retry_after: Duration::ZERO,
             });
         }
         let frame = match decode_client_frame(&payload, self.session.encoding) {
@@ -410,6 +448,7 @@ impl Connection {
                     id: e.id,
                     code: e.code,
                     message: e.message,
+                    retry_after: Duration::ZERO,
                 });
             }
         };
@@ -421,10 +460,19 @@ impl Connection {
         // (and HTTP API calls) on this gateway share.
         let now = Instant::now();
         if !self.limiter.take(now) || !self.shared.user_limiter.take(&self.session.user_id, now) {
+            let retry_after = self
+                .limiter
+                .wait(now)
+                .max(self.shared.user_limiter.wait(&self.session.user_id, now))
+                .max(Duration::from_millis(1));
             return Err(Rejection {
                 id: Some(frame.id),
                 code: ErrorCode::RateLimited,
-                message: "too many requests, slow down".to_owned(),
+                message: format!(
+                    "too many requests, retry after {} ms",
+                    retry_after.as_millis().max(1)
+                ),
+                retry_after,
             });
         }
         Ok(frame)
@@ -442,6 +490,27 @@ impl Connection {
             .inc();
         self.violations += 1;
         self.violations >= self.shared.config.gateway.max_violations
+    }
+
+    /// The acks of the requests a closing connection did not answer yet.
+    async fn answer_all(&mut self, requests: Requests) {
+        if let Some(inflight) = requests.inflight {
+            let (ack, _) = inflight.await;
+            if self.write(server_frame(Event::Ack(ack))).await.is_err() {
+                return;
+            }
+        }
+        for (frame, _) in requests.pending {
+            let refused = Rejection {
+                id: Some(frame.id),
+                code: ErrorCode::Unavailable,
+                message: "the connection closed before this request was processed; retry".into(),
+                retry_after: Duration::ZERO,
+            };
+            if self.write(refused.reply()).await.is_err() {
+                return;
+            }
+        }
     }
 
     /// Write one frame. It is encoded before the returned future exists, so the
@@ -484,8 +553,14 @@ impl Connection {
         .await
     }
 
-    /// Say goodbye the way `end` requires, bounded in time.
-    async fn finish(mut self, end: End) {
+    /// Say goodbye the way `end` requires, bounded in time. Every request still
+    /// unanswered gets its one ack first: the one in flight its result (it is waited
+    /// for, within the close timeout), those not started `unavailable`.
+    async fn finish(mut self, end: End, requests: Requests) {
+        if matches!(end, End::Gone) {
+            return;
+        }
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.answer_all(requests)).await;
         let (code, reason) = match end {
             End::Gone => return,
             End::SlowConsumer => {

@@ -72,6 +72,7 @@ impl GatewayError {
         v1::ErrorEvent {
             code: code.as_str().to_owned(),
             message,
+            retry_after_ms: 0,
         }
     }
 }

@@ -57,6 +57,13 @@ impl UserRateLimiter {
         bucket.take(now)
     }
 
+    /// How long until `user`'s bucket holds a request again (zero if it does).
+    pub(crate) fn wait(&self, user: &str, now: Instant) -> Duration {
+        lock(&self.buckets)
+            .get(user)
+            .map_or(Duration::ZERO, |(bucket, _)| bucket.wait(now))
+    }
+
     #[cfg(test)]
     pub(crate) fn tracked(&self) -> usize {
         lock(&self.buckets).len()

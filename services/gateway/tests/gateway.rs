@@ -883,6 +883,71 @@ async fn floods_are_rate_limited() {
 }
 
 #[tokio::test]
+async fn a_flood_is_throttled_and_never_closes_the_connection() {
+    let h = start(|c| {
+        c.gateway.requests_per_second = 50;
+        c.gateway.request_burst = 2;
+        c.gateway.max_violations = 3;
+    })
+    .await;
+    let (mut ws, _) = h.connect("alice").await;
+    // Far more over-limit requests than max_violations, all at once.
+    for i in 0..40 {
+        send(&mut ws, json!({"id": format!("p{i}"), "ping": {}})).await;
+    }
+    let mut acked = std::collections::HashMap::new();
+    let mut limited = 0;
+    while acked.len() < 40 {
+        let frame = recv(&mut ws).await;
+        let id = frame["ack"]["id"].as_str().expect("an ack").to_owned();
+        if ack_error(&frame) == "rate_limited" {
+            limited += 1;
+            let retry = frame["ack"]["error"]["retry_after_ms"].as_u64().unwrap();
+            assert!((1..=1_000).contains(&retry), "{frame}");
+        } else {
+            assert!(frame["ack"]["pong"].is_object(), "{frame}");
+        }
+        assert!(acked.insert(id, ()).is_none(), "a second ack: {frame}");
+    }
+    assert!(limited >= 1, "no request was rate limited");
+    // Limited, not closed: the next request is served.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_alive(&mut ws).await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn requests_waiting_when_the_connection_closes_still_get_their_ack() {
+    let h = start(|c| c.gateway.max_violations = 1).await;
+    let (mut ws, _) = h.connect("alice").await;
+    for i in 0..5 {
+        send(
+            &mut ws,
+            json!({"id": format!("s{i}"), "send": {"conversation_id": "c1", "client_msg_id": format!("k{i}"), "body": "b"}}),
+        )
+        .await;
+    }
+    // One violation closes this connection while the sends wait behind each other.
+    ws.send(Message::text("nope")).await.unwrap();
+    let (frames, code) = recv_until_close(&mut ws).await;
+    assert_eq!(code, Some(CloseCode::Policy));
+    let mut ids: Vec<&str> = frames
+        .iter()
+        .filter_map(|f| f["ack"]["id"].as_str())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["s0", "s1", "s2", "s3", "s4"], "{frames:#?}");
+    for frame in frames.iter().filter(|f| f.get("ack").is_some()) {
+        let ack = &frame["ack"];
+        assert!(
+            ack["send"].is_object() || ack["error"]["code"] == "unavailable",
+            "{frame}"
+        );
+    }
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn oversized_frames_get_frame_too_large_and_huge_ones_close_with_1009() {
     let h = start(|_| {}).await;
     let (mut ws, _) = h.connect("alice").await;
