@@ -216,7 +216,8 @@ pub struct GatewayConfig {
     pub admin_listen: String,
     /// Maximum concurrent client connections.
     pub max_connections: usize,
-    /// Largest client frame accepted, in bytes.
+    /// Largest client frame accepted, in bytes (JSON frames: at least six times
+    /// routing.max_body_bytes plus 4 KiB, the worst escaping of a body).
     pub max_frame_bytes: usize,
     /// WebSocket read buffer per connection, in bytes.
     pub read_buffer_bytes: usize,
@@ -896,6 +897,21 @@ impl Config {
         } else {
             PathBuf::from(&self.storage.sqlite_path)
         }
+    }
+
+    /// The largest JSON (text) frame or HTTP API body the gateway reads:
+    /// `gateway.max_frame_bytes`, raised when needed to hold a body of
+    /// `routing.max_body_bytes` written entirely in JSON `\u` escapes (six bytes per
+    /// body byte, the worst escaping) plus 4 KiB for the other fields. So a body within
+    /// its limit always fits its frame; protobuf frames have no escaping and keep
+    /// `gateway.max_frame_bytes`.
+    pub fn max_json_frame_bytes(&self) -> usize {
+        self.gateway.max_frame_bytes.max(
+            self.routing
+                .max_body_bytes
+                .saturating_mul(6)
+                .saturating_add(4096),
+        )
     }
 
     /// The URL other services use to reach this gateway.

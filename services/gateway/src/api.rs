@@ -14,7 +14,8 @@
 //! Errors are `{"code": "...", "message": "..."}` with the HTTP status of
 //! [`http_status`]. Requests are limited per user by the token bucket a user's
 //! WebSocket connections on this gateway also draw from (`gateway.requests_per_second`,
-//! `gateway.request_burst`), and bodies by `gateway.max_frame_bytes`.
+//! `gateway.request_burst`), and bodies by `Config::max_json_frame_bytes` (room for a
+//! message body of `routing.max_body_bytes` in the worst JSON escaping).
 
 use std::sync::Arc;
 
@@ -195,7 +196,7 @@ pub(crate) fn router(shared: Arc<Shared>, registry: &prometheus::Registry) -> Ro
                 })),
             )
         })
-        .layer(DefaultBodyLimit::max(shared.config.gateway.max_frame_bytes))
+        .layer(DefaultBodyLimit::max(shared.config.max_json_frame_bytes()))
         .with_state(api)
 }
 

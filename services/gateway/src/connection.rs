@@ -67,9 +67,10 @@ fn is_violation(code: ErrorCode) -> bool {
     )
 }
 
-/// The hard cap on a WebSocket message: a bit above `max_frame_bytes`, so that a
-/// slightly oversized frame can still be read and answered with `frame_too_large`
-/// while the connection stays usable. Anything larger closes with 1009.
+/// The hard cap on a WebSocket message: a bit above the frame limit (the JSON one,
+/// the larger, see `Config::max_json_frame_bytes`), so that a slightly oversized frame
+/// can still be read and answered with `frame_too_large` while the connection stays
+/// usable. Anything larger closes with 1009.
 pub(crate) fn hard_frame_cap(max_frame_bytes: usize) -> usize {
     max_frame_bytes + (max_frame_bytes / 8).max(4096)
 }
@@ -430,7 +431,10 @@ impl Connection {
     /// reply to send instead (with its error code).
     fn accept(&mut self, payload: Payload) -> Result<v1::ClientFrame, Rejection> {
         let metrics = &self.shared.metrics;
-        let max = self.shared.config.gateway.max_frame_bytes;
+        let max = match payload {
+            Payload::Text(_) => self.shared.config.max_json_frame_bytes(),
+            Payload::Binary(_) => self.shared.config.gateway.max_frame_bytes,
+        };
         if payload.len() > max {
             metrics.frames_in.with_label_values(&["too_large"]).inc();
             return Err(Rejection {

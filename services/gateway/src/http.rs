@@ -388,7 +388,7 @@ async fn connect(
     }
     debug!(session_id = %session.session_id, user_id = %session.user_id, "upgrading");
 
-    let hard_cap = hard_frame_cap(config.max_frame_bytes);
+    let hard_cap = hard_frame_cap(shared.config.max_json_frame_bytes());
     let mut upgrade = upgrade
         .read_buffer_size(config.read_buffer_bytes)
         .write_buffer_size(config.write_buffer_bytes)

@@ -951,10 +951,11 @@ async fn requests_waiting_when_the_connection_closes_still_get_their_ack() {
 async fn oversized_frames_get_frame_too_large_and_huge_ones_close_with_1009() {
     let h = start(|_| {}).await;
     let (mut ws, _) = h.connect("alice").await;
-    // Above max_frame_bytes (8 KiB) but under the hard cap: answered, connection kept.
+    // A JSON frame may be six times the body limit (4 KiB) plus 4 KiB: 28 KiB. Above
+    // that but under the hard cap: answered, connection kept.
     let big = format!(
         r#"{{"id":"x","ping":{{}},"pad":"{}"}}"#,
-        "a".repeat(9 * 1024)
+        "a".repeat(29 * 1024)
     );
     ws.send(Message::text(big)).await.unwrap();
     assert_eq!(recv(&mut ws).await["error"]["code"], "frame_too_large");
@@ -965,6 +966,40 @@ async fn oversized_frames_get_frame_too_large_and_huge_ones_close_with_1009() {
     let (_, code) = recv_until_close(&mut ws).await;
     assert_eq!(code, Some(CloseCode::Size));
     assert_eq!(u16::from(CloseCode::Size), close_code::MESSAGE_TOO_BIG);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_body_within_its_limit_fits_its_frame_in_any_json_escaping() {
+    let h = start(|_| {}).await;
+    let (mut ws, _) = h.connect("alice").await;
+    // 4 KiB of body (the limit), every byte written as a `\u` escape: a 24 KiB frame,
+    // three times gateway.max_frame_bytes.
+    let escaped = "\\u0061".repeat(4 * 1024);
+    let frame = format!(
+        r#"{{"id":"e1","send":{{"conversation_id":"c1","client_msg_id":"k1","body":"{escaped}"}}}}"#
+    );
+    assert!(frame.len() > 3 * 8 * 1024);
+    ws.send(Message::text(frame)).await.unwrap();
+    let ack = recv(&mut ws).await;
+    assert_eq!(ack["ack"]["id"], "e1", "{ack}");
+    assert!(ack["ack"]["send"].is_object(), "{ack}");
+    let sent = h
+        .calls
+        .lock()
+        .unwrap()
+        .sends
+        .last()
+        .cloned()
+        .expect("routing got the send");
+    assert_eq!(sent.body, "a".repeat(4 * 1024));
+    // One byte more is over the body limit, and says so.
+    let frame = format!(
+        r#"{{"id":"e2","send":{{"conversation_id":"c1","client_msg_id":"k2","body":"{escaped}a"}}}}"#
+    );
+    ws.send(Message::text(frame)).await.unwrap();
+    assert_eq!(ack_error(&recv(&mut ws).await), "body_too_large");
+    assert_alive(&mut ws).await;
     h.stop().await;
 }
 
