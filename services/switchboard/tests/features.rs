@@ -359,9 +359,20 @@ async fn typing_events_carry_their_expiry_and_fast_repeats_are_rate_limited() {
         _ => None,
     })
     .await;
-    // Another session of the same user has its own allowance.
+    // Another session of the same user has its own allowance, and the typer's
+    // other devices see the typing too (never the typing session itself).
     let (bob2, _b2) = setup.connect("bob", "d2").await;
+    let (_bob3, mut bob3_ev) = setup.connect("bob", "d3").await;
     bob2.typing(id, true).await.unwrap();
+    next_matching(
+        &mut bob3_ev,
+        "own typing on another device",
+        |ev| match ev {
+            Event::Typing(t) if t.user_id == "bob" && t.typing => Some(()),
+            _ => None,
+        },
+    )
+    .await;
 }
 
 // ---------------------------------------------------------------------------------
