@@ -66,6 +66,9 @@ before(async () => {
     SWITCHBOARD_CLUSTER__PRESENCE_URL: `http://127.0.0.1:${ports.pgrpc}`,
     SWITCHBOARD_CLUSTER__ROUTING_URL: `http://127.0.0.1:${ports.rgrpc}`,
     SWITCHBOARD_CLUSTER__STORAGE_URL: `http://127.0.0.1:${ports.sgrpc}`,
+    // Short, so the test sees typing expire; repeats are not throttled.
+    SWITCHBOARD_GATEWAY__TYPING_EXPIRY_MS: '1500',
+    SWITCHBOARD_GATEWAY__TYPING_INTERVAL_MS: '100',
   };
   child = spawn(BIN, ['standalone'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
   child.stdout.on('data', (d) => { logs += d; });
@@ -131,6 +134,22 @@ test('two users chat through the standalone chat page', async (t) => {
       const text = await page.locator('#messages').innerText();
       assert.ok(text.indexOf('hello bob') < text.indexOf('hi alice'), text);
     }
+
+    // Typing shows at the peer and clears: when the typer sends, and when it expires
+    // without another typing event.
+    const typing = () => bob.locator('#peer-typing').filter({ hasText: 'typing...' });
+    const notTyping = async () => {
+      await bob.waitForFunction(() => document.getElementById('peer-typing').textContent === '', null, { timeout: 15000 });
+    };
+    await alice.type('#text', 'ab');
+    await typing().waitFor({ timeout: 15000 });
+    await alice.click('#send');
+    await notTyping();
+    await bob.locator('#messages').filter({ hasText: 'ab' }).waitFor({ timeout: 15000 });
+    await alice.type('#text', 'c');
+    await typing().waitFor({ timeout: 15000 });
+    await notTyping(); // expires_in_ms (1.5 s) later, nothing else sent
+    await alice.fill('#text', '');
 
     // A page opened later shows the history of the conversation.
     const bob2 = await login('bob', 'alice');
