@@ -1028,3 +1028,37 @@ async fn standalone_refuses_a_url_that_points_at_another_instance() {
     let own = Setup::new(true);
     let _running = own.standalone().await;
 }
+
+#[tokio::test]
+async fn user_ids_no_token_could_carry_are_refused_where_they_enter() {
+    let setup = Setup::new(true);
+    let _sb = setup.standalone().await;
+    let (alice, _a) = setup.connect("alice", "d").await;
+    let too_long = "u".repeat(129);
+    for bad in ["bad user!", "tab\tbed", too_long.as_str()] {
+        assert_eq!(
+            code_of(alice.create_group("g", [bad]).await),
+            ErrorCode::InvalidRequest,
+            "group with {bad:?}"
+        );
+        assert_eq!(
+            code_of(alice.create_direct(bad).await),
+            ErrorCode::InvalidRequest,
+            "direct with {bad:?}"
+        );
+    }
+    let group = alice.create_group("g", ["bob"]).await.unwrap();
+    assert_eq!(
+        code_of(
+            alice
+                .members(&group.conversation_id, MembersAction::Add, ["bad user!"])
+                .await
+        ),
+        ErrorCode::InvalidRequest
+    );
+    assert_eq!(
+        alice.conversations().await.unwrap().len(),
+        1,
+        "nothing else created"
+    );
+}
