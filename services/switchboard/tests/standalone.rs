@@ -1062,3 +1062,36 @@ async fn user_ids_no_token_could_carry_are_refused_where_they_enter() {
         "nothing else created"
     );
 }
+
+#[tokio::test]
+async fn another_device_alone_sends_no_presence_event_and_queries_count_devices() {
+    let setup = Setup::new(true);
+    let _sb = setup.standalone().await;
+    let (bob, mut bob_ev) = setup.connect("bob", "d").await;
+    bob.presence_watch(["alice"]).await.unwrap();
+    let (alice, _a) = setup.connect("alice", "d1").await;
+    next_matching(&mut bob_ev, "alice online", |ev| match ev {
+        Event::Presence(p) if p.user_id == "alice" && p.status == "online" => Some(()),
+        _ => None,
+    })
+    .await;
+    // 1 -> 2 -> 3 -> 2 sessions.
+    let (second, _e2) = setup.connect("alice", "d2").await;
+    let (third, _e3) = setup.connect("alice", "d3").await;
+    third.close().await;
+    let now = bob.presence_watch(["alice"]).await.unwrap();
+    assert_eq!(now.users[0].sessions, 2, "{now:?}");
+    // The next presence event about alice is the status text change, nothing before.
+    alice
+        .presence_update(switchboard_client::PresenceUpdate::new().status_text("lunch"))
+        .await
+        .unwrap();
+    let first = next_matching(&mut bob_ev, "alice's next presence event", |ev| match ev {
+        Event::Presence(p) if p.user_id == "alice" => Some(p.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(first.status_text, "lunch", "{first:?}");
+    assert_eq!(first.sessions, 2);
+    let _ = second;
+}
