@@ -628,19 +628,39 @@ async fn create_webhook(
                 .storage
                 .clone()
                 .put_webhook(v1::PutWebhookRequest {
-                    conversation_id,
+                    conversation_id: conversation_id.clone(),
                     actor_id: caller.user().to_owned(),
                     url: body.url,
                 })
                 .await
                 .map_err(GatewayError::backend("storage.put_webhook"))?
                 .into_inner();
+            webhooks_changed(&api, conversation_id).await;
             Ok((StatusCode::CREATED, Json(webhook)).into_response())
         }
         .await;
         (caller, result)
     })
     .await
+}
+
+/// Tell routing that a conversation's webhooks changed, so its dispatcher starts or
+/// stops them now rather than at its next periodic look. Best effort: the change is
+/// stored, and routing finds it within its rediscovery period anyway.
+async fn webhooks_changed(api: &Api, conversation_id: String) {
+    let told = api
+        .shared
+        .peers
+        .routing
+        .publish(v1::PublishRequest {
+            conversation_id,
+            webhooks_changed: true,
+            ..Default::default()
+        })
+        .await;
+    if let Err(status) = told {
+        tracing::warn!(code = ?status.code(), error = %status.message(), "routing not told of a webhook change; it finds it within 10 s");
+    }
 }
 
 async fn list_webhooks(
@@ -687,12 +707,13 @@ async fn delete_webhook(
                 .storage
                 .clone()
                 .delete_webhook(v1::DeleteWebhookRequest {
-                    conversation_id,
+                    conversation_id: conversation_id.clone(),
                     actor_id: caller.user().to_owned(),
                     webhook_id,
                 })
                 .await
                 .map_err(GatewayError::backend("storage.delete_webhook"))?;
+            webhooks_changed(&api, conversation_id).await;
             Ok(StatusCode::NO_CONTENT.into_response())
         }
         .await;

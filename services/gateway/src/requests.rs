@@ -476,6 +476,7 @@ pub(crate) async fn dispatch(
                     user_ids: Vec::new(),
                     exclude_session_id: session.session_id.to_string(),
                     actor_id: user.to_owned(),
+                    ..Default::default()
                 },
             )
             .await
@@ -526,6 +527,7 @@ pub(crate) async fn dispatch(
                     user_ids: Vec::new(),
                     exclude_session_id: session.session_id.to_string(),
                     actor_id: user.to_owned(),
+                    ..Default::default()
                 },
             )
             .await?;
@@ -801,6 +803,7 @@ async fn announce(
         user_ids: recipients,
         exclude_session_id: session.session_id.to_string(),
         actor_id: String::new(),
+        webhooks_changed: false,
     };
     if let Err(e) = publish(shared, request).await {
         warn!(

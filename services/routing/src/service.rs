@@ -393,6 +393,11 @@ impl RoutingService {
         &self,
         req: PublishRequest,
     ) -> Result<PublishResponse, RoutingError> {
+        if req.webhooks_changed {
+            validate_id("conversation_id", &req.conversation_id)?;
+            self.node.webhooks.rediscover();
+            return Ok(PublishResponse { gateways: 0 });
+        }
         let event = req
             .event
             .ok_or_else(|| RoutingError::InvalidRequest("event is required".into()))?;

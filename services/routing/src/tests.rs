@@ -1176,6 +1176,7 @@ async fn publish_reaches_online_members_and_checks_the_actor() {
             user_ids: vec![],
             exclude_session_id: "alice-session".into(),
             actor_id: "alice".into(),
+            webhooks_changed: false,
         })
         .await
         .unwrap()
@@ -1197,6 +1198,7 @@ async fn publish_reaches_online_members_and_checks_the_actor() {
             user_ids: vec![],
             exclude_session_id: String::new(),
             actor_id: "mallory".into(),
+            webhooks_changed: false,
         })
         .await
         .expect_err("not a member");
@@ -1210,6 +1212,7 @@ async fn publish_reaches_online_members_and_checks_the_actor() {
             user_ids: vec!["bob".into()],
             exclude_session_id: String::new(),
             actor_id: String::new(),
+            webhooks_changed: false,
         })
         .await
         .unwrap()

@@ -13,9 +13,13 @@
 //! answer or the `AdvanceWebhook` after it was lost, or when a new owner took over
 //! the partition meanwhile).
 //!
-//! Discovery: `ListWebhooks("", "")` at start, every [`DISCOVER_EVERY`] and when the
-//! set of owned partitions changes starts workers for the webhooks of owned
-//! partitions and stops those of webhooks that were deleted or whose partition left.
+//! Discovery: `ListWebhooks("", "")` at start, every [`DISCOVER_EVERY`], when the
+//! set of owned partitions changes, and at once when the gateway says a webhook was
+//! created or deleted (`Publish` with `webhooks_changed`, to the instance that takes
+//! the call) starts workers for the webhooks of owned partitions and stops those of
+//! webhooks that were deleted or whose partition left. A deleted webhook's worker
+//! also finds it gone at its next storage read, which precedes every POST: after the
+//! delete, at most the one POST whose events were read before it can still arrive.
 //! The partition owner wakes a conversation's workers through [`WebhookWake`] when it
 //! persisted an event, so delivery does not wait for a poll; an idle worker also looks
 //! again every [`IDLE_RECHECK`] (events persisted by another instance before a
@@ -82,9 +86,17 @@ pub(crate) const HEADER_SIGNATURE: &str = "x-switchboard-signature";
 pub(crate) struct WebhookWake {
     /// A std mutex: map operations only, never held across an await.
     conversations: Mutex<HashMap<String, watch::Sender<()>>>,
+    /// Asks the dispatcher to read the webhook list now (a permit is kept when it
+    /// is busy, so no request is lost).
+    rediscover: tokio::sync::Notify,
 }
 
 impl WebhookWake {
+    /// Webhooks were created or deleted: read the list again now.
+    pub fn rediscover(&self) {
+        self.rediscover.notify_one();
+    }
+
     /// New events of `conversation_id` were persisted.
     pub fn wake(&self, conversation_id: &str) {
         if let Some(tx) = self.lock().get(conversation_id) {
@@ -191,6 +203,7 @@ pub(crate) async fn run(node: Arc<Node>, options: DispatchOptions, stop: Cancell
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            _ = node.webhooks.rediscover.notified() => {}
             changed = assignment.changed(), if assignment_open => {
                 if changed.is_err() {
                     assignment_open = false;

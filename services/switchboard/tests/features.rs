@@ -1195,6 +1195,37 @@ async fn webhooks_receive_signed_events_in_order() {
 }
 
 #[tokio::test]
+async fn a_new_webhook_starts_at_once_and_a_deleted_one_sends_nothing_more() {
+    let mut setup = Setup::new(true);
+    allow_loopback_webhooks(&mut setup);
+    let _sb = setup.standalone().await;
+    let port = setup.gateway.listen;
+    let (alice, _a) = setup.connect("alice", "d").await;
+    let group = alice.create_group("prompt", ["bob"]).await.unwrap();
+    let id = &group.conversation_id;
+    // Past the dispatcher's first look at start: only a prompt start is fast now.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (url, mut rx) = webhook_receiver(0).await;
+    let (status, body) = put_webhook(port, &setup.token("alice"), id, &url).await;
+    let webhook = parse_webhook(status, &body);
+    let created = std::time::Instant::now();
+    let seq = alice.send(id, "first").await.unwrap().seq;
+    // The periodic rediscovery is every 10 s; a started webhook delivers in well
+    // under that.
+    let (events, _) = receive_until(&mut rx, &webhook, seq, Duration::from_secs(3)).await;
+    assert_eq!(events.last().map(|m| m.seq), Some(seq));
+    assert!(created.elapsed() < Duration::from_secs(3));
+
+    let path = format!("/v1/conversations/{id}/webhooks/{}", webhook.webhook_id);
+    let (status, body) = http(port, "DELETE", &path, &setup.token("alice"), None).await;
+    assert_eq!(status, 204, "{body}");
+    alice.send(id, "after the delete").await.unwrap();
+    if let Ok(Some(late)) = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await {
+        panic!("a POST after the delete returned: {}", late.body);
+    }
+}
+
+#[tokio::test]
 async fn a_webhook_receiver_that_fails_at_first_still_gets_everything_in_order() {
     let mut setup = Setup::new(true);
     allow_loopback_webhooks(&mut setup);
