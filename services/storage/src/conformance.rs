@@ -1064,6 +1064,87 @@ pub(crate) async fn sync_returns_what_was_missed(factory: &dyn StoreFactory) {
     assert!(r.conversations.is_empty() && r.messages.is_empty());
 }
 
+pub(crate) async fn sync_reports_removals_since_the_cursor(factory: &dyn StoreFactory) {
+    let h = Harness::open(factory, 200).await;
+    let g = h
+        .group("olga", &["bob", "carol", "dave"], "crew")
+        .await
+        .conversation_id;
+    h.say(&g, "olga", "hello").await;
+    let cursor = h.last_seq(&g).await;
+    let removed = h
+        .admin(&g, "olga", "members_removed", &["bob"])
+        .await
+        .unwrap()
+        .seq;
+    let banned = h
+        .admin(&g, "olga", "members_banned", &["carol"])
+        .await
+        .unwrap()
+        .seq;
+    let left = h.admin(&g, "dave", "member_left", &[]).await.unwrap().seq;
+    h.say(&g, "olga", "after").await;
+
+    let sync = |user: &'static str, seq: u64| {
+        let svc = Arc::clone(&h.svc);
+        let g = g.clone();
+        async move {
+            svc.sync(StorageSyncRequest {
+                user_id: user.into(),
+                request: Some(SyncRequest {
+                    cursors: vec![SyncCursor {
+                        conversation_id: g,
+                        last_seq: seq,
+                    }],
+                    limit_per_conversation: 0,
+                }),
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let removal = |r: &SyncResult| -> Vec<(u64, String)> {
+        r.removals
+            .iter()
+            .map(|m| (m.seq, m.system.as_ref().unwrap().action.clone()))
+            .collect()
+    };
+    for (user, seq, action) in [
+        ("bob", removed, "members_removed"),
+        ("carol", banned, "members_banned"),
+        ("dave", left, "member_left"),
+    ] {
+        let r = sync(user, cursor).await;
+        assert!(
+            r.conversations.iter().all(|c| c.conversation_id != g),
+            "{user} is not a member: {r:?}"
+        );
+        assert_eq!(removal(&r), [(seq, action.to_string())], "{user}");
+        assert_eq!(r.removals[0].conversation_id, g);
+        // Already seen: nothing to report.
+        assert!(sync(user, seq).await.removals.is_empty(), "{user}");
+    }
+    // Someone who was never a member learns nothing.
+    assert!(sync("eve", cursor).await.removals.is_empty());
+    // Added back: a member again, no removal.
+    h.admin(&g, "olga", "members_added", &["bob"])
+        .await
+        .unwrap();
+    let r = sync("bob", cursor).await;
+    assert!(r.removals.is_empty(), "{r:?}");
+    assert!(r.conversations.iter().any(|c| c.conversation_id == g));
+    // Removed again later: the latest removal counts.
+    let again = h
+        .admin(&g, "olga", "members_removed", &["bob"])
+        .await
+        .unwrap()
+        .seq;
+    assert_eq!(
+        removal(&sync("bob", cursor).await),
+        [(again, "members_removed".to_string())]
+    );
+}
+
 pub(crate) async fn read_markers_only_move_forward(factory: &dyn StoreFactory) {
     let h = Harness::open(factory, 200).await;
     let id = h.direct("alice", "bob").await.conversation_id;
@@ -2682,6 +2763,7 @@ macro_rules! history_store_conformance {
             stored_data_survives_reopening,
             history_pages_both_directions,
             sync_returns_what_was_missed,
+            sync_reports_removals_since_the_cursor,
             read_markers_only_move_forward,
             dedupe_keys_expire,
             edits_replace_the_body_and_only_the_sender_edits,

@@ -187,6 +187,17 @@ pub const MIGRATIONS: &[&str] = &[
     UPDATE conversations SET created_by = owner_id WHERE kind = 'group';
     CREATE INDEX conversations_by_creator ON conversations (created_by);
     "#,
+    // 4: the system event that took each user out of a conversation (removed, banned,
+    // left), until they are added again: what sync reports to a user who was away.
+    // Departures before this version are not known.
+    r#"
+    CREATE TABLE departures (
+        user_id         TEXT NOT NULL,
+        conversation_id TEXT NOT NULL,
+        seq             INTEGER NOT NULL,
+        PRIMARY KEY (user_id, conversation_id)
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 const ROLE_OWNER: &str = roles::OWNER;
@@ -491,6 +502,17 @@ fn user_conversations(conn: &Connection, user: &str) -> DbResult<Vec<Conversatio
 }
 
 /// `unread_count` and `unread_mentions` of `user` (capped at [`rules::MAX_UNREAD`]).
+fn member_conversation_ids(
+    conn: &Connection,
+    user: &str,
+) -> DbResult<std::collections::HashSet<String>> {
+    let mut stmt = conn.prepare_cached("SELECT conversation_id FROM members WHERE user_id = ?1")?;
+    let ids = stmt
+        .query_map([user], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(ids)
+}
+
 fn fill_unread(conn: &Connection, conv: &mut Conversation, user: &str) -> DbResult<()> {
     if conv.last_seq <= conv.read_seq {
         return Ok(());
@@ -908,7 +930,7 @@ fn apply_effects(tx: &Connection, event: &mut Message, now_ms: i64) -> DbResult<
         }
         kinds::SYSTEM => {
             if let Some(system) = &event.system {
-                apply_system(tx, id, &event.sender_id, system, now_ms)?;
+                apply_system(tx, id, &event.sender_id, system, event.seq, now_ms)?;
             }
         }
         _ => {
@@ -930,6 +952,7 @@ fn apply_system(
     id: &str,
     actor: &str,
     system: &SystemEvent,
+    seq: u64,
     now_ms: i64,
 ) -> DbResult<()> {
     let Some(conv) = load_conversation(tx, id)? else {
@@ -939,9 +962,18 @@ fn apply_system(
         return Ok(());
     }
     let users = &system.user_ids;
+    // A member taken out is recorded with this event, for sync.
     let remove = |user: &str| -> DbResult<()> {
-        tx.prepare_cached("DELETE FROM members WHERE conversation_id = ?1 AND user_id = ?2")?
+        let removed = tx
+            .prepare_cached("DELETE FROM members WHERE conversation_id = ?1 AND user_id = ?2")?
             .execute(params![id, user])?;
+        if removed > 0 {
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO departures (user_id, conversation_id, seq)
+                 VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![user, id, seq_param(seq)])?;
+        }
         Ok(())
     };
     match system.action.as_str() {
@@ -950,8 +982,12 @@ fn apply_system(
                 "INSERT OR IGNORE INTO members (conversation_id, user_id, role, joined_at_ms)
                  VALUES (?1, ?2, ?3, ?4)",
             )?;
+            let mut back = tx.prepare_cached(
+                "DELETE FROM departures WHERE user_id = ?1 AND conversation_id = ?2",
+            )?;
             for user in users {
                 insert.execute(params![id, user, ROLE_MEMBER, now_ms])?;
+                back.execute(params![user, id])?;
             }
         }
         actions::MEMBERS_REMOVED => {
@@ -1395,6 +1431,26 @@ impl HistoryStore for SqliteStore {
                     load_members(&tx, &mut conv)?;
                     result.messages.extend(messages);
                     result.conversations.push(conv);
+                }
+                // Conversations the client knows and the user is no longer in.
+                let member_of: std::collections::HashSet<String> =
+                    member_conversation_ids(&tx, &user)?;
+                for (id, cursor) in &cursors {
+                    if member_of.contains(id) {
+                        continue;
+                    }
+                    let departed: Option<i64> = tx
+                        .prepare_cached(
+                            "SELECT seq FROM departures WHERE user_id = ?1 AND conversation_id = ?2",
+                        )?
+                        .query_row(params![user, id], |r| r.get(0))
+                        .optional()?;
+                    match departed {
+                        Some(seq) if seq.max(0) as u64 > *cursor => {
+                            result.removals.extend(load_message(&tx, id, seq)?);
+                        }
+                        _ => {}
+                    }
                 }
                 tx.commit()?;
                 Ok(result)

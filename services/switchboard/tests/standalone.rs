@@ -770,7 +770,7 @@ async fn migrate_brings_the_embedded_store_to_the_latest_schema() {
             .to_owned()
     };
     let text = last_line(first.stdout);
-    assert!(text.contains("sqlite backend) is at version 3"), "{text}");
+    assert!(text.contains("sqlite backend) is at version 4"), "{text}");
     assert!(setup.data_dir().join("storage.sqlite3").exists());
     // Idempotent.
     let again = run();
@@ -1094,4 +1094,43 @@ async fn another_device_alone_sends_no_presence_event_and_queries_count_devices(
     assert_eq!(first.status_text, "lunch", "{first:?}");
     assert_eq!(first.sessions, 2);
     let _ = second;
+}
+
+#[tokio::test]
+async fn a_user_removed_while_offline_learns_it_from_sync() {
+    let setup = Setup::new(true);
+    let _sb = setup.standalone().await;
+    let (alice, _a) = setup.connect("alice", "d").await;
+    let group = alice.create_group("crew", ["bob"]).await.unwrap();
+    let id = group.conversation_id.clone();
+    let seen = alice.send(&id, "before").await.unwrap().seq;
+    // bob is offline while alice removes him and the group goes on.
+    alice
+        .members(&id, MembersAction::Remove, ["bob"])
+        .await
+        .unwrap();
+    alice.send(&id, "after").await.unwrap();
+
+    let (bob, _b) = setup.connect("bob", "d").await;
+    let sync = bob
+        .sync(
+            vec![SyncCursor {
+                conversation_id: id.clone(),
+                last_seq: seen,
+            }],
+            0,
+        )
+        .await
+        .unwrap();
+    assert!(
+        sync.conversations.iter().all(|c| c.conversation_id != id),
+        "{sync:?}"
+    );
+    assert!(sync.messages.iter().all(|m| m.conversation_id != id));
+    assert_eq!(sync.removals.len(), 1, "{sync:?}");
+    let removal = &sync.removals[0];
+    assert_eq!(removal.conversation_id, id);
+    let system = removal.system.as_ref().expect("a system event");
+    assert_eq!(system.action, "members_removed");
+    assert_eq!(system.user_ids, ["bob"]);
 }

@@ -57,6 +57,9 @@ pub(super) struct FeatureStatements {
     member_role: PreparedStatement,
     pub(super) ban_insert: PreparedStatement,
     pub(super) ban_delete: PreparedStatement,
+    pub(super) departure_insert: PreparedStatement,
+    pub(super) departure_delete: PreparedStatement,
+    pub(super) departure_select: PreparedStatement,
     bans_among: PreparedStatement,
     markers_all: PreparedStatement,
     delivered_select: PreparedStatement,
@@ -291,6 +294,33 @@ impl FeatureStatements {
                 format!(
                     "DELETE FROM {ks}.bans USING TIMESTAMP ? \
                      WHERE conversation_id = ? AND user_id = ?"
+                ),
+                true,
+                false,
+            )
+            .await?,
+            departure_insert: prep(
+                format!(
+                    "INSERT INTO {ks}.departures_by_user (user_id, conversation_id, seq) \
+                     VALUES (?, ?, ?) USING TIMESTAMP ?"
+                ),
+                true,
+                false,
+            )
+            .await?,
+            departure_delete: prep(
+                format!(
+                    "DELETE FROM {ks}.departures_by_user USING TIMESTAMP ? \
+                     WHERE user_id = ? AND conversation_id = ?"
+                ),
+                true,
+                false,
+            )
+            .await?,
+            departure_select: prep(
+                format!(
+                    "SELECT seq FROM {ks}.departures_by_user \
+                     WHERE user_id = ? AND conversation_id = ?"
                 ),
                 true,
                 false,

@@ -1398,6 +1398,28 @@ impl ScyllaStore {
                 .map(|u| self.write_member(id, u, "", false, pending.at_ms, timestamp));
             futures::future::try_join_all(writes).await?;
         }
+        if pending.seq > 0 {
+            // What sync tells a user who was away: the event that took them out,
+            // until they are added again (same timestamp: idempotent, ordered).
+            for group in pending.removes.chunks(FANOUT) {
+                let writes = group.iter().map(|u| {
+                    self.exec(
+                        &self.xt.departure_insert,
+                        (u.as_str(), id, pending.seq, timestamp),
+                    )
+                });
+                futures::future::try_join_all(writes).await?;
+            }
+            for group in pending.upserts.chunks(FANOUT) {
+                let writes = group.iter().map(|m| {
+                    self.exec(
+                        &self.xt.departure_delete,
+                        (timestamp, m.user_id.as_str(), id),
+                    )
+                });
+                futures::future::try_join_all(writes).await?;
+            }
+        }
         for group in pending.banned.chunks(FANOUT) {
             let writes = group.iter().map(|u| {
                 self.exec(
@@ -2186,6 +2208,7 @@ impl HistoryStore for ScyllaStore {
         limit: u32,
     ) -> Result<SyncResult> {
         let convs = self.user_conversations(user_id).await?;
+        let member_of: HashSet<String> = convs.iter().map(|(id, _)| id.clone()).collect();
         let wanted: Vec<(String, ConvRow, u64)> = convs
             .into_iter()
             .filter_map(|(id, row)| {
@@ -2209,6 +2232,28 @@ impl HistoryStore for ScyllaStore {
                 }
                 result.messages.extend(messages);
                 result.conversations.push(conv);
+            }
+        }
+        // Conversations the client knows and the user is no longer in.
+        let gone: Vec<(&String, u64)> = cursors
+            .iter()
+            .filter(|(id, _)| !member_of.contains(id.as_str()))
+            .map(|(id, c)| (id, *c))
+            .collect();
+        for group in gone.chunks(FANOUT) {
+            let found = group.iter().map(|(id, cursor)| async move {
+                let departed = self
+                    .first::<(i64,)>(&self.xt.departure_select, (user_id, id.as_str()))
+                    .await?;
+                match departed {
+                    Some((seq,)) if seq.max(0) as u64 > *cursor => {
+                        self.load_message(id, seq.max(0) as u64).await
+                    }
+                    _ => Ok(None),
+                }
+            });
+            for removal in futures::future::try_join_all(found).await? {
+                result.removals.extend(removal);
             }
         }
         Ok(result)

@@ -261,6 +261,16 @@ pub const MIGRATIONS: &[&[&str]] = &[
             PRIMARY KEY ((creator_id), conversation_id)
         )",
     ],
+    // 4: the system event that took each user out of a conversation (removed,
+    // banned, left), until they are added again: what sync reports to a user who
+    // was away. Written by the membership roll-forward; departures before version 4
+    // are not known.
+    &["CREATE TABLE IF NOT EXISTS departures_by_user (
+            user_id         text,
+            conversation_id text,
+            seq             bigint,
+            PRIMARY KEY ((user_id), conversation_id)
+        )"],
 ];
 
 /// The columns an `ALTER TABLE <table> ADD (<column> <type>, ...)` migration statement
