@@ -371,9 +371,11 @@ impl Owner {
                         .metrics
                         .storage_append_batch
                         .observe(reply.results.len() as f64);
+                    let mut incomplete = false;
                     for result in reply.results {
                         let Some(message) = result.message else {
                             tracing::error!(conversation_id = %conversation_id, "storage append returned no message");
+                            incomplete = true;
                             break;
                         };
                         if result.duplicate {
@@ -387,7 +389,13 @@ impl Owner {
                         }
                         stored.push((message, result.duplicate));
                     }
-                    backoff = BACKOFF_START;
+                    if incomplete {
+                        // The rest is sent again, after a pause.
+                        self.sleep(backoff).await?;
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                    } else {
+                        backoff = BACKOFF_START;
+                    }
                 }
                 Ok(reply) => {
                     tracing::error!(conversation_id = %conversation_id, results = reply.results.len(), sent, "storage append batch answered a wrong number of results");
