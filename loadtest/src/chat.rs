@@ -833,12 +833,14 @@ mod tests {
         let refused = ClientError::Server {
             code: ErrorCode::RateLimited,
             message: String::new(),
+            retry_after_ms: 0,
         };
         assert!(outcome_known(&refused));
         assert!(!outcome_known(&ClientError::Timeout));
         let unavailable = ClientError::Server {
             code: ErrorCode::Unavailable,
             message: String::new(),
+            retry_after_ms: 0,
         };
         assert!(!outcome_known(&unavailable));
     }

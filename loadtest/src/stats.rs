@@ -186,6 +186,7 @@ mod tests {
         let server = ClientError::Server {
             code: ErrorCode::RateLimited,
             message: "slow down".into(),
+            retry_after_ms: 0,
         };
         assert_eq!(error_label(&server), "rate_limited");
         assert_eq!(error_label(&ClientError::Timeout), "timeout");

@@ -14,9 +14,14 @@ pub enum ClientError {
     /// connection, bad URL, broken handshake).
     #[error("connect failed (status {status:?}): {reason}")]
     Connect { status: Option<u16>, reason: String },
-    /// The server answered the request with an error ack.
+    /// The server answered the request with an error ack. `retry_after_ms` is the
+    /// server's hint for `rate_limited` (0 when it gave none).
     #[error("server error {code}: {message}")]
-    Server { code: ErrorCode, message: String },
+    Server {
+        code: ErrorCode,
+        message: String,
+        retry_after_ms: u32,
+    },
     /// No ack arrived within the request timeout. The request may or may not have
     /// taken effect on the server.
     #[error("request timed out")]
@@ -39,11 +44,24 @@ impl ClientError {
             Some(code) => ClientError::Server {
                 code,
                 message: error.message,
+                retry_after_ms: error.retry_after_ms,
             },
             None => ClientError::Server {
                 code: ErrorCode::Internal,
                 message: format!("{}: {}", error.code, error.message),
+                retry_after_ms: error.retry_after_ms,
             },
+        }
+    }
+
+    /// How long the server asked to wait before the next request (its
+    /// `retry_after_ms` with `rate_limited`); zero when it said nothing.
+    pub fn retry_after(&self) -> std::time::Duration {
+        match self {
+            ClientError::Server { retry_after_ms, .. } => {
+                std::time::Duration::from_millis(u64::from(*retry_after_ms))
+            }
+            _ => std::time::Duration::ZERO,
         }
     }
 
@@ -99,7 +117,8 @@ mod tests {
             e,
             ClientError::Server {
                 code: ErrorCode::Internal,
-                message: "brand_new: m".into()
+                message: "brand_new: m".into(),
+                retry_after_ms: 0,
             }
         );
     }
@@ -114,7 +133,8 @@ mod tests {
         .is_retryable());
         assert!(ClientError::Server {
             code: ErrorCode::Unavailable,
-            message: String::new()
+            message: String::new(),
+            retry_after_ms: 0,
         }
         .is_retryable());
         assert!(!ClientError::Connect {

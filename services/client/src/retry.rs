@@ -64,7 +64,8 @@ impl RetryPolicy {
                 Ok(value) => return Ok(value),
                 Err(e) if attempt < self.max_attempts && retry_if(&e) => {
                     tracing::debug!(attempt, error = %e, "retrying request");
-                    tokio::time::sleep(self.backoff(attempt)).await;
+                    // Never sooner than the server asked.
+                    tokio::time::sleep(self.backoff(attempt).max(e.retry_after())).await;
                     attempt += 1;
                 }
                 Err(e) => return Err(e),
@@ -187,7 +188,8 @@ pub async fn send_reliable<S: ClientSource>(
                     error = %e,
                     "retrying send"
                 );
-                tokio::time::sleep(policy.backoff(attempt)).await;
+                // Never sooner than the server asked.
+                tokio::time::sleep(policy.backoff(attempt).max(e.retry_after())).await;
                 attempt += 1;
             }
             Err(e) => return Err(e),
@@ -251,6 +253,35 @@ mod tests {
                 assert!(d <= Duration::from_millis(full), "retry {retry}: {d:?}");
             }
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_limited_retry_waits_at_least_what_the_server_asked() {
+        let policy = RetryPolicy {
+            max_attempts: 2,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(10),
+        };
+        let started = tokio::time::Instant::now();
+        let result = policy
+            .run(
+                |attempt| {
+                    std::future::ready(if attempt == 1 {
+                        Err(ClientError::Server {
+                            code: ErrorCode::RateLimited,
+                            message: "slow down".into(),
+                            retry_after_ms: 700,
+                        })
+                    } else {
+                        Ok(attempt)
+                    })
+                },
+                ClientError::is_retryable,
+            )
+            .await;
+        assert_eq!(result, Ok(2));
+        // Virtual time: the backoff alone would have been at most 10 ms.
+        assert!(started.elapsed() >= Duration::from_millis(700));
     }
 
     #[tokio::test(start_paused = true)]

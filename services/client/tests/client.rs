@@ -398,7 +398,8 @@ async fn error_ack_becomes_a_server_error_with_its_code() {
         error,
         ClientError::Server {
             code: ErrorCode::NotMember,
-            message: "not a member of c1".into()
+            message: "not a member of c1".into(),
+            retry_after_ms: 0,
         }
     );
 }

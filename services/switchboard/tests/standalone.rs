@@ -360,7 +360,7 @@ async fn bodies_above_the_limit_are_refused_with_a_clear_error() {
         1
     );
     match alice.send(&conv.conversation_id, &"x".repeat(1001)).await {
-        Err(ClientError::Server { code, message }) => {
+        Err(ClientError::Server { code, message, .. }) => {
             assert_eq!(code, ErrorCode::BodyTooLarge);
             assert!(message.contains("1000"), "{message}");
         }
