@@ -1114,7 +1114,7 @@ impl Storage for StorageGrpc {
         &self,
         request: Request<AppendBatchRequest>,
     ) -> std::result::Result<Response<AppendBatchResponse>, Status> {
-        // Child of the partition owner's `routing.persist` span.
+        // Child of the `routing.sequence` span of the batch's first record.
         let first = request.get_ref().messages.first();
         let span = tracing::info_span!(
             "storage.AppendBatch",

@@ -502,17 +502,6 @@ fn user_conversations(conn: &Connection, user: &str) -> DbResult<Vec<Conversatio
 }
 
 /// `unread_count` and `unread_mentions` of `user` (capped at [`rules::MAX_UNREAD`]).
-fn member_conversation_ids(
-    conn: &Connection,
-    user: &str,
-) -> DbResult<std::collections::HashSet<String>> {
-    let mut stmt = conn.prepare_cached("SELECT conversation_id FROM members WHERE user_id = ?1")?;
-    let ids = stmt
-        .query_map([user], |r| r.get::<_, String>(0))?
-        .collect::<rusqlite::Result<_>>()?;
-    Ok(ids)
-}
-
 fn fill_unread(conn: &Connection, conv: &mut Conversation, user: &str) -> DbResult<()> {
     if conv.last_seq <= conv.read_seq {
         return Ok(());
@@ -1415,6 +1404,8 @@ impl HistoryStore for SqliteStore {
                 // One read transaction: a consistent snapshot of every conversation.
                 let tx = conn.transaction()?;
                 let convs = user_conversations(&tx, &user)?;
+                let member_of: std::collections::HashSet<String> =
+                    convs.iter().map(|c| c.conversation_id.clone()).collect();
                 let mut result = SyncResult::default();
                 for mut conv in convs {
                     let cursor = cursors.get(&conv.conversation_id).copied();
@@ -1433,8 +1424,6 @@ impl HistoryStore for SqliteStore {
                     result.conversations.push(conv);
                 }
                 // Conversations the client knows and the user is no longer in.
-                let member_of: std::collections::HashSet<String> =
-                    member_conversation_ids(&tx, &user)?;
                 for (id, cursor) in &cursors {
                     if member_of.contains(id) {
                         continue;
