@@ -134,10 +134,15 @@ impl TokenBucket {
         }
     }
 
-    pub(crate) fn take(&mut self, now: Instant) -> bool {
+    /// The tokens the bucket holds at `now` (refilled since the last take).
+    fn tokens_at(&self, now: Instant) -> f64 {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        (self.tokens + elapsed * self.rate).min(self.burst)
+    }
+
+    pub(crate) fn take(&mut self, now: Instant) -> bool {
+        self.tokens = self.tokens_at(now);
         self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
@@ -148,8 +153,7 @@ impl TokenBucket {
 
     /// How long until the bucket holds a request again (zero if it does).
     pub(crate) fn wait(&self, now: Instant) -> Duration {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        let tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        let tokens = self.tokens_at(now);
         if tokens >= 1.0 {
             Duration::ZERO
         } else if self.rate <= 0.0 {
