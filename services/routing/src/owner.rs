@@ -251,7 +251,8 @@ impl Owner {
     /// that appended it (the record's `traceparent`); the storage call is a child of
     /// the first record's.
     async fn process_conversation(&self, records: Vec<LogRecord>) -> Result<(), Stopped> {
-        let mut sequenced: Vec<(tracing::Span, Message)> = Vec::with_capacity(records.len());
+        let mut spans: Vec<tracing::Span> = Vec::with_capacity(records.len());
+        let mut messages: Vec<Message> = Vec::with_capacity(records.len());
         for record in records {
             let span = tracing::info_span!(
                 parent: None,
@@ -271,7 +272,8 @@ impl Owner {
             match Message::decode(record.value.as_slice()) {
                 Ok(m) if !m.conversation_id.is_empty() => {
                     span.record("conversation_id", m.conversation_id.as_str());
-                    sequenced.push((span, m));
+                    spans.push(span);
+                    messages.push(m);
                 }
                 other => {
                     // Only this service writes records; this is corruption, and no
@@ -286,15 +288,16 @@ impl Owner {
             }
         }
         let mut start = 0;
-        while start < sequenced.len() {
+        while start < messages.len() {
             let end = chunk_end(
-                &sequenced[start..],
+                &messages[start..],
                 self.node.config.cluster.max_message_bytes / 2,
             ) + start;
-            let chunk = &sequenced[start..end];
-            let messages: Vec<Message> = chunk.iter().map(|(_, m)| m.clone()).collect();
-            let stored = self.persist(messages, &chunk[0].0).await?;
-            for ((span, message), (stored, duplicate)) in chunk.iter().zip(stored) {
+            let chunk = &messages[start..end];
+            let stored = self.persist(chunk, &spans[start]).await?;
+            for ((span, message), (stored, duplicate)) in
+                spans[start..end].iter().zip(chunk).zip(stored)
+            {
                 span.record("seq", stored.seq);
                 span.record("duplicate", duplicate);
                 self.sequenced(&message.message_id, stored)
@@ -335,7 +338,7 @@ impl Owner {
     /// gapless. `first_span` is the first record's span, the parent of the calls.
     async fn persist(
         &self,
-        messages: Vec<Message>,
+        messages: &[Message],
         first_span: &tracing::Span,
     ) -> Result<Vec<(Message, bool)>, Stopped> {
         let conversation_id = messages[0].conversation_id.clone();
@@ -462,9 +465,9 @@ fn is_sequence_conflict(status: &tonic::Status) -> bool {
 /// The end of the first chunk of `records` that fits one storage call: as many as
 /// keep the encoded messages within `max_bytes` (at least one: a single record always
 /// fits, the gateway bounds its size), and at most the store's batch limit.
-fn chunk_end(records: &[(tracing::Span, Message)], max_bytes: usize) -> usize {
+fn chunk_end(records: &[Message], max_bytes: usize) -> usize {
     let mut bytes = 0;
-    for (i, (_, message)) in records.iter().enumerate() {
+    for (i, message) in records.iter().enumerate() {
         bytes += message.encoded_len() + 8;
         if i > 0 && (bytes > max_bytes || i >= MAX_APPEND_BATCH) {
             return i;
