@@ -304,8 +304,13 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// earlier event of the batch) takes none. `first_seq` must be `last_seq + 1`
     /// (`SequenceConflict`, nothing written). Returns the results of a prefix of the
     /// batch, at least the first event; an error means nothing of the batch was
-    /// appended by this call. SQLite writes the whole batch in one transaction;
-    /// [`append_each`] is the one-by-one form (which may stop early).
+    /// appended by this call (SQLite; on CQL part of it may be, and the same batch
+    /// sent again completes it: what is stored is found in place, not again). SQLite
+    /// writes the whole batch in one transaction; the
+    /// CQL store writes it without a conditional update (see `scylla::append`): its
+    /// rows in one batch per partition, its dedupe decisions taken against each
+    /// event's own `sent_at_ms` minus the window, so that whoever replays the same
+    /// log writes the same thing.
     ///
     /// [`append`]: HistoryStore::append
     async fn append_batch(
@@ -454,34 +459,4 @@ pub trait HistoryStore: Send + Sync + 'static {
 
     /// Delete at most `max_rows` dedupe keys stored before `before_ms`; returns how many.
     async fn purge_dedupe(&self, before_ms: i64, max_rows: u32) -> Result<u64>;
-}
-
-/// [`HistoryStore::append_batch`] as single appends, one after the other: stops at the
-/// first failure once something was appended (the caller sends the rest again).
-pub(crate) async fn append_each<S: HistoryStore + ?Sized>(
-    store: &S,
-    messages: Vec<Message>,
-    first_seq: u64,
-    dedupe_since_ms: i64,
-    now_ms: i64,
-) -> Result<Vec<Appended>> {
-    let mut next = first_seq;
-    let mut results = Vec::with_capacity(messages.len());
-    for mut message in messages {
-        message.seq = next;
-        match store.append(message, dedupe_since_ms, now_ms).await {
-            Ok(appended) => {
-                if !appended.duplicate {
-                    next += 1;
-                }
-                results.push(appended);
-            }
-            Err(e) if results.is_empty() => return Err(e),
-            Err(e) => {
-                tracing::warn!(error = %e, appended = results.len(), "append batch stopped early");
-                break;
-            }
-        }
-    }
-    Ok(results)
 }

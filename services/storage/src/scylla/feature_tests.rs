@@ -1,9 +1,10 @@
 //! ScyllaDB/Cassandra-specific tests of the conversation features (the shared
 //! behaviour is checked by the conformance suite in `tests.rs`): effects of an append
-//! interrupted after its commit are rolled forward, and exactly once however often
-//! the roll-forward runs; a keyspace written by schema version 1 is upgraded in place.
+//! interrupted before its row are completed by the replay, and exactly once however
+//! often they run; effects written late by a second writer (a paused former
+//! partition owner) lose to those of later events; a keyspace written by schema
+//! version 1 is upgraded in place.
 
-use prost::Message as _;
 use switchboard_proto::{Message, SystemEvent};
 
 use super::tests::ScyllaFactory;
@@ -52,30 +53,24 @@ async fn append(store: &ScyllaStore, m: Message) -> Message {
     store.append(m, NOW - WINDOW_MS, NOW).await.unwrap().message
 }
 
-/// Commit `m` as an append that crashed right after its commit: no effects, no row.
+/// An append of `m` that stopped after its key and its effects, before its row (a
+/// crash, or a partition owner paused there): nothing of it is visible as stored.
 async fn commit_only(store: &ScyllaStore, m: Message) -> Message {
     let m = sequenced(store, m).await;
-    let seq = seq_i64(m.seq);
-    let committed = store
-        .lwt(
-            &store.st.conv_commit_append,
-            (
-                seq,
-                NOW,
-                seq,
-                m.encode_to_vec(),
-                m.conversation_id.as_str(),
-                seq - 1,
-            ),
-        )
-        .await
-        .unwrap();
-    assert!(committed.applied);
+    store.write_key(&m, 3600, NOW).await.unwrap();
+    store.apply_effects(&m, NOW).await.unwrap();
     assert_eq!(
         store.load_message(&m.conversation_id, m.seq).await.unwrap(),
         None
     );
     m
+}
+
+/// The same record appended again (the next owner's replay): stored, effects once.
+async fn replay(store: &ScyllaStore, m: &Message) {
+    let again = store.append(m.clone(), NOW - WINDOW_MS, NOW).await.unwrap();
+    assert!(!again.duplicate);
+    assert_eq!(store.last_seq(&m.conversation_id).await.unwrap(), m.seq);
 }
 
 /// Event `seq` as history returns it (current state, reactions counted).
@@ -117,9 +112,9 @@ async fn effects_of_an_interrupted_append_are_rolled_forward_exactly_once() {
         .await
         .seq;
 
-    // An edit committed, then a crash: the next owner's LastSeq applies it.
+    // An edit stopped before its row: the replay stores it.
     let edit = commit_only(&store, event(&g, "alice", "edit", m1, "v2")).await;
-    assert_eq!(store.last_seq(&g).await.unwrap(), edit.seq);
+    replay(&store, &edit).await;
     let now = current(&store, &g, m1).await;
     assert_eq!(
         (now.body.as_str(), now.edited_at_ms),
@@ -137,11 +132,7 @@ async fn effects_of_an_interrupted_append_are_rolled_forward_exactly_once() {
         },
     )
     .await;
-    let retried = store
-        .append(reaction.clone(), NOW - WINDOW_MS, NOW)
-        .await
-        .unwrap();
-    assert!(!retried.duplicate);
+    replay(&store, &reaction).await;
     store.roll_forward(&reaction, NOW).await.unwrap();
     let counts: Vec<(String, u32)> = current(&store, &g, m1)
         .await
@@ -164,7 +155,7 @@ async fn effects_of_an_interrupted_append_are_rolled_forward_exactly_once() {
         },
     )
     .await;
-    store.last_seq(&g).await.unwrap();
+    replay(&store, &reply).await;
     store.roll_forward(&reply, NOW).await.unwrap();
     assert_eq!(current(&store, &g, m1).await.reply_count, 1);
     let thread = store
@@ -185,7 +176,7 @@ async fn effects_of_an_interrupted_append_are_rolled_forward_exactly_once() {
         system(&g, "olga", actions::MEMBERS_ADDED, &["carol"], ""),
     )
     .await;
-    store.last_seq(&g).await.unwrap();
+    replay(&store, &added).await;
     let joined = |conv: &Conversation| {
         conv.member_roles
             .iter()
@@ -200,7 +191,7 @@ async fn effects_of_an_interrupted_append_are_rolled_forward_exactly_once() {
         system(&g, "olga", actions::ROLE_CHANGED, &["bob"], roles::OWNER),
     )
     .await;
-    store.last_seq(&g).await.unwrap();
+    replay(&store, &transfer).await;
     store.roll_forward(&transfer, NOW).await.unwrap();
     let conv = store.get_conversation(&g).await.unwrap();
     assert_eq!(conv.owner_id, "bob");
@@ -227,7 +218,7 @@ async fn effects_of_an_interrupted_append_are_rolled_forward_exactly_once() {
     // A delete committed: rolled forward twice, nothing of the text or its
     // reactions stays.
     let delete = commit_only(&store, event(&g, "alice", "delete", m1, "")).await;
-    store.last_seq(&g).await.unwrap();
+    replay(&store, &delete).await;
     store.roll_forward(&delete, NOW).await.unwrap();
     let gone = current(&store, &g, m1).await;
     assert!(gone.deleted);
@@ -249,6 +240,70 @@ async fn effects_of_an_interrupted_append_are_rolled_forward_exactly_once() {
     )
     .await;
     assert!(current(&store, &g, m1).await.reactions.is_empty());
+}
+
+/// A former partition owner that was paused writes an older event's row and
+/// effects again after later events took effect: every cell keeps the value of the
+/// latest event (the write timestamps follow the sequence), not the latest write.
+#[tokio::test]
+async fn late_writes_of_older_events_lose_to_later_events() {
+    let factory = ScyllaFactory::new();
+    let store = factory.store().await;
+    let g = store
+        .create_conversation(group("late", "olga", &["olga", "alice", "bob"]))
+        .await
+        .unwrap()
+        .conversation_id;
+    let m1 = append(&store, event(&g, "alice", "message", 0, "v1")).await;
+    let e1 = append(&store, event(&g, "alice", "edit", m1.seq, "v2")).await;
+    let e2 = append(&store, event(&g, "alice", "edit", m1.seq, "v3")).await;
+    let add = append(
+        &store,
+        Message {
+            emoji: "👍".into(),
+            ..event(&g, "bob", "reaction", m1.seq, "")
+        },
+    )
+    .await;
+    append(
+        &store,
+        Message {
+            emoji: "👍".into(),
+            remove: true,
+            ..event(&g, "bob", "reaction", m1.seq, "")
+        },
+    )
+    .await;
+    assert_eq!(current(&store, &g, m1.seq).await.body, "v3");
+
+    // The late writer: the original row, the first edit, the reaction's add.
+    store.write_message(&m1).await.unwrap();
+    store.roll_forward(&e1, NOW).await.unwrap();
+    store.roll_forward(&add, NOW).await.unwrap();
+    let now = current(&store, &g, m1.seq).await;
+    assert_eq!(
+        (now.body.as_str(), now.edited_at_ms, now.reactions.len()),
+        ("v3", e2.sent_at_ms, 0)
+    );
+    assert!(store
+        .my_reactions(&g, "bob", 0, 100)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // After a delete, late writes of the message and its edits bring no text back.
+    let delete = append(&store, event(&g, "alice", "delete", m1.seq, "")).await;
+    store.write_message(&m1).await.unwrap();
+    store.roll_forward(&e2, NOW).await.unwrap();
+    store.write_message(&e1).await.unwrap();
+    let gone = current(&store, &g, m1.seq).await;
+    assert!(gone.deleted);
+    assert_eq!(gone.body, "");
+    assert_eq!(current(&store, &g, e1.seq).await.body, "");
+    assert_eq!(current(&store, &g, e2.seq).await.body, "");
+    // The head never moves back either.
+    store.write_head(&g, m1.seq, m1.sent_at_ms).await.unwrap();
+    assert_eq!(store.head_row(&g).await.unwrap(), Some(delete.seq));
 }
 
 #[tokio::test]

@@ -12,6 +12,7 @@ use ::scylla::statement::prepared::PreparedStatement;
 use prost::Message as _;
 use switchboard_proto::{Member, MemberReceipt, Message, ReactionCount, SystemEvent, Webhook};
 
+use super::append::event_ts;
 use super::{
     bucket_of, seq_i64, ConvRow, MessageRow, PendingMember, PendingMembers, ScyllaStore,
     BUCKET_SIZE, FANOUT, IN_CHUNK, MAX_LWT_ATTEMPTS, PAGE_SIZE,
@@ -108,7 +109,7 @@ impl FeatureStatements {
             thread_insert: prep(
                 format!(
                     "INSERT INTO {ks}.thread_replies (conversation_id, root_seq, seq) \
-                     VALUES (?, ?, ?)"
+                     VALUES (?, ?, ?) USING TIMESTAMP ?"
                 ),
                 true,
                 false,
@@ -124,15 +125,18 @@ impl FeatureStatements {
             )
             .await?,
             msg_reply_count: prep(
-                format!("UPDATE {ks}.messages SET reply_count = ?, reply_last_seq = ? {key}"),
+                format!(
+                    "UPDATE {ks}.messages USING TIMESTAMP ? SET reply_count = ?, \
+                     reply_last_seq = ? {key}"
+                ),
                 true,
                 false,
             )
             .await?,
             msg_edit: prep(
                 format!(
-                    "UPDATE {ks}.messages SET body = ?, content_type = ?, edited_at_ms = ?, \
-                     edit_seqs = edit_seqs + ? {key}"
+                    "UPDATE {ks}.messages USING TIMESTAMP ? SET body = ?, content_type = ?, \
+                     edited_at_ms = ?, edit_seqs = edit_seqs + ? {key}"
                 ),
                 true,
                 false,
@@ -140,14 +144,17 @@ impl FeatureStatements {
             .await?,
             msg_delete: prep(
                 format!(
-                    "UPDATE {ks}.messages SET body = '', content_type = '', deleted = true {key}"
+                    "UPDATE {ks}.messages USING TIMESTAMP ? SET body = '', content_type = '', \
+                     deleted = true {key}"
                 ),
                 true,
                 false,
             )
             .await?,
             msg_clear_body: prep(
-                format!("UPDATE {ks}.messages SET body = '', content_type = '' {key}"),
+                format!(
+                    "UPDATE {ks}.messages USING TIMESTAMP ? SET body = '', content_type = '' {key}"
+                ),
                 true,
                 false,
             )
@@ -174,7 +181,7 @@ impl FeatureStatements {
             reaction_insert: prep(
                 format!(
                     "INSERT INTO {ks}.reactions (conversation_id, bucket, target_seq, emoji, \
-                     user_id, at_ms) VALUES (?, ?, ?, ?, ?, ?)"
+                     user_id, at_ms) VALUES (?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
                 ),
                 true,
                 false,
@@ -182,8 +189,8 @@ impl FeatureStatements {
             .await?,
             reaction_delete: prep(
                 format!(
-                    "DELETE FROM {ks}.reactions WHERE conversation_id = ? AND bucket = ? \
-                     AND target_seq = ? AND emoji = ? AND user_id = ?"
+                    "DELETE FROM {ks}.reactions USING TIMESTAMP ? WHERE conversation_id = ? \
+                     AND bucket = ? AND target_seq = ? AND emoji = ? AND user_id = ?"
                 ),
                 true,
                 false,
@@ -192,7 +199,7 @@ impl FeatureStatements {
             reaction_user_insert: prep(
                 format!(
                     "INSERT INTO {ks}.reactions_by_user (conversation_id, user_id, target_seq, \
-                     emoji) VALUES (?, ?, ?, ?)"
+                     emoji) VALUES (?, ?, ?, ?) USING TIMESTAMP ?"
                 ),
                 true,
                 false,
@@ -200,7 +207,7 @@ impl FeatureStatements {
             .await?,
             reaction_user_delete: prep(
                 format!(
-                    "DELETE FROM {ks}.reactions_by_user WHERE conversation_id = ? \
+                    "DELETE FROM {ks}.reactions_by_user USING TIMESTAMP ? WHERE conversation_id = ? \
                      AND user_id = ? AND target_seq = ? AND emoji = ?"
                 ),
                 true,
@@ -218,8 +225,8 @@ impl FeatureStatements {
             .await?,
             reactions_delete_target: prep(
                 format!(
-                    "DELETE FROM {ks}.reactions WHERE conversation_id = ? AND bucket = ? \
-                     AND target_seq = ?"
+                    "DELETE FROM {ks}.reactions USING TIMESTAMP ? WHERE conversation_id = ? \
+                     AND bucket = ? AND target_seq = ?"
                 ),
                 true,
                 false,
@@ -764,8 +771,6 @@ impl ScyllaStore {
     /// that earlier steps of the same event do not change in a way that alters the
     /// outcome.
     pub(super) async fn apply_effects(&self, m: &Message, now_ms: i64) -> Result<()> {
-        self.exec(&self.xt.sender_insert, (&m.conversation_id, &m.sender_id))
-            .await?;
         match m.kind.as_str() {
             kinds::EDIT => self.apply_edit(m).await,
             kinds::DELETE => self.apply_delete(m).await,
@@ -776,6 +781,13 @@ impl ScyllaStore {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Record that `sender` sent in the conversation (shared contacts).
+    pub(super) async fn add_sender(&self, conversation_id: &str, sender: &str) -> Result<()> {
+        self.exec(&self.xt.sender_insert, (conversation_id, sender))
+            .await?;
+        Ok(())
     }
 
     /// A target of an edit, delete or reaction: a stored "message".
@@ -806,7 +818,7 @@ impl ScyllaStore {
         };
         self.exec(
             &self.xt.thread_insert,
-            (id, seq_i64(root_seq), seq_i64(m.seq)),
+            (id, seq_i64(root_seq), seq_i64(m.seq), event_ts(m.seq)),
         )
         .await?;
         if root.reply_last_seq.unwrap_or(0) < seq_i64(m.seq) {
@@ -814,6 +826,7 @@ impl ScyllaStore {
             self.exec(
                 &self.xt.msg_reply_count,
                 (
+                    event_ts(m.seq),
                     count,
                     seq_i64(m.seq),
                     id,
@@ -837,6 +850,7 @@ impl ScyllaStore {
         self.exec(
             &self.xt.msg_edit,
             (
+                event_ts(m.seq),
                 m.body.as_str(),
                 m.content_type.as_str(),
                 m.sent_at_ms,
@@ -860,6 +874,7 @@ impl ScyllaStore {
         let id = m.conversation_id.as_str();
         let t = m.target_seq;
         let (bucket, ts) = (bucket_of(t), seq_i64(t));
+        let at = event_ts(m.seq);
         // The per-user copies first: they are found through the target's rows.
         let reactions = self
             .all_rows::<(String, String)>(&self.xt.reactions_of_target, (id, bucket, ts))
@@ -868,21 +883,24 @@ impl ScyllaStore {
             let deletes = group.iter().map(|(emoji, user)| {
                 self.exec(
                     &self.xt.reaction_user_delete,
-                    (id, user.as_str(), ts, emoji.as_str()),
+                    (at, id, user.as_str(), ts, emoji.as_str()),
                 )
             });
             futures::future::try_join_all(deletes).await?;
         }
-        self.exec(&self.xt.reactions_delete_target, (id, bucket, ts))
+        self.exec(&self.xt.reactions_delete_target, (at, id, bucket, ts))
             .await?;
         let edits: Vec<i64> = target.edit_seqs.clone().unwrap_or_default();
         for group in edits.chunks(FANOUT) {
-            let clears = group
-                .iter()
-                .map(|&e| self.exec(&self.xt.msg_clear_body, (id, bucket_of(e.max(0) as u64), e)));
+            let clears = group.iter().map(|&e| {
+                self.exec(
+                    &self.xt.msg_clear_body,
+                    (at, id, bucket_of(e.max(0) as u64), e),
+                )
+            });
             futures::future::try_join_all(clears).await?;
         }
-        self.exec(&self.xt.msg_delete, (id, bucket, ts)).await?;
+        self.exec(&self.xt.msg_delete, (at, id, bucket, ts)).await?;
         Ok(())
     }
 
@@ -897,18 +915,19 @@ impl ScyllaStore {
         let (user, emoji) = (m.sender_id.as_str(), m.emoji.as_str());
         let t = m.target_seq;
         let (bucket, ts) = (bucket_of(t), seq_i64(t));
+        let at = event_ts(m.seq);
         if m.remove {
             tokio::try_join!(
-                self.exec(&self.xt.reaction_delete, (id, bucket, ts, emoji, user)),
-                self.exec(&self.xt.reaction_user_delete, (id, user, ts, emoji)),
+                self.exec(&self.xt.reaction_delete, (at, id, bucket, ts, emoji, user)),
+                self.exec(&self.xt.reaction_user_delete, (at, id, user, ts, emoji)),
             )?;
         } else {
             tokio::try_join!(
                 self.exec(
                     &self.xt.reaction_insert,
-                    (id, bucket, ts, emoji, user, m.sent_at_ms)
+                    (id, bucket, ts, emoji, user, m.sent_at_ms, at)
                 ),
-                self.exec(&self.xt.reaction_user_insert, (id, user, ts, emoji)),
+                self.exec(&self.xt.reaction_user_insert, (id, user, ts, emoji, at)),
             )?;
         }
         Ok(())

@@ -19,52 +19,36 @@
 //! idempotent, ordered so that a crash between any two steps leaves a state that the
 //! next attempt (or the next reader) completes, and never a second version of the truth.
 //!
-//! **Append** `(conversation c, seq s, message m)`, with dedupe key `k = (sender, client_msg_id)`:
-//! 1. *Claim the key*: `INSERT INTO dedupe_keys ... IF NOT EXISTS USING TTL window`
-//!    pointing at `(c, s)`. If a live key exists and its message is stored, `m` is a
-//!    duplicate: answer the stored message, write nothing. A key pointing at `(c, s)`
-//!    whose message is not stored is this record's own earlier, interrupted attempt:
-//!    go on. A key whose window ended, or that points at a sequence that went to
-//!    another message, or at an attempt that never committed, is replaced with a
-//!    conditional update on its exact old values.
-//! 2. *Commit*: `UPDATE conversations SET last_seq = s, pending_seq = s,
-//!    pending_message = m IF last_seq = s - 1`. This is the one commit point: exactly one
-//!    message wins each sequence, and the winner is recorded in the same write.
-//!    If it fails because `last_seq` is already `s` and `pending_message` is `m` (same
-//!    `message_id`, or same dedupe key), an earlier attempt of this record committed
-//!    and crashed before step 3: go to step 3 with the committed copy. Otherwise it is a
-//!    sequence conflict (the claim of step 1 is released) or an unknown conversation.
-//! 3. *Write* the message row (plain, idempotent upsert of the committed content) and
-//!    the dedupe key's age index row.
+//! **Append** takes no conditional update: the routing partition owner is the only
+//! sequencer, what it writes is a function of the event log, and every row and
+//! effect is written with a timestamp derived from its event's sequence, so a
+//! second writer replaying the same log (a former owner resumed after a pause) can
+//! only write the same values or older ones that lose. The steps, crash points and
+//! checks are in [`append`]: keys first, then rows in sequence order (one unlogged
+//! batch per `messages` partition, an event's effects before its row), then the head
+//! (`last_seq`). The stored rows of a conversation are always a gapless prefix;
+//! `LastSeq` (a new owner) reads past a head that lags them and moves it. A record
+//! replayed after a crash finds its key naming its stored row (a duplicate, or the
+//! record itself "placed" at the sequence it would take), so it is never stored
+//! twice. Conversations last appended to by an earlier version of this store (a
+//! conditional commit carrying the message in `pending_message`) are finished by
+//! `LastSeq` the same way as before.
 //!
-//! Crash points: after 1, a retry finds its own claim (same `(c, s)`) and continues;
-//! a different attempt of the same key finds a claim that never committed and
-//! replaces it. After 2, a retry of the same record finds its commit and finishes step
-//! 3; a new partition owner starts with [`HistoryStore::last_seq`], which reads the
-//! conversation row serially and rewrites the committed `pending_message` before
-//! answering, so the sequence it continues from is always backed by a stored message
-//! (no gap), and a re-consumed record finds its key pointing at that stored message
-//! (no duplicate). After 3 everything is in place; a retry answers "duplicate" (with a
-//! key) or "already committed" (same `message_id`). Between 2 and 3 a reader may for a
-//! moment see `last_seq = s` before message `s` (the sender has not been acked yet;
-//! clients fill gaps from history).
-//!
-//! Limits of this scheme: dedupe is exact under one partition owner at a time. Two
-//! appends of the same key racing with *different* sequences (two owners of one
-//! partition at once, or one sender reusing a client id in two conversations at the
-//! same instant) can both be stored; the sequence stays gapless regardless.
+//! Limits of this scheme: dedupe is exact for the events of one conversation (one
+//! log partition). Two appends of the same key in *different* conversations at the
+//! same instant (one sender reusing a client id) can both be stored; the sequence
+//! stays gapless regardless.
 //!
 //! **Effects of timeline events** (edits, deletes, reactions, thread replies,
-//! system events) are part of step 3: the append rolls the committed event forward
-//! as *effects first, then the event's own row*, so a stored row means its effects
-//! are in place (a retry that finds the row answers "duplicate" and applies nothing).
-//! Every roll-forward path of the message row (the retry of the same record, a
-//! duplicate finding a committed but unwritten event, and `LastSeq` of a new
-//! partition owner) applies the effects too, so a crash between the commit and the
-//! effect writes is repaired exactly like a missing row. Each effect is idempotent:
+//! system events) are written *before the event's own row*, so a stored row means
+//! its effects are in place (a replay that finds the row applies nothing).
+//! A crash between the effects and the row is repaired by the replay of the record,
+//! which applies the effects again. Each effect is idempotent and written `USING
+//! TIMESTAMP` of its event (`append::event_ts`), so it also commutes with the
+//! effects of later events written before it:
 //! - edit: the target's body, content_type, `edited_at_ms` and `edit_seqs + {e}` are
 //!   set to values taken from the event; skipped if the target is deleted (and an
-//!   edit of a target already deleted at append time is committed without its text);
+//!   edit of a target already deleted at append time is stored without its text);
 //! - delete: reactions of the target removed (the per-user copies first, found
 //!   through the target's rows), bodies of the edits in `edit_seqs` cleared, then the
 //!   target cleared and marked deleted; running it again clears what is clear;
@@ -78,11 +62,12 @@
 //!   roles and join times) and ban rows follow through the membership roll-forward.
 //!   A repeat finds `members_seq >= e` and only finishes the roll-forward.
 //!
-//! Effects are applied in sequence order because the partition owner appends `s + 1`
-//! only after `s` returned (or after `LastSeq`, which rolls `s` forward): the same
-//! single-owner assumption the gapless sequence already rests on (two owners at once,
-//! the limit above, could also apply two events' effects out of order). Readers never
-//! roll anything forward (a reader racing the owner could write an older state late).
+//! Effects are applied in sequence order by each writer (a batch writes the rows
+//! before an event with effects first); a second writer applying an older event's
+//! effects late loses to the later events by timestamp. The read-modify-write
+//! effects (the thread count, the edit of a deleted message) read the state of the
+//! prefix or a later one, and a later state either skips the write or is overwritten
+//! by the later event's own write. Readers never roll anything forward.
 //!
 //! **Reads with current state**: history, sync and thread pages read the rows (state
 //! included) and count reactions per bucket (`mine` is filled by the service from
@@ -124,6 +109,7 @@
 //! makes requests fail within [`REQUEST_TIMEOUT`] (at once when no connection is
 //! left) with `unavailable`; the driver reconnects by itself.
 
+mod append;
 mod features;
 pub mod schema;
 mod tls;
@@ -247,6 +233,7 @@ pub struct ScyllaStore {
     session: Session,
     st: Statements,
     xt: features::FeatureStatements,
+    at: append::AppendStatements,
 }
 
 impl ScyllaStore {
@@ -277,13 +264,21 @@ impl ScyllaStore {
         let xt = features::FeatureStatements::prepare(&session, &storage.scylla_keyspace)
             .await
             .map_err(|e| open_error(&config.storage.scylla_nodes, e))?;
+        let at = append::AppendStatements::prepare(&session, &storage.scylla_keyspace)
+            .await
+            .map_err(|e| open_error(&config.storage.scylla_nodes, e))?;
         tracing::info!(
             nodes = %storage.scylla_nodes,
             keyspace = %storage.scylla_keyspace,
             schema_version = version,
             "history store connected"
         );
-        Ok(ScyllaStore { session, st, xt })
+        Ok(ScyllaStore {
+            session,
+            st,
+            xt,
+            at,
+        })
     }
 }
 
@@ -824,31 +819,6 @@ impl MessageRow {
     }
 }
 
-/// The values of `msg_insert`: every stored field of an event, none of its state.
-#[derive(::scylla::SerializeRow)]
-#[scylla(crate = ::scylla)]
-struct MessageInsert<'a> {
-    conversation_id: &'a str,
-    bucket: i64,
-    seq: i64,
-    message_id: &'a str,
-    sender_id: &'a str,
-    sender_device: &'a str,
-    client_msg_id: &'a str,
-    body: &'a str,
-    content_type: &'a str,
-    sent_at_ms: i64,
-    kind: &'a str,
-    target_seq: i64,
-    reply_to_seq: i64,
-    thread_root_seq: i64,
-    mentions: &'a [String],
-    emoji: &'a str,
-    reaction_remove: bool,
-    system_event: Option<Vec<u8>>,
-    from_bot: bool,
-}
-
 const CONV_COLUMNS: &str = "kind, name, owner_id, created_at_ms, updated_at_ms, last_seq, \
      members_version, member_count, applied_members_version, pending_members, topic, members_seq";
 const MESSAGE_COLUMNS: &str = "conversation_id, seq, message_id, sender_id, sender_device, \
@@ -863,7 +833,6 @@ struct Statements {
     conv_select_serial: PreparedStatement,
     conv_last_seq: PreparedStatement,
     conv_last_seq_serial: PreparedStatement,
-    conv_commit_append: PreparedStatement,
     conv_commit_members: PreparedStatement,
     conv_members_applied: PreparedStatement,
     member_insert: PreparedStatement,
@@ -874,16 +843,11 @@ struct Statements {
     user_conv_insert: PreparedStatement,
     user_conv_delete: PreparedStatement,
     user_convs: PreparedStatement,
-    msg_insert: PreparedStatement,
     msg_select: PreparedStatement,
     msg_after: PreparedStatement,
     msg_upto: PreparedStatement,
     pair_insert: PreparedStatement,
-    dedupe_claim: PreparedStatement,
-    dedupe_replace: PreparedStatement,
-    dedupe_release: PreparedStatement,
     dedupe_select: PreparedStatement,
-    dedupe_purge: PreparedStatement,
     age_insert: PreparedStatement,
     age_select: PreparedStatement,
     age_delete: PreparedStatement,
@@ -931,15 +895,6 @@ impl Statements {
             )
             .await?,
             conv_last_seq_serial: prep(last_seq_cql, true, true).await?,
-            conv_commit_append: prep(
-                format!(
-                    "UPDATE {ks}.conversations SET last_seq = ?, updated_at_ms = ?, \
-                     pending_seq = ?, pending_message = ? WHERE conversation_id = ? IF last_seq = ?"
-                ),
-                false,
-                false,
-            )
-            .await?,
             conv_commit_members: prep(
                 format!(
                     "UPDATE {ks}.conversations SET members_version = ?, member_count = ?, \
@@ -1037,18 +992,6 @@ impl Statements {
                 st.set_page_size(PAGE_SIZE);
                 st
             },
-            msg_insert: prep(
-                format!(
-                    "INSERT INTO {ks}.messages (conversation_id, bucket, seq, message_id, \
-                     sender_id, sender_device, client_msg_id, body, content_type, sent_at_ms, \
-                     kind, target_seq, reply_to_seq, thread_root_seq, mentions, emoji, \
-                     reaction_remove, system_event, from_bot) \
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                ),
-                true,
-                false,
-            )
-            .await?,
             msg_select: prep(
                 format!(
                     "SELECT {MESSAGE_COLUMNS} FROM {ks}.messages \
@@ -1087,49 +1030,12 @@ impl Statements {
                 false,
             )
             .await?,
-            dedupe_claim: prep(
-                format!(
-                    "INSERT INTO {ks}.dedupe_keys (sender_id, client_msg_id, conversation_id, \
-                     seq, created_at_ms) VALUES (?, ?, ?, ?, ?) IF NOT EXISTS USING TTL ?"
-                ),
-                false,
-                false,
-            )
-            .await?,
-            dedupe_replace: prep(
-                format!(
-                    "UPDATE {ks}.dedupe_keys USING TTL ? SET conversation_id = ?, seq = ?, \
-                     created_at_ms = ? WHERE sender_id = ? AND client_msg_id = ? \
-                     IF conversation_id = ? AND seq = ? AND created_at_ms = ?"
-                ),
-                false,
-                false,
-            )
-            .await?,
-            dedupe_release: prep(
-                format!(
-                    "DELETE FROM {ks}.dedupe_keys WHERE sender_id = ? AND client_msg_id = ? \
-                     IF conversation_id = ? AND seq = ? AND created_at_ms = ?"
-                ),
-                false,
-                false,
-            )
-            .await?,
             dedupe_select: prep(
                 format!(
                     "SELECT conversation_id, seq, created_at_ms FROM {ks}.dedupe_keys \
                      WHERE sender_id = ? AND client_msg_id = ?"
                 ),
                 true,
-                false,
-            )
-            .await?,
-            dedupe_purge: prep(
-                format!(
-                    "DELETE FROM {ks}.dedupe_keys WHERE sender_id = ? AND client_msg_id = ? \
-                     IF created_at_ms = ?"
-                ),
-                false,
                 false,
             )
             .await?,
@@ -1192,13 +1098,6 @@ impl Statements {
 }
 
 /// What claiming a dedupe key found.
-enum Claim {
-    /// The key now points at this append; `created_at_ms` identifies the claim.
-    Ours { created_at_ms: i64 },
-    /// The key's message is stored: answer it.
-    Duplicate(Box<Message>),
-}
-
 impl ScyllaStore {
     async fn exec(&self, st: &PreparedStatement, values: impl SerializeRow) -> Result<QueryResult> {
         self.session
@@ -1469,40 +1368,13 @@ impl ScyllaStore {
             .is_some_and(|t| t.is_deleted()))
     }
 
-    /// The event's own row (plain upsert of the stored fields; its state columns are
-    /// left alone).
-    async fn write_message(&self, m: &Message) -> Result<()> {
-        let values = MessageInsert {
-            conversation_id: &m.conversation_id,
-            bucket: bucket_of(m.seq),
-            seq: seq_i64(m.seq),
-            message_id: &m.message_id,
-            sender_id: &m.sender_id,
-            sender_device: &m.sender_device,
-            client_msg_id: &m.client_msg_id,
-            body: &m.body,
-            content_type: &m.content_type,
-            sent_at_ms: m.sent_at_ms,
-            kind: &m.kind,
-            target_seq: seq_i64(m.target_seq),
-            reply_to_seq: seq_i64(m.reply_to_seq),
-            thread_root_seq: seq_i64(m.thread_root_seq),
-            mentions: &m.mentions,
-            emoji: &m.emoji,
-            reaction_remove: m.remove,
-            system_event: m.system.as_ref().map(|e| e.encode_to_vec()),
-            from_bot: m.from_bot,
-        };
-        self.exec(&self.st.msg_insert, values).await?;
-        Ok(())
-    }
-
     /// Roll a committed event forward: its effects, then its own row. The row comes
     /// last, so a stored row means its effects are in place (a retry that finds the
     /// row answers "duplicate" without applying anything again). Every step is
     /// idempotent: running it again after a crash anywhere in between is safe.
     async fn roll_forward(&self, m: &Message, now_ms: i64) -> Result<()> {
         self.apply_effects(m, now_ms).await?;
+        self.add_sender(&m.conversation_id, &m.sender_id).await?;
         self.write_message(m).await
     }
 
@@ -1554,95 +1426,9 @@ impl ScyllaStore {
         }
     }
 
-    fn key_ttl_secs(dedupe_since_ms: i64, now_ms: i64) -> i32 {
-        let window_ms = now_ms.saturating_sub(dedupe_since_ms).max(1);
-        i32::try_from((window_ms + 999) / 1000).unwrap_or(i32::MAX)
-    }
-
-    /// Step 1 of an append: make the message's dedupe key point at `(c, s)`, or find
-    /// the stored message it already names. See the module documentation.
-    async fn claim_key(&self, m: &Message, since_ms: i64, now_ms: i64) -> Result<Claim> {
-        let (sender, cmid) = (m.sender_id.as_str(), m.client_msg_id.as_str());
-        let (id, seq) = (m.conversation_id.as_str(), seq_i64(m.seq));
-        let ttl = Self::key_ttl_secs(since_ms, now_ms);
-        for _ in 0..MAX_LWT_ATTEMPTS {
-            let claim = self
-                .lwt(&self.st.dedupe_claim, (sender, cmid, id, seq, now_ms, ttl))
-                .await?;
-            if claim.applied {
-                return Ok(Claim::Ours {
-                    created_at_ms: now_ms,
-                });
-            }
-            let (Some(old_conv), Some(old_seq), Some(old_created)) = (
-                claim.text("conversation_id"),
-                claim.bigint("seq"),
-                claim.bigint("created_at_ms"),
-            ) else {
-                continue; // expired between the two reads of the server: claim again
-            };
-            let stale = if old_created < since_ms {
-                true
-            } else {
-                let old_seq_u = old_seq.max(0) as u64;
-                if let Some(stored) = self.load_message(&old_conv, old_seq_u).await? {
-                    if stored.sender_id == sender && stored.client_msg_id == cmid {
-                        return Ok(Claim::Duplicate(Box::new(stored)));
-                    }
-                    true // the sequence went to another message
-                } else if old_conv == id && old_seq == seq {
-                    // This record's own interrupted attempt.
-                    return Ok(Claim::Ours {
-                        created_at_ms: old_created,
-                    });
-                } else {
-                    match self.committed(&old_conv).await? {
-                        Some((_, Some(pending)))
-                            if pending.seq == old_seq_u
-                                && pending.sender_id == sender
-                                && pending.client_msg_id == cmid =>
-                        {
-                            // Committed, crashed before its message row: finish it.
-                            self.roll_forward(&pending, now_ms).await?;
-                            return Ok(Claim::Duplicate(Box::new(pending)));
-                        }
-                        // Unknown conversation, a sequence that went elsewhere, or an
-                        // attempt that never committed.
-                        _ => true,
-                    }
-                }
-            };
-            if stale {
-                let replaced = self
-                    .lwt(
-                        &self.st.dedupe_replace,
-                        (
-                            ttl,
-                            id,
-                            seq,
-                            now_ms,
-                            sender,
-                            cmid,
-                            old_conv.as_str(),
-                            old_seq,
-                            old_created,
-                        ),
-                    )
-                    .await?;
-                if replaced.applied {
-                    return Ok(Claim::Ours {
-                        created_at_ms: now_ms,
-                    });
-                }
-            }
-        }
-        Err(StorageError::Unavailable(format!(
-            "dedupe key of {sender} keeps changing; try again"
-        )))
-    }
-
-    /// `last_seq` and the committed (possibly not yet written) message of a
-    /// conversation, read serially so that an interrupted commit is settled first.
+    /// `last_seq` and, for a conversation last appended to by an earlier version of
+    /// this store (a conditional commit that carried the message), the committed
+    /// message at `last_seq`; read serially so that such a commit is settled first.
     async fn committed(&self, id: &str) -> Result<Option<(u64, Option<Message>)>> {
         let row = self
             .first::<(i64, Option<i64>, Option<Vec<u8>>)>(&self.st.conv_last_seq_serial, (id,))
@@ -1658,57 +1444,6 @@ impl ScyllaStore {
             _ => None,
         };
         Ok(Some((last, pending)))
-    }
-
-    /// Best effort: drop a claim this append made and could not use.
-    async fn release_claim(&self, m: &Message, claim: &Claim) {
-        if let Claim::Ours { created_at_ms } = claim {
-            let released = self
-                .lwt(
-                    &self.st.dedupe_release,
-                    (
-                        m.sender_id.as_str(),
-                        m.client_msg_id.as_str(),
-                        m.conversation_id.as_str(),
-                        seq_i64(m.seq),
-                        *created_at_ms,
-                    ),
-                )
-                .await;
-            if let Err(e) = released {
-                tracing::debug!(error = %e, "dedupe claim not released; a later append replaces it");
-            }
-        }
-    }
-
-    /// Step 3 of an append: the event's effects, its row and the dedupe key's age
-    /// index row.
-    async fn store_message(
-        &self,
-        m: &Message,
-        key_ttl: i32,
-        created_at_ms: Option<i64>,
-        now_ms: i64,
-    ) -> Result<()> {
-        let index = async {
-            if let Some(created) = created_at_ms {
-                self.exec(
-                    &self.st.age_insert,
-                    (
-                        created / HOUR_MS,
-                        dedupe_shard(&m.sender_id, &m.client_msg_id),
-                        created,
-                        m.sender_id.as_str(),
-                        m.client_msg_id.as_str(),
-                        key_ttl,
-                    ),
-                )
-                .await?;
-            }
-            Ok::<_, StorageError>(())
-        };
-        tokio::try_join!(self.roll_forward(m, now_ms), index)?;
-        Ok(())
     }
 
     /// All conversation rows of a user (without members), most recently updated first.
@@ -2028,11 +1763,14 @@ impl HistoryStore for ScyllaStore {
             .await?
             .ok_or_else(|| StorageError::NotFound(conversation_id.to_owned()))?;
         if let Some(pending) = pending {
-            // The partition owner continues from here: make sure `last` is stored
-            // and its effects applied.
-            self.roll_forward(&pending, now_ms()).await?;
+            // Committed by an earlier version of this store and maybe never written:
+            // the partition owner continues from here, so store it first.
+            if self.load_row(conversation_id, last).await?.is_none() {
+                self.roll_forward(&pending, now_ms()).await?;
+            }
         }
-        Ok(last)
+        // Rows written after the head by an append that stopped before its head.
+        self.settle_head(conversation_id, last).await
     }
 
     async fn append_batch(
@@ -2042,100 +1780,23 @@ impl HistoryStore for ScyllaStore {
         dedupe_since_ms: i64,
         now_ms: i64,
     ) -> Result<Vec<Appended>> {
-        // Each append takes its own lightweight transactions: one by one.
-        crate::store::append_each(self, messages, first_seq, dedupe_since_ms, now_ms).await
+        let window_ms = now_ms.saturating_sub(dedupe_since_ms);
+        self.append_events(messages, first_seq, window_ms, now_ms)
+            .await
     }
 
     async fn append(
         &self,
-        mut message: Message,
+        message: Message,
         dedupe_since_ms: i64,
         now_ms: i64,
     ) -> Result<Appended> {
-        // The current-state fields start empty: effects of later events fill them.
-        message.edited_at_ms = 0;
-        message.deleted = false;
-        message.reactions.clear();
-        message.reply_count = 0;
-        if message.kind == kinds::EDIT && self.edits_a_deleted_message(&message).await? {
-            // A late edit of a deleted message is stored without its text.
-            message.body.clear();
-            message.content_type.clear();
-        }
-        let id = message.conversation_id.clone();
-        let seq = message.seq;
-        let keyed = !message.client_msg_id.is_empty();
-        let key_ttl = Self::key_ttl_secs(dedupe_since_ms, now_ms);
-        let claim = if keyed {
-            match self.claim_key(&message, dedupe_since_ms, now_ms).await? {
-                Claim::Duplicate(stored) => {
-                    return Ok(Appended {
-                        message: *stored,
-                        duplicate: true,
-                    })
-                }
-                ours => Some(ours),
-            }
-        } else {
-            None
-        };
-        let claim_created = match &claim {
-            Some(Claim::Ours { created_at_ms }) => Some(*created_at_ms),
-            _ => None,
-        };
-        let commit = self
-            .lwt(
-                &self.st.conv_commit_append,
-                (
-                    seq_i64(seq),
-                    now_ms,
-                    seq_i64(seq),
-                    message.encode_to_vec(),
-                    id.as_str(),
-                    seq_i64(seq - 1),
-                ),
-            )
-            .await?;
-        if commit.applied {
-            self.store_message(&message, key_ttl, claim_created, now_ms)
-                .await?;
-            return Ok(Appended {
-                message,
-                duplicate: false,
-            });
-        }
-        let Some(current) = commit.bigint("last_seq") else {
-            if let Some(claim) = &claim {
-                self.release_claim(&message, claim).await;
-            }
-            return Err(StorageError::NotFound(id));
-        };
-        if current == seq_i64(seq) {
-            if let Some((_, Some(pending))) = self.committed(&id).await? {
-                let same_record = pending.message_id == message.message_id
-                    || (keyed
-                        && pending.sender_id == message.sender_id
-                        && pending.client_msg_id == message.client_msg_id);
-                if pending.seq == seq && same_record {
-                    // An earlier attempt of this record committed, then stopped.
-                    self.store_message(&pending, key_ttl, claim_created, now_ms)
-                        .await?;
-                    return Ok(Appended {
-                        message: pending,
-                        duplicate: false,
-                    });
-                }
-            }
-        }
-        if let Some(claim) = &claim {
-            self.release_claim(&message, claim).await;
-        }
-        let current = current.max(0) as u64;
-        Err(StorageError::SequenceConflict {
-            conversation_id: id,
-            expected: current + 1,
-            got: seq,
-        })
+        let (id, seq) = (message.conversation_id.clone(), message.seq);
+        let window_ms = now_ms.saturating_sub(dedupe_since_ms);
+        self.append_events(vec![message], seq, window_ms, now_ms)
+            .await?
+            .pop()
+            .ok_or_else(|| StorageError::Internal(format!("append to {id} answered nothing")))
     }
 
     async fn lookup_dedupe(
@@ -2144,20 +1805,7 @@ impl HistoryStore for ScyllaStore {
         client_msg_id: &str,
         since_ms: i64,
     ) -> Result<Option<Message>> {
-        let key = self
-            .first::<(String, i64, i64)>(&self.st.dedupe_select, (sender_id, client_msg_id))
-            .await?;
-        let Some((conv, seq, created)) = key else {
-            return Ok(None);
-        };
-        if created < since_ms {
-            return Ok(None);
-        }
-        // A claim whose append has not completed (or never will) answers nothing.
-        Ok(self
-            .load_message(&conv, seq.max(0) as u64)
-            .await?
-            .filter(|m| m.sender_id == sender_id && m.client_msg_id == client_msg_id))
+        self.lookup_key(sender_id, client_msg_id, since_ms).await
     }
 
     async fn history_page(&self, query: &PageQuery) -> Result<HistoryResult> {
@@ -2425,13 +2073,7 @@ impl HistoryStore for ScyllaStore {
                     let full = rows.len() == page as usize;
                     for (created, sender, cmid) in rows {
                         // Only the key as indexed: a key claimed again since is newer.
-                        let purged = self
-                            .lwt(
-                                &self.st.dedupe_purge,
-                                (sender.as_str(), cmid.as_str(), created),
-                            )
-                            .await?;
-                        if purged.applied {
+                        if self.delete_key_version(&sender, &cmid, created).await? {
                             deleted += 1;
                         }
                         self.exec(

@@ -30,15 +30,16 @@
 //! | `webhooks` (2) | `conversation_id` | `slot` | `webhook_id`, `url`, `secret`, `delivered_seq`, `created_at_ms`, `created_by` | |
 //! | `webhooks_by_shard` (2) | `shard` | `conversation_id, webhook_id` | | |
 //!
-//! - `conversations` is the one row per conversation that every conditional update
-//!   (lightweight transaction) goes through: `last_seq` advances with
-//!   `IF last_seq = seq - 1` and carries the committed message in `pending_seq` /
-//!   `pending_message` (a protobuf `Message`); membership changes advance
+//! - `conversations` is the one row per conversation. Membership changes advance
 //!   `members_version` with `IF members_version = v` and carry the change in
 //!   `pending_members` (a protobuf `ChangeMembersRequest` holding only the users that
 //!   actually change); `applied_members_version` says which change the member tables
-//!   already show. Every write to this table is conditional (no mixing of conditional
-//!   and plain writes on one row).
+//!   already show. `last_seq` is the head of the history, written plainly
+//!   `USING TIMESTAMP` derived from the sequence (it never moves back), and
+//!   `updated_at_ms` with the event's time; no conditional update reads either
+//!   cell. `pending_seq` / `pending_message` are only read: an earlier version
+//!   committed each append there (`IF last_seq = seq - 1`) and `LastSeq` still
+//!   finishes such a commit.
 //! - `members_by_conversation` and `conversations_by_user` are the two sides of
 //!   membership (members of a conversation; conversations of a user). Their rows are
 //!   written with `USING TIMESTAMP <members_version + 1>`, so a late write of an older
@@ -47,13 +48,18 @@
 //!   (`bucket = seq / BUCKET_SIZE`), so a partition stays bounded (about 1000 messages,
 //!   well under a megabyte for chat-sized bodies) however long a conversation lives;
 //!   history pages walk from one bucket to the next. Newest first on disk, since most
-//!   reads are "the latest page".
+//!   reads are "the latest page". Rows, their state columns and the reaction and
+//!   thread rows are written `USING TIMESTAMP 2^52 + seq` of the event that writes
+//!   them, so the latest event wins whatever order writes land in; nothing may
+//!   write these cells with a default (wall-clock) timestamp.
 //! - `direct_pairs` makes a direct conversation unique per pair (`IF NOT EXISTS` on the
 //!   sorted pair of user ids) and holds what is needed to finish creating it.
 //! - `dedupe_keys` maps (sender, client message id) to the stored message's
-//!   `(conversation_id, seq)`; claimed with `IF NOT EXISTS` and written `USING TTL`
-//!   the dedupe window, so Cassandra/ScyllaDB deletes keys by itself.
-//!   `created_at_ms` still decides (against the service clock) whether a key is live.
+//!   `(conversation_id, seq)`, written before the message's row `USING TTL` the
+//!   dedupe window (plus how late the write is) and `USING TIMESTAMP` the event's
+//!   time, so Cassandra/ScyllaDB deletes keys by itself. `created_at_ms` (the
+//!   event's `sent_at_ms`) decides whether a key is live for a later event: against
+//!   that event's own time when appending, against the service clock for lookups.
 //! - `dedupe_keys_by_age` indexes dedupe keys by creation hour and one of
 //!   [`super::DEDUPE_SHARDS`] shards (hash of the key, so no single partition takes
 //!   every append), only for the purge of keys whose window ended before their TTL did

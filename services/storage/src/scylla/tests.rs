@@ -232,10 +232,43 @@ async fn an_unreachable_server_is_a_transient_open_error() {
     );
 }
 
-/// The module doc's crash points, replayed: an append that committed but never wrote
-/// its message row is finished by the next `last_seq` (a new partition owner) and by a
-/// retry of the same record; a claim left by an append that never committed does not
-/// block its key.
+/// What an earlier version of this store left after an append that crashed right
+/// after its conditional commit: `last_seq = m.seq` with the message in
+/// `pending_message`, no row. Returns whether the commit applied.
+pub(crate) async fn legacy_commit(store: &ScyllaStore, m: &Message) -> bool {
+    let ks = store
+        .st
+        .conv_select
+        .get_keyspace_name()
+        .expect("prepared against a keyspace")
+        .to_owned();
+    let seq = seq_i64(m.seq);
+    let cql = format!(
+        "UPDATE {ks}.conversations SET last_seq = ?, updated_at_ms = ?, pending_seq = ?, \
+         pending_message = ? WHERE conversation_id = ? IF last_seq = ?"
+    );
+    let prepared = store.session.prepare(cql).await.unwrap();
+    store
+        .lwt(
+            &prepared,
+            (
+                seq,
+                m.sent_at_ms,
+                seq,
+                m.encode_to_vec(),
+                m.conversation_id.as_str(),
+                seq - 1,
+            ),
+        )
+        .await
+        .unwrap()
+        .applied
+}
+
+/// The crash points of an append (see `append.rs`), replayed: keys written but no
+/// row, rows written but no head, a whole batch written again by a second writer
+/// (a paused former partition owner) after the first moved on, and a commit left by
+/// an earlier version of this store.
 #[tokio::test]
 async fn interrupted_appends_converge() {
     let factory = ScyllaFactory::new();
@@ -243,81 +276,96 @@ async fn interrupted_appends_converge() {
     let h = Harness::over(Arc::new(factory.store().await), 200);
     let id = h.direct("alice", "bob").await.conversation_id;
     h.fill(&id, "alice", 2).await;
-
-    // Commit seq 3 without step 3, as a crash right after the commit would leave it.
-    let m3 = Message {
-        message_id: "m3".into(),
-        sent_at_ms: 1,
-        ..crate::conformance::message(&id, 3, "alice", "k3")
+    let record = |seq: u64, sender: &str, key: &str| Message {
+        message_id: format!("m{seq}-{key}"),
+        sent_at_ms: T_NOW,
+        ..crate::conformance::message(&id, seq, sender, key)
     };
-    let commit = store
-        .lwt(
-            &store.st.conv_commit_append,
-            (3i64, 1i64, 3i64, m3.encode_to_vec(), id.as_str(), 2i64),
-        )
-        .await
-        .unwrap();
-    assert!(commit.applied);
-    assert_eq!(store.load_message(&id, 3).await.unwrap(), None);
-    // The retry of the same record (same message id, no key claimed yet) converges.
-    let retried = store
-        .append(m3.clone(), T_NOW - WINDOW_MS, T_NOW)
-        .await
-        .unwrap();
-    assert!(!retried.duplicate);
-    assert_eq!(retried.message, m3);
-    assert_eq!(store.load_message(&id, 3).await.unwrap(), Some(m3.clone()));
 
-    // Commit seq 4, crash; the next owner's LastSeq writes it before answering.
-    let m4 = Message {
-        message_id: "m4".into(),
-        sent_at_ms: 1,
-        ..crate::conformance::message(&id, 4, "bob", "")
-    };
-    store
-        .lwt(
-            &store.st.conv_commit_append,
-            (4i64, 1i64, 4i64, m4.encode_to_vec(), id.as_str(), 3i64),
-        )
+    // Keys written, then a crash before the rows: the same batch again stores it
+    // at the same sequences (the key names no stored row: not a duplicate).
+    let (m3, m4) = (record(3, "alice", "k3"), record(4, "bob", "k4"));
+    store.write_key(&m3, 3600, T_NOW).await.unwrap();
+    store.write_key(&m4, 3600, T_NOW).await.unwrap();
+    assert_eq!(h.lookup("alice", "k3").await, None);
+    let again = store
+        .append_batch(vec![m3.clone(), m4.clone()], 3, T_NOW - WINDOW_MS, T_NOW)
         .await
         .unwrap();
-    assert_eq!(h.last_seq(&id).await, 4);
-    assert_eq!(store.load_message(&id, 4).await.unwrap(), Some(m4));
-    // A different record offered seq 4 is a conflict, not a second message.
-    let conflict = store
-        .append(
-            crate::conformance::message(&id, 4, "bob", "other"),
+    let answered: Vec<(u64, bool)> = again.iter().map(|a| (a.message.seq, a.duplicate)).collect();
+    assert_eq!(answered, [(3, false), (4, false)]);
+
+    // Rows written, then a crash before the head: LastSeq (a new owner) finds
+    // them and moves the head; the replayed record is found stored.
+    let (m5, m6) = (record(5, "alice", "k5"), record(6, "alice", "k6"));
+    store.write_key(&m5, 3600, T_NOW).await.unwrap();
+    store.write_key(&m6, 3600, T_NOW).await.unwrap();
+    store.write_rows(&[m5.clone(), m6.clone()]).await.unwrap();
+    assert_eq!(store.head_row(&id).await.unwrap(), Some(4));
+    assert_eq!(h.last_seq(&id).await, 6);
+    assert_eq!(store.head_row(&id).await.unwrap(), Some(6));
+    let replay = store
+        .append_batch(vec![m6.clone()], 7, T_NOW - WINDOW_MS, T_NOW)
+        .await
+        .unwrap();
+    assert!(replay[0].duplicate);
+    assert_eq!(replay[0].message, m6);
+
+    // A second writer replaying records 3..=6 (a former owner that was paused)
+    // after the conversation moved on: it finds every record placed, writes
+    // nothing new, and the head stays.
+    h.fill(&id, "bob", 2).await;
+    let late = store
+        .append_batch(
+            vec![m3.clone(), m4.clone(), m5.clone(), m6.clone()],
+            3,
             T_NOW - WINDOW_MS,
             T_NOW,
         )
         .await
-        .unwrap_err();
-    assert!(matches!(
-        conflict,
-        StorageError::SequenceConflict {
-            expected: 5,
-            got: 4,
-            ..
-        }
-    ));
-
-    // A claim whose append never committed (crash after step 1, at seq 9) does not
-    // block the key: the record appended again at its real seq takes it over.
-    let claim = store
-        .lwt(
-            &store.st.dedupe_claim,
-            ("alice", "orphan", id.as_str(), 9i64, T_NOW, 3600i32),
-        )
-        .await
         .unwrap();
-    assert!(claim.applied);
-    assert_eq!(h.lookup("alice", "orphan").await, None);
-    let stored = h.append(&id, 5, "alice", "orphan").await.unwrap();
-    assert!(!stored.duplicate);
-    assert_eq!(h.lookup("alice", "orphan").await.map(|m| m.seq), Some(5));
+    let answered: Vec<(u64, bool)> = late.iter().map(|a| (a.message.seq, a.duplicate)).collect();
+    assert_eq!(answered, [(3, false), (4, false), (5, false), (6, false)]);
+    assert_eq!(h.last_seq(&id).await, 8);
+    // A different record offered a taken sequence is a conflict, not a second
+    // message, and writes nothing.
+    let conflict = store
+        .append(record(6, "bob", "other"), T_NOW - WINDOW_MS, T_NOW)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            conflict,
+            StorageError::SequenceConflict {
+                expected: 9,
+                got: 6,
+                ..
+            }
+        ),
+        "{conflict:?}"
+    );
+    assert_eq!(h.lookup("bob", "other").await, None);
+
+    assert!(!h.append(&id, 9, "alice", "k9").await.unwrap().duplicate);
+
+    // Committed by an earlier version of this store, never written: LastSeq writes
+    // it before answering, and the next append continues after it.
+    let old = h.direct("carol", "dave").await.conversation_id;
+    let legacy = Message {
+        message_id: "legacy".into(),
+        sent_at_ms: T_NOW,
+        ..crate::conformance::message(&old, 1, "carol", "")
+    };
+    assert!(legacy_commit(&store, &legacy).await);
+    assert_eq!(store.load_message(&old, 1).await.unwrap(), None);
+    assert_eq!(h.last_seq(&old).await, 1);
+    assert_eq!(store.load_message(&old, 1).await.unwrap(), Some(legacy));
+    assert!(!h.append(&old, 2, "dave", "d2").await.unwrap().duplicate);
+    assert_eq!(h.last_seq(&old).await, 2);
+
     let page = h.history("bob", &id, 0, "forward", 0).await.unwrap();
     let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
-    assert_eq!(seqs, [1, 2, 3, 4, 5]);
+    assert_eq!(seqs, (1..=9).collect::<Vec<_>>());
 }
 
 /// Concurrent writers of one conversation row go through its conditional updates:
@@ -419,14 +467,7 @@ async fn history_pages_cross_bucket_boundaries() {
         m.message_id = format!("m{seq}");
         store.write_message(&m).await.unwrap();
     }
-    let moved = store
-        .lwt(
-            &store.st.conv_commit_append,
-            (1010i64, 1i64, 0i64, Vec::<u8>::new(), id.as_str(), 0i64),
-        )
-        .await
-        .unwrap();
-    assert!(moved.applied);
+    store.write_head(&id, 1010, 1).await.unwrap();
     let seqs = |r: &HistoryResult| r.messages.iter().map(|m| m.seq).collect::<Vec<_>>();
     let newest = h.history("bob", &id, 0, "", 15).await.unwrap();
     assert_eq!(seqs(&newest), (996..=1010).collect::<Vec<_>>());
