@@ -327,7 +327,7 @@ impl SecondRouting {
     async fn wait_both_own_partitions(&self, s: &Services) {
         let first = s.setup.port_of("SWITCHBOARD_ROUTING__ADMIN_LISTEN");
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while partitions_owned(first).await == 0 || partitions_owned(self.admin).await == 0 {
+        while partitions_owned(first).await == 0.0 || partitions_owned(self.admin).await == 0.0 {
             assert!(
                 std::time::Instant::now() < deadline,
                 "both routing instances own partitions"
@@ -337,24 +337,22 @@ impl SecondRouting {
     }
 }
 
-/// `switchboard_routing_partitions_owned` of the routing instance at admin `port`
-/// (0 when it does not answer).
-async fn partitions_owned(port: u16) -> i64 {
+/// The value of metric `name` (a plain counter or gauge) of the routing instance at
+/// admin `port` (0 when it does not answer).
+async fn routing_metric(port: u16, name: &str) -> f64 {
     let (_, body) = http_get(port, "/metrics").await.unwrap_or_default();
     body.lines()
-        .find_map(|l| l.strip_prefix("switchboard_routing_partitions_owned "))
-        .and_then(|v| v.trim().parse::<i64>().ok())
-        .unwrap_or(0)
-}
-
-/// `switchboard_routing_messages_sequenced_total` of the routing instance at admin
-/// `port` (0 when it does not answer).
-async fn sequenced_by(port: u16) -> f64 {
-    let (_, body) = http_get(port, "/metrics").await.unwrap_or_default();
-    body.lines()
-        .find_map(|l| l.strip_prefix("switchboard_routing_messages_sequenced_total "))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse::<f64>().ok())
         .unwrap_or(0.0)
+}
+
+async fn partitions_owned(port: u16) -> f64 {
+    routing_metric(port, "switchboard_routing_partitions_owned").await
+}
+
+async fn sequenced_by(port: u16) -> f64 {
+    routing_metric(port, "switchboard_routing_messages_sequenced_total").await
 }
 
 /// Sequencing on CQL takes no compare-and-set per message: a partition owner
@@ -421,7 +419,7 @@ async fn a_partition_owner_paused_until_its_partitions_moved_changes_nothing_whe
     let sequenced_before = sequenced_by(first_admin).await;
     s.routing.pause();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while partitions_owned(second.admin).await < 4 {
+    while partitions_owned(second.admin).await < 4.0 {
         assert!(
             std::time::Instant::now() < deadline,
             "the second instance took over every partition"
@@ -440,7 +438,7 @@ async fn a_partition_owner_paused_until_its_partitions_moved_changes_nothing_whe
         sequenced_by(first_admin).await - sequenced_before
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while partitions_owned(first_admin).await == 0 {
+    while partitions_owned(first_admin).await == 0.0 {
         assert!(
             std::time::Instant::now() < deadline,
             "the resumed instance rejoined the group and owns partitions again"
