@@ -26,8 +26,8 @@
 //!    nothing written): a safety net against a second sequencer that is not
 //!    replaying the same log.
 //! 3. *Keys first*: the dedupe keys (`USING TIMESTAMP` the event's `sent_at_ms` in
-//!    microseconds) and their age index rows, and the senders set, so that a stored
-//!    row always has its key (a replay finds it).
+//!    microseconds) and their age index rows, so that a stored row always has its
+//!    key (a replay finds it); the senders set at the same time.
 //! 4. *Rows in order*: consecutive events without effects go into one unlogged batch
 //!    per `messages` partition (atomic within the partition); an event with effects
 //!    (edit, delete, reaction, thread reply, system event) first writes the rows
@@ -341,14 +341,22 @@ impl ScyllaStore {
             _ => None,
         });
         let key_writes: Vec<&Message> = key_writes.collect();
-        for group in key_writes.chunks(FANOUT) {
-            let writes = group.iter().map(|m| self.write_key(m, window_secs, now_ms));
-            futures::future::try_join_all(writes).await?;
-        }
-        for group in senders.chunks(FANOUT) {
-            let writes = group.iter().map(|s| self.add_sender(&id, s));
-            futures::future::try_join_all(writes).await?;
-        }
+        let keys_written = async {
+            for group in key_writes.chunks(FANOUT) {
+                let writes = group.iter().map(|m| self.write_key(m, window_secs, now_ms));
+                futures::future::try_join_all(writes).await?;
+            }
+            Ok::<_, StorageError>(())
+        };
+        // The senders set (shared contacts) has no order with the rows.
+        let senders_written = async {
+            for group in senders.chunks(FANOUT) {
+                let writes = group.iter().map(|s| self.add_sender(&id, s));
+                futures::future::try_join_all(writes).await?;
+            }
+            Ok::<_, StorageError>(())
+        };
+        tokio::try_join!(keys_written, senders_written)?;
 
         // 4. Effects and rows, in order.
         let mut rows: Vec<Message> = Vec::new();

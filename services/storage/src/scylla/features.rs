@@ -23,6 +23,10 @@ use crate::store::{
     ThreadQuery,
 };
 
+/// (conversation, sender) pairs one process remembers as recorded; past this the
+/// set starts over (the rows stay; a few are written again).
+const MAX_KNOWN_SENDERS: usize = 100_000;
+
 /// Unread counts (and unread mention counts) stop here.
 pub(super) const UNREAD_CAP: u32 = 1000;
 /// Rows read per request by the unread scan.
@@ -783,11 +787,26 @@ impl ScyllaStore {
         }
     }
 
-    /// Record that `sender` sent in the conversation (shared contacts).
+    /// Record that `sender` sent in the conversation (shared contacts); skipped when
+    /// this process recorded it already (rows of `senders` are never deleted).
     pub(super) async fn add_sender(&self, conversation_id: &str, sender: &str) -> Result<()> {
+        let key = (conversation_id.to_owned(), sender.to_owned());
+        if self.known_senders().contains(&key) {
+            return Ok(());
+        }
         self.exec(&self.xt.sender_insert, (conversation_id, sender))
             .await?;
+        let mut known = self.known_senders();
+        if known.len() >= MAX_KNOWN_SENDERS {
+            known.clear();
+        }
+        known.insert(key);
         Ok(())
+    }
+
+    fn known_senders(&self) -> std::sync::MutexGuard<'_, HashSet<(String, String)>> {
+        // Only set operations under the lock: a poisoned set is still a valid cache.
+        self.known_senders.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A target of an edit, delete or reaction: a stored "message".

@@ -234,6 +234,8 @@ pub struct ScyllaStore {
     st: Statements,
     xt: features::FeatureStatements,
     at: append::AppendStatements,
+    /// (conversation, sender) pairs already in `senders`: see `add_sender`.
+    known_senders: std::sync::Mutex<HashSet<(String, String)>>,
 }
 
 impl ScyllaStore {
@@ -278,6 +280,7 @@ impl ScyllaStore {
             st,
             xt,
             at,
+            known_senders: std::sync::Mutex::new(HashSet::new()),
         })
     }
 }
