@@ -260,7 +260,7 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// or after `dedupe_since_ms`, return the stored message as a duplicate and write
     /// nothing; else require `seq == last_seq + 1` (`SequenceConflict`), store the
     /// event (every field of `Message` up to `from_bot`; the current-state fields 19..22
-    /// of the input are ignored and start empty) and its dedupe key (stamped `now_ms`;
+    /// of the input are ignored and start empty) and its dedupe key (stamped `now_ms`, on CQL the event's `sent_at_ms`;
     /// none when client_msg_id is empty) and bump the conversation's `last_seq` and
     /// `updated_at_ms`. The returned message is the input as stored.
     ///
