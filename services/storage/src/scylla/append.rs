@@ -214,6 +214,16 @@ fn has_effects(m: &Message) -> bool {
     }
 }
 
+/// The events of `plan` to store, in order.
+fn new_rows(plan: &[Planned]) -> Vec<&Message> {
+    plan.iter()
+        .filter_map(|p| match p {
+            Planned::New(m) => Some(m),
+            _ => None,
+        })
+        .collect()
+}
+
 impl ScyllaStore {
     /// See the module documentation. `window_ms` is the dedupe window.
     pub(super) async fn append_events(
@@ -358,46 +368,45 @@ impl ScyllaStore {
         };
         tokio::try_join!(keys_written, senders_written)?;
 
-        // 4. Effects and rows, in order.
-        let mut rows: Vec<Message> = Vec::new();
-        let mut last_new: Option<(u64, i64)> = None;
-        for planned in plan.iter_mut() {
-            let Planned::New(m) = planned else {
+        // 4. Effects and rows, in order: the rows since the last event with effects
+        // go out before that event's effects.
+        let mut pending = 0;
+        for i in 0..plan.len() {
+            if !matches!(&plan[i], Planned::New(m) if has_effects(m)) {
+                continue;
+            }
+            self.write_rows(&new_rows(&plan[pending..i])).await?;
+            pending = i;
+            let Planned::New(m) = &mut plan[i] else {
                 continue;
             };
-            if has_effects(m) {
-                self.write_rows(&rows).await?;
-                rows.clear();
-                if m.kind == kinds::EDIT && self.edits_a_deleted_message(m).await? {
-                    // A late edit of a deleted message is stored without its text.
-                    m.body.clear();
-                    m.content_type.clear();
-                }
-                self.apply_effects(m, now_ms).await?;
+            if m.kind == kinds::EDIT && self.edits_a_deleted_message(m).await? {
+                // A late edit of a deleted message is stored without its text.
+                m.body.clear();
+                m.content_type.clear();
             }
-            last_new = Some((m.seq, m.sent_at_ms));
-            rows.push(m.clone());
+            self.apply_effects(m, now_ms).await?;
         }
-        self.write_rows(&rows).await?;
+        self.write_rows(&new_rows(&plan[pending..])).await?;
 
         // 5. Head.
-        if let Some((last, sent_at_ms)) = last_new {
-            self.write_head(&id, last, sent_at_ms).await?;
+        if let Some(last) = new_rows(&plan).last() {
+            self.write_head(&id, last.seq, last.sent_at_ms).await?;
         }
 
         let mut out: Vec<Appended> = Vec::with_capacity(plan.len());
-        for planned in &plan {
+        for planned in plan {
             let appended = match planned {
-                Planned::Duplicate(m) => Appended {
-                    message: m.clone(),
+                Planned::Duplicate(message) => Appended {
+                    message,
                     duplicate: true,
                 },
-                Planned::Placed(m) | Planned::New(m) => Appended {
-                    message: m.clone(),
+                Planned::Placed(message) | Planned::New(message) => Appended {
+                    message,
                     duplicate: false,
                 },
                 Planned::RepeatOf(j) => Appended {
-                    message: out[*j].message.clone(),
+                    message: out[j].message.clone(),
                     duplicate: true,
                 },
             };
@@ -502,7 +511,7 @@ impl ScyllaStore {
 
     /// Rows of consecutive events: one unlogged batch per `messages` partition,
     /// partitions in sequence order.
-    pub(super) async fn write_rows(&self, rows: &[Message]) -> Result<()> {
+    pub(super) async fn write_rows(&self, rows: &[&Message]) -> Result<()> {
         let mut start = 0;
         while start < rows.len() {
             let bucket = bucket_of(rows[start].seq);
@@ -510,8 +519,10 @@ impl ScyllaStore {
                 .iter()
                 .position(|m| bucket_of(m.seq) != bucket)
                 .map_or(rows.len(), |n| start + n);
-            let values: Vec<MessageInsert<'_>> =
-                rows[start..end].iter().map(MessageInsert::of).collect();
+            let values: Vec<MessageInsert<'_>> = rows[start..end]
+                .iter()
+                .map(|m| MessageInsert::of(m))
+                .collect();
             if values.len() == 1 {
                 self.exec(&self.at.msg_insert, &values[0]).await?;
             } else {
@@ -533,8 +544,7 @@ impl ScyllaStore {
     /// Write one event's row (also the roll-forward of an append committed by an
     /// earlier version of this store).
     pub(super) async fn write_message(&self, m: &Message) -> Result<()> {
-        self.exec(&self.at.msg_insert, MessageInsert::of(m)).await?;
-        Ok(())
+        self.write_rows(&[m]).await
     }
 
     pub(super) async fn write_head(&self, id: &str, last: u64, sent_at_ms: i64) -> Result<()> {

@@ -300,7 +300,7 @@ async fn interrupted_appends_converge() {
     let (m5, m6) = (record(5, "alice", "k5"), record(6, "alice", "k6"));
     store.write_key(&m5, 3600, T_NOW).await.unwrap();
     store.write_key(&m6, 3600, T_NOW).await.unwrap();
-    store.write_rows(&[m5.clone(), m6.clone()]).await.unwrap();
+    store.write_rows(&[&m5, &m6]).await.unwrap();
     assert_eq!(store.head_row(&id).await.unwrap(), Some(4));
     assert_eq!(h.last_seq(&id).await, 6);
     assert_eq!(store.head_row(&id).await.unwrap(), Some(6));
