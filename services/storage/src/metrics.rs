@@ -334,4 +334,8 @@ impl HistoryStore for Instrumented {
         self.observe("purge_dedupe", self.inner.purge_dedupe(before_ms, max_rows))
             .await
     }
+
+    fn dedupe_keys_expire_by_themselves(&self) -> bool {
+        self.inner.dedupe_keys_expire_by_themselves()
+    }
 }

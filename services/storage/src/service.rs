@@ -859,7 +859,13 @@ impl StorageService {
             .await
     }
 
-    /// Delete every dedupe key older than the window; returns how many.
+    /// True when the store's dedupe keys expire by themselves (no purge needed).
+    pub fn dedupe_keys_expire_by_themselves(&self) -> bool {
+        self.store.dedupe_keys_expire_by_themselves()
+    }
+
+    /// Delete every dedupe key older than the window; returns how many (none for a
+    /// store whose keys expire by themselves).
     pub async fn purge_expired_dedupe(&self) -> Result<u64> {
         let before = self.dedupe_since_ms();
         let mut total = 0;
@@ -1247,6 +1253,9 @@ pub(crate) mod tests {
         }
         async fn purge_dedupe(&self, before: i64, max: u32) -> Result<u64> {
             self.inner.purge_dedupe(before, max).await
+        }
+        fn dedupe_keys_expire_by_themselves(&self) -> bool {
+            self.inner.dedupe_keys_expire_by_themselves()
         }
         async fn set_delivered_marker(
             &self,

@@ -458,5 +458,12 @@ pub trait HistoryStore: Send + Sync + 'static {
     ) -> Result<Webhook>;
 
     /// Delete at most `max_rows` dedupe keys stored before `before_ms`; returns how many.
+    /// A store whose keys expire by themselves deletes nothing.
     async fn purge_dedupe(&self, before_ms: i64, max_rows: u32) -> Result<u64>;
+
+    /// True when dedupe keys expire by themselves (a TTL of the window): the purge
+    /// then has nothing to do. Either way a key older than the window answers nothing.
+    fn dedupe_keys_expire_by_themselves(&self) -> bool {
+        false
+    }
 }

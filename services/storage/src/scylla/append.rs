@@ -26,8 +26,9 @@
 //!    nothing written): a safety net against a second sequencer that is not
 //!    replaying the same log.
 //! 3. *Keys first*: the dedupe keys (`USING TIMESTAMP` the event's `sent_at_ms` in
-//!    microseconds) and their age index rows, so that a stored row always has its
-//!    key (a replay finds it); the senders set at the same time.
+//!    microseconds, `USING TTL` the window plus how late the write is: they expire
+//!    by themselves), so that a stored row always has its key (a retry finds it);
+//!    the senders set at the same time.
 //! 4. *Rows in order*: consecutive events without effects go into one unlogged batch
 //!    per `messages` partition (atomic within the partition); an event with effects
 //!    (edit, delete, reaction, thread reply, system event) first writes the rows
@@ -46,9 +47,7 @@ use ::scylla::statement::batch::{Batch, BatchType};
 use ::scylla::statement::prepared::PreparedStatement;
 use switchboard_proto::Message;
 
-use super::{
-    bucket_of, classify, dedupe_shard, seq_i64, ScyllaStore, BUCKET_SIZE, FANOUT, HOUR_MS,
-};
+use super::{bucket_of, classify, seq_i64, ScyllaStore, BUCKET_SIZE, FANOUT};
 use crate::error::{Result, StorageError};
 use crate::store::{kinds, Appended};
 
@@ -73,8 +72,6 @@ pub(super) struct AppendStatements {
     ids_from: PreparedStatement,
     top_of_bucket: PreparedStatement,
     key_insert: PreparedStatement,
-    key_version: PreparedStatement,
-    key_delete: PreparedStatement,
     head: PreparedStatement,
     touched: PreparedStatement,
 }
@@ -113,16 +110,6 @@ impl AppendStatements {
             key_insert: prep(format!(
                 "INSERT INTO {ks}.dedupe_keys (sender_id, client_msg_id, conversation_id, \
                  seq, created_at_ms) VALUES (?, ?, ?, ?, ?) USING TTL ? AND TIMESTAMP ?"
-            ))
-            .await?,
-            key_version: prep(format!(
-                "SELECT created_at_ms, WRITETIME(seq) FROM {ks}.dedupe_keys \
-                 WHERE sender_id = ? AND client_msg_id = ?"
-            ))
-            .await?,
-            key_delete: prep(format!(
-                "DELETE FROM {ks}.dedupe_keys USING TIMESTAMP ? \
-                 WHERE sender_id = ? AND client_msg_id = ?"
             ))
             .await?,
             head: prep(format!(
@@ -338,7 +325,7 @@ impl ScyllaStore {
             next += 1;
         }
 
-        // 3. Keys, their age index and the senders, before any row.
+        // 3. Keys and the senders, before any row.
         let window_secs = i32::try_from((window_ms.max(1) + 999) / 1000).unwrap_or(i32::MAX);
         let mut senders: Vec<&str> = Vec::new();
         let key_writes = plan.iter().filter_map(|p| match p {
@@ -461,7 +448,7 @@ impl ScyllaStore {
             i32::try_from(now_ms.saturating_sub(m.sent_at_ms).max(0) / 1000).unwrap_or(i32::MAX);
         let ttl = window_secs.saturating_add(late_secs).max(1);
         let (sender, cmid) = (m.sender_id.as_str(), m.client_msg_id.as_str());
-        let key = self.exec(
+        self.exec(
             &self.at.key_insert,
             (
                 sender,
@@ -472,41 +459,9 @@ impl ScyllaStore {
                 ttl,
                 key_ts(m),
             ),
-        );
-        let index = self.exec(
-            &self.st.age_insert,
-            (
-                m.sent_at_ms / HOUR_MS,
-                dedupe_shard(sender, cmid),
-                m.sent_at_ms,
-                sender,
-                cmid,
-                ttl,
-            ),
-        );
-        tokio::try_join!(key, index)?;
+        )
+        .await?;
         Ok(())
-    }
-
-    /// Delete the dedupe key `(sender, cmid)` if it is still the one created at
-    /// `created_at_ms` (a key written again since has a later write time and stays).
-    pub(super) async fn delete_key_version(
-        &self,
-        sender: &str,
-        cmid: &str,
-        created_at_ms: i64,
-    ) -> Result<bool> {
-        let current = self
-            .first::<(i64, Option<i64>)>(&self.at.key_version, (sender, cmid))
-            .await?;
-        match current {
-            Some((created, Some(written))) if created == created_at_ms => {
-                self.exec(&self.at.key_delete, (written, sender, cmid))
-                    .await?;
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
     }
 
     /// Rows of consecutive events: one unlogged batch per `messages` partition,

@@ -157,8 +157,6 @@ use crate::store::{
 /// Sequences per `messages` partition: `bucket = seq / BUCKET_SIZE`. Fixed forever
 /// (changing it would hide stored messages).
 pub const BUCKET_SIZE: u64 = 1000;
-/// Partitions per hour of the dedupe key age index (spreads its writes).
-pub const DEDUPE_SHARDS: i32 = 16;
 /// Client-side deadline of one request (including the driver's retries).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// Deadline of schema changes, which wait for every node to agree.
@@ -174,10 +172,6 @@ const FANOUT: usize = 32;
 const IN_CHUNK: usize = 100;
 /// Rows per page of multi-page reads (members of a conversation, a user's conversations).
 const PAGE_SIZE: i32 = 1000;
-/// How far before the purge horizon the age index is scanned: keys older than that
-/// have expired by TTL already (this covers a service clock up to an hour ahead).
-const PURGE_LOOKBACK_MS: i64 = 3_600_000;
-const HOUR_MS: i64 = 3_600_000;
 const ROLE_OWNER: &str = "owner";
 const ROLE_MEMBER: &str = "member";
 /// Separates the two ids of a direct pair key; ids never contain control characters.
@@ -591,20 +585,6 @@ fn bucket_of(seq: u64) -> i64 {
     seq_i64(seq / BUCKET_SIZE)
 }
 
-/// Stable shard of a dedupe key (FNV-1a; the same on every build and machine).
-fn dedupe_shard(sender_id: &str, client_msg_id: &str) -> i32 {
-    let mut hash: u32 = 0x811c_9dc5;
-    for byte in sender_id
-        .bytes()
-        .chain(std::iter::once(0))
-        .chain(client_msg_id.bytes())
-    {
-        hash ^= u32::from(byte);
-        hash = hash.wrapping_mul(0x0100_0193);
-    }
-    (hash % DEDUPE_SHARDS as u32) as i32
-}
-
 fn direct_key(members: &[String]) -> String {
     let mut pair: Vec<&str> = members.iter().map(String::as_str).collect();
     pair.sort_unstable();
@@ -851,9 +831,6 @@ struct Statements {
     msg_upto: PreparedStatement,
     pair_insert: PreparedStatement,
     dedupe_select: PreparedStatement,
-    age_insert: PreparedStatement,
-    age_select: PreparedStatement,
-    age_delete: PreparedStatement,
     marker_select: PreparedStatement,
     marker_insert: PreparedStatement,
     marker_raise: PreparedStatement,
@@ -1037,33 +1014,6 @@ impl Statements {
                 format!(
                     "SELECT conversation_id, seq, created_at_ms FROM {ks}.dedupe_keys \
                      WHERE sender_id = ? AND client_msg_id = ?"
-                ),
-                true,
-                false,
-            )
-            .await?,
-            age_insert: prep(
-                format!(
-                    "INSERT INTO {ks}.dedupe_keys_by_age (hour, shard, created_at_ms, sender_id, \
-                     client_msg_id) VALUES (?, ?, ?, ?, ?) USING TTL ?"
-                ),
-                true,
-                false,
-            )
-            .await?,
-            age_select: prep(
-                format!(
-                    "SELECT created_at_ms, sender_id, client_msg_id FROM {ks}.dedupe_keys_by_age \
-                     WHERE hour = ? AND shard = ? AND created_at_ms < ? LIMIT ?"
-                ),
-                true,
-                false,
-            )
-            .await?,
-            age_delete: prep(
-                format!(
-                    "DELETE FROM {ks}.dedupe_keys_by_age WHERE hour = ? AND shard = ? \
-                     AND created_at_ms = ? AND sender_id = ? AND client_msg_id = ?"
                 ),
                 true,
                 false,
@@ -2055,42 +2005,13 @@ impl HistoryStore for ScyllaStore {
             .await
     }
 
-    async fn purge_dedupe(&self, before_ms: i64, max_rows: u32) -> Result<u64> {
-        let mut deleted = 0u64;
-        let first_hour = before_ms.saturating_sub(PURGE_LOOKBACK_MS) / HOUR_MS;
-        let last_hour = before_ms / HOUR_MS;
-        for hour in first_hour..=last_hour {
-            for shard in 0..DEDUPE_SHARDS {
-                loop {
-                    let room = u64::from(max_rows).saturating_sub(deleted);
-                    if room == 0 {
-                        return Ok(deleted);
-                    }
-                    let page = i32::try_from(room.min(500)).unwrap_or(500);
-                    let rows = self
-                        .rows::<(i64, String, String)>(
-                            &self.st.age_select,
-                            (hour, shard, before_ms, page),
-                        )
-                        .await?;
-                    let full = rows.len() == page as usize;
-                    for (created, sender, cmid) in rows {
-                        // Only the key as indexed: a key claimed again since is newer.
-                        if self.delete_key_version(&sender, &cmid, created).await? {
-                            deleted += 1;
-                        }
-                        self.exec(
-                            &self.st.age_delete,
-                            (hour, shard, created, sender.as_str(), cmid.as_str()),
-                        )
-                        .await?;
-                    }
-                    if !full {
-                        break;
-                    }
-                }
-            }
-        }
-        Ok(deleted)
+    /// Nothing to delete: a key expires by its TTL (the window plus how late it was
+    /// written), and a key older than the window answers nothing before that.
+    async fn purge_dedupe(&self, _before_ms: i64, _max_rows: u32) -> Result<u64> {
+        Ok(0)
+    }
+
+    fn dedupe_keys_expire_by_themselves(&self) -> bool {
+        true
     }
 }

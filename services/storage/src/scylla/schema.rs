@@ -60,10 +60,12 @@
 //!   time, so Cassandra/ScyllaDB deletes keys by itself. `created_at_ms` (the
 //!   event's `sent_at_ms`) decides whether a key is live for a later event: against
 //!   that event's own time when appending, against the service clock for lookups.
-//! - `dedupe_keys_by_age` indexes dedupe keys by creation hour and one of
-//!   [`super::DEDUPE_SHARDS`] shards (hash of the key, so no single partition takes
-//!   every append), only for the purge of keys whose window ended before their TTL did
-//!   (a service clock ahead of the database's, or a shortened window).
+//! - `dedupe_keys_by_age` indexed dedupe keys by creation hour and one of 16 shards,
+//!   for a purge of keys whose window ended before their TTL did (a service clock
+//!   ahead of the database's, or a shortened window). It is no longer written or
+//!   read: such a key answers nothing anyway (its `created_at_ms` is older than the
+//!   window) and goes with its TTL, and the index cost a write per message and a read
+//!   and two deletes per key. Its remaining rows expire by their own TTL.
 //!   Both dedupe tables use `TimeWindowCompactionStrategy`: every row has the same TTL,
 //!   so whole SSTables expire together.
 //! - `read_markers` rise only through `IF seq < ?`.

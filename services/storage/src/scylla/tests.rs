@@ -4,9 +4,9 @@
 //!
 //! Isolation: every test gets a keyspace of its own (`sbt_<random>`), created by the
 //! migrations and dropped when the test's factory is dropped. The conformance suite
-//! uses fixed user ids ("alice", "bob") and dedupe keys and counts what a purge
-//! deletes, so sharing a keyspace between tests would make them see each other's
-//! data; a keyspace per test costs about a second of schema changes.
+//! uses fixed user ids ("alice", "bob") and dedupe keys, so sharing a keyspace
+//! between tests would make them see each other's data; a keyspace per test costs
+//! about a second of schema changes.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
