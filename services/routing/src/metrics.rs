@@ -37,6 +37,9 @@ pub(crate) struct Metrics {
     /// Fan-outs sent to every known gateway because presence was unreachable or
     /// rebuilding its state.
     pub superset_fanouts: IntCounter,
+    /// Fan-outs that reused the routes of an earlier message of the same batch
+    /// instead of asking presence.
+    pub routes_reused: IntCounter,
     /// Resync deliveries that reached a gateway after deliveries to it had failed.
     pub resyncs_delivered: IntCounter,
     /// Sends whose sequence was read back from storage (another instance owns the
@@ -135,6 +138,10 @@ impl Metrics {
                 "switchboard_routing_superset_fanouts_total",
                 "Fan-outs sent to every known gateway because presence was unreachable or rebuilding",
             )?,
+            routes_reused: IntCounter::new(
+                "switchboard_routing_routes_reused_total",
+                "Fan-outs that reused the routes looked up for an earlier message of the same stored batch",
+            )?,
             sequences_read_back: IntCounter::new(
                 "switchboard_routing_sequences_read_back_total",
                 "Sends whose sequence was read back from storage because another instance owns the partition",
@@ -207,6 +214,7 @@ impl Metrics {
         registry.register(Box::new(m.deliveries_dropped.clone()))?;
         registry.register(Box::new(m.route_failures.clone()))?;
         registry.register(Box::new(m.superset_fanouts.clone()))?;
+        registry.register(Box::new(m.routes_reused.clone()))?;
         registry.register(Box::new(m.resyncs_delivered.clone()))?;
         registry.register(Box::new(m.sequences_read_back.clone()))?;
         registry.register(Box::new(m.gateway_queue_depth.clone()))?;

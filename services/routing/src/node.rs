@@ -45,6 +45,13 @@ pub(crate) struct Routed {
     pub partial: bool,
 }
 
+/// The routes of the message a batch's fan-out looked up first (see
+/// [`Node::fan_out_in_batch`]).
+#[derive(Default)]
+pub(crate) struct RouteMemo {
+    routes: Option<Vec<GatewayRoute>>,
+}
+
 pub(crate) struct Node {
     pub config: Arc<Config>,
     pub log: Arc<dyn EventLog>,
@@ -149,12 +156,39 @@ impl Node {
     /// after a failed lookup, fan-outs skip presence and go to every known gateway at
     /// once, so an unreachable presence does not slow every conversation down. A
     /// `partial` answer (presence rebuilding) also goes to every known gateway.
-    /// `Stopped` when `stop` fired first.
+    /// `Stopped` when `stop` fired first. (The partition owner fans a batch out
+    /// through [`Node::fan_out_in_batch`].)
+    #[cfg(test)]
     pub async fn fan_out_message(
         &self,
         message: &Message,
         stop: &CancellationToken,
     ) -> Result<(), Stopped> {
+        self.fan_out_in_batch(message, &mut RouteMemo::default(), stop)
+            .await
+    }
+
+    /// `fan_out_message` (above) for one of the messages of a conversation stored by
+    /// one AppendBatch, in order: the routes the first one looked up serve the
+    /// others (as if they had been one message), so a batch costs one presence
+    /// lookup. A system event looks its routes up itself and clears the memo (it may
+    /// have changed the members).
+    pub(crate) async fn fan_out_in_batch(
+        &self,
+        message: &Message,
+        memo: &mut RouteMemo,
+        stop: &CancellationToken,
+    ) -> Result<(), Stopped> {
+        let is_system = message.kind == kinds::SYSTEM;
+        if is_system {
+            memo.routes = None;
+        }
+        if let Some(routes) = &memo.routes {
+            self.metrics.routes_reused.inc();
+            let routes = routes.clone();
+            self.deliver_to_routes(message, routes).await;
+            return Ok(());
+        }
         let Some(members) = self.fan_out_members(&message.conversation_id, stop).await? else {
             return Ok(());
         };
@@ -216,6 +250,15 @@ impl Node {
                 }
             }
         };
+        if !is_system {
+            memo.routes = Some(routes.clone());
+        }
+        self.deliver_to_routes(message, routes).await;
+        Ok(())
+    }
+
+    /// Queue `message` for each gateway route, in order (waiting for queue room).
+    async fn deliver_to_routes(&self, message: &Message, routes: Vec<GatewayRoute>) {
         let event = ServerFrame {
             event: Some(Event::Message(MessageEvent {
                 message: Some(message.clone()),
@@ -235,7 +278,6 @@ impl Node {
                 .enqueue_ordered(&route.gateway_addr, delivery)
                 .await;
         }
-        Ok(())
     }
 
     /// The conversation's members for a fan-out, read until storage answers; `None`

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::eventlog::LogRecord;
-use crate::node::{Node, Stopped};
+use crate::node::{Node, RouteMemo, Stopped};
 
 const COMMIT_EVERY: u64 = 256;
 const COMMIT_INTERVAL: Duration = Duration::from_millis(20);
@@ -295,12 +295,13 @@ impl Owner {
             ) + start;
             let chunk = &messages[start..end];
             let stored = self.persist(chunk, &spans[start]).await?;
+            let mut routes = RouteMemo::default();
             for ((span, message), (stored, duplicate)) in
                 spans[start..end].iter().zip(chunk).zip(stored)
             {
                 span.record("seq", stored.seq);
                 span.record("duplicate", duplicate);
-                self.sequenced(&message.message_id, stored)
+                self.sequenced(&message.message_id, stored, &mut routes)
                     .instrument(span.clone())
                     .await?;
             }
@@ -310,8 +311,13 @@ impl Owner {
     }
 
     /// What follows persisting one record: wake its Send, and fan the message out if
-    /// this record stored it.
-    async fn sequenced(&self, message_id: &str, stored: Message) -> Result<(), Stopped> {
+    /// this record stored it (with the routes of the batch's earlier messages).
+    async fn sequenced(
+        &self,
+        message_id: &str,
+        stored: Message,
+        routes: &mut RouteMemo,
+    ) -> Result<(), Stopped> {
         if stored.kind == kinds::SYSTEM {
             // Storage applied the membership change with the event: the next send's
             // membership check and this event's fan-out read the new member list.
@@ -328,7 +334,9 @@ impl Owner {
             return Ok(());
         }
         self.node.webhooks.wake(&stored.conversation_id);
-        self.node.fan_out_message(&stored, &self.stop).await
+        self.node
+            .fan_out_in_batch(&stored, routes, &self.stop)
+            .await
     }
 
     /// Have storage persist `messages` (one conversation's records, in offset

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use switchboard_config::Config;
+use switchboard_proto::timeline::kinds;
 use switchboard_proto::v1::gateway_server::{Gateway, GatewayServer};
 use switchboard_proto::v1::presence_server::{Presence, PresenceServer};
 use switchboard_proto::v1::routing_client::RoutingClient;
@@ -19,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::eventlog::{EmbeddedLog, EmbeddedLogOptions, EventLog};
+use crate::node::RouteMemo;
 
 /// Bounds every wait for a deterministic signal; only a broken service hits it.
 const WAIT: Duration = Duration::from_secs(20);
@@ -531,6 +533,8 @@ struct FakePresence {
     down: Arc<std::sync::atomic::AtomicBool>,
     /// Route answers `partial` (presence rebuilding its state).
     partial: Arc<std::sync::atomic::AtomicBool>,
+    /// Route calls received.
+    route_calls: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 #[tonic::async_trait]
@@ -570,6 +574,7 @@ impl Presence for FakePresence {
         request: Request<RouteRequest>,
     ) -> Result<Response<RouteResponse>, Status> {
         use std::sync::atomic::Ordering::SeqCst;
+        self.route_calls.fetch_add(1, SeqCst);
         if self.down.load(SeqCst) {
             return Err(Status::unavailable("presence is down"));
         }
@@ -1320,6 +1325,59 @@ fn recipients_of(deliveries: &[Delivery], seq: u64) -> Vec<String> {
         .collect();
     r.sort();
     r
+}
+
+#[tokio::test]
+async fn the_messages_of_one_stored_batch_share_one_route_lookup() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let p = peers().await;
+    p.storage.add_conversation("c1", &["u1", "u2"]);
+    p.online("u1", &p.gateway_a_url);
+    p.online("u2", &p.gateway_b_url);
+    let node = node_with_untrimmed_log(&p).await;
+    let stop = CancellationToken::new();
+    let mut memo = RouteMemo::default();
+    for seq in 1..=3 {
+        node.fan_out_in_batch(&stored("c1", seq), &mut memo, &stop)
+            .await
+            .ok();
+    }
+    assert_eq!(
+        p.presence.route_calls.load(SeqCst),
+        1,
+        "one lookup for three"
+    );
+    assert_eq!(node.metrics.routes_reused.get(), 2);
+    for (gateway, user) in [(&p.gateway_a, "u1"), (&p.gateway_b, "u2")] {
+        let deliveries = gateway.wait_deliveries(3).await;
+        assert_eq!(message_seqs(&deliveries), [1, 2, 3], "in order");
+        for seq in 1..=3 {
+            assert_eq!(recipients_of(&deliveries, seq), [user]);
+        }
+    }
+
+    // A system event may change the members: it and the message after it look
+    // their routes up again.
+    let mut system = stored("c1", 4);
+    system.kind = kinds::SYSTEM.into();
+    node.fan_out_in_batch(&system, &mut memo, &stop).await.ok();
+    node.fan_out_in_batch(&stored("c1", 5), &mut memo, &stop)
+        .await
+        .ok();
+    node.fan_out_in_batch(&stored("c1", 6), &mut memo, &stop)
+        .await
+        .ok();
+    assert_eq!(p.presence.route_calls.load(SeqCst), 3);
+    assert_eq!(node.metrics.routes_reused.get(), 3);
+    assert_eq!(
+        message_seqs(&p.gateway_a.wait_deliveries(6).await),
+        [1, 2, 3, 4, 5, 6]
+    );
+    // Without a shared memo every message looks up its own routes.
+    node.fan_out_message(&stored("c1", 7), &stop).await.ok();
+    node.fan_out_message(&stored("c1", 8), &stop).await.ok();
+    assert_eq!(p.presence.route_calls.load(SeqCst), 5);
+    node.log.close().await;
 }
 
 #[tokio::test]
