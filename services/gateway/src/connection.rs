@@ -320,7 +320,14 @@ impl Connection {
                 (ack, code) = next_ack(inflight) => {
                     *inflight = None;
                     idle.as_mut().reset(Instant::now() + idle_timeout);
-                    if let Err(end) = self.write(server_frame(Event::Ack(ack))).await {
+                    // Frames already queued (often the session's copy of the message
+                    // this acks) follow the ack in the same write: one flush, one
+                    // segment to the client, instead of one each.
+                    batch.push(Arc::new(OutFrame::encode(
+                        &server_frame(Event::Ack(ack)),
+                        self.session.encoding,
+                    )));
+                    if let Err(end) = self.write_queued(&mut batch).await {
                         return end;
                     }
                     if let Some(code) = code {
@@ -333,14 +340,7 @@ impl Connection {
                     }
                 }
                 () = session.outbound_ready() => {
-                    if session.take_batch(&mut batch, WRITE_BATCH) {
-                        // More is queued: come back after the other branches had a turn.
-                        session.wake_writer();
-                    }
-                    shared.metrics.outbound_queued.sub(batch.len() as i64);
-                    let result = self.write_batch(&batch).await;
-                    batch.clear();
-                    if let Err(end) = result {
+                    if let Err(end) = self.write_queued(&mut batch).await {
                         return end;
                     }
                 }
@@ -526,6 +526,25 @@ impl Connection {
     fn write(&mut self, frame: ServerFrame) -> impl Future<Output = Result<(), End>> + '_ {
         let frame = Arc::new(OutFrame::encode(&frame, self.session.encoding));
         async move { self.write_batch(std::slice::from_ref(&frame)).await }
+    }
+
+    /// Write the frames in `batch` (an encoded ack, or none) followed by up to
+    /// [`WRITE_BATCH`] frames queued for the session, in one flush, and empty
+    /// `batch`; nothing to write (an ack took the queued frames along) writes nothing.
+    async fn write_queued(&mut self, batch: &mut Vec<Arc<OutFrame>>) -> Result<(), End> {
+        let own = batch.len();
+        if self.session.take_batch(batch, WRITE_BATCH) {
+            // More is queued: come back after the other branches had a turn.
+            self.session.wake_writer();
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let queued = batch.len() - own;
+        self.shared.metrics.outbound_queued.sub(queued as i64);
+        let result = self.write_batch(batch).await;
+        batch.clear();
+        result
     }
 
     /// Write frames and flush, unless the session turns slow, the gateway closes, or
