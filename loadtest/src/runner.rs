@@ -294,6 +294,12 @@ struct Session {
     /// The server sent `resync`: sync from the cursors on this connection (what a
     /// client does), once no recovery is running.
     resync: bool,
+    /// A `resync` came on this connection and the sync it asked for has not answered
+    /// yet. Whatever the server failed to deliver before sending it is stored, so
+    /// that sync brings it back: a live delivery that skips numbers meanwhile (it
+    /// can overtake the sync's answer) skips what the `resync` already announced.
+    /// Numbers the sync then does not bring are still `lost` at the end.
+    resync_open: bool,
     /// Sequence numbers skipped on this connection that no `resync` has announced
     /// yet: a contract violation unless one comes before the connection ends.
     unannounced_gaps: u64,
@@ -388,6 +394,7 @@ impl Session {
                     Live::Overlap => self.end.overlap += 1,
                     outcome @ (Live::New { .. } | Live::Reorder) => {
                         match outcome {
+                            Live::New { gap } if self.resync_open => self.end.gaps_resynced += gap,
                             Live::New { gap } => self.unannounced_gaps += gap,
                             _ => self.end.reorders += 1,
                         }
@@ -422,6 +429,7 @@ impl Session {
                 tracing::debug!(session = self.index, reason = %resync.reason, "resync asked");
                 recorder.count(Count::Resync);
                 self.resync = true;
+                self.resync_open = true;
                 self.end.gaps_resynced += std::mem::take(&mut self.unannounced_gaps);
             }
             // Conversation events from forming the groups, presence.
@@ -523,6 +531,7 @@ impl Session {
 
     /// The current connection is gone: gaps on it that no `resync` announced count.
     fn connection_ended(&mut self) {
+        self.resync_open = false;
         self.end.gaps += std::mem::take(&mut self.unannounced_gaps);
     }
 
@@ -646,6 +655,7 @@ async fn session_task(
         read_credit: 0.0,
         reads_in_flight: Arc::new(AtomicUsize::new(0)),
         resync: false,
+        resync_open: false,
         unannounced_gaps: 0,
     };
     tokio::time::sleep_until(due).await;
@@ -695,6 +705,8 @@ async fn session_task(
                     Ok(messages) => session.apply_recovered(messages),
                     Err(error) => ctx.recorder.error(format!("recovery_{}", stats::error_label(&error))),
                 }
+                // Every resync so far was answered, unless one came while that ran.
+                session.resync_open = session.resync;
                 // A resync asked while that ran.
                 recovery = session.take_resync();
             }

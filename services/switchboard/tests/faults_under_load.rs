@@ -58,7 +58,17 @@ typing_fraction = 0.05
 /// When the fault starts, after the harness started (connects, conversations and the
 /// warmup take about 2 s), and how long the outage lasts.
 const FAULT_AT: Duration = Duration::from_secs(4);
+/// When the early freeze starts: the sessions are connected, no message has reached
+/// them yet.
+const EARLY_FAULT_AT: Duration = Duration::from_secs(1);
 const OUTAGE: Duration = Duration::from_secs(3);
+/// How long the early freeze lasts. A Deliver batch fails for good only when all
+/// its attempts (3 of `SHORT_RPC_TIMEOUT_MS` plus backoff, about 2.6 s) fall inside
+/// the freeze, and the first message to the frozen gateway's sessions may come
+/// seconds after the freeze began (the harness still creates conversations and
+/// warms up): with a 3 s freeze a slow start lets every batch succeed on its last
+/// attempt after the resume, and nobody is told to resync.
+const EARLY_OUTAGE: Duration = Duration::from_secs(7);
 
 #[derive(Debug, Clone, Copy)]
 enum Fault {
@@ -69,6 +79,10 @@ enum Fault {
     /// The second gateway frozen (SIGSTOP) long enough for routing's Deliver calls to
     /// it to fail every attempt, then resumed.
     FreezeGateway,
+    /// The same freeze before any message reached the gateway's sessions: the gateway
+    /// cannot see a gap on a connection that had no message yet, so only routing's
+    /// `resync` announces what they missed.
+    FreezeGatewayEarly,
     KillGateway,
     KillRouting,
     KillStorage,
@@ -106,7 +120,7 @@ impl Cluster {
             _ => None,
         };
         let routing_env = match fault {
-            Fault::FreezeGateway => vec![(
+            Fault::FreezeGateway | Fault::FreezeGatewayEarly => vec![(
                 "SWITCHBOARD_CLUSTER__RPC_TIMEOUT_MS".to_owned(),
                 SHORT_RPC_TIMEOUT_MS.to_owned(),
             )],
@@ -150,9 +164,13 @@ impl Cluster {
                 *redis = spawn_redis(setup, port);
                 wait_redis(port).await;
             }
-            Fault::FreezeGateway => {
+            Fault::FreezeGateway | Fault::FreezeGatewayEarly => {
                 self.gateway2.pause();
-                tokio::time::sleep(OUTAGE).await;
+                let outage = match fault {
+                    Fault::FreezeGatewayEarly => EARLY_OUTAGE,
+                    _ => OUTAGE,
+                };
+                tokio::time::sleep(outage).await;
                 self.gateway2.resume();
             }
             Fault::KillGateway => {
@@ -229,7 +247,11 @@ async fn under_load(fault: Fault) -> report::Report {
         ledger: Some(ledger.clone()),
     };
     let run = tokio::spawn(runner::run(options, signer()));
-    tokio::time::sleep(FAULT_AT).await;
+    tokio::time::sleep(match fault {
+        Fault::FreezeGatewayEarly => EARLY_FAULT_AT,
+        _ => FAULT_AT,
+    })
+    .await;
     cluster.inflict(fault).await;
     let raw = run
         .await
@@ -303,6 +325,15 @@ async fn a_gateway_whose_deliver_fails_for_a_while_loses_nothing() {
     let r = under_load(Fault::FreezeGateway).await;
     // Deliveries to the frozen gateway failed: its sessions were told to resync (by
     // routing, or by their gateway seeing the gap) and recovered by sync.
+    assert!(r.totals.resyncs > 0, "sessions were told to resync");
+    assert!(r.correctness.recovered > 0, "missed messages were synced");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_frozen_before_its_sessions_had_traffic_loses_nothing() {
+    let r = under_load(Fault::FreezeGatewayEarly).await;
+    // Routing's `resync` is the only notice; live deliveries may overtake the sync it
+    // asked for, and the sync brings back everything missed.
     assert!(r.totals.resyncs > 0, "sessions were told to resync");
     assert!(r.correctness.recovered > 0, "missed messages were synced");
 }
