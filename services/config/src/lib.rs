@@ -58,6 +58,11 @@ pub struct Config {
     /// Allow `dev_mode` with a client listener (`gateway.listen`) beyond loopback:
     /// anyone who reaches it can then mint a token for any user.
     pub dev_mode_allow_remote: bool,
+    /// What a commit of the embedded backends (the embedded event log and the SQLite
+    /// history store) survives: `process` (a crash of any process, `kill -9`
+    /// included: the commit is in the operating system's page cache) or `machine`
+    /// (also a power loss or kernel crash: every commit waits for an fsync).
+    pub embedded_durability: String,
     pub log: LogConfig,
     pub telemetry: TelemetryConfig,
     pub auth: AuthConfig,
@@ -74,6 +79,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./switchboard-data"),
             dev_mode: false,
             dev_mode_allow_remote: false,
+            embedded_durability: "process".into(),
             log: LogConfig::default(),
             telemetry: TelemetryConfig::default(),
             auth: AuthConfig::default(),
@@ -622,6 +628,11 @@ impl Config {
             }
         }
         one_of("log.format", &self.log.format, &["text", "json"])?;
+        one_of(
+            "embedded_durability",
+            &self.embedded_durability,
+            &["process", "machine"],
+        )?;
         let t = &self.telemetry;
         // Only plain HTTP/2: TLS to the collector is not built in (a collector
         // agent next to the process forwards over TLS).
@@ -888,6 +899,12 @@ impl Config {
             });
         }
         Ok(())
+    }
+
+    /// Whether every commit of the embedded backends waits for an fsync
+    /// (`embedded_durability = "machine"`).
+    pub fn embedded_fsync(&self) -> bool {
+        self.embedded_durability == "machine"
     }
 
     /// The SQLite file of the storage service.

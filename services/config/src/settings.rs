@@ -8,6 +8,7 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ("data_dir", "directory for embedded backends' data and the generated development secret"),
     ("dev_mode", "serve the chat page and /v1/dev/token, which mints a token for any user (standalone turns it on, on loopback, only with the secret it generates)"),
     ("dev_mode_allow_remote", "allow dev_mode with gateway.listen beyond loopback (anyone reaching it can mint tokens for any user)"),
+    ("embedded_durability", "what a commit of the embedded event log and SQLite history store survives: process (a crash of any process, kill -9 included) or machine (also a power loss: an fsync per commit)"),
     ("log.format", "log format: text or json"),
     ("log.level", "tracing filter, e.g. info or switchboard_gateway=debug,info"),
     ("telemetry.otlp_endpoint", "http:// URL of an OTLP/gRPC collector that receives spans; empty = no export"),

@@ -13,7 +13,10 @@
 //! not hold up the rest of the partition, and a busy conversation pays one storage
 //! round trip per poll, not per message. Offsets are committed only after storage has
 //! persisted every record below them (a whole poll), every [`COMMIT_EVERY`] records
-//! or [`COMMIT_INTERVAL`]. Replaying records after a crash is safe: `AppendBatch`
+//! or [`COMMIT_INTERVAL`], when the partition goes idle and when the owner stops: a
+//! commit is a log write of its own, so a partition with a message every few
+//! milliseconds must not commit after each. A crash replays at most what came after
+//! the last commit. Replaying records after a crash is safe: `AppendBatch`
 //! dedupes by (sender, client_msg_id) and returns the stored message, and gateways
 //! drop sequences a session already has.
 
@@ -34,7 +37,7 @@ use crate::eventlog::LogRecord;
 use crate::node::{Node, RouteMemo, Stopped};
 
 const COMMIT_EVERY: u64 = 256;
-const COMMIT_INTERVAL: Duration = Duration::from_millis(20);
+const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 const POLL_MAX: usize = 256;
 /// Most records of one conversation in one storage AppendBatch call (storage takes
 /// up to 512).

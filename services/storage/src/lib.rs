@@ -68,9 +68,11 @@ pub async fn build_store(config: &Config) -> anyhow::Result<Arc<dyn HistoryStore
     match config.storage.backend.as_str() {
         "sqlite" => {
             let path = config.sqlite_path();
-            let store = tokio::task::spawn_blocking(move || sqlite::SqliteStore::open(&path))
-                .await
-                .context("opening the history store panicked")??;
+            let fsync = config.embedded_fsync();
+            let store =
+                tokio::task::spawn_blocking(move || sqlite::SqliteStore::open_with(&path, fsync))
+                    .await
+                    .context("opening the history store panicked")??;
             Ok(Arc::new(store))
         }
         "scylla" => Ok(Arc::new(scylla::ScyllaStore::open(config).await?)),

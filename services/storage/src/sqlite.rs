@@ -8,13 +8,15 @@
 //! the writer and see every transaction committed before they start. Both queues are
 //! bounded ([`QUEUE_DEPTH`] jobs): a caller waits for room rather than piling up work.
 //!
-//! Durability: `journal_mode=WAL` with `synchronous=NORMAL`. A commit appends its pages
-//! to the `-wal` file with `write()` before `COMMIT` returns; `fsync` happens at
-//! checkpoints only. A killed process (even `kill -9`) leaves those writes in the
-//! kernel's page cache, which reaches the disk regardless, and the next open replays
-//! the WAL, so every acknowledged transaction survives the crash of the process. Only a
-//! power loss or kernel crash can lose the last transactions (never corrupting the
-//! file); `synchronous=FULL` would cover that at the price of an fsync per commit.
+//! Durability: `journal_mode=WAL` with `synchronous=NORMAL` by default
+//! (`embedded_durability = "process"`). A commit appends its pages to the `-wal` file
+//! with `write()` before `COMMIT` returns; `fsync` happens at checkpoints only. A
+//! killed process (even `kill -9`) leaves those writes in the kernel's page cache,
+//! which reaches the disk regardless, and the next open replays the WAL, so every
+//! acknowledged transaction survives the crash of the process. Only a power loss or
+//! kernel crash can lose the last transactions (never corrupting the file);
+//! `embedded_durability = "machine"` ([`SqliteStore::open_with`]) sets
+//! `synchronous=FULL`, which covers that at the price of an fsync per commit.
 //!
 //! Schema: versioned migrations ([`MIGRATIONS`], applied in order inside transactions
 //! and recorded in `schema_version`); a file written by a newer version is refused.
@@ -325,8 +327,15 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     /// Open (creating if needed) the database at `path`, creating its parent
-    /// directory, and migrate it. Blocking: call from a blocking context.
+    /// directory, and migrate it; commits survive a crash of the process. Blocking:
+    /// call from a blocking context.
     pub fn open(path: &Path) -> anyhow::Result<SqliteStore> {
+        SqliteStore::open_with(path, false)
+    }
+
+    /// [`SqliteStore::open`], with `fsync` every commit waiting for an fsync so it
+    /// also survives a power loss (`synchronous=FULL`).
+    pub fn open_with(path: &Path, fsync: bool) -> anyhow::Result<SqliteStore> {
         if let Some(parent) = path.parent() {
             if !parent.as_os_str().is_empty() {
                 std::fs::create_dir_all(parent).map_err(|e| {
@@ -344,7 +353,11 @@ impl SqliteStore {
             anyhow::bail!("sqlite {}: cannot enable WAL (mode {mode})", path.display());
         }
         writer
-            .execute_batch("PRAGMA synchronous=NORMAL;")
+            .execute_batch(if fsync {
+                "PRAGMA synchronous=FULL;"
+            } else {
+                "PRAGMA synchronous=NORMAL;"
+            })
             .map_err(context)?;
         let version = migrate(&mut writer, now_ms()).map_err(|e| match e {
             Fail::Db(e) => context(e),

@@ -1,15 +1,23 @@
 //! The embedded event log: a durable partitioned log in one SQLite file
 //! (`<data_dir>/eventlog.sqlite3`), for one routing process that owns every partition.
 //!
-//! On disk (WAL journal, `synchronous=FULL`, so a committed transaction survives a
-//! crash of the process and of the machine):
+//! On disk, in WAL mode: with `synchronous=NORMAL` (the default,
+//! `embedded_durability = "process"`) a committed transaction is in the operating
+//! system's page cache and survives a crash of the process, `kill -9` included, as
+//! the history store's commits do; with `synchronous=FULL` (`"machine"`,
+//! [`EmbeddedLogOptions::fsync`]) every transaction also waits for an fsync and
+//! survives a power loss or kernel crash.
 //!
 //! - `records(part, log_offset, key, value, timestamp_ms, traceparent)`, primary
 //!   key `(part, log_offset)`: the records still held (`traceparent` was added
 //!   later; files without it get the column on open).
-//! - `partitions(part, next_offset, committed_offset)`: per partition the offset the
-//!   next append gets and the owner's committed offset. `next_offset` is written in
-//!   the same transaction as the records, so it survives trimming everything.
+//! - `partitions(part, next_offset, committed_offset)`: per partition the end offset
+//!   as of the last trim and the owner's committed offset. The end offset is the
+//!   larger of `next_offset` and the highest record's offset + 1: an append writes
+//!   only its record (one page less per transaction than keeping `next_offset`
+//!   current), records at or above the committed offset are never deleted, and a
+//!   trim writes every partition's end into `next_offset` in the transaction that
+//!   deletes, so the end survives trimming everything.
 //! - `meta(key, value)`: the partition count the file was created with.
 //!
 //! One writer thread owns the write connection. Appends and commits are sent to it
@@ -19,7 +27,13 @@
 //! Consumers wait on a per-partition `watch` of the end offset instead of polling
 //! the file. Records below the committed offset are deleted by the writer at most
 //! every `trim_interval`, so the file stays bounded by what is not yet consumed.
+//!
+//! The newest records of each partition also stay in memory after their
+//! transaction committed (the tail, at most `tail_bytes` over all partitions): a
+//! consumer that keeps up, as a partition owner does, reads from it without a
+//! database read on a blocking thread; one that lags behind the tail reads the file.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -39,6 +53,12 @@ pub struct EmbeddedLogOptions {
     pub max_batch: usize,
     /// Commands queued for the writer before appenders wait.
     pub queue: usize,
+    /// Every transaction waits for an fsync (`synchronous=FULL`): commits survive a
+    /// power loss, not only a crash of the process.
+    pub fsync: bool,
+    /// Bytes (keys, values, traceparents) of the newest records kept in memory for consumers,
+    /// over all partitions; 0 = every poll reads the file.
+    pub tail_bytes: usize,
 }
 
 impl Default for EmbeddedLogOptions {
@@ -47,6 +67,8 @@ impl Default for EmbeddedLogOptions {
             trim_interval: Duration::from_secs(30),
             max_batch: 1024,
             queue: 8192,
+            fsync: false,
+            tail_bytes: 8 << 20,
         }
     }
 }
@@ -68,6 +90,8 @@ struct Inner {
     /// Per partition, the end offset (next offset to be written), published after
     /// each commit; consumers wait on it.
     ends: Arc<Vec<watch::Sender<u64>>>,
+    /// Per partition, the newest committed records (written before `ends` moves).
+    tails: Arc<Vec<Mutex<Tail>>>,
     /// Idle read connections. A std mutex: only taken for a push or pop, never
     /// across an await, and only on blocking threads.
     readers: Mutex<Vec<Connection>>,
@@ -75,6 +99,51 @@ struct Inner {
     assignment: watch::Sender<Vec<u32>>,
     /// The writer thread, joined by `close`.
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// The newest committed records of one partition, contiguous in offset order.
+#[derive(Default)]
+struct Tail {
+    records: VecDeque<LogRecord>,
+    /// Key, value and traceparent bytes of `records`.
+    bytes: usize,
+}
+
+impl Tail {
+    /// Add the record at the end (offsets come in order), then drop the oldest
+    /// records until the tail fits `budget`.
+    fn push(&mut self, record: LogRecord, budget: usize) {
+        if self
+            .records
+            .back()
+            .is_some_and(|r| r.offset + 1 != record.offset)
+        {
+            self.records.clear();
+            self.bytes = 0;
+        }
+        self.bytes += record_bytes(&record);
+        self.records.push_back(record);
+        while self.bytes > budget {
+            match self.records.pop_front() {
+                Some(r) => self.bytes -= record_bytes(&r),
+                None => break,
+            }
+        }
+    }
+
+    /// Up to `max` records from offset `from`, if the tail holds `from`.
+    fn read(&self, from: u64, max: usize) -> Option<Vec<LogRecord>> {
+        let first = self.records.front()?.offset;
+        let skip = usize::try_from(from.checked_sub(first)?).ok()?;
+        if skip >= self.records.len() {
+            return None;
+        }
+        Some(self.records.iter().skip(skip).take(max).cloned().collect())
+    }
+}
+
+fn record_bytes(r: &LogRecord) -> usize {
+    r.key.len() + r.value.len() + r.traceparent.len()
 }
 
 type AppendCmd = (u32, NewRecord, oneshot::Sender<Result<u64, LogError>>);
@@ -110,10 +179,10 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-fn configure(conn: &Connection) -> rusqlite::Result<()> {
+fn configure(conn: &Connection, fsync: bool) -> rusqlite::Result<()> {
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "synchronous", if fsync { "FULL" } else { "NORMAL" })?;
     Ok(())
 }
 
@@ -142,7 +211,7 @@ impl EmbeddedLog {
             }
         }
         let mut conn = Connection::open(path).map_err(sql_err)?;
-        configure(&conn).map_err(sql_err)?;
+        configure(&conn, options.fsync).map_err(sql_err)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS records (
                  part INTEGER NOT NULL,
@@ -164,13 +233,16 @@ impl EmbeddedLog {
 
         let ends: Arc<Vec<watch::Sender<u64>>> =
             Arc::new(next.iter().map(|n| watch::Sender::new(*n)).collect());
+        let tails: Arc<Vec<Mutex<Tail>>> =
+            Arc::new((0..partitions).map(|_| Mutex::default()).collect());
         let queue = options.queue.max(1);
         let (writer_tx, writer_rx) = mpsc::channel(queue);
         let writer = {
             let ends = ends.clone();
+            let tails = tails.clone();
             std::thread::Builder::new()
                 .name("eventlog-writer".into())
-                .spawn(move || Writer::new(conn, ends, next, options).run(writer_rx))
+                .spawn(move || Writer::new(conn, ends, tails, next, options).run(writer_rx))
                 .map_err(|e| LogError::Unavailable(format!("cannot start writer: {e}")))?
         };
         Ok(EmbeddedLog {
@@ -179,6 +251,7 @@ impl EmbeddedLog {
                 partitions,
                 writer_tx,
                 ends,
+                tails,
                 readers: Mutex::new(Vec::new()),
                 assignment: watch::Sender::new((0..partitions).collect()),
                 writer: Mutex::new(Some(writer)),
@@ -272,8 +345,10 @@ fn init_partitions_sql(
         .optional()?;
     if let Some(stored) = stored {
         if stored != i64::from(partitions) {
+            // Unconsumed records: those at or above their partition's committed offset.
             let pending: i64 = tx.query_row(
-                "SELECT COUNT(*) FROM partitions WHERE committed_offset < next_offset",
+                "SELECT COUNT(*) FROM records JOIN partitions USING (part)
+                 WHERE records.log_offset >= partitions.committed_offset",
                 [],
                 |r| r.get(0),
             )?;
@@ -299,7 +374,9 @@ fn init_partitions_sql(
             [p],
         )?;
         let n: i64 = tx.query_row(
-            "SELECT next_offset FROM partitions WHERE part = ?1",
+            "SELECT MAX(next_offset,
+                        COALESCE((SELECT MAX(log_offset) + 1 FROM records WHERE part = ?1), 0))
+             FROM partitions WHERE part = ?1",
             [p],
             |r| r.get(0),
         )?;
@@ -313,6 +390,9 @@ fn init_partitions_sql(
 struct Writer {
     conn: Connection,
     ends: Arc<Vec<watch::Sender<u64>>>,
+    tails: Arc<Vec<Mutex<Tail>>>,
+    /// Tail bytes per partition.
+    tail_budget: usize,
     /// End offset per partition as of the last committed transaction.
     next: Vec<u64>,
     options: EmbeddedLogOptions,
@@ -323,12 +403,16 @@ impl Writer {
     fn new(
         conn: Connection,
         ends: Arc<Vec<watch::Sender<u64>>>,
+        tails: Arc<Vec<Mutex<Tail>>>,
         next: Vec<u64>,
         options: EmbeddedLogOptions,
     ) -> Writer {
+        let tail_budget = options.tail_bytes / tails.len().max(1);
         Writer {
             conn,
             ends,
+            tails,
+            tail_budget,
             next,
             options,
             last_trim: Instant::now(),
@@ -406,10 +490,29 @@ impl Writer {
         }
 
         if !appends.is_empty() || !valid_commits.is_empty() {
-            let written = self.write_transaction(&appends, &offsets, &valid_commits, &next);
+            let ts = now_ms();
+            let written = self.write_transaction(&appends, &offsets, &valid_commits, ts);
             match written {
                 Ok(()) => {
                     self.next = next;
+                    let mut replies = Vec::with_capacity(appends.len());
+                    for ((partition, record, reply), offset) in appends.into_iter().zip(offsets) {
+                        if self.tail_budget > 0 {
+                            let record = LogRecord {
+                                partition,
+                                offset,
+                                key: record.key,
+                                value: record.value,
+                                traceparent: record.traceparent,
+                                timestamp_ms: ts,
+                            };
+                            self.tails[partition as usize]
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .push(record, self.tail_budget);
+                        }
+                        replies.push((reply, offset));
+                    }
                     for (p, end) in self.next.iter().enumerate() {
                         self.ends[p].send_if_modified(|current| {
                             let changed = *current != *end;
@@ -417,7 +520,7 @@ impl Writer {
                             changed
                         });
                     }
-                    for ((_, _, reply), offset) in appends.into_iter().zip(offsets) {
+                    for (reply, offset) in replies {
                         let _ = reply.send(Ok(offset));
                     }
                     for (_, _, reply) in valid_commits {
@@ -452,9 +555,8 @@ impl Writer {
         appends: &[AppendCmd],
         offsets: &[u64],
         commits: &[CommitCmd],
-        next: &[u64],
+        ts: i64,
     ) -> rusqlite::Result<()> {
-        let ts = now_ms();
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -473,13 +575,6 @@ impl Writer {
                     record.traceparent
                 ])?;
             }
-            let mut set_next =
-                tx.prepare_cached("UPDATE partitions SET next_offset = ?2 WHERE part = ?1")?;
-            for (p, end) in next.iter().enumerate() {
-                if *end != self.next[p] {
-                    set_next.execute(params![p as i64, *end as i64])?;
-                }
-            }
             let mut set_committed =
                 tx.prepare_cached("UPDATE partitions SET committed_offset = ?2 WHERE part = ?1")?;
             for (partition, offset, _) in commits {
@@ -491,11 +586,23 @@ impl Writer {
 
     fn trim(&mut self) -> rusqlite::Result<u64> {
         self.last_trim = Instant::now();
-        let removed = self.conn.execute(
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        // The ends first: the records that tell them may be deleted next.
+        {
+            let mut set_next =
+                tx.prepare_cached("UPDATE partitions SET next_offset = ?2 WHERE part = ?1")?;
+            for (p, end) in self.next.iter().enumerate() {
+                set_next.execute(params![p as i64, *end as i64])?;
+            }
+        }
+        let removed = tx.execute(
             "DELETE FROM records WHERE log_offset < (
                  SELECT committed_offset FROM partitions WHERE partitions.part = records.part)",
             [],
         )?;
+        tx.commit()?;
         if removed > 0 {
             tracing::debug!(removed, "event log trimmed");
         }
@@ -547,7 +654,15 @@ impl EventLog for EmbeddedLog {
                 _ = tokio::time::sleep_until(deadline) => return Ok(Vec::new()),
             }
         }
-        let limit = max.max(1) as i64;
+        let max = max.max(1);
+        let tail = self.inner.tails[partition as usize]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .read(from, max);
+        if let Some(records) = tail {
+            return Ok(records);
+        }
+        let limit = max as i64;
         self.with_reader(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT log_offset, key, value, timestamp_ms, traceparent FROM records
@@ -642,6 +757,36 @@ mod tests {
 
     crate::event_log_conformance_suite!(open_log);
 
+    /// The same contract when every poll reads the file.
+    mod without_tail {
+        use super::*;
+
+        async fn open_log(dir: PathBuf) -> Arc<dyn EventLog> {
+            let options = EmbeddedLogOptions {
+                tail_bytes: 0,
+                ..EmbeddedLogOptions::default()
+            };
+            Arc::new(open(&dir, options))
+        }
+
+        crate::event_log_conformance_suite!(open_log);
+    }
+
+    /// The same contract with an fsync per transaction.
+    mod with_fsync {
+        use super::*;
+
+        async fn open_log(dir: PathBuf) -> Arc<dyn EventLog> {
+            let options = EmbeddedLogOptions {
+                fsync: true,
+                ..EmbeddedLogOptions::default()
+            };
+            Arc::new(open(&dir, options))
+        }
+
+        crate::event_log_conformance_suite!(open_log);
+    }
+
     fn record(i: u32) -> NewRecord {
         NewRecord {
             key: b"k".to_vec(),
@@ -672,6 +817,78 @@ mod tests {
         let log = open(dir.path(), EmbeddedLogOptions::default());
         assert_eq!(log.end_offset(1).await.unwrap(), 10);
         assert_eq!(log.append(1, record(10)).await.unwrap(), 10);
+        log.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_consumer_behind_the_tail_reads_the_file_and_gets_the_same_records() {
+        let dir = tempfile::tempdir().unwrap();
+        // 4 partitions share 84 bytes: partition 2 keeps 21 bytes, the last 3 records
+        // of 7 bytes each (1-byte key, 4-byte value, 2-byte traceparent).
+        let log = open(
+            dir.path(),
+            EmbeddedLogOptions {
+                tail_bytes: 84,
+                ..EmbeddedLogOptions::default()
+            },
+        );
+        for i in 0..10 {
+            let mut r = record(i);
+            r.traceparent = format!("t{i}");
+            assert_eq!(log.append(2, r).await.unwrap(), u64::from(i));
+        }
+        let tail = log.inner.tails[2].lock().unwrap().records.len();
+        assert_eq!(tail, 3, "the tail holds what its budget allows");
+
+        let wait = Duration::from_millis(100);
+        let from_file = log.poll(2, 0, 100, wait).await.unwrap();
+        let from_tail = log.poll(2, 7, 100, wait).await.unwrap();
+        assert_eq!(from_file.len(), 10);
+        assert_eq!(
+            &from_file[7..],
+            &from_tail[..],
+            "both paths read the same records"
+        );
+        for (i, r) in from_file.iter().enumerate() {
+            assert_eq!(r.offset, i as u64);
+            assert_eq!(r.value, (i as u32).to_be_bytes().to_vec());
+            assert_eq!(r.traceparent, format!("t{i}"));
+        }
+        // A poll's limit holds on the tail too.
+        let two = log.poll(2, 7, 2, wait).await.unwrap();
+        assert_eq!(two.iter().map(|r| r.offset).collect::<Vec<_>>(), vec![7, 8]);
+        // Past the end there is nothing yet.
+        assert!(log.poll(2, 10, 100, wait).await.unwrap().is_empty());
+        log.close().await;
+    }
+
+    #[tokio::test]
+    async fn the_end_offset_survives_reopening_with_and_without_trims() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), EmbeddedLogOptions::default());
+        for i in 0..5 {
+            log.append(0, record(i)).await.unwrap();
+        }
+        log.close().await;
+        // Appends wrote only their records: the end comes from the highest one.
+        let log = open(dir.path(), EmbeddedLogOptions::default());
+        assert_eq!(log.end_offset(0).await.unwrap(), 5);
+        assert_eq!(log.end_offset(1).await.unwrap(), 0);
+        assert_eq!(log.append(0, record(5)).await.unwrap(), 5);
+        log.commit(0, 3).await.unwrap();
+        assert_eq!(log.trim().await.unwrap(), 3);
+        log.close().await;
+
+        let log = open(dir.path(), EmbeddedLogOptions::default());
+        assert_eq!(log.end_offset(0).await.unwrap(), 6);
+        log.commit(0, 6).await.unwrap();
+        assert_eq!(log.trim().await.unwrap(), 3);
+        assert_eq!(count_rows(dir.path()), 0);
+        log.close().await;
+        // Nothing left on disk: the trim wrote the end down.
+        let log = open(dir.path(), EmbeddedLogOptions::default());
+        assert_eq!(log.end_offset(0).await.unwrap(), 6);
+        assert_eq!(log.append(0, record(6)).await.unwrap(), 6);
         log.close().await;
     }
 

@@ -138,11 +138,14 @@ pub async fn open(config: &Config) -> anyhow::Result<Arc<dyn EventLog>> {
         "embedded" => {
             let path = config.data_dir.join("eventlog.sqlite3");
             let partitions = config.routing.partitions;
-            let log = tokio::task::spawn_blocking(move || {
-                EmbeddedLog::open(&path, partitions, EmbeddedLogOptions::default())
-            })
-            .await
-            .map_err(|e| anyhow::anyhow!("opening the event log panicked: {e}"))??;
+            let options = EmbeddedLogOptions {
+                fsync: config.embedded_fsync(),
+                ..EmbeddedLogOptions::default()
+            };
+            let log =
+                tokio::task::spawn_blocking(move || EmbeddedLog::open(&path, partitions, options))
+                    .await
+                    .map_err(|e| anyhow::anyhow!("opening the event log panicked: {e}"))??;
             Ok(Arc::new(log))
         }
         "kafka" => {
