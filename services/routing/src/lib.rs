@@ -67,8 +67,13 @@ pub use error::RoutingError;
 pub use eventlog::{partition_for, EventLog, LogError, LogRecord, NewRecord};
 pub use service::RoutingService;
 
-/// How long members stay cached (see `members` for the trade-off).
+/// How long members stay cached when other routing instances may change them (see
+/// `members` for the trade-off).
 const MEMBER_TTL: Duration = Duration::from_secs(2);
+/// How long members stay cached when this process is the log's only consumer: every
+/// membership change passes through it and drops the entry at once, so the TTL is
+/// only a safety net.
+const MEMBER_TTL_SOLE_CONSUMER: Duration = Duration::from_secs(60);
 const MAX_CACHED_MEMBER_LISTS: usize = 50_000;
 /// How long queued deliveries may drain at shutdown.
 const FANOUT_DRAIN: Duration = Duration::from_secs(2);
@@ -211,8 +216,13 @@ fn build_node(
         },
         metrics.clone(),
     );
+    let member_ttl = if log.sole_consumer() {
+        MEMBER_TTL_SOLE_CONSUMER
+    } else {
+        MEMBER_TTL
+    };
     Ok(Arc::new(node::Node {
-        members: members::MemberCache::new(storage.clone(), MEMBER_TTL, MAX_CACHED_MEMBER_LISTS),
+        members: members::MemberCache::new(storage.clone(), member_ttl, MAX_CACHED_MEMBER_LISTS),
         health: node::Health::new(readiness, log.partitions()),
         waiters: Default::default(),
         config,

@@ -51,6 +51,8 @@ struct StorageState {
     history_webhooks: Vec<String>,
     /// Fail this many GetConversation calls with `unavailable` before answering.
     fail_gets: usize,
+    /// GetConversation calls received.
+    gets: usize,
 }
 
 #[derive(Clone)]
@@ -301,6 +303,7 @@ impl Storage for FakeStorage {
             "routing looks members up as an internal caller"
         );
         let mut state = self.state.lock().unwrap();
+        state.gets += 1;
         if state.fail_gets > 0 {
             state.fail_gets -= 1;
             return Err(Status::unavailable("storage hiccup"));
@@ -890,6 +893,31 @@ async fn concurrent_sends_to_one_conversation_get_a_gapless_sequence() {
     assert_eq!(log.end_offset(partition).await.unwrap(), N as u64);
     assert_eq!(log.committed(partition).await.unwrap(), N as u64);
     log.close().await;
+}
+
+/// With the embedded log this instance is the only one: every membership change
+/// passes through it, so members stay cached past the 2 s that apply when other
+/// instances exist, and a conversation with steady traffic costs no storage read per
+/// message.
+#[tokio::test]
+async fn the_sole_routing_instance_reads_members_once_while_messages_flow() {
+    let p = peers().await;
+    p.storage.add_conversation("c1", &["alice", "bob"]);
+    p.online("bob", &p.gateway_a_url);
+    let routing = start(&p.config).await;
+    let mut client = routing.client.clone();
+    for i in 0..4 {
+        let id = format!("m{i}");
+        let reply = client.send(send_req("alice", "c1", &id, "hi")).await;
+        assert_eq!(reply.unwrap().into_inner().seq, i + 1);
+        tokio::time::sleep(Duration::from_millis(900)).await;
+    }
+    assert_eq!(
+        p.storage.state.lock().unwrap().gets,
+        1,
+        "one read of the members for 4 sends and fan-outs over 3.6 s"
+    );
+    routing.stop().await;
 }
 
 #[tokio::test]

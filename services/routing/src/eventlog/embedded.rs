@@ -620,6 +620,10 @@ impl EventLog for EmbeddedLog {
         self.inner.assignment.subscribe()
     }
 
+    fn sole_consumer(&self) -> bool {
+        true
+    }
+
     async fn append(&self, partition: u32, record: NewRecord) -> Result<u64, LogError> {
         self.check_partition(partition)?;
         self.request(|reply| Command::Append {

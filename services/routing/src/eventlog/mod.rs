@@ -123,6 +123,13 @@ pub trait EventLog: Send + Sync + 'static {
     /// resumes exactly at that commit; the embedded log owns everything and ignores it.
     fn released(&self, _partition: u32) {}
 
+    /// Whether this process is the only consumer of the log, for as long as it runs
+    /// (embedded: true, it owns every partition forever; Kafka: false, other routing
+    /// instances may own partitions now or later).
+    fn sole_consumer(&self) -> bool {
+        false
+    }
+
     /// Flush and release the log. Later calls fail with [`LogError::Closed`].
     async fn close(&self);
 }
