@@ -1,8 +1,11 @@
 //! One client connection: a single task that `select!`s over the socket, the session's
-//! outbound queue (filled by `Deliver`), the in-flight request, drain signals, the idle
-//! timer and the idle-away timer (`gateway.idle_away_after_ms`: no frame other than a
-//! ping for that long sets the session "away" in presence, automatically; the next
-//! such frame sets it back "online").
+//! wakeup (frames queued by `Deliver`, a slow mark, the gateway's drain and close), the
+//! in-flight request and one timer for its deadlines: the client's idle timeout, the
+//! token's expiry, the end of a rate-limit pause and the idle-away time
+//! (`gateway.idle_away_after_ms`: no frame other than a ping for that long sets the
+//! session "away" in presence, automatically; the next such frame sets it back
+//! "online"). An idle connection's task is small because of that: one waiter, one
+//! timer, and the socket.
 //!
 //! Requests are processed one at a time in arrival order. This keeps one client's
 //! sends in order (a client's later message never overtakes an earlier one), while
@@ -215,8 +218,10 @@ impl Rejection {
     }
 }
 
-/// A request's ack and, when its failure is the client's fault, the error code.
-type Handled = (v1::Ack, Option<ErrorCode>);
+/// A request's ack, encoded, and, when its failure is the client's fault, the error
+/// code. Encoded inside the request's (boxed) future, so that the connection's
+/// future does not hold room for an `Ack`, the largest frame, across its awaits.
+type Handled = (Arc<OutFrame>, Option<ErrorCode>);
 
 async fn next_ack(inflight: &mut Option<BoxFuture<'static, Handled>>) -> Handled {
     match inflight {
@@ -268,6 +273,42 @@ pub(crate) async fn serve(socket: WebSocket, guard: SessionGuard) {
     drop(guard);
 }
 
+/// The deadlines of a connection's loop, served by one timer: an idle connection's
+/// task carries one timer instead of four, and a frame from the client only moves a
+/// deadline later (the timer, when it fires early, finds that and waits again)
+/// instead of re-registering timers on every frame.
+struct Deadlines {
+    /// The token's `exp`: the connection closes with `token_expired`.
+    expiry: Instant,
+    /// No frame from the client until then: the connection closes (`idle_timeout`).
+    idle: Instant,
+    /// When the session turns away automatically; `None` when that is off
+    /// (`gateway.idle_away_after_ms = 0`) or it is away already.
+    away: Option<Instant>,
+    /// After a `rate_limited` answer no frame is read until then: a flood is
+    /// throttled by TCP backpressure instead of being answered frame by frame, and
+    /// the connection stays open.
+    resume: Option<Instant>,
+}
+
+impl Deadlines {
+    /// The earliest deadline.
+    fn next(&self) -> Instant {
+        [self.away, self.resume]
+            .into_iter()
+            .flatten()
+            .fold(self.expiry.min(self.idle), Instant::min)
+    }
+
+    /// Bring the timer forward when a deadline moved before it.
+    fn arm(&self, timer: std::pin::Pin<&mut tokio::time::Sleep>) {
+        let next = self.next();
+        if next < timer.deadline() {
+            timer.reset(next);
+        }
+    }
+}
+
 /// The requests of a connection not yet answered: the one in flight and those
 /// waiting behind it, each with when it arrived.
 #[derive(Default)]
@@ -280,53 +321,53 @@ impl Connection {
     async fn run(&mut self, token_expiry: Duration, requests: &mut Requests) -> End {
         let shared = self.shared.clone();
         let session = self.session.clone();
-        let expired = tokio::time::sleep(token_expiry);
-        tokio::pin!(expired);
+        let now = Instant::now();
         let idle_timeout = Duration::from_millis(shared.config.gateway.client_idle_timeout_ms);
-        let idle = tokio::time::sleep(idle_timeout);
-        tokio::pin!(idle);
-        let Requests { inflight, pending } = requests;
         // Automatic away: armed while the client is active (0 = off).
         let away_after = Duration::from_millis(shared.config.gateway.idle_away_after_ms);
-        let away_enabled = !away_after.is_zero();
-        let away = tokio::time::sleep(away_after);
-        tokio::pin!(away);
-        let mut auto_away = false;
-        // After a `rate_limited` answer no frame is read until the budget holds a
-        // request again: a flood is throttled by TCP backpressure instead of being
-        // answered frame by frame, and the connection stays open.
-        let resume = tokio::time::sleep(Duration::ZERO);
-        tokio::pin!(resume);
-        let mut paused = false;
+        let mut deadlines = Deadlines {
+            expiry: now + token_expiry,
+            idle: now + idle_timeout,
+            away: (!away_after.is_zero()).then(|| now + away_after),
+            resume: None,
+        };
+        let timer = tokio::time::sleep_until(deadlines.next());
+        tokio::pin!(timer);
+        let Requests { inflight, pending } = requests;
         let mut goaway_sent = false;
         let mut batch: Vec<Arc<OutFrame>> = Vec::new();
 
         loop {
+            // A slow mark, the drain and the close wake the session's writer (the
+            // gateway wakes every session after starting either) and are checked
+            // here, before anything else: an idle connection's task then waits on
+            // one wakeup instead of holding a waiter for each.
+            if session.is_slow() {
+                return End::SlowConsumer;
+            }
+            if shared.closing.is_cancelled() {
+                return End::Shutdown;
+            }
+            if !goaway_sent && shared.draining.is_cancelled() {
+                goaway_sent = true;
+                let deadline = shared.drain_deadline_ms();
+                let goaway = server_frame(Event::Goaway(v1::GoAway {
+                    reason: "shutdown".into(),
+                    reconnect_after_ms: u32::try_from(deadline).unwrap_or(u32::MAX),
+                }));
+                if let Err(end) = self.write(goaway).await {
+                    return end;
+                }
+            }
             tokio::select! {
                 biased;
-                () = session.slow_marked() => return End::SlowConsumer,
-                () = shared.closing.cancelled() => return End::Shutdown,
-                () = shared.draining.cancelled(), if !goaway_sent => {
-                    goaway_sent = true;
-                    let deadline = shared.drain_deadline_ms();
-                    let goaway = server_frame(Event::Goaway(v1::GoAway {
-                        reason: "shutdown".into(),
-                        reconnect_after_ms: u32::try_from(deadline).unwrap_or(u32::MAX),
-                    }));
-                    if let Err(end) = self.write(goaway).await {
-                        return end;
-                    }
-                }
                 (ack, code) = next_ack(inflight) => {
                     *inflight = None;
-                    idle.as_mut().reset(Instant::now() + idle_timeout);
+                    deadlines.idle = Instant::now() + idle_timeout;
                     // Frames already queued (often the session's copy of the message
                     // this acks) follow the ack in the same write: one flush, one
                     // segment to the client, instead of one each.
-                    batch.push(Arc::new(OutFrame::encode(
-                        &server_frame(Event::Ack(ack)),
-                        self.session.encoding,
-                    )));
+                    batch.push(ack);
                     if let Err(end) = self.write_queued(&mut batch).await {
                         return end;
                     }
@@ -339,19 +380,21 @@ impl Connection {
                         *inflight = Some(self.start(*next, accepted_at_ms));
                     }
                 }
+                // Frames queued, or a wakeup for the checks above.
                 () = session.outbound_ready() => {
                     if let Err(end) = self.write_queued(&mut batch).await {
                         return end;
                     }
                 }
-                () = &mut resume, if paused => paused = false,
-                incoming = self.socket.recv(), if pending.len() < MAX_PENDING_REQUESTS && !paused => {
+                incoming = self.socket.recv(), if pending.len() < MAX_PENDING_REQUESTS && deadlines.resume.is_none() => {
                     let payload = match incoming {
                         None => return End::Gone,
                         Some(Err(e)) => return if is_too_large(e) { End::TooBig } else { End::Gone },
                         Some(Ok(message)) => {
-                            // Any frame, control frames included, shows the client is alive.
-                            idle.as_mut().reset(Instant::now() + idle_timeout);
+                            // Any frame, control frames included, shows the client is
+                            // alive. (The timer is not moved: when it fires it finds
+                            // the later deadline and waits again.)
+                            deadlines.idle = Instant::now() + idle_timeout;
                             match message {
                                 WsMessage::Text(text) => Payload::Text(text.as_str().to_owned()),
                                 WsMessage::Binary(bytes) => Payload::Binary(bytes.to_vec()),
@@ -361,15 +404,20 @@ impl Connection {
                             }
                         }
                     };
-                    match self.accept(payload) {
+                    // The refusal is written after the match: the decoded frame's
+                    // room is then not part of the connection's future.
+                    let rejection = match self.accept(payload) {
                         Ok(frame) => {
                             if !matches!(frame.request, Some(v1::client_frame::Request::Ping(_))) {
                                 // Activity: the client is back if it was set away.
-                                away.as_mut().reset(Instant::now() + away_after);
-                                if auto_away {
-                                    auto_away = false;
-                                    self.session.set_idle_away(false);
-                                    self.set_automatic_status("online");
+                                if !away_after.is_zero() {
+                                    let was_away = deadlines.away.is_none();
+                                    deadlines.away = Some(Instant::now() + away_after);
+                                    if was_away {
+                                        self.session.set_idle_away(false);
+                                        self.set_automatic_status("online");
+                                        deadlines.arm(timer.as_mut());
+                                    }
                                 }
                             }
                             let accepted_at_ms = u64::try_from(crate::now_ms()).unwrap_or(0);
@@ -378,29 +426,40 @@ impl Connection {
                             } else {
                                 pending.push_back((Box::new(frame), accepted_at_ms));
                             }
+                            continue;
                         }
-                        Err(rejection) => {
-                            let code = rejection.code;
-                            let retry_after = rejection.retry_after;
-                            if let Err(end) = self.write(rejection.reply()).await {
-                                return end;
-                            }
-                            if code == ErrorCode::RateLimited {
-                                resume.as_mut().reset(Instant::now() + retry_after);
-                                paused = true;
-                            }
-                            if self.violation(code) {
-                                return End::Violations;
-                            }
-                        }
+                        Err(rejection) => rejection,
+                    };
+                    let code = rejection.code;
+                    let retry_after = rejection.retry_after;
+                    if let Err(end) = self.write(rejection.reply()).await {
+                        return end;
+                    }
+                    if code == ErrorCode::RateLimited {
+                        deadlines.resume = Some(Instant::now() + retry_after);
+                        deadlines.arm(timer.as_mut());
+                    }
+                    if self.violation(code) {
+                        return End::Violations;
                     }
                 }
-                () = &mut idle => return End::Idle,
-                () = &mut expired => return End::TokenExpired,
-                () = &mut away, if away_enabled && !auto_away => {
-                    auto_away = true;
-                    self.session.set_idle_away(true);
-                    self.set_automatic_status("away");
+                () = &mut timer => {
+                    let now = Instant::now().max(timer.deadline());
+                    if now >= deadlines.idle {
+                        return End::Idle;
+                    }
+                    if now >= deadlines.expiry {
+                        return End::TokenExpired;
+                    }
+                    if deadlines.away.is_some_and(|at| now >= at) {
+                        deadlines.away = None;
+                        self.session.set_idle_away(true);
+                        self.set_automatic_status("away");
+                    }
+                    if deadlines.resume.is_some_and(|at| now >= at) {
+                        deadlines.resume = None;
+                    }
+                    timer.as_mut().reset(deadlines.next());
                 }
             }
         }
@@ -423,12 +482,18 @@ impl Connection {
 
     /// Run one request, which arrived at `accepted_at_ms` (Unix ms).
     fn start(&self, frame: v1::ClientFrame, accepted_at_ms: u64) -> BoxFuture<'static, Handled> {
-        Box::pin(crate::requests::handle(
+        let encoding = self.session.encoding;
+        let handled = crate::requests::handle(
             self.shared.clone(),
             self.session.clone(),
             frame,
             accepted_at_ms,
-        ))
+        );
+        Box::pin(async move {
+            let (ack, code) = handled.await;
+            let ack = OutFrame::encode(&server_frame(Event::Ack(ack)), encoding);
+            (Arc::new(ack), code)
+        })
     }
 
     /// Check one data frame: size, decoding, rate. Returns the request to run or the
@@ -504,7 +569,7 @@ impl Connection {
     async fn answer_all(&mut self, requests: Requests) {
         if let Some(inflight) = requests.inflight {
             let (ack, _) = inflight.await;
-            if self.write(server_frame(Event::Ack(ack))).await.is_err() {
+            if self.write_batch(std::slice::from_ref(&ack)).await.is_err() {
                 return;
             }
         }

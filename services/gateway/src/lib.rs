@@ -131,6 +131,14 @@ impl Shared {
         self.drain_deadline_ms.load(Ordering::SeqCst)
     }
 
+    /// Wake every session's connection loop, which then looks at `draining` and
+    /// `closing`. A connection whose loop starts later looks at them first.
+    fn wake_sessions(&self) {
+        for session in self.sessions.all() {
+            session.wake_writer();
+        }
+    }
+
     /// Start draining (once; later calls do nothing): not ready, no new connections,
     /// `goaway` to every session, then close what is left at the deadline and tell
     /// presence to forget this gateway.
@@ -141,6 +149,7 @@ impl Shared {
         self.drain_deadline_ms.store(deadline_ms, Ordering::SeqCst);
         self.readiness.set(false);
         self.draining.cancel();
+        self.wake_sessions();
         let shared = self.clone();
         tokio::spawn(async move {
             let open = shared.slots.open();
@@ -156,6 +165,7 @@ impl Shared {
                 );
             }
             shared.closing.cancel();
+            shared.wake_sessions();
             if tokio::time::timeout(CLOSE_GRACE, shared.slots.all_closed())
                 .await
                 .is_err()

@@ -327,7 +327,8 @@ impl Session {
         self.outbound_notify.notify_one();
     }
 
-    /// Completes after `wake_writer`.
+    /// Completes after `wake_writer`: frames were queued, or the connection must look
+    /// at the session's and the gateway's state (slow mark, drain, close).
     pub(crate) async fn outbound_ready(&self) {
         self.outbound_notify.notified().await;
     }
@@ -361,8 +362,10 @@ impl Session {
     pub(crate) fn mark_slow(&self) -> bool {
         let first = !self.slow.swap(true, Ordering::SeqCst);
         if first {
-            // notify_one stores a permit when nobody waits, so the wakeup is not lost.
+            // notify_one stores a permit when nobody waits, so the wakeup is not lost:
+            // one for a write in progress, one for the connection's loop.
             self.slow_notify.notify_one();
+            self.wake_writer();
         }
         first
     }

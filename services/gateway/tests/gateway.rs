@@ -1409,6 +1409,16 @@ async fn silent_clients_are_closed_and_pings_keep_them_open() {
     let (_, code) = recv_until_close(&mut silent).await;
     assert_eq!(code, Some(CloseCode::from(close_code::IDLE_TIMEOUT)));
     assert_alive(&mut chatty).await;
+    // Activity moved the deadline on, it did not disarm it: once the chatty client
+    // goes quiet it is closed too, a timeout after its last frame.
+    let quiet_since = std::time::Instant::now();
+    let (_, code) = recv_until_close(&mut chatty).await;
+    assert_eq!(code, Some(CloseCode::from(close_code::IDLE_TIMEOUT)));
+    let waited = quiet_since.elapsed();
+    assert!(
+        waited >= Duration::from_millis(500) && waited < TIMEOUT,
+        "closed {waited:?} after the last frame"
+    );
     h.stop().await;
 }
 
