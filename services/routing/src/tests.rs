@@ -1256,6 +1256,17 @@ async fn publish_reaches_online_members_and_checks_the_actor() {
     routing.stop().await;
 }
 
+/// Conversation "c1" of u1 (online on gateway a) and u2 (on gateway b), and a node
+/// to fan its messages out.
+async fn two_members_on_two_gateways() -> (Peers, Arc<crate::node::Node>, CancellationToken) {
+    let p = peers().await;
+    p.storage.add_conversation("c1", &["u1", "u2"]);
+    p.online("u1", &p.gateway_a_url);
+    p.online("u2", &p.gateway_b_url);
+    let node = node_with_untrimmed_log(&p).await;
+    (p, node, CancellationToken::new())
+}
+
 /// Build the service around an embedded log that never trims, for tests that
 /// restart owners from older offsets.
 async fn node_with_untrimmed_log(p: &Peers) -> Arc<crate::node::Node> {
@@ -1358,12 +1369,7 @@ fn recipients_of(deliveries: &[Delivery], seq: u64) -> Vec<String> {
 #[tokio::test]
 async fn the_messages_of_one_stored_batch_share_one_route_lookup() {
     use std::sync::atomic::Ordering::SeqCst;
-    let p = peers().await;
-    p.storage.add_conversation("c1", &["u1", "u2"]);
-    p.online("u1", &p.gateway_a_url);
-    p.online("u2", &p.gateway_b_url);
-    let node = node_with_untrimmed_log(&p).await;
-    let stop = CancellationToken::new();
+    let (p, node, stop) = two_members_on_two_gateways().await;
     let mut memo = RouteMemo::default();
     for seq in 1..=3 {
         node.fan_out_in_batch(&stored("c1", seq), &mut memo, &stop)
@@ -1410,12 +1416,7 @@ async fn the_messages_of_one_stored_batch_share_one_route_lookup() {
 
 #[tokio::test]
 async fn without_presence_a_message_goes_to_every_known_gateway() {
-    let p = peers().await;
-    p.storage.add_conversation("c1", &["u1", "u2"]);
-    p.online("u1", &p.gateway_a_url);
-    p.online("u2", &p.gateway_b_url);
-    let node = node_with_untrimmed_log(&p).await;
-    let stop = CancellationToken::new();
+    let (p, node, stop) = two_members_on_two_gateways().await;
     node.fan_out_message(&stored("c1", 1), &stop).await.ok();
     assert_eq!(
         recipients_of(&p.gateway_a.wait_deliveries(1).await, 1),
@@ -1447,12 +1448,7 @@ async fn without_presence_a_message_goes_to_every_known_gateway() {
 
 #[tokio::test]
 async fn a_partial_answer_goes_to_every_known_gateway() {
-    let p = peers().await;
-    p.storage.add_conversation("c1", &["u1", "u2"]);
-    p.online("u1", &p.gateway_a_url);
-    p.online("u2", &p.gateway_b_url);
-    let node = node_with_untrimmed_log(&p).await;
-    let stop = CancellationToken::new();
+    let (p, node, stop) = two_members_on_two_gateways().await;
     node.fan_out_message(&stored("c1", 1), &stop).await.ok();
     p.gateway_b.wait_deliveries(1).await;
 
