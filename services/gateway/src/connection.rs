@@ -291,6 +291,13 @@ struct Deadlines {
     resume: Option<Instant>,
 }
 
+/// `at + wait`, or a time decades away when that is past what an `Instant` holds (a
+/// token whose `exp` is far in the future).
+fn after(at: Instant, wait: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(30 * 365 * 86_400);
+    at.checked_add(wait).unwrap_or_else(|| at + FAR)
+}
+
 impl Deadlines {
     /// The earliest deadline.
     fn next(&self) -> Instant {
@@ -326,9 +333,9 @@ impl Connection {
         // Automatic away: armed while the client is active (0 = off).
         let away_after = Duration::from_millis(shared.config.gateway.idle_away_after_ms);
         let mut deadlines = Deadlines {
-            expiry: now + token_expiry,
-            idle: now + idle_timeout,
-            away: (!away_after.is_zero()).then(|| now + away_after),
+            expiry: after(now, token_expiry),
+            idle: after(now, idle_timeout),
+            away: (!away_after.is_zero()).then(|| after(now, away_after)),
             resume: None,
         };
         let timer = tokio::time::sleep_until(deadlines.next());
@@ -363,7 +370,7 @@ impl Connection {
                 biased;
                 (ack, code) = next_ack(inflight) => {
                     *inflight = None;
-                    deadlines.idle = Instant::now() + idle_timeout;
+                    deadlines.idle = after(Instant::now(), idle_timeout);
                     // Frames already queued (often the session's copy of the message
                     // this acks) follow the ack in the same write: one flush, one
                     // segment to the client, instead of one each.
@@ -394,7 +401,7 @@ impl Connection {
                             // Any frame, control frames included, shows the client is
                             // alive. (The timer is not moved: when it fires it finds
                             // the later deadline and waits again.)
-                            deadlines.idle = Instant::now() + idle_timeout;
+                            deadlines.idle = after(Instant::now(), idle_timeout);
                             match message {
                                 WsMessage::Text(text) => Payload::Text(text.as_str().to_owned()),
                                 WsMessage::Binary(bytes) => Payload::Binary(bytes.to_vec()),
@@ -412,7 +419,7 @@ impl Connection {
                                 // Activity: the client is back if it was set away.
                                 if !away_after.is_zero() {
                                     let was_away = deadlines.away.is_none();
-                                    deadlines.away = Some(Instant::now() + away_after);
+                                    deadlines.away = Some(after(Instant::now(), away_after));
                                     if was_away {
                                         self.session.set_idle_away(false);
                                         self.set_automatic_status("online");
@@ -436,7 +443,7 @@ impl Connection {
                         return end;
                     }
                     if code == ErrorCode::RateLimited {
-                        deadlines.resume = Some(Instant::now() + retry_after);
+                        deadlines.resume = Some(after(Instant::now(), retry_after));
                         deadlines.arm(timer.as_mut());
                     }
                     if self.violation(code) {
