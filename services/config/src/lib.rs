@@ -114,9 +114,22 @@ impl Default for LogConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TelemetryConfig {
-    /// `http://` URL of an OTLP/gRPC collector (port 4317 by convention); empty =
-    /// no export (spans stay local to the logs).
+    /// `http://` or `https://` URL of an OTLP/gRPC collector (port 4317 by
+    /// convention); empty = no export (spans stay local to the logs).
     pub otlp_endpoint: String,
+    /// PEM CA bundle that signs an `https://` collector's certificate; empty = the
+    /// public web roots built into the binary.
+    pub otlp_ca_file: String,
+    /// PEM client certificate for mutual TLS to the collector (with `otlp_key_file`).
+    pub otlp_cert_file: String,
+    /// PEM private key of `otlp_cert_file`.
+    pub otlp_key_file: String,
+    /// gRPC metadata sent with every export, `key=value` pairs separated by commas
+    /// (as `OTEL_EXPORTER_OTLP_HEADERS`), e.g. `authorization=Bearer abc` for a
+    /// collector that wants a token. Prefer `otlp_headers_file` for credentials.
+    pub otlp_headers: String,
+    /// A file holding `otlp_headers` (a mounted Secret).
+    pub otlp_headers_file: String,
     /// Exported service names are `<prefix>-<command>`, e.g. `switchboard-routing`.
     pub service_name_prefix: String,
     /// Share of new traces recorded, 0.0 to 1.0. A trace started elsewhere keeps
@@ -128,6 +141,11 @@ impl Default for TelemetryConfig {
     fn default() -> Self {
         TelemetryConfig {
             otlp_endpoint: String::new(),
+            otlp_ca_file: String::new(),
+            otlp_cert_file: String::new(),
+            otlp_key_file: String::new(),
+            otlp_headers: String::new(),
+            otlp_headers_file: String::new(),
             service_name_prefix: "switchboard".into(),
             sample_ratio: 1.0,
         }
@@ -634,16 +652,32 @@ impl Config {
             &["process", "machine"],
         )?;
         let t = &self.telemetry;
-        // Only plain HTTP/2: TLS to the collector is not built in (a collector
-        // agent next to the process forwards over TLS).
-        if !t.otlp_endpoint.is_empty() && !t.otlp_endpoint.starts_with("http://") {
+        let https = t.otlp_endpoint.starts_with("https://");
+        if !t.otlp_endpoint.is_empty() && !https && !t.otlp_endpoint.starts_with("http://") {
             return Err(ConfigError::Invalid {
                 key: "telemetry.otlp_endpoint",
-                reason: format!(
-                    "`{}` is not an http:// URL (TLS to the collector is not supported; \
-                     run a collector agent on the node)",
-                    t.otlp_endpoint
-                ),
+                reason: format!("`{}` is not an http:// or https:// URL", t.otlp_endpoint),
+            });
+        }
+        tls_files(
+            https,
+            "an https:// telemetry.otlp_endpoint",
+            [
+                ("telemetry.otlp_ca_file", &t.otlp_ca_file),
+                ("telemetry.otlp_cert_file", &t.otlp_cert_file),
+                ("telemetry.otlp_key_file", &t.otlp_key_file),
+            ],
+        )?;
+        secret_source(
+            "telemetry.otlp_headers",
+            "telemetry.otlp_headers_file",
+            &t.otlp_headers,
+            &t.otlp_headers_file,
+        )?;
+        if let Err(reason) = parse_metadata_pairs(&t.otlp_headers) {
+            return Err(ConfigError::Invalid {
+                key: "telemetry.otlp_headers",
+                reason,
             });
         }
         let prefix_ok = !t.service_name_prefix.is_empty()
@@ -1019,6 +1053,34 @@ fn readable_file(key: &'static str, path: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// `key=value` pairs separated by commas (the form of `OTEL_EXPORTER_OTLP_HEADERS`),
+/// as gRPC metadata: keys lowercase ASCII letters, digits, `-`, `_` and `.` (and not
+/// ending in `-bin`), values visible ASCII or spaces, both trimmed. Empty = none.
+pub fn parse_metadata_pairs(text: &str) -> Result<Vec<(String, String)>, String> {
+    let mut pairs = Vec::new();
+    for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let Some((key, value)) = item.split_once('=') else {
+            // Not echoed: it may be a credential missing its key.
+            return Err("an entry is not key=value".into());
+        };
+        let (key, value) = (key.trim().to_ascii_lowercase(), value.trim());
+        let key_ok = !key.is_empty()
+            && !key.ends_with("-bin")
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !key_ok {
+            return Err(format!("`{key}` is not a metadata key"));
+        }
+        // The value is not echoed: it is often a credential.
+        if value.is_empty() || !value.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) {
+            return Err(format!("the value of `{key}` must be visible ASCII"));
+        }
+        pairs.push((key, value.to_owned()));
+    }
+    Ok(pairs)
+}
+
 /// A secret setting `key` and its file setting `file_key` are not both set; the file
 /// is readable.
 fn secret_source(
@@ -1287,6 +1349,23 @@ mod tests {
         .unwrap();
         assert_eq!(c.telemetry.otlp_endpoint, "http://collector:4317");
         assert_eq!(c.telemetry.sample_ratio, 0.25);
+        // https, with a CA, a client certificate and headers.
+        let c = Config::from_toml_and_env(
+            "[telemetry]\notlp_endpoint = \"https://collector:4317\"\n\
+             otlp_ca_file = \"Cargo.toml\"\notlp_cert_file = \"Cargo.toml\"\n\
+             otlp_key_file = \"Cargo.toml\"\n\
+             otlp_headers = \"Authorization=Bearer abc, x-team = core\"\n",
+            env(&[]),
+        )
+        .unwrap();
+        assert_eq!(
+            parse_metadata_pairs(&c.telemetry.otlp_headers).unwrap(),
+            [
+                ("authorization".to_owned(), "Bearer abc".to_owned()),
+                ("x-team".to_owned(), "core".to_owned())
+            ]
+        );
+        assert_eq!(parse_metadata_pairs(" , ").unwrap(), []);
         assert_eq!(c.telemetry.service_name_prefix, "switchboard");
         // An integer is a ratio too.
         let c = Config::from_toml_and_env("[telemetry]\nsample_ratio = 0\n", env(&[])).unwrap();
@@ -1297,8 +1376,30 @@ mod tests {
                 "telemetry.otlp_endpoint",
             ),
             (
-                "otlp_endpoint = \"https://collector:4317\"",
+                "otlp_endpoint = \"grpcs://collector:4317\"",
                 "telemetry.otlp_endpoint",
+            ),
+            // TLS files only with https, the certificate with its key, files readable.
+            (
+                "otlp_endpoint = \"http://c:4317\"\notlp_ca_file = \"Cargo.toml\"",
+                "telemetry.otlp_ca_file",
+            ),
+            (
+                "otlp_endpoint = \"https://c:4317\"\notlp_cert_file = \"Cargo.toml\"",
+                "telemetry.otlp_key_file",
+            ),
+            (
+                "otlp_endpoint = \"https://c:4317\"\notlp_ca_file = \"/nonexistent/ca.pem\"",
+                "telemetry.otlp_ca_file",
+            ),
+            // Headers: key=value pairs of gRPC metadata, inline or from a file.
+            ("otlp_headers = \"authorization\"", "telemetry.otlp_headers"),
+            ("otlp_headers = \"bad key=1\"", "telemetry.otlp_headers"),
+            ("otlp_headers = \"x-bin=1\"", "telemetry.otlp_headers"),
+            ("otlp_headers = \"k=caf\\u00e9\"", "telemetry.otlp_headers"),
+            (
+                "otlp_headers = \"a=1\"\notlp_headers_file = \"Cargo.toml\"",
+                "telemetry.otlp_headers",
             ),
             ("sample_ratio = 1.5", "telemetry.sample_ratio"),
             ("sample_ratio = -0.1", "telemetry.sample_ratio"),

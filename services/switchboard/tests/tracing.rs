@@ -3,11 +3,15 @@
 //! partition owner's sequence step continued from the event log record's
 //! `traceparent`, the Deliver fan-out), storage (Append) and the delivering gateway
 //! form one trace with the expected parents. Once on the embedded backends, once on
-//! Redis, Kafka (the context in the record header) and the CQL server.
+//! Redis, Kafka (the context in the record header) and the CQL server, and once to a
+//! collector over TLS that wants a client certificate and a bearer token (the test
+//! CA and certificates of `SB_TEST_TLS_DIR`, which `deploy/local/up.sh` generates).
 
 mod common;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,10 +37,14 @@ struct Exported {
     attributes: HashMap<String, String>,
 }
 
-/// An OTLP/gRPC trace collector that keeps every span it receives.
+/// An OTLP/gRPC trace collector that keeps every span it receives (with `token`,
+/// only from exports that carry it as a bearer token).
 #[derive(Clone, Default)]
 struct Collector {
     spans: Arc<Mutex<Vec<Exported>>>,
+    token: Option<&'static str>,
+    /// Exports refused for a missing or wrong token.
+    refused: Arc<AtomicUsize>,
 }
 
 #[tonic::async_trait]
@@ -45,6 +53,13 @@ impl TraceService for Collector {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        if let Some(token) = self.token {
+            let given = request.metadata().get("authorization");
+            if given.and_then(|v| v.to_str().ok()) != Some(&format!("Bearer {token}")) {
+                self.refused.fetch_add(1, Ordering::SeqCst);
+                return Err(tonic::Status::unauthenticated("no or a wrong token"));
+            }
+        }
         let mut received = Vec::new();
         for resource_spans in request.into_inner().resource_spans {
             let resource = resource_spans
@@ -90,18 +105,45 @@ fn attributes(kvs: &[KeyValue]) -> HashMap<String, String> {
         .collect()
 }
 
-/// Start the collector on a free loopback port; returns its URL.
-async fn start_collector(collector: Collector) -> String {
+/// Start the collector on a free loopback port; returns its URL. With `tls` it serves
+/// TLS with the test server certificate and requires a client certificate of the
+/// test CA.
+async fn start_collector(collector: Collector, tls: bool) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind the collector");
     let addr = listener.local_addr().expect("collector address");
+    let mut server = tonic::transport::Server::builder();
+    if tls {
+        let read = |name: &str| std::fs::read(tls_file(name)).expect("read the test TLS files");
+        let config = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(
+                read("server.pem"),
+                read("server.key"),
+            ))
+            .client_ca_root(tonic::transport::Certificate::from_pem(read("ca.pem")));
+        server = server.tls_config(config).expect("the collector's TLS");
+    }
     tokio::spawn(
-        tonic::transport::Server::builder()
+        server
             .add_service(TraceServiceServer::new(collector))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    format!("http://{addr}")
+    format!("{}://{addr}", if tls { "https" } else { "http" })
+}
+
+/// A file of the local test CA (`SB_TEST_TLS_DIR`, default `<repo>/.local/tls`).
+fn tls_file(name: &str) -> String {
+    let dir = std::env::var("SB_TEST_TLS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.local/tls"));
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: `deploy/local/up.sh` generates it (or set SB_TEST_TLS_DIR)",
+        path.display()
+    );
+    path.display().to_string()
 }
 
 /// The one span named `name` among `spans`; panics (listing them) otherwise.
@@ -120,7 +162,7 @@ fn one<'a>(spans: &'a [&'a Exported], name: &str) -> &'a Exported {
 // processes to exit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_message_is_one_trace_from_the_sending_to_the_delivering_gateway() {
-    one_message_is_one_trace(Setup::new(true)).await;
+    one_message_is_one_trace(Setup::new(true), Collector::default(), false).await;
 }
 
 /// The same through Kafka's record header (and Redis, and the CQL server).
@@ -128,12 +170,43 @@ async fn one_message_is_one_trace_from_the_sending_to_the_delivering_gateway() {
 async fn the_trace_context_crosses_kafka_in_the_record_header() {
     let mut setup = Setup::new(true);
     setup.real_backends();
-    one_message_is_one_trace(setup).await;
+    one_message_is_one_trace(setup, Collector::default(), false).await;
 }
 
-async fn one_message_is_one_trace(mut setup: Setup) {
-    let collector = Collector::default();
-    let endpoint = start_collector(collector.clone()).await;
+/// The same to an `https://` collector that checks the exporter's client certificate
+/// and wants a bearer token, given in a headers file as a mounted Secret gives it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_reach_a_tls_collector_with_a_client_certificate_and_a_token() {
+    let mut setup = Setup::new(true);
+    let headers = setup.data_dir().join("otlp-headers");
+    std::fs::write(&headers, "authorization=Bearer s3cret-token\n").expect("headers file");
+    setup.set("SWITCHBOARD_TELEMETRY__OTLP_CA_FILE", &tls_file("ca.pem"));
+    setup.set(
+        "SWITCHBOARD_TELEMETRY__OTLP_CERT_FILE",
+        &tls_file("client.pem"),
+    );
+    setup.set(
+        "SWITCHBOARD_TELEMETRY__OTLP_KEY_FILE",
+        &tls_file("client.key"),
+    );
+    setup.set(
+        "SWITCHBOARD_TELEMETRY__OTLP_HEADERS_FILE",
+        &headers.display().to_string(),
+    );
+    let collector = Collector {
+        token: Some("s3cret-token"),
+        ..Collector::default()
+    };
+    one_message_is_one_trace(setup, collector.clone(), true).await;
+    assert_eq!(
+        collector.refused.load(Ordering::SeqCst),
+        0,
+        "every export had the token"
+    );
+}
+
+async fn one_message_is_one_trace(mut setup: Setup, collector: Collector, tls: bool) {
+    let endpoint = start_collector(collector.clone(), tls).await;
 
     setup.set("SWITCHBOARD_TELEMETRY__OTLP_ENDPOINT", &endpoint);
     setup.set("SWITCHBOARD_GATEWAY__DRAIN_DEADLINE_MS", "500");

@@ -3,7 +3,9 @@
 //!
 //! Services create ordinary `tracing` spans; when `telemetry.otlp_endpoint` is set a
 //! `tracing-opentelemetry` layer turns them into OpenTelemetry spans and a batch
-//! processor exports them over OTLP/gRPC. The context crosses process boundaries as a
+//! processor exports them over OTLP/gRPC (plain HTTP/2, or TLS to an `https://`
+//! endpoint, optionally mutual, with the metadata of `telemetry.otlp_headers` on
+//! every export). The context crosses process boundaries as a
 //! W3C `traceparent`:
 //! - in gRPC metadata: [`inject`] on the client's request, [`extract`] on the server,
 //!   then [`set_parent`] on the server span;
@@ -17,12 +19,13 @@ use std::time::Duration;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
-use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
 use switchboard_config::TelemetryConfig;
 use tonic::metadata::{KeyRef, MetadataKey, MetadataMap, MetadataValue};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// The OpenTelemetry context of a span or a remote caller (empty when tracing is
@@ -46,17 +49,20 @@ pub(crate) fn provider(
     if tokio::runtime::Handle::try_current().is_err() {
         anyhow::bail!("exporting traces needs the async runtime to be running");
     }
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
+    let mut builder = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
         .with_endpoint(config.otlp_endpoint.clone())
         .with_timeout(EXPORT_TIMEOUT)
-        .build()
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot build the OTLP exporter for `{}` (telemetry.otlp_endpoint): {e}",
-                config.otlp_endpoint
-            )
-        })?;
+        .with_metadata(export_metadata(config)?);
+    if config.otlp_endpoint.starts_with("https://") {
+        builder = builder.with_tls_config(tls_config(config)?);
+    }
+    let exporter = builder.build().map_err(|e| {
+        anyhow::anyhow!(
+            "cannot build the OTLP exporter for `{}` (telemetry.otlp_endpoint): {e}",
+            config.otlp_endpoint
+        )
+    })?;
     let resource = Resource::builder()
         .with_service_name(service_name.to_owned())
         .with_attribute(opentelemetry::KeyValue::new(
@@ -73,6 +79,51 @@ pub(crate) fn provider(
         .with_sampler(sampler)
         .with_resource(resource)
         .build())
+}
+
+/// The metadata every export carries (`telemetry.otlp_headers` or the file of
+/// `telemetry.otlp_headers_file`).
+fn export_metadata(config: &TelemetryConfig) -> anyhow::Result<MetadataMap> {
+    let text = switchboard_config::read_secret(&config.otlp_headers, &config.otlp_headers_file)
+        .map_err(|e| anyhow::anyhow!("telemetry.otlp_headers_file: {e}"))?;
+    let pairs = switchboard_config::parse_metadata_pairs(&text)
+        .map_err(|e| anyhow::anyhow!("telemetry.otlp_headers: {e}"))?;
+    let mut metadata = MetadataMap::new();
+    for (key, value) in pairs {
+        let name = MetadataKey::from_bytes(key.as_bytes()).map_err(|_| {
+            anyhow::anyhow!("telemetry.otlp_headers: `{key}` is not a metadata key")
+        })?;
+        let value = MetadataValue::try_from(value.as_str()).map_err(|_| {
+            anyhow::anyhow!("telemetry.otlp_headers: the value of `{key}` is invalid")
+        })?;
+        metadata.append(name, value);
+    }
+    Ok(metadata)
+}
+
+/// TLS to an `https://` collector: its CA (`telemetry.otlp_ca_file`, else the public
+/// web roots built in) and, for mutual TLS, the client certificate and key. The
+/// server name checked is the endpoint's host.
+fn tls_config(config: &TelemetryConfig) -> anyhow::Result<ClientTlsConfig> {
+    let read = |key: &str, path: &str| {
+        std::fs::read(path).map_err(|e| anyhow::anyhow!("telemetry.{key} `{path}`: {e}"))
+    };
+    let mut tls = ClientTlsConfig::new();
+    tls = if config.otlp_ca_file.is_empty() {
+        tls.with_webpki_roots()
+    } else {
+        tls.ca_certificate(Certificate::from_pem(read(
+            "otlp_ca_file",
+            &config.otlp_ca_file,
+        )?))
+    };
+    if !config.otlp_cert_file.is_empty() {
+        tls = tls.identity(Identity::from_pem(
+            read("otlp_cert_file", &config.otlp_cert_file)?,
+            read("otlp_key_file", &config.otlp_key_file)?,
+        ));
+    }
+    Ok(tls)
 }
 
 /// The `tracing` layer that records spans into `provider`.
