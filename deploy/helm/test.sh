@@ -187,6 +187,14 @@ refuse "an unknown backend" "presence/backend" --set config.presence.backend=etc
 refuse "jwks without keys" "auth.mode=jwks needs auth.jwks" --set auth.mode=jwks
 refuse "a smoke test without HS256" "tests.smoke needs auth.mode=hs256" \
     --set tests.smoke.enabled=true --set auth.mode=jwks --set auth.existingSecret=keys
+refuse "a collector that is not an http(s) URL (schema)" "otlp_endpoint" \
+    --set config.telemetry.otlp_endpoint=collector:4317
+refuse "collector TLS without https" "telemetry.otlp.tls needs an https://" \
+    --set config.telemetry.otlp_endpoint=http://collector:4317 --set telemetry.otlp.tls.existingSecret=otlp-tls
+refuse "a collector client certificate without its Secret" "telemetry.otlp.tls.existingSecret, which is empty" \
+    --set config.telemetry.otlp_endpoint=https://collector:4317 --set telemetry.otlp.tls.clientCert=true
+refuse "export headers without a collector" "headersSecret needs config.telemetry.otlp_endpoint" \
+    --set telemetry.otlp.headersSecret.name=otlp-auth
 
 step "config checksum follows the configuration"
 checksums() {
@@ -239,11 +247,12 @@ else
     echo "skipped: no built switchboard binary (set SWITCHBOARD_BIN or build it)"
 fi
 
-step "pod environments with backend TLS and credentials accepted by the binary"
+step "pod environments with backend and collector TLS and credentials accepted by the binary"
 if [ -n "$sb_bin" ]; then
-    # Every backend on TLS with passwords and client certificates: each workload's own
-    # environment (the *_file settings, Kafka's SASL switches) on top of the shared
-    # configuration, the mounted files stood in by files at the same relative paths.
+    # Every backend and the trace collector on TLS with passwords, client certificates
+    # and export headers: each workload's own environment (the *_file settings, Kafka's
+    # SASL switches) on top of the shared configuration, the mounted files stood in by
+    # files at the same relative paths.
     helm template sb "$chart" --namespace chat --kube-version "$KUBE_VERSION" \
         --set config.presence.redis_url=rediss://redis:6380 \
         --set presence.redis.passwordSecret.name=redis-auth \
@@ -253,6 +262,9 @@ if [ -n "$sb_bin" ]; then
         --set routing.kafka.tls.existingSecret=kafka-tls \
         --set config.storage.scylla_username=switchboard --set storage.scylla.passwordSecret.name=scylla-auth \
         --set storage.scylla.tls.enabled=true --set storage.scylla.tls.existingSecret=scylla-tls \
+        --set config.telemetry.otlp_endpoint=https://collector:4317 \
+        --set telemetry.otlp.tls.existingSecret=otlp-tls --set telemetry.otlp.tls.clientCert=true \
+        --set telemetry.otlp.headersSecret.name=otlp-auth \
         >"$out/tls.yaml"
     PYTHONPATH="$py" python3 - "$out/tls.yaml" "$out/tls" <<'EOF'
 import os, sys, yaml
@@ -289,7 +301,7 @@ EOF
         env -i PATH="$PATH" SWITCHBOARD_GATEWAY__ADVERTISE_URL=http://10.0.0.1:50051 "${vars[@]}" \
             "$sb_bin" config check >"$out/check.log" 2>&1 \
             || { cat "$out/check.log"; fail "switchboard config check with the environment of $name"; }
-        echo "ok   $name ($(grep -c -E 'FILE|SASL|SECURITY|SCYLLA_TLS' "$envfile") backend security settings)"
+        echo "ok   $name ($(grep -c -E 'FILE|SASL|SECURITY|SCYLLA_TLS' "$envfile") backend and collector security settings)"
     done
 else
     echo "skipped: no built switchboard binary (set SWITCHBOARD_BIN or build it)"

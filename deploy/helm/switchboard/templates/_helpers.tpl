@@ -249,6 +249,7 @@ release fails to render instead of half-working.
 {{- end -}}
 {{- end -}}
 {{- include "switchboard.validateBackendSecurity" . -}}
+{{- include "switchboard.validateTelemetry" . -}}
 {{- if and $v.tests.smoke.enabled (ne $v.auth.mode "hs256") -}}
 {{- fail "switchboard: tests.smoke needs auth.mode=hs256 (the harness signs its own tokens with the mounted secret)" -}}
 {{- end -}}

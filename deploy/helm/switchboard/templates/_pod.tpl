@@ -108,6 +108,7 @@ spec:
         {{- with $backend }}
         {{- include "switchboard.backendEnv" (dict "root" $root "backend" .) | nindent 8 }}
         {{- end }}
+        {{- include "switchboard.telemetryEnv" $root | nindent 8 }}
         {{- with $w.extraEnv }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -174,6 +175,7 @@ spec:
         {{- with $backend }}
         {{- include "switchboard.backendMounts" (dict "root" $root "backend" .) | nindent 8 }}
         {{- end }}
+        {{- include "switchboard.telemetryMounts" $root | nindent 8 }}
   volumes:
     - name: config
       configMap:
@@ -205,4 +207,5 @@ spec:
     {{- with $backend }}
     {{- include "switchboard.backendVolumes" (dict "root" $root "backend" .) | nindent 4 }}
     {{- end }}
+    {{- include "switchboard.telemetryVolumes" $root | nindent 4 }}
 {{- end -}}
