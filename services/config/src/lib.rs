@@ -126,8 +126,9 @@ pub struct TelemetryConfig {
     pub otlp_key_file: String,
     /// gRPC metadata sent with every export, `key=value` pairs separated by commas
     /// (as `OTEL_EXPORTER_OTLP_HEADERS`), e.g. `authorization=Bearer abc` for a
-    /// collector that wants a token. Prefer `otlp_headers_file` for credentials.
-    pub otlp_headers: String,
+    /// collector that wants a token (a [`Secret`]: never printed). Prefer
+    /// `otlp_headers_file` for credentials.
+    pub otlp_headers: Secret,
     /// A file holding `otlp_headers` (a mounted Secret).
     pub otlp_headers_file: String,
     /// Exported service names are `<prefix>-<command>`, e.g. `switchboard-routing`.
@@ -144,7 +145,7 @@ impl Default for TelemetryConfig {
             otlp_ca_file: String::new(),
             otlp_cert_file: String::new(),
             otlp_key_file: String::new(),
-            otlp_headers: String::new(),
+            otlp_headers: Secret::default(),
             otlp_headers_file: String::new(),
             service_name_prefix: "switchboard".into(),
             sample_ratio: 1.0,
@@ -671,10 +672,10 @@ impl Config {
         secret_source(
             "telemetry.otlp_headers",
             "telemetry.otlp_headers_file",
-            &t.otlp_headers,
+            t.otlp_headers.expose(),
             &t.otlp_headers_file,
         )?;
-        if let Err(reason) = parse_metadata_pairs(&t.otlp_headers) {
+        if let Err(reason) = parse_metadata_pairs(t.otlp_headers.expose()) {
             return Err(ConfigError::Invalid {
                 key: "telemetry.otlp_headers",
                 reason,
@@ -1359,13 +1360,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            parse_metadata_pairs(&c.telemetry.otlp_headers).unwrap(),
+            parse_metadata_pairs(c.telemetry.otlp_headers.expose()).unwrap(),
             [
                 ("authorization".to_owned(), "Bearer abc".to_owned()),
                 ("x-team".to_owned(), "core".to_owned())
             ]
         );
         assert_eq!(parse_metadata_pairs(" , ").unwrap(), []);
+        assert!(
+            !format!("{c:?}").contains("Bearer abc"),
+            "the headers are redacted"
+        );
         assert_eq!(c.telemetry.service_name_prefix, "switchboard");
         // An integer is a ratio too.
         let c = Config::from_toml_and_env("[telemetry]\nsample_ratio = 0\n", env(&[])).unwrap();

@@ -84,8 +84,9 @@ pub(crate) fn provider(
 /// The metadata every export carries (`telemetry.otlp_headers` or the file of
 /// `telemetry.otlp_headers_file`).
 fn export_metadata(config: &TelemetryConfig) -> anyhow::Result<MetadataMap> {
-    let text = switchboard_config::read_secret(&config.otlp_headers, &config.otlp_headers_file)
-        .map_err(|e| anyhow::anyhow!("telemetry.otlp_headers_file: {e}"))?;
+    let text =
+        switchboard_config::read_secret(config.otlp_headers.expose(), &config.otlp_headers_file)
+            .map_err(|e| anyhow::anyhow!("telemetry.otlp_headers_file: {e}"))?;
     let pairs = switchboard_config::parse_metadata_pairs(&text)
         .map_err(|e| anyhow::anyhow!("telemetry.otlp_headers: {e}"))?;
     let mut metadata = MetadataMap::new();
