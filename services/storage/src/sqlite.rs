@@ -346,9 +346,11 @@ impl SqliteStore {
         let context = |e: rusqlite::Error| anyhow::anyhow!("sqlite {}: {e}", path.display());
         let mut writer = Connection::open(path).map_err(context)?;
         writer.busy_timeout(BUSY_TIMEOUT).map_err(context)?;
-        let mode: String = writer
-            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
-            .map_err(context)?;
+        // Switching a new file to WAL answers "busy" at once, without the busy
+        // timeout, while another process opens it too: retried like a busy wait.
+        let mode: String =
+            while_busy(|| writer.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)))
+                .map_err(context)?;
         if !mode.eq_ignore_ascii_case("wal") {
             anyhow::bail!("sqlite {}: cannot enable WAL (mode {mode})", path.display());
         }
@@ -432,14 +434,19 @@ impl SqliteStore {
 }
 
 /// Apply the migrations the file lacks; returns the schema version.
+/// Apply the migrations the file lacks, all in one immediate transaction that also
+/// reads the version: two processes migrating the same file at once (a `switchboard
+/// migrate` next to a starting storage service) take turns on SQLite's write lock
+/// (waiting up to the connection's busy timeout), and the second finds the work done.
 fn migrate(conn: &mut Connection, now_ms: i64) -> DbResult<u32> {
-    conn.execute_batch(
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute_batch(
         "CREATE TABLE IF NOT EXISTS schema_version (
              version       INTEGER PRIMARY KEY,
              applied_at_ms INTEGER NOT NULL
          );",
     )?;
-    let current: u32 = conn.query_row(
+    let current: u32 = tx.query_row(
         "SELECT COALESCE(MAX(version), 0) FROM schema_version",
         [],
         |r| r.get(0),
@@ -453,16 +460,31 @@ fn migrate(conn: &mut Connection, now_ms: i64) -> DbResult<u32> {
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
         let version = i as u32 + 1;
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute_batch(sql)?;
         tx.execute(
             "INSERT INTO schema_version (version, applied_at_ms) VALUES (?1, ?2)",
             params![version, now_ms],
         )?;
-        tx.commit()?;
         tracing::info!(schema_version = version, "history store migrated");
     }
+    tx.commit()?;
     Ok(known)
+}
+
+/// Run `op` again while SQLite answers "busy", for up to [`BUSY_TIMEOUT`].
+fn while_busy<T>(mut op: impl FnMut() -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match op() {
+            Err(e)
+                if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            result => return result,
+        }
+    }
 }
 
 fn now_ms() -> i64 {
@@ -1939,6 +1961,38 @@ pub(crate) mod tests {
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .unwrap();
         assert_eq!(mode, "wal");
+    }
+
+    /// Processes that open (and so migrate) a new file at the same moment take turns:
+    /// every open succeeds and each migration is recorded once.
+    #[test]
+    fn concurrent_migrations_of_one_file_apply_each_migration_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite3");
+        let start = std::sync::Arc::new(std::sync::Barrier::new(4));
+        let opens: Vec<_> = (0..4)
+            .map(|_| {
+                let (path, start) = (path.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    SqliteStore::open(&path)
+                        .map(drop)
+                        .map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        for open in opens {
+            open.join().unwrap().unwrap();
+        }
+        let conn = Connection::open(&path).unwrap();
+        let versions: Vec<u32> = conn
+            .prepare("SELECT version FROM schema_version ORDER BY version")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(versions, (1..=MIGRATIONS.len() as u32).collect::<Vec<_>>());
     }
 
     /// A database written by the first schema: after the upgrade, the group's owner has

@@ -111,6 +111,7 @@
 
 mod append;
 mod features;
+mod migration_lock;
 pub mod schema;
 mod tls;
 
@@ -409,14 +410,21 @@ fn check_version(
     Ok(())
 }
 
-/// Create the keyspace and apply every migration it lacks. Every statement is
-/// idempotent, so an interrupted run is completed by the next one. Run it from one
-/// place at a time (`switchboard migrate`, or one instance starting with
-/// `migrate_on_start`): concurrent schema changes of the same table are not safe on
-/// every Cassandra version.
+/// Create the keyspace and apply every migration it lacks, holding the keyspace's
+/// migration lock ([`migration_lock`]) so that migrators take turns. Every statement is
+/// idempotent, so an interrupted run is completed by the next one.
 async fn migrate_session(
     session: &Session,
     config: &Config,
+) -> std::result::Result<u32, OpenError> {
+    migrate_session_waiting(session, config, migration_lock::LOCK_WAIT).await
+}
+
+/// [`migrate_session`], waiting up to `wait` for another migrator's lock.
+async fn migrate_session_waiting(
+    session: &Session,
+    config: &Config,
+    wait: Duration,
 ) -> std::result::Result<u32, OpenError> {
     let storage = &config.storage;
     let keyspace = storage.scylla_keyspace.as_str();
@@ -439,6 +447,25 @@ async fn migrate_session(
     run_ddl(session, &qualified)
         .await
         .map_err(|e| open_error(nodes, e))?;
+    run_ddl(session, &qualify(migration_lock::LOCK_TABLE, keyspace))
+        .await
+        .map_err(|e| open_error(nodes, e))?;
+    let lock = migration_lock::MigrationLock::acquire(session, keyspace, wait).await?;
+    let migrated = apply_migrations(session, keyspace, nodes, &lock).await;
+    let released = lock.release(session).await;
+    let version = migrated?;
+    released?;
+    Ok(version)
+}
+
+/// The migrations `keyspace` lacks (read under the lock: another migrator may have
+/// applied them while this one waited), renewing the lock after each.
+async fn apply_migrations(
+    session: &Session,
+    keyspace: &str,
+    nodes: &str,
+    lock: &migration_lock::MigrationLock,
+) -> std::result::Result<u32, OpenError> {
     let current = schema_version(session, keyspace).await?;
     check_version(keyspace, current, true)?;
     for (i, statements) in schema::MIGRATIONS.iter().enumerate().skip(current as usize) {
@@ -463,6 +490,7 @@ async fn migrate_session(
             .await
             .map_err(|e| open_error(nodes, e))?;
         tracing::info!(keyspace, schema_version = version, "history store migrated");
+        lock.renew(session).await?;
     }
     Ok(schema::latest_version())
 }

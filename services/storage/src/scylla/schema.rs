@@ -12,6 +12,7 @@
 //! | table | partition key | clustering key | other columns | TTL |
 //! |---|---|---|---|---|
 //! | `schema_version` | `version` | | `applied_at_ms` | |
+//! | `migration_lock` | `name` | | `holder`, `acquired_at_ms` (see `migration_lock`) | 120 s, renewed |
 //! | `conversations` | `conversation_id` | | `kind`, `name`, `owner_id`, `created_at_ms`, `updated_at_ms`, `last_seq`, `pending_seq`, `pending_message`, `members_version`, `member_count`, `applied_members_version`, `pending_members`; since 2: `topic`, `members_seq` | |
 //! | `members_by_conversation` | `conversation_id` | `user_id` | `role`, `joined_at_ms` | |
 //! | `conversations_by_user` | `user_id` | `conversation_id` | `joined_at_ms` | |

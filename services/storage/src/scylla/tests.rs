@@ -748,3 +748,87 @@ async fn latency_figures() {
         pct(&mut page_us, 0.99)
     );
 }
+
+/// Whether `keyspace`'s migration lock row exists.
+async fn migration_locked(session: &Session, keyspace: &str) -> bool {
+    session
+        .query_unpaged(
+            format!("SELECT holder FROM {keyspace}.migration_lock WHERE name = 'schema'"),
+            (),
+        )
+        .await
+        .unwrap()
+        .into_rows_result()
+        .unwrap()
+        .rows_num()
+        > 0
+}
+
+#[tokio::test]
+async fn concurrent_migrations_of_a_keyspace_all_succeed_and_give_the_lock_back() {
+    let factory = ScyllaFactory::new();
+    let config = &factory.config;
+    let latest = schema::latest_version();
+    let (a, b, c) = tokio::join!(
+        crate::migrate(config),
+        crate::migrate(config),
+        crate::migrate(config)
+    );
+    for result in [a, b, c] {
+        assert_eq!(
+            result.unwrap_or_else(|e| panic!("{}", unreachable_hint(&e))),
+            latest
+        );
+    }
+    let want: Vec<i32> = (1..=latest as i32).collect();
+    assert_eq!(recorded_versions(config).await, want, "each migration once");
+    let session = connect(config, None).await.unwrap();
+    assert!(
+        !migration_locked(&session, &config.storage.scylla_keyspace).await,
+        "the lock is given back"
+    );
+}
+
+#[tokio::test]
+async fn a_held_migration_lock_makes_migrate_wait_for_it() {
+    let factory = ScyllaFactory::new();
+    let config = &factory.config;
+    let keyspace = config.storage.scylla_keyspace.clone();
+    crate::migrate(config)
+        .await
+        .unwrap_or_else(|e| panic!("{}", unreachable_hint(&e)));
+    let session = connect(config, None).await.unwrap();
+    let take = format!(
+        "INSERT INTO {keyspace}.migration_lock (name, holder, acquired_at_ms) \
+         VALUES ('schema', 'the other migrator', 0) USING TTL 60"
+    );
+    session.query_unpaged(take.clone(), ()).await.unwrap();
+
+    // Held for longer than the wait: refused, naming the holder.
+    let err = migrate_session_waiting(&session, config, Duration::from_secs(1))
+        .await
+        .expect_err("the lock is held");
+    assert!(err.to_string().contains("the other migrator"), "{err}");
+    assert!(
+        migration_locked(&session, &keyspace).await,
+        "not taken from its holder"
+    );
+
+    // Given back while waiting: the migration goes on.
+    let release = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        session
+            .query_unpaged(
+                format!("DELETE FROM {keyspace}.migration_lock WHERE name = 'schema'"),
+                (),
+            )
+            .await
+            .unwrap();
+    };
+    let (migrated, ()) = tokio::join!(
+        migrate_session_waiting(&session, config, Duration::from_secs(20)),
+        release
+    );
+    assert_eq!(migrated.unwrap(), schema::latest_version());
+    assert!(!migration_locked(&session, &keyspace).await);
+}
