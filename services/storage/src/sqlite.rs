@@ -1942,6 +1942,16 @@ pub(crate) mod tests {
         drop(h);
     }
 
+    /// The versions recorded in `schema_version`, ascending.
+    fn recorded_versions(conn: &Connection) -> Vec<u32> {
+        conn.prepare("SELECT version FROM schema_version ORDER BY version")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
+    }
+
     #[test]
     fn migrations_are_recorded_and_reopening_is_a_no_op() {
         let dir = tempfile::tempdir().unwrap();
@@ -1949,14 +1959,10 @@ pub(crate) mod tests {
         drop(SqliteStore::open(&path).unwrap());
         drop(SqliteStore::open(&path).unwrap());
         let conn = Connection::open(&path).unwrap();
-        let versions: Vec<u32> = conn
-            .prepare("SELECT version FROM schema_version ORDER BY version")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<rusqlite::Result<_>>()
-            .unwrap();
-        assert_eq!(versions, (1..=MIGRATIONS.len() as u32).collect::<Vec<_>>());
+        assert_eq!(
+            recorded_versions(&conn),
+            (1..=MIGRATIONS.len() as u32).collect::<Vec<_>>()
+        );
         let mode: String = conn
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .unwrap();
@@ -1985,14 +1991,10 @@ pub(crate) mod tests {
             open.join().unwrap().unwrap();
         }
         let conn = Connection::open(&path).unwrap();
-        let versions: Vec<u32> = conn
-            .prepare("SELECT version FROM schema_version ORDER BY version")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<rusqlite::Result<_>>()
-            .unwrap();
-        assert_eq!(versions, (1..=MIGRATIONS.len() as u32).collect::<Vec<_>>());
+        assert_eq!(
+            recorded_versions(&conn),
+            (1..=MIGRATIONS.len() as u32).collect::<Vec<_>>()
+        );
     }
 
     /// A database written by the first schema: after the upgrade, the group's owner has

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use ::scylla::client::session::Session;
 use ::scylla::response::query_result::QueryResult;
-use ::scylla::value::{CqlValue, Row};
+use ::scylla::value::CqlValue;
 
 use super::{open_error, OpenError};
 
@@ -143,28 +143,7 @@ fn ttl_secs() -> i32 {
     i32::try_from(LOCK_TTL.as_secs()).unwrap_or(i32::MAX)
 }
 
-/// A lightweight transaction's answer: whether it applied, and the current values
-/// when it did not.
+/// [`super::lwt_outcome`], its errors as migration errors.
 fn conditional(result: QueryResult) -> Result<(bool, HashMap<String, CqlValue>), OpenError> {
-    let invalid = |e: &dyn std::fmt::Display| OpenError::Other(format!("migration lock: {e}"));
-    let rows = result.into_rows_result().map_err(|e| invalid(&e))?;
-    let names: Vec<String> = rows
-        .column_specs()
-        .iter()
-        .map(|c| c.name().to_owned())
-        .collect();
-    let row = rows
-        .maybe_first_row::<Row>()
-        .map_err(|e| invalid(&e))?
-        .ok_or_else(|| invalid(&"the conditional write returned no row"))?;
-    let mut applied = false;
-    let mut current = HashMap::new();
-    for (name, value) in names.into_iter().zip(row.columns) {
-        if name == "[applied]" {
-            applied = matches!(value, Some(CqlValue::Boolean(true)));
-        } else if let Some(value) = value {
-            current.insert(name, value);
-        }
-    }
-    Ok((applied, current))
+    super::lwt_outcome(result).map_err(|e| OpenError::Other(format!("migration lock: {e}")))
 }

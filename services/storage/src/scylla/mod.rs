@@ -601,6 +601,33 @@ fn classify_pager(e: &PagerExecutionError) -> StorageError {
     }
 }
 
+/// A lightweight transaction's answer: whether it applied, and the current values
+/// (by column) when it did not.
+fn lwt_outcome(
+    result: QueryResult,
+) -> std::result::Result<(bool, HashMap<String, CqlValue>), String> {
+    let rows = result.into_rows_result().map_err(|e| e.to_string())?;
+    let names: Vec<String> = rows
+        .column_specs()
+        .iter()
+        .map(|c| c.name().to_owned())
+        .collect();
+    let row = rows
+        .maybe_first_row::<Row>()
+        .map_err(|e| e.to_string())?
+        .ok_or("the conditional write returned no row")?;
+    let mut applied = false;
+    let mut current = HashMap::new();
+    for (name, value) in names.into_iter().zip(row.columns) {
+        if name == "[applied]" {
+            applied = matches!(value, Some(CqlValue::Boolean(true)));
+        } else if let Some(value) = value {
+            current.insert(name, value);
+        }
+    }
+    Ok((applied, current))
+}
+
 fn decode_error(e: impl std::fmt::Display) -> StorageError {
     StorageError::Internal(format!("cql result: {e}"))
 }
@@ -1133,25 +1160,7 @@ impl ScyllaStore {
 
     async fn lwt(&self, st: &PreparedStatement, values: impl SerializeRow) -> Result<Lwt> {
         let result = self.exec(st, values).await?;
-        let rows = result.into_rows_result().map_err(decode_error)?;
-        let specs: Vec<String> = rows
-            .column_specs()
-            .iter()
-            .map(|c| c.name().to_owned())
-            .collect();
-        let row = rows
-            .maybe_first_row::<Row>()
-            .map_err(decode_error)?
-            .ok_or_else(|| StorageError::Internal("conditional update returned no row".into()))?;
-        let mut applied = false;
-        let mut current = HashMap::new();
-        for (name, value) in specs.into_iter().zip(row.columns) {
-            if name == "[applied]" {
-                applied = matches!(value, Some(CqlValue::Boolean(true)));
-            } else if let Some(value) = value {
-                current.insert(name, value);
-            }
-        }
+        let (applied, current) = lwt_outcome(result).map_err(decode_error)?;
         Ok(Lwt { applied, current })
     }
 
