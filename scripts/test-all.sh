@@ -40,11 +40,11 @@ deploy/local/up.sh
 # servers live (LOCAL_SERVERS_DIR, default .local).
 export SB_TEST_TLS_DIR="${SB_TEST_TLS_DIR:-${LOCAL_SERVERS_DIR:-$PWD/.local}/tls}"
 
-step "cargo fmt --check"
-cargo fmt --all -- --check
-
 step "feature sets of the server and benchmark builds"
 scripts/check-feature-sets.sh
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
 
 step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
