@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use common::*;
@@ -35,16 +34,7 @@ fn require(what: &str, addr: &str) {
 fn tls_setup() -> Setup {
     let mut setup = Setup::new(true);
     setup.real_backends();
-    let tls_dir = std::env::var("SB_TEST_TLS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.local/tls"));
-    let ca = tls_dir.join("ca.pem");
-    assert!(
-        ca.is_file(),
-        "{} is missing: `deploy/local/up.sh` generates it (or set SB_TEST_TLS_DIR)",
-        ca.display()
-    );
-    let ca = ca.display().to_string();
+    let ca = tls_file("ca.pem");
     let redis = env_or("SB_TEST_REDIS_TLS_URL", "rediss://127.0.0.1:6380");
     let kafka = env_or("SB_TEST_KAFKA_SASL_SSL_BROKERS", "127.0.0.1:9094");
     let scylla = env_or("SB_TEST_SCYLLA_TLS_NODES", "127.0.0.1:9042");

@@ -10,7 +10,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -130,20 +129,6 @@ async fn start_collector(collector: Collector, tls: bool) -> String {
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     format!("{}://{addr}", if tls { "https" } else { "http" })
-}
-
-/// A file of the local test CA (`SB_TEST_TLS_DIR`, default `<repo>/.local/tls`).
-fn tls_file(name: &str) -> String {
-    let dir = std::env::var("SB_TEST_TLS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.local/tls"));
-    let path = dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} is missing: `deploy/local/up.sh` generates it (or set SB_TEST_TLS_DIR)",
-        path.display()
-    );
-    path.display().to_string()
 }
 
 /// The one span named `name` among `spans`; panics (listing them) otherwise.

@@ -584,3 +584,17 @@ pub fn code_of<T: std::fmt::Debug>(r: Result<T, ClientError>) -> switchboard_pro
         other => panic!("expected a server error, got {other:?}"),
     }
 }
+
+/// A file of the local test CA (`SB_TEST_TLS_DIR`, default `<repo>/.local/tls`).
+pub fn tls_file(name: &str) -> String {
+    let dir = std::env::var("SB_TEST_TLS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.local/tls"));
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: `deploy/local/up.sh` generates it (or set SB_TEST_TLS_DIR)",
+        path.display()
+    );
+    path.display().to_string()
+}
