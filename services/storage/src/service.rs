@@ -906,13 +906,17 @@ fn new_secret() -> Result<String> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Purge expired dedupe keys every `every` until `stop` is cancelled.
+/// Purge expired dedupe keys every `every` until `stop` is cancelled; nothing to do
+/// (the task ends at once) for a store whose keys expire by themselves.
 pub fn spawn_dedupe_purger(
     service: Arc<StorageService>,
     every: Duration,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        if service.dedupe_keys_expire_by_themselves() {
+            return;
+        }
         let mut ticks = tokio::time::interval(every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
