@@ -9,14 +9,16 @@
 //! the messages from history/sync). With the embedded log this process is the only
 //! routing instance, every change passes through it, and the TTL (60 s) is only a
 //! safety net: a conversation with a message every second or two then costs one
-//! storage read a minute instead of one every other message. Membership changes are
-//! "system" timeline events: the partition owner drops the entry when it persisted one
-//! (before the sender's Send returns and before the event's fan-out reads the
-//! members), and the instance that took the Send drops its own entry too, so the next
-//! send through either is checked against the new membership. Conversation-change events published through
-//! routing also invalidate the entry at once; the TTL only bounds staleness on other
-//! instances. A sender or actor missing from the cached list is checked against
-//! storage again before being refused.
+//! storage read a minute instead of one every other message.
+//!
+//! Membership changes are "system" timeline events: the partition owner drops the
+//! entry when it persisted one (before the sender's Send returns and before the
+//! event's fan-out reads the members), and the instance that took the Send drops its
+//! own entry too, so the next send through either is checked against the new
+//! membership. Conversation-change events published through routing also invalidate
+//! the entry at once; the TTL only bounds staleness on other instances. A sender or
+//! actor missing from the cached list is checked against storage again before being
+//! refused.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
